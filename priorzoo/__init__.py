@@ -1,0 +1,34 @@
+"""priorzoo: a zoo of learned Bayesian priors for transfer learning.
+
+Learn a Gaussian posterior over a backbone's weights on a source task (SWAG), save and share it like
+pre-trained weights, and use it as the prior of a downstream fine-tuning run (Shwartz-Ziv et al.,
+"Pre-Train Your Loss: Easy Bayesian Transfer Learning with Informative Priors", NeurIPS 2022).
+
+Example:
+    >>> import torch
+    >>> from priorzoo import PriorModel
+    >>> prior = PriorModel.from_tensors(mean={"w": torch.zeros(3)}, variance={"w": torch.ones(3)})
+    >>> float(prior.log_prob({"w": torch.zeros(3)}))  # doctest: +ELLIPSIS
+    -2.75...
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from priorzoo.config import PriorConfig, PriorKind
+from priorzoo.errors import PriorFormatError, PriorMatchError, PriorNotFoundError
+from priorzoo.matching import MatchResult
+from priorzoo.prior import BoundPrior, PriorModel
+
+__all__ = [
+    "BoundPrior",
+    "MatchResult",
+    "PriorConfig",
+    "PriorFormatError",
+    "PriorKind",
+    "PriorMatchError",
+    "PriorModel",
+    "PriorNotFoundError",
+    "__version__",
+]

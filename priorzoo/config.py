@@ -1,0 +1,251 @@
+"""The prior's ``config.json``: a validated dataclass with forward-compatible loading.
+
+A prior folder is defined by ``config.json`` plus its safetensors file(s); see ``docs/format.md``. The
+config carries everything needed to interpret the tensors: the kind of prior, its rank K, the scale λ and
+eps of the density ``N(μ, λ(diag(v) + FᵀF) + eps·I)``, the ordered parameter names and shapes, and
+provenance (backbone, source task, how it was learned, which parameters were excluded).
+
+Example:
+    >>> from priorzoo.config import PriorConfig, ParameterSpec
+    >>> cfg = PriorConfig(kind="diagonal", rank=0, parameters=[ParameterSpec("w", (2, 3))])
+    >>> cfg.num_parameters
+    6
+    >>> PriorConfig.from_dict(cfg.to_dict()) == cfg
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from priorzoo.errors import PriorFormatError
+
+__all__ = ["FORMAT_VERSION", "ParameterSpec", "PriorConfig", "PriorKind"]
+
+FORMAT_VERSION = 1
+"""The file-format version this release writes and the newest it reads."""
+
+_REQUIRED_KEYS = ("format_version", "kind", "rank", "parameters")
+
+
+class PriorKind(str, Enum):
+    """What kind of Gaussian a prior is (``config.json`` key ``kind``).
+
+    - ``swag``: SWAG Gaussian, diagonal plus rank-K factor (Maddox et al. 2019).
+    - ``diagonal``: K = 0, per-parameter variance (e.g. from an empirical Fisher, as in EWC).
+    - ``isotropic``: K = 0, one variance σ² everywhere, centred on pre-trained weights (L2-SP).
+    - ``laplace``: a Laplace approximation imported from laplace-torch (diagonal).
+    """
+
+    SWAG = "swag"
+    DIAGONAL = "diagonal"
+    ISOTROPIC = "isotropic"
+    LAPLACE = "laplace"
+
+
+def _version() -> str:
+    from priorzoo import __version__
+
+    return __version__
+
+
+@dataclass(frozen=True)
+class ParameterSpec:
+    """One parameter of the prior: its name (as in the source model's ``named_parameters``) and shape."""
+
+    name: str
+    shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise PriorFormatError(f"parameter `name` must be a non-empty string, received {self.name!r}")
+        try:
+            shape = tuple(int(s) for s in self.shape)
+        except (TypeError, ValueError):
+            raise PriorFormatError(
+                f"parameter `{self.name}` has shape {self.shape!r}; expected a list of non-negative integers"
+            ) from None
+        if any(s < 0 for s in shape):
+            raise PriorFormatError(f"parameter `{self.name}` has a negative dimension in shape {shape}")
+        object.__setattr__(self, "shape", shape)
+
+    @property
+    def numel(self) -> int:
+        """Number of scalar weights in this parameter."""
+        return math.prod(self.shape)
+
+
+@dataclass
+class PriorConfig:
+    """Validated contents of a prior's ``config.json`` (format_version 1).
+
+    Args:
+        kind: one of :class:`PriorKind` (``swag``, ``diagonal``, ``isotropic``, ``laplace``).
+        rank: K, the number of rows of the low-rank covariance factor (0 for diagonal priors).
+        parameters: ordered :class:`ParameterSpec` list; the density is over their concatenation.
+        scale: λ, multiplies the learned covariance (``Σ = λ(diag(v) + FᵀF) + eps·I``). Must be > 0.
+        eps: isotropic jitter added to Σ after scaling; ≥ 0.
+        backbone: provenance of the weights: ``library`` (``timm``/``transformers``/``torch``), ``name``
+            (model name or Hub id), ``revision``, ``architecture``.
+        source: the source task: ``dataset``, ``objective`` (``supervised``, ``simclr``, ``mlm``, ...).
+        learning: how the prior was learned (SWAG snapshots, learning rate, interval, ...).
+        exclude: glob patterns of parameters deliberately left out of the prior (e.g. the head ``fc.*``).
+            They are excluded again when the prior is matched onto a model.
+        recommended_scale: the λ the authors recommend for fine-tuning, when measured.
+        license: SPDX id or Hub license name for the card.
+        results: transfer results for the model card (list of dicts: task, dataset, metric, value, ...).
+        format_version: the file-format version; a newer one than this library reads is refused.
+        priorzoo_version: the library version that wrote the file.
+
+    Example:
+        >>> cfg = PriorConfig(kind="swag", rank=2, parameters=[ParameterSpec("fc.weight", (3, 4))])
+        >>> cfg.to_dict()["rank"]
+        2
+    """
+
+    kind: PriorKind | str
+    rank: int
+    parameters: list[ParameterSpec]
+    scale: float = 1.0
+    eps: float = 0.0
+    backbone: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+    learning: dict[str, Any] = field(default_factory=dict)
+    exclude: list[str] = field(default_factory=list)
+    recommended_scale: float | None = None
+    license: str | None = None
+    results: list[dict[str, Any]] = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
+    priorzoo_version: str = field(default_factory=_version)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.format_version, int) or isinstance(self.format_version, bool):
+            raise PriorFormatError(f"`format_version` must be an integer; received {self.format_version!r}")
+        if self.format_version > FORMAT_VERSION:
+            raise PriorFormatError(
+                f"this prior has format_version {self.format_version}, but priorzoo {_version()} reads "
+                f"format_version ≤ {FORMAT_VERSION}; upgrade priorzoo (pip install -U priorzoo)"
+            )
+        if self.format_version < 1:
+            raise PriorFormatError(f"`format_version` must be ≥ 1; received {self.format_version}")
+        try:
+            self.kind = PriorKind(self.kind)
+        except ValueError:
+            valid = ", ".join(k.value for k in PriorKind)
+            raise PriorFormatError(f"`kind` must be one of {valid}; received {self.kind!r}") from None
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
+            raise PriorFormatError(f"`rank` must be an integer ≥ 0; received {self.rank!r}")
+        if self.kind is not PriorKind.SWAG and self.rank != 0:
+            raise PriorFormatError(f"a `{self.kind.value}` prior has no low-rank factor: rank must be 0, got {self.rank}")
+        for key in ("scale", "eps"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise PriorFormatError(f"`{key}` must be a finite number; received {value!r}")
+            setattr(self, key, float(value))
+        if self.scale <= 0:
+            raise PriorFormatError(f"`scale` (λ) must be > 0; received {self.scale!r}")
+        if self.eps < 0:
+            raise PriorFormatError(f"`eps` must be ≥ 0; received {self.eps!r}")
+        if self.recommended_scale is not None:
+            rs = self.recommended_scale
+            if isinstance(rs, bool) or not isinstance(rs, (int, float)) or not (rs > 0 and math.isfinite(rs)):
+                raise PriorFormatError(f"`recommended_scale` must be a finite number > 0; received {rs!r}")
+            self.recommended_scale = float(rs)
+        specs = []
+        for p in self.parameters:
+            if isinstance(p, ParameterSpec):
+                specs.append(p)
+            elif isinstance(p, Mapping) and "name" in p and "shape" in p:
+                specs.append(ParameterSpec(p["name"], tuple(p["shape"])))
+            else:
+                raise PriorFormatError(f"each entry of `parameters` needs `name` and `shape`; received {p!r}")
+        if not specs:
+            raise PriorFormatError("`parameters` is empty: a prior must cover at least one parameter")
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise PriorFormatError(f"`parameters` lists these names more than once: {dup}")
+        self.parameters = specs
+        if isinstance(self.exclude, str) or not isinstance(self.exclude, Sequence):
+            raise PriorFormatError(f"`exclude` must be a list of glob patterns; received {self.exclude!r}")
+        self.exclude = [str(e) for e in self.exclude]
+        for key in ("backbone", "source", "learning"):
+            if not isinstance(getattr(self, key), Mapping):
+                raise PriorFormatError(f"`{key}` must be a JSON object; received {getattr(self, key)!r}")
+            setattr(self, key, dict(getattr(self, key)))
+        if not isinstance(self.results, list):
+            raise PriorFormatError(f"`results` must be a list of objects; received {self.results!r}")
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def names(self) -> list[str]:
+        """Parameter names in prior order."""
+        return [p.name for p in self.parameters]
+
+    @property
+    def num_parameters(self) -> int:
+        """P, the dimension of the Gaussian."""
+        return sum(p.numel for p in self.parameters)
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict, with ``parameters`` as ``[{"name", "shape"}]`` and ``kind`` as a string."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "kind":
+                value = self.kind.value
+            elif f.name == "parameters":
+                value = [{"name": p.name, "shape": list(p.shape)} for p in self.parameters]
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> PriorConfig:
+        """Build a config from a parsed ``config.json``.
+
+        Unknown keys (written by a newer priorzoo) are dropped with a warning; a missing required key
+        or a newer ``format_version`` raises :class:`~priorzoo.errors.PriorFormatError`.
+        """
+        if not isinstance(data, Mapping):
+            raise PriorFormatError(f"{source}: expected a JSON object, received {type(data).__name__}")
+        missing = [k for k in _REQUIRED_KEYS if k not in data]
+        if missing:
+            raise PriorFormatError(
+                f"{source}: missing required key(s) {missing}; a prior config needs {list(_REQUIRED_KEYS)}"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        fv = data.get("format_version")
+        if isinstance(fv, int) and fv > FORMAT_VERSION:
+            # Let __post_init__ raise the clear "newer format" error before anything else.
+            return cls(**{k: data[k] for k in data if k in known})
+        if unknown:
+            warnings.warn(
+                f"{source}: ignoring unknown key(s) {unknown} (written by a newer priorzoo?)",
+                UserWarning,
+                stacklevel=2,
+            )
+        return cls(**{k: data[k] for k in data if k in known})
+
+    def to_json_string(self) -> str:
+        """Pretty JSON text of :meth:`to_dict` (sorted keys, trailing newline)."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> PriorConfig:
+        """Read and validate ``config.json`` at ``path``."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise PriorFormatError(f"{path}: not valid JSON ({err})") from None
+        return cls.from_dict(data, source=str(path))
