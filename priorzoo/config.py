@@ -144,7 +144,9 @@ class PriorConfig:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
             raise PriorFormatError(f"`rank` must be an integer ≥ 0; received {self.rank!r}")
         if self.kind is not PriorKind.SWAG and self.rank != 0:
-            raise PriorFormatError(f"a `{self.kind.value}` prior has no low-rank factor: rank must be 0, got {self.rank}")
+            raise PriorFormatError(
+                f"a `{self.kind.value}` prior has no low-rank factor: rank must be 0, got {self.rank}"
+            )
         for key in ("scale", "eps"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

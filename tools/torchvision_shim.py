@@ -25,6 +25,7 @@ uninstall`` removes it. On a machine with a matching torchvision the hook does n
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.abc
 import shutil
@@ -45,10 +46,8 @@ def _define_missing_schemas() -> None:
 
     lib = torch.library.Library("torchvision", "FRAGMENT")
     for schema in _SCHEMAS:
-        try:
+        with contextlib.suppress(RuntimeError):  # already defined by a working build or an earlier call
             lib.define(schema)
-        except RuntimeError:  # already defined by a working build or an earlier call
-            pass
     _LIBRARIES.append(lib)
 
 

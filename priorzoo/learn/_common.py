@@ -1,0 +1,166 @@
+"""Small helpers shared by the learners: backbone provenance, optional imports, checkpoint trees.
+
+Nothing here is public API; the learners re-export what users need.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__: list[str] = []
+
+_EXTRAS = {
+    "timm": "timm",
+    "transformers": "transformers",
+    "datasets": "datasets",
+    "accelerate": "transformers",
+}
+
+
+def require(module: str, extra: str | None = None, *, what: str = "") -> Any:
+    """Import an optional dependency or raise an ImportError naming the pip extra that provides it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        top = module.split(".")[0]
+        extra = extra or _EXTRAS.get(top, top)
+        purpose = f" for {what}" if what else ""
+        raise ImportError(
+            f"`{top}` is needed{purpose} but could not be imported ({err}); "
+            f'install it with `pip install "priorzoo[{extra}]"`'
+        ) from err
+
+
+def describe_backbone(model: torch.nn.Module) -> dict[str, Any]:
+    """Provenance of a backbone for ``config.json``: library, name, architecture (best effort).
+
+    timm models carry ``pretrained_cfg`` (``architecture``, ``tag``, ``hf_hub_id``); transformers models
+    carry ``config`` (``_name_or_path``, ``model_type``); anything else is described by its class.
+    """
+    inner = getattr(model, "module", model) if isinstance(getattr(model, "module", None), torch.nn.Module) else model
+    cfg = getattr(inner, "pretrained_cfg", None) or getattr(inner, "default_cfg", None)
+    if isinstance(cfg, Mapping) and cfg.get("architecture"):
+        out: dict[str, Any] = {"library": "timm", "name": str(cfg["architecture"]), "architecture": type(inner).__name__}
+        if cfg.get("tag"):
+            out["tag"] = str(cfg["tag"])
+        if cfg.get("hf_hub_id"):
+            out["hub_id"] = str(cfg["hf_hub_id"])
+        return out
+    hf_cfg = getattr(inner, "config", None)
+    if hf_cfg is not None and hasattr(hf_cfg, "model_type"):
+        out = {"library": "transformers", "architecture": type(inner).__name__, "model_type": str(hf_cfg.model_type)}
+        name = getattr(hf_cfg, "_name_or_path", "") or getattr(hf_cfg, "name_or_path", "")
+        if name:
+            out["name"] = str(name)
+        return out
+    return {"library": "torch", "architecture": type(inner).__name__}
+
+
+def check_positive_int(value: Any, what: str, *, minimum: int = 1, hint: str = "") -> int:
+    """``value`` as an int ≥ ``minimum``, else a ValueError naming ``what``, the value and what is valid."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(
+            f"`{what}` must be an integer ≥ {minimum}; received {value!r}" + (f" ({hint})" if hint else "")
+        )
+    return value
+
+
+def check_float(value: Any, what: str, *, minimum: float = 0.0, strict: bool = False) -> float:
+    """``value`` as a finite float ≥ (or > when ``strict``) ``minimum``, else a clear ValueError."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (value <= minimum if strict else value < minimum):
+        cmp = ">" if strict else "≥"
+        raise ValueError(f"`{what}` must be a finite number {cmp} {minimum:g}; received {value!r}")
+    return float(value)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, meta: Mapping[str, Any]) -> Path:
+    """Write ``tensors`` plus a JSON document (under header key ``priorzoo``) to ``path`` atomically.
+
+    The file is written next to its destination and moved in with ``os.replace``: an interrupted save
+    leaves the previous checkpoint intact.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(clean, tmp, metadata={"format": "pt", "priorzoo": json.dumps(meta, sort_keys=True)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_safetensors_with_meta(path: str | os.PathLike, *, what: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a file written by :func:`atomic_save_safetensors`: ``(tensors, json document)``."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} at {str(path)!r}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path}: not a readable safetensors {what} ({err})") from None
+    if "priorzoo" not in header:
+        raise ValueError(f"{path}: a safetensors file, but not a priorzoo {what} (no `priorzoo` header entry)")
+    try:
+        meta = json.loads(header["priorzoo"])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: corrupt `priorzoo` header entry ({err})") from None
+    return tensors, meta
+
+
+def flatten_tree(tree: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Replace every tensor in a nested dict/list by ``{"__tensor__": key}``, storing it in ``tensors``.
+
+    Used to write optimizer and RNG state into safetensors + JSON (never pickle).
+    """
+    if isinstance(tree, torch.Tensor):
+        key = prefix.rstrip(".")
+        tensors[key] = tree
+        return {"__tensor__": key}
+    if isinstance(tree, Mapping):
+        out = {}
+        for k, v in tree.items():
+            out[str(k)] = flatten_tree(v, f"{prefix}{k}.", tensors)
+        if any(not isinstance(k, str) for k in tree):
+            out["__int_keys__"] = True
+        return out
+    if isinstance(tree, (list, tuple)):
+        return {"__list__": [flatten_tree(v, f"{prefix}{i}.", tensors) for i, v in enumerate(tree)],
+                "__tuple__": isinstance(tree, tuple)}
+    if tree is None or isinstance(tree, (bool, int, float, str)):
+        return tree
+    raise TypeError(f"cannot store a {type(tree).__name__} at `{prefix.rstrip('.')}` in a checkpoint")
+
+
+def unflatten_tree(tree: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`flatten_tree`."""
+    if isinstance(tree, dict):
+        if "__tensor__" in tree:
+            return tensors[tree["__tensor__"]]
+        if "__list__" in tree:
+            items = [unflatten_tree(v, tensors) for v in tree["__list__"]]
+            return tuple(items) if tree.get("__tuple__") else items
+        int_keys = tree.get("__int_keys__", False)
+        return {(int(k) if int_keys else k): unflatten_tree(v, tensors) for k, v in tree.items() if k != "__int_keys__"}
+    return tree

@@ -1,0 +1,687 @@
+r"""SWAG: a Gaussian over a backbone's weights from the SGD trajectory (Maddox et al., NeurIPS 2019).
+
+After (pre-)training, keep SGD running at a constant or cyclic learning rate and take snapshots
+w_1 … w_T of the chosen parameters. SWAG fits
+
+.. math::
+
+    \bar w = \frac1T \sum_t w_t, \qquad
+    \Sigma_{\rm diag} = \operatorname{diag}\Big(\frac1T\sum_t w_t^2 - \bar w^2\Big), \qquad
+    \Sigma_{\rm low} = \frac{D D^\top}{K-1},
+
+    w \sim \mathcal N\big(\bar w,\ \tfrac12 (\Sigma_{\rm diag} + \Sigma_{\rm low})\big),
+
+where D = [d_{T-K+1} … d_T] (P×K) holds the last K deviations d_i = w_i − w̄_i and w̄_i is the running
+mean *after* including snapshot i (as in Maddox et al.'s reference code). Shwartz-Ziv et al. (NeurIPS
+2022, "Pre-Train Your Loss") use this Gaussian, rescaled by λ, as the prior of a downstream task.
+
+:class:`SWAGCollector` keeps exactly what that needs, O((K+2)·P) memory, and nothing more:
+
+* the running mean w̄ and the sum of squared deviations M₂ = Σ_t (w_t − w̄_t)(w_t − w̄_{t−1}), updated
+  in one streaming pass per snapshot (Welford's algorithm), so that E[w²] − w̄² = M₂ / T;
+* a ring buffer of the last K deviations.
+
+Numerics (why Welford and not E[w²]): SWAG variances are tiny next to the weights themselves (a weight of
+0.05 moving by 1e-4 has var/w² ≈ 4e-6). Computing E[w²] − w̄² from two float32 running means cancels
+catastrophically — float32 keeps ~7 digits, so the difference is mostly rounding noise and can even be
+negative. Welford never forms that difference: each update adds δ·(w − w̄_new) = δ²(T−1)/T ≥ 0 to M₂, a
+sum of non-negative terms whose relative rounding error is O(T·u) (u = 6e-8 in float32), i.e. < 1e-4
+for thousands of snapshots. Accumulating in float32 is therefore accurate and twice as cheap in memory
+traffic as float64; pass ``moment_dtype=torch.float64`` for bit-paranoid runs. Weights in bf16/fp16 are
+always accumulated in at least float32.
+
+``to_prior()`` writes the priorzoo convention (``docs/format.md``): variance = ½·clamp(M₂/T, min_var) and
+cov_factor F = Dᵀ/√(2(K−1)) — the stored factor rows are d_i/√(2(K−1)) — so that with λ = 1 the prior is
+exactly the SWAG Gaussian above: diag(v) + FᵀF = ½(Σ_diag + DDᵀ/(K−1)).
+
+Example:
+    >>> import torch
+    >>> from priorzoo.learn import SWAGCollector
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    >>> collector = SWAGCollector(model, rank=3, exclude="2.*")  # the head `2.*` gets no prior
+    >>> for step in range(40):
+    ...     x = torch.randn(16, 4)
+    ...     loss = (model(x) - x[:, :2]).pow(2).mean()
+    ...     opt.zero_grad(); loss.backward(); opt.step()
+    ...     if step % 10 == 9:
+    ...         collector.collect()
+    >>> prior = collector.to_prior()
+    >>> prior.rank, prior.names
+    (3, ['0.weight', '0.bias'])
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from priorzoo.learn._common import (
+    atomic_save_safetensors,
+    check_float,
+    check_positive_int,
+    describe_backbone,
+    load_safetensors_with_meta,
+)
+from priorzoo.matching import Patterns, select_parameters
+
+if TYPE_CHECKING:
+    from priorzoo.prior import PriorModel
+
+__all__ = ["ConstantLRSchedule", "CyclicCosineSchedule", "SWAGCollector"]
+
+_STATE_FORMAT = "priorzoo.swag_collector"
+_STATE_VERSION = 1
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+_DEFAULT_CHUNK = 1 << 16  # elements per fused update: 4 float32 chunks (1 MiB) stay in L2 cache
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class SWAGCollector:
+    r"""Streaming SWAG statistics over a model's parameters; call :meth:`collect` at each snapshot.
+
+    Args:
+        model: the network being trained (any ``torch.nn.Module``: timm, transformers, plain PyTorch).
+        rank: K ≥ 2, how many of the latest deviations the low-rank factor keeps (Maddox et al. use 20).
+        include, exclude: which parameters get a prior — glob patterns on the full name (``fnmatch``), a
+            list of them, or a callable ``name -> bool`` (see :func:`priorzoo.matching.select_parameters`).
+            Exclude the task head (``"fc.*"``, ``"classifier.*"``, ``"head.*"``): it is replaced
+            downstream and gets no learned prior. Only parameters with ``requires_grad`` are considered.
+        min_var: floor of the diagonal variance before the ½ (the official "Pre-Train Your Loss" code
+            clamps at 1e-6; a weight that never moved would otherwise get an infinite precision).
+        moment_dtype: dtype of the running mean and M₂ (default float32, or the parameters' dtype when
+            wider). See the module docstring for why float32 Welford is accurate.
+        factor_dtype: dtype of the K stored deviations (float16/bfloat16 halve the O(K·P) memory).
+        device: where the statistics live (default: the parameters' device); ``"cpu"`` keeps a GPU free.
+        check_finite: refuse a snapshot containing NaN/±inf (one extra read of the weights).
+        chunk_size: elements per fused update; a streaming pass touches each weight once.
+
+    Raises:
+        ValueError: ``rank`` not an integer ≥ 2, no parameter selected, bad ``min_var``.
+
+    Example:
+        >>> import torch
+        >>> lin = torch.nn.Linear(3, 1)
+        >>> c = SWAGCollector(lin, rank=2)
+        >>> for i in range(3):
+        ...     with torch.no_grad():
+        ...         _ = lin.weight.add_(0.1 * i)
+        ...     c.collect()
+        >>> c.num_collected, c.num_deviations
+        (3, 2)
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        rank: int = 20,
+        *,
+        include: Patterns = None,
+        exclude: Patterns = None,
+        min_var: float = 1e-6,
+        moment_dtype: torch.dtype | None = None,
+        factor_dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        check_finite: bool = True,
+        chunk_size: int = _DEFAULT_CHUNK,
+    ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"`model` must be a torch.nn.Module; received {type(model).__name__}")
+        self.rank = check_positive_int(
+            rank, "rank", minimum=2, hint="K deviations give the factor Dᵀ/√(2(K−1)); SWAG papers use K = 20"
+        )
+        self.min_var = check_float(min_var, "min_var", minimum=0.0)
+        self.chunk_size = check_positive_int(chunk_size, "chunk_size")
+        self.check_finite = bool(check_finite)
+        self.model = model
+        self.include = include
+        self.exclude = exclude
+        params = select_parameters(model, include=include, exclude=exclude)
+        if not params:
+            total = sum(1 for _ in model.named_parameters())
+            raise ValueError(
+                f"no parameter selected for SWAG (include={include!r}, exclude={exclude!r}; the model has "
+                f"{total} named parameters, only those with requires_grad=True are eligible)"
+            )
+        self.names: list[str] = list(params)
+        self.shapes: dict[str, tuple[int, ...]] = {n: tuple(p.shape) for n, p in params.items()}
+        self._offsets: dict[str, tuple[int, int]] = {}
+        off = 0
+        for n, p in params.items():
+            self._offsets[n] = (off, off + p.numel())
+            off += p.numel()
+        self.num_parameters = off
+        first = next(iter(params.values()))
+        for n, p in params.items():
+            if not p.dtype.is_floating_point:
+                raise ValueError(f"parameter `{n}` has dtype {p.dtype}; SWAG needs floating-point parameters")
+        self.device = torch.device(device) if device is not None else first.device
+        widest = max((p.dtype for p in params.values()), key=lambda d: torch.finfo(d).bits)
+        self.moment_dtype = moment_dtype or torch.promote_types(widest, torch.float32)
+        if not self.moment_dtype.is_floating_point or torch.finfo(self.moment_dtype).bits < 32:
+            raise ValueError(f"`moment_dtype` must be float32 or float64; received {self.moment_dtype}")
+        if not factor_dtype.is_floating_point:
+            raise ValueError(f"`factor_dtype` must be a floating dtype; received {factor_dtype}")
+        self.factor_dtype = factor_dtype
+        self._mean = torch.zeros(off, dtype=self.moment_dtype, device=self.device)
+        self._m2 = torch.zeros(off, dtype=self.moment_dtype, device=self.device)
+        self._ring = torch.zeros(self.rank, off, dtype=factor_dtype, device=self.device)
+        self._n = 0
+        self._tmp: Tensor | None = None
+        self._tmp2: Tensor | None = None
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def num_collected(self) -> int:
+        """T, the number of snapshots collected so far."""
+        return self._n
+
+    @property
+    def num_deviations(self) -> int:
+        """How many deviations the ring buffer holds now: min(T, K)."""
+        return min(self._n, self.rank)
+
+    def __repr__(self) -> str:
+        return (
+            f"SWAGCollector(rank={self.rank}, parameters={len(self.names)}, numel={self.num_parameters}, "
+            f"collected={self._n}, moment_dtype={_dtype_name(self.moment_dtype)}, device={self.device})"
+        )
+
+    def _unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        return {n: flat[a:b].view(self.shapes[n]) for n, (a, b) in self._offsets.items()}
+
+    def mean(self) -> dict[str, Tensor]:
+        """The running mean w̄ (copies, moment dtype), ``name -> tensor``.
+
+        Example:
+            >>> import torch
+            >>> lin = torch.nn.Linear(1, 1, bias=False)
+            >>> c = SWAGCollector(lin, rank=2); c.collect()
+            >>> torch.equal(c.mean()["weight"], lin.weight.detach())
+            True
+        """
+        self._require(1, "mean()")
+        return {n: t.clone() for n, t in self._unflatten(self._mean).items()}
+
+    def raw_variance(self) -> dict[str, Tensor]:
+        """E[w²] − w̄² = M₂/T per parameter (no clamp, no ½), ``name -> tensor``.
+
+        Example:
+            >>> import torch
+            >>> lin = torch.nn.Linear(1, 1, bias=False)
+            >>> c = SWAGCollector(lin, rank=2)
+            >>> for v in (1.0, 3.0):
+            ...     with torch.no_grad():
+            ...         _ = lin.weight.fill_(v)
+            ...     c.collect()
+            >>> c.raw_variance()["weight"].item()  # population variance of {1, 3}
+            1.0
+        """
+        self._require(1, "raw_variance()")
+        return {n: t / self._n for n, t in self._unflatten(self._m2).items()}
+
+    def _chronological_slots(self) -> list[int]:
+        m = self.num_deviations
+        if self._n <= self.rank:
+            return list(range(m))
+        start = self._n % self.rank
+        return [(start + i) % self.rank for i in range(self.rank)]
+
+    def deviations(self) -> Tensor:
+        """The stored deviations d_i = w_i − w̄_i, oldest first, as a ``[min(T, K), P]`` tensor (a copy).
+
+        Example:
+            >>> import torch
+            >>> lin = torch.nn.Linear(1, 1, bias=False)
+            >>> c = SWAGCollector(lin, rank=2)
+            >>> for v in (1.0, 3.0, 5.0):
+            ...     with torch.no_grad():
+            ...         _ = lin.weight.fill_(v)
+            ...     c.collect()
+            >>> c.deviations().flatten().tolist()  # 3 − 2 and 5 − 3; the first (1 − 1 = 0) left the ring
+            [1.0, 2.0]
+        """
+        slots = self._chronological_slots()
+        return self._ring[torch.tensor(slots, dtype=torch.long, device=self.device)].clone()
+
+    def _require(self, n: int, what: str) -> None:
+        if self._n < n:
+            raise RuntimeError(
+                f"SWAGCollector.{what} needs at least {n} collected snapshot(s); {self._n} collected so far. "
+                "Call collector.collect() after the optimizer step at each snapshot"
+                + (" (one snapshot has no spread: a variance needs two)" if n == 2 else "")
+            )
+
+    # ------------------------------------------------------------------ collecting
+    def _current(self, model: torch.nn.Module | None) -> list[tuple[str, Tensor]]:
+        model = self.model if model is None else model
+        named = dict(model.named_parameters())
+        out = []
+        for n in self.names:
+            p = named.get(n)
+            if p is None:
+                raise RuntimeError(
+                    f"parameter `{n}` is no longer in the model; the collector was built for {len(self.names)} "
+                    "parameters and they must stay the same for the whole run (build a new SWAGCollector "
+                    "for another model)"
+                )
+            if tuple(p.shape) != self.shapes[n]:
+                raise RuntimeError(
+                    f"parameter `{n}` has shape {tuple(p.shape)}, but the collector was built for shape "
+                    f"{self.shapes[n]}; parameters must keep their shapes between snapshots (was the head "
+                    "resized, or the wrong model passed?)"
+                )
+            out.append((n, p.detach()))
+        return out
+
+    @staticmethod
+    def _check_finite(name: str, w: Tensor) -> None:
+        # a sum is one read-only pass; it is finite iff no element is NaN/inf (unless the weights are so
+        # huge the sum overflows — the exact check below then decides)
+        s = w.sum(dtype=torch.float32) if w.dtype != torch.float64 else w.sum()
+        if torch.isfinite(s):
+            return
+        bad = int((~torch.isfinite(w)).sum())
+        if bad:
+            raise FloatingPointError(
+                f"parameter `{name}` holds {bad} non-finite value(s) (NaN or ±inf) out of {w.numel()}; this "
+                "snapshot was not collected and the SWAG statistics are unchanged. Training diverged: lower "
+                "the learning rate (SWAG needs a stable SGD trajectory)"
+            )
+
+    @torch.no_grad()
+    def collect(self, model: torch.nn.Module | None = None) -> None:
+        """Add the current weights as snapshot T+1: one streaming pass over the selected parameters.
+
+        For each weight (Welford, with n = T+1):
+        ``δ = w − w̄;  w̄ ← w̄ + δ/n;  d = w − w̄;  M₂ ← M₂ + δ·d;  ring[(n−1) mod K] ← d``.
+        The deviation d is taken against the mean *after* including w (Maddox et al.).
+
+        Args:
+            model: take the weights from this model instead of the one given at construction (same
+                parameter names and shapes), e.g. an unwrapped copy.
+
+        Raises:
+            FloatingPointError: a selected parameter holds NaN/±inf (nothing is updated).
+            RuntimeError: a parameter disappeared or changed shape since construction.
+
+        Example:
+            >>> import torch
+            >>> lin = torch.nn.Linear(2, 2)
+            >>> c = SWAGCollector(lin, rank=4)
+            >>> c.collect(); c.num_collected
+            1
+        """
+        current = self._current(model)
+        if self.check_finite:
+            for n, w in current:
+                self._check_finite(n, w)
+        n = self._n + 1
+        inv_n = 1.0 / n
+        slot = self._ring[(n - 1) % self.rank]
+        chunk = self.chunk_size
+        if self._tmp is None:
+            size = min(chunk, self.num_parameters)
+            self._tmp = torch.empty(size, dtype=self.moment_dtype, device=self.device)
+            self._tmp2 = torch.empty(size, dtype=self.moment_dtype, device=self.device)
+        direct = self.factor_dtype == self.moment_dtype
+        for name, w in current:
+            a, b = self._offsets[name]
+            flat = w.reshape(-1)
+            for s in range(0, b - a, chunk):
+                e = min(s + chunk, b - a)
+                k = e - s
+                wc = flat[s:e]
+                if wc.dtype != self.moment_dtype or wc.device != self.device:
+                    wc = wc.to(device=self.device, dtype=self.moment_dtype)
+                mean = self._mean[a + s : a + e]
+                m2 = self._m2[a + s : a + e]
+                delta = torch.sub(wc, mean, out=self._tmp[:k])
+                mean.add_(delta, alpha=inv_n)
+                if direct:
+                    dev = torch.sub(wc, mean, out=slot[a + s : a + e])
+                else:
+                    dev = torch.sub(wc, mean, out=self._tmp2[:k])  # type: ignore[index]
+                    slot[a + s : a + e].copy_(dev)
+                m2.addcmul_(delta, dev)
+        self._n = n
+
+    # ------------------------------------------------------------------ the prior
+    def to_prior(
+        self,
+        *,
+        rank: int | None = None,
+        min_var: float | None = None,
+        scale: float = 1.0,
+        eps: float = 0.0,
+        backbone: Mapping[str, Any] | None = None,
+        source: Mapping[str, Any] | None = None,
+        learning: Mapping[str, Any] | None = None,
+        exclude: Sequence[str] | None = None,
+        recommended_scale: float | None = None,
+        license: str | None = None,
+    ) -> PriorModel:
+        r"""The SWAG Gaussian as a :class:`~priorzoo.PriorModel` (DESIGN §2 convention).
+
+        ``variance = ½·clamp(M₂/T, min_var)`` and ``cov_factor`` rows ``d_i / √(2(K'−1))`` for the K' =
+        min(T, K) stored deviations, oldest first (or the last ``rank`` of them), so that at λ = 1
+        ``diag(v) + FᵀF = ½(Σ_diag + DDᵀ/(K'−1))``, the SWAG covariance of Maddox et al.
+
+        Args:
+            rank: keep only the last ``rank`` deviations (0: a diagonal SWAG prior, kind ``swag`` with
+                K = 0; 1 is invalid: one deviation has no K−1 normaliser). Default: all stored.
+            min_var: override the collector's variance floor.
+            scale, eps: λ and ε of the prior (``Σ = λ(diag(v) + FᵀF) + εI``); the paper tunes λ downstream.
+            backbone: provenance (default: detected from the model: timm / transformers / torch).
+            source: the source task, e.g. ``{"dataset": "cifar10", "objective": "simclr"}``.
+            learning: extra notes on how it was learned (merged over the collector's own record).
+            exclude: patterns recorded as the prior's excluded parameters (default: the collector's string
+                ``exclude`` patterns, else the names of the trainable parameters it skipped, i.e. the head).
+            recommended_scale, license: for the card.
+
+        Raises:
+            RuntimeError: fewer than 2 snapshots collected.
+            ValueError: ``rank`` not in {0, 2, …, K'}.
+
+        Example:
+            >>> import torch
+            >>> lin = torch.nn.Linear(2, 1)
+            >>> c = SWAGCollector(lin, rank=5)
+            >>> for v in range(3):
+            ...     with torch.no_grad():
+            ...         _ = lin.weight.fill_(float(v))
+            ...     c.collect()
+            >>> p = c.to_prior()
+            >>> p.rank, p.kind.value  # three snapshots so far → K' = 3
+            (3, 'swag')
+        """
+        from priorzoo.prior import PriorModel
+
+        self._require(2, "to_prior()")
+        available = self.num_deviations
+        if rank is None:
+            rank = available
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0 or rank == 1 or rank > available:
+            raise ValueError(
+                f"`rank` must be 0 (diagonal only) or an integer in [2, {available}] (the deviations stored "
+                f"now: min(snapshots {self._n}, K {self.rank})); received {rank!r}"
+            )
+        floor = self.min_var if min_var is None else check_float(min_var, "min_var", minimum=0.0)
+        var_flat = (self._m2 / self._n).clamp_(min=floor).mul_(0.5).to(torch.float32)
+        mean_flat = self._mean.to(torch.float32, copy=True)
+        cov_factor = None
+        if rank > 0:
+            slots = self._chronological_slots()[-rank:]
+            idx = torch.tensor(slots, dtype=torch.long, device=self.device)
+            f_flat = self._ring.index_select(0, idx).to(torch.float32)
+            f_flat.div_(math.sqrt(2.0 * (rank - 1)))
+            cov_factor = {n: f_flat[:, a:b].reshape(rank, *self.shapes[n]).cpu() for n, (a, b) in self._offsets.items()}
+        mean = {n: t.cpu() for n, t in self._unflatten(mean_flat).items()}
+        variance = {n: t.cpu() for n, t in self._unflatten(var_flat).items()}
+        record: dict[str, Any] = {
+            "method": "swag",
+            "snapshots": self._n,
+            "max_rank": self.rank,
+            "rank": rank,
+            "min_var": floor,
+            "moments": f"welford-{_dtype_name(self.moment_dtype)}",
+            "reference": "Maddox et al. 2019, A Simple Baseline for Bayesian Uncertainty in Deep Learning",
+        }
+        record.update(dict(learning or {}))
+        if exclude is None:
+            exclude = self._default_exclude()
+        return PriorModel.from_tensors(
+            mean,
+            variance,
+            cov_factor,
+            scale=scale,
+            eps=eps,
+            kind="swag",
+            backbone=dict(backbone) if backbone is not None else describe_backbone(self.model),
+            source=source,
+            learning=record,
+            exclude=list(exclude),
+            recommended_scale=recommended_scale,
+            license=license,
+        )
+
+    def _default_exclude(self) -> list[str]:
+        if isinstance(self.exclude, str):
+            return [self.exclude]
+        if isinstance(self.exclude, Sequence) and all(isinstance(e, str) for e in self.exclude):
+            return list(self.exclude)
+        chosen = set(self.names)
+        return [n for n, p in self.model.named_parameters() if p.requires_grad and n not in chosen]
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: metadata (JSON-able) plus tensors ``mean``, ``m2``, ``deviations``.
+
+        Deviations are stored oldest first (``[min(T, K), P]``), so the state is independent of where the
+        ring buffer happened to wrap.
+
+        Example:
+            >>> import torch
+            >>> c = SWAGCollector(torch.nn.Linear(2, 2), rank=3); c.collect()
+            >>> sorted(k for k, v in c.state_dict().items() if isinstance(v, torch.Tensor))
+            ['deviations', 'm2', 'mean']
+        """
+        return {
+            "format": _STATE_FORMAT,
+            "version": _STATE_VERSION,
+            "rank": self.rank,
+            "num_collected": self._n,
+            "min_var": self.min_var,
+            "moment_dtype": _dtype_name(self.moment_dtype),
+            "factor_dtype": _dtype_name(self.factor_dtype),
+            "parameters": [{"name": n, "shape": list(self.shapes[n])} for n in self.names],
+            "mean": self._mean.clone(),
+            "m2": self._m2.clone(),
+            "deviations": self.deviations(),
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; the collector must select the same parameters with the same K.
+
+        Raises:
+            ValueError: another format, rank, parameter list or shapes, or inconsistent tensors.
+
+        Example:
+            >>> import torch
+            >>> lin = torch.nn.Linear(2, 2)
+            >>> a = SWAGCollector(lin, rank=3); a.collect()
+            >>> b = SWAGCollector(lin, rank=3); b.load_state_dict(a.state_dict())
+            >>> b.num_collected
+            1
+        """
+        if state.get("format") != _STATE_FORMAT:
+            raise ValueError(f"not a SWAGCollector state (format {state.get('format')!r}, expected {_STATE_FORMAT!r})")
+        if int(state.get("version", 0)) > _STATE_VERSION:
+            raise ValueError(
+                f"SWAGCollector state version {state.get('version')} is newer than this priorzoo reads "
+                f"({_STATE_VERSION}); upgrade priorzoo"
+            )
+        if state["rank"] != self.rank:
+            raise ValueError(
+                f"the saved state has rank K = {state['rank']} but this collector has rank {self.rank}; build "
+                f"the collector with rank={state['rank']} to resume"
+            )
+        saved = [(p["name"], tuple(p["shape"])) for p in state["parameters"]]
+        mine = [(n, self.shapes[n]) for n in self.names]
+        if saved != mine:
+            diff = [f"`{s[0]}` {s[1]}" for s in saved if s not in mine][:3] + [
+                f"`{m[0]}` {m[1]} (here)" for m in mine if m not in saved
+            ][:3]
+            raise ValueError(
+                f"the saved state covers {len(saved)} parameters and this collector {len(mine)}; they differ "
+                f"in: {', '.join(diff) or 'order'}. Use the same model and include/exclude patterns"
+            )
+        n = int(state["num_collected"])
+        devs = state["deviations"]
+        m = min(n, self.rank)
+        P = self.num_parameters
+        for key, shape in (("mean", (P,)), ("m2", (P,)), ("deviations", (m, P))):
+            if tuple(state[key].shape) != shape:
+                raise ValueError(f"saved `{key}` has shape {tuple(state[key].shape)}; expected {shape}")
+        self._mean.copy_(state["mean"])
+        self._m2.copy_(state["m2"])
+        self._ring.zero_()
+        # snapshot j (1-based) lives in slot (j − 1) mod K, exactly as an uninterrupted run would have it
+        for i in range(m):
+            j = n - m + 1 + i
+            self._ring[(j - 1) % self.rank].copy_(devs[i])
+        self._n = n
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the state to one safetensors file (tensors + a JSON header entry), atomically; no pickle.
+
+        Example:
+            >>> import tempfile, os, torch
+            >>> c = SWAGCollector(torch.nn.Linear(2, 2), rank=3); c.collect()
+            >>> path = c.save(os.path.join(tempfile.mkdtemp(), "swag.safetensors"))
+            >>> c2 = SWAGCollector(torch.nn.Linear(2, 2), rank=3); c2.load(path); c2.num_collected
+            1
+        """
+        state = self.state_dict()
+        tensors = {k: state.pop(k) for k in ("mean", "m2", "deviations")}
+        return atomic_save_safetensors(tensors, path, state)
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Restore the state written by :meth:`save` (see :meth:`load_state_dict` for the checks).
+
+        Example:
+            >>> collector.load("checkpoints/swag.safetensors")  # doctest: +SKIP
+        """
+        tensors, meta = load_safetensors_with_meta(path, what="SWAGCollector state")
+        missing = [k for k in ("mean", "m2", "deviations") if k not in tensors]
+        if missing:
+            raise ValueError(f"{path}: SWAGCollector state lacks tensor(s) {missing}")
+        self.load_state_dict({**meta, **tensors})
+
+
+# ---------------------------------------------------------------------------------------------- schedules
+def _check_step(step: int) -> int:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"`step` must be an integer ≥ 0 (optimizer steps taken); received {step!r}")
+    return step
+
+
+class _Schedule:
+    """Shared protocol: ``lr(step, base_lr)``, ``should_collect(global_step)``, ``scheduler(optimizer)``."""
+
+    def lr(self, step: int, base_lr: float) -> float:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def should_collect(self, global_step: int) -> bool:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        """A ``LambdaLR`` that follows this schedule for every param group (call ``.step()`` after each
+        optimizer step). Each group's own initial lr is the ``base_lr``."""
+        lambdas: list[Callable[[int], float]] = []
+        for group in optimizer.param_groups:
+            base = float(group.get("initial_lr", group["lr"]))
+            if base <= 0:
+                raise ValueError(f"param group lr must be > 0 to follow a schedule; received {base}")
+            lambdas.append(lambda t, b=base: self.lr(t, b) / b)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+
+
+@dataclass(frozen=True)
+class ConstantLRSchedule(_Schedule):
+    """SWA schedule: the base lr until ``swa_start``, a cosine anneal to ``swa_lr`` over ``anneal_steps``,
+    then constant ``swa_lr``; a snapshot every ``collect_every`` steps once at ``swa_lr``.
+
+    Steps count optimizer steps: ``lr(t)`` is the learning rate of step t+1 (t steps already taken) and
+    ``should_collect(g)`` is asked after the optimizer step that makes ``global_step == g``.
+
+    Example:
+        >>> s = ConstantLRSchedule(swa_lr=0.01, swa_start=2, anneal_steps=2, collect_every=3)
+        >>> [round(s.lr(t, base_lr=0.1), 4) for t in range(6)]
+        [0.1, 0.1, 0.1, 0.055, 0.01, 0.01]
+        >>> [g for g in range(1, 14) if s.should_collect(g)]
+        [7, 10, 13]
+    """
+
+    swa_lr: float
+    swa_start: int = 0
+    anneal_steps: int = 0
+    collect_every: int = 1
+
+    def __post_init__(self) -> None:
+        check_float(self.swa_lr, "swa_lr", minimum=0.0, strict=True)
+        check_positive_int(self.swa_start, "swa_start", minimum=0)
+        check_positive_int(self.anneal_steps, "anneal_steps", minimum=0)
+        check_positive_int(self.collect_every, "collect_every")
+
+    def lr(self, step: int, base_lr: float) -> float:
+        """Learning rate after ``step`` optimizer steps."""
+        t = _check_step(step)
+        if t < self.swa_start:
+            return base_lr
+        if t < self.swa_start + self.anneal_steps:
+            alpha = (t - self.swa_start) / self.anneal_steps
+            return self.swa_lr + (base_lr - self.swa_lr) * 0.5 * (1.0 + math.cos(math.pi * alpha))
+        return self.swa_lr
+
+    def should_collect(self, global_step: int) -> bool:
+        """True after the steps ``s0 + collect_every·j`` (j ≥ 1), ``s0 = swa_start + anneal_steps``."""
+        since = _check_step(global_step) - (self.swa_start + self.anneal_steps)
+        return since >= 1 and since % self.collect_every == 0
+
+
+@dataclass(frozen=True)
+class CyclicCosineSchedule(_Schedule):
+    """Cyclic cosine schedule with one snapshot per cycle, at its end (lowest lr).
+
+    From ``start_step`` on, each cycle of ``cycle_steps`` goes from ``lr_max`` (default: the optimizer's
+    lr) down to ``lr_min`` by a half cosine: ``lr = lr_min + ½(lr_max − lr_min)(1 + cos(π r / c))`` with r
+    the position in the cycle. This is the cyclical schedule of Zhang et al. (cSG-MCMC, 2020) that the
+    official "Pre-Train Your Loss" code uses to sample.
+
+    Example:
+        >>> s = CyclicCosineSchedule(cycle_steps=4, lr_min=0.0)
+        >>> [round(s.lr(t, base_lr=1.0), 3) for t in range(8)]
+        [1.0, 0.854, 0.5, 0.146, 1.0, 0.854, 0.5, 0.146]
+        >>> [g for g in range(1, 13) if s.should_collect(g)]
+        [4, 8, 12]
+    """
+
+    cycle_steps: int
+    lr_min: float = 0.0
+    lr_max: float | None = None
+    start_step: int = 0
+
+    def __post_init__(self) -> None:
+        check_positive_int(self.cycle_steps, "cycle_steps", minimum=2)
+        check_float(self.lr_min, "lr_min", minimum=0.0)
+        if self.lr_max is not None:
+            check_float(self.lr_max, "lr_max", minimum=self.lr_min, strict=True)
+        check_positive_int(self.start_step, "start_step", minimum=0)
+
+    def lr(self, step: int, base_lr: float) -> float:
+        """Learning rate after ``step`` optimizer steps."""
+        t = _check_step(step)
+        top = self.lr_max if self.lr_max is not None else base_lr
+        if t < self.start_step:
+            return top
+        r = (t - self.start_step) % self.cycle_steps
+        return self.lr_min + 0.5 * (top - self.lr_min) * (1.0 + math.cos(math.pi * r / self.cycle_steps))
+
+    def should_collect(self, global_step: int) -> bool:
+        """True after the last step of each cycle."""
+        since = _check_step(global_step) - self.start_step
+        return since >= 1 and since % self.cycle_steps == 0

@@ -1,0 +1,319 @@
+"""Map a prior's parameter names onto a model: prefixes, the new head, include/exclude patterns.
+
+A prior learned on a backbone names its parameters as the source model did (``layer1.0.conv1.weight`` for a
+timm ResNet, ``embeddings.word_embeddings.weight`` for a ``BertModel``). The model being fine-tuned may hold
+that backbone under a prefix (``bert.`` in ``BertForSequenceClassification``, ``model.``, DDP's
+``module.``) and has a new head with another number of classes. :func:`match_parameters` finds the one
+(prior prefix → model prefix) rewrite that matches the most names, then sorts every prior parameter into
+*matched*, *excluded* (a pattern, or the model's head), *missing* (no such parameter in the model) or
+*shape mismatch*; model parameters without a prior (the new head) are reported as *no prior*.
+
+Patterns are shell globs matched against the full name (``fnmatch``: ``"fc.*"``, ``"*.bias"``), a list of
+them, or a callable ``name -> bool``.
+
+Example:
+    >>> import torch
+    >>> from priorzoo.matching import match_parameters
+    >>> src = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 10))
+    >>> dst = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 3))
+    >>> shapes = {n: tuple(p.shape) for n, p in src.named_parameters()}
+    >>> m = match_parameters(shapes, dst, exclude="1.*")
+    >>> m.matched
+    {'0.weight': '0.weight', '0.bias': '0.bias'}
+    >>> m.excluded
+    ['1.weight', '1.bias']
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from priorzoo.errors import PriorMatchError
+
+__all__ = [
+    "MatchResult",
+    "Patterns",
+    "compile_patterns",
+    "head_parameter_names",
+    "match_parameters",
+    "select_parameters",
+]
+
+Patterns = str | Sequence[str] | Callable[[str], bool] | None
+"""Which parameters: a glob, a list of globs, a predicate on the name, or ``None`` (no filter)."""
+
+_DDP_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def compile_patterns(patterns: Patterns) -> Callable[[str], bool] | None:
+    """Turn :data:`Patterns` into a predicate (``None`` stays ``None``).
+
+    Example:
+        >>> compile_patterns(["fc.*", "*.bias"])("fc.weight")
+        True
+    """
+    if patterns is None:
+        return None
+    if callable(patterns):
+        return patterns
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    pats = list(patterns)
+    for p in pats:
+        if not isinstance(p, str):
+            raise TypeError(f"patterns must be glob strings or a callable; received {p!r} in {pats!r}")
+    return lambda name: any(fnmatch.fnmatchcase(name, p) for p in pats)
+
+
+def select_parameters(
+    model: torch.nn.Module, include: Patterns = None, exclude: Patterns = None, *, trainable_only: bool = True
+) -> dict[str, torch.nn.Parameter]:
+    """Ordered ``name -> parameter`` of ``model`` filtered by include/exclude patterns.
+
+    Example:
+        >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+        >>> list(select_parameters(m, exclude="1.*"))
+        ['0.weight', '0.bias']
+    """
+    inc, exc = compile_patterns(include), compile_patterns(exclude)
+    out = {}
+    for name, p in model.named_parameters():
+        if trainable_only and not p.requires_grad:
+            continue
+        if inc is not None and not inc(name):
+            continue
+        if exc is not None and exc(name):
+            continue
+        out[name] = p
+    return out
+
+
+def head_parameter_names(model: torch.nn.Module) -> set[str]:
+    """Names of the model's task head, which a prior never covers by default.
+
+    timm models name their classifier in ``pretrained_cfg["classifier"]`` (``fc``, ``head``, ``head.fc``);
+    transformers task models keep the backbone under ``base_model_prefix`` and everything outside it
+    (``classifier.*``, ``cls.*``, ``qa_outputs.*``) is the head. Other models: no head is assumed.
+
+    Example:
+        >>> sorted(head_parameter_names(torch.nn.Linear(2, 2)))
+        []
+    """
+    names = [n for n, _ in model.named_parameters()]
+    prefix = ""
+    for ddp in _DDP_PREFIXES:
+        if hasattr(model, "module") and names and all(n.startswith(ddp) for n in names):
+            prefix, model = ddp, model.module  # type: ignore[assignment]
+            break
+    heads: set[str] = set()
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    classifier = cfg.get("classifier") if isinstance(cfg, Mapping) else None
+    if classifier:
+        cls_list = [classifier] if isinstance(classifier, str) else list(classifier)
+        for n, _ in model.named_parameters():
+            if any(n == c or n.startswith(c + ".") for c in cls_list):
+                heads.add(prefix + n)
+        return heads
+    base = getattr(model, "base_model_prefix", None)
+    if isinstance(base, str) and base and hasattr(model, base) and getattr(model, base) is not model:
+        for n, _ in model.named_parameters():
+            if not n.startswith(base + "."):
+                heads.add(prefix + n)
+    return heads
+
+
+@dataclass
+class MatchResult:
+    """How a prior's parameters map onto a model.
+
+    Attributes:
+        matched: prior name → model name, in prior order.
+        excluded: prior names left out on purpose (patterns, the prior's own ``exclude``, the model's head).
+        missing: prior names with no parameter of that name in the model.
+        shape_mismatch: ``(prior name, model name, prior shape, model shape)`` outside the head.
+        no_prior: model parameters the prior does not cover (typically the new head).
+        uncovered: the part of ``no_prior`` that is neither the model's head nor named by a pattern
+            (include/exclude, the prior's own ``exclude``): backbone weights the prior knows nothing about,
+            e.g. the extra blocks of a deeper architecture.
+        prior_prefix / model_prefix: the rewrite applied (``prior_prefix`` stripped, ``model_prefix`` added).
+
+    Example:
+        >>> r = MatchResult(matched={"w": "w"})
+        >>> r.is_complete
+        True
+    """
+
+    matched: dict[str, str] = field(default_factory=dict)
+    excluded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    shape_mismatch: list[tuple[str, str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    no_prior: list[str] = field(default_factory=list)
+    uncovered: list[str] = field(default_factory=list)
+    prior_prefix: str = ""
+    model_prefix: str = ""
+
+    @property
+    def is_complete(self) -> bool:
+        """Every prior parameter not deliberately excluded found a parameter of the right shape, and every
+        model parameter without prior is the head or deliberately excluded."""
+        return bool(self.matched) and not self.missing and not self.shape_mismatch and not self.uncovered
+
+    def summary(self) -> str:
+        """One human-readable paragraph (what :meth:`PriorModel.match` users print)."""
+        lines = [
+            f"matched {len(self.matched)} parameters"
+            + (
+                f" (prior prefix {self.prior_prefix!r} → model prefix {self.model_prefix!r})"
+                if self.prior_prefix or self.model_prefix
+                else ""
+            ),
+            f"excluded {len(self.excluded)}: {_short(self.excluded)}",
+            f"missing in model {len(self.missing)}: {_short(self.missing)}",
+            f"shape mismatch {len(self.shape_mismatch)}: "
+            + _short([f"{p} {ps}→{ms}" for p, _, ps, ms in self.shape_mismatch]),
+            f"model parameters without prior {len(self.no_prior)}: {_short(self.no_prior)}",
+            f"of which not the head nor excluded {len(self.uncovered)}: {_short(self.uncovered)}",
+        ]
+        return "\n".join(lines)
+
+    def check(self, *, allow_partial: bool = False) -> None:
+        """Raise :class:`PriorMatchError` unless the match is usable.
+
+        Zero matches and shape mismatches always raise; missing prior parameters and uncovered model
+        parameters raise unless ``allow_partial`` (then the prior's marginal over the matched parameters is
+        used, which is exact for a Gaussian, and the uncovered ones train without a prior).
+        """
+        if self.shape_mismatch:
+            detail = "; ".join(
+                f"`{p}` prior {tuple(ps)} vs model `{m}` {tuple(ms)}" for p, m, ps, ms in self.shape_mismatch[:5]
+            )
+            more = f" (+{len(self.shape_mismatch) - 5} more)" if len(self.shape_mismatch) > 5 else ""
+            raise PriorMatchError(
+                f"{len(self.shape_mismatch)} parameter(s) have another shape in the model than in the prior: "
+                f"{detail}{more}. Is this prior for another architecture or width? Exclude them with "
+                "exclude=[...] if they are a new head."
+            )
+        if not self.matched:
+            raise PriorMatchError(
+                "no prior parameter matches a model parameter: the prior is for another architecture "
+                f"(prior names such as {_short(self.missing, 3)}; model parameters such as "
+                f"{_short(self.no_prior, 3)})"
+            )
+        if self.uncovered and not allow_partial:
+            raise PriorMatchError(
+                f"{len(self.uncovered)} model parameter(s) outside the head have no prior: "
+                f"{_short(self.uncovered)}. Is the prior for a smaller architecture? Pass allow_partial=True "
+                "to fine-tune them without a prior, or exclude=[...] to name them."
+            )
+        if self.missing and not allow_partial:
+            raise PriorMatchError(
+                f"{len(self.missing)} prior parameter(s) are missing in the model: {_short(self.missing)}. "
+                "Pass allow_partial=True to use the prior's marginal over the matched parameters, or "
+                "exclude=[...] to drop them."
+            )
+
+
+def _short(items: Sequence[str], n: int = 4) -> str:
+    items = list(items)
+    if not items:
+        return "none"
+    shown = ", ".join(f"`{i}`" for i in items[:n])
+    return shown + (f", … (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def _prefixes(names: Sequence[str], depth: int = 2) -> set[str]:
+    out = {""}
+    for n in names:
+        parts = n.split(".")
+        for d in range(1, min(depth, len(parts) - 1) + 1):
+            out.add(".".join(parts[:d]) + ".")
+    return out
+
+
+def match_parameters(
+    prior_shapes: Mapping[str, Sequence[int]],
+    model: torch.nn.Module,
+    *,
+    include: Patterns = None,
+    exclude: Patterns = None,
+    prior_exclude: Sequence[str] = (),
+    exclude_head: bool = True,
+) -> MatchResult:
+    """Match prior parameters (``name -> shape``, in prior order) onto ``model``'s named parameters.
+
+    Args:
+        prior_shapes: the prior's ordered parameter names and shapes.
+        model: any ``torch.nn.Module`` (timm, transformers, DDP-wrapped, …).
+        include: only these prior names take part (patterns on the *prior* names).
+        exclude: prior names to leave out (patterns on the prior names).
+        prior_exclude: the prior's own ``config.exclude`` patterns (its head at learning time).
+        exclude_head: leave out prior parameters that land on the model's head (see
+            :func:`head_parameter_names`), e.g. a 1000-class ``fc`` onto a 3-class one.
+
+    Example:
+        >>> lin = torch.nn.Linear(3, 2)
+        >>> match_parameters({"weight": (2, 3)}, lin).matched
+        {'weight': 'weight'}
+    """
+    inc, exc = compile_patterns(include), compile_patterns(exclude)
+    pexc = compile_patterns(list(prior_exclude)) if prior_exclude else None
+    model_params = dict(model.named_parameters())
+    model_names = list(model_params)
+    head = head_parameter_names(model) if exclude_head else set()
+
+    result = MatchResult()
+    candidates: list[str] = []
+    for name in prior_shapes:
+        if (inc is not None and not inc(name)) or (exc is not None and exc(name)) or (pexc and pexc(name)):
+            result.excluded.append(name)
+        else:
+            candidates.append(name)
+
+    # the (strip, add) prefix rewrite that matches the most candidate names; ties → shortest rewrite
+    best = ("", "", -1)
+    model_set = set(model_names)
+    for strip in sorted(_prefixes(candidates), key=len):
+        for add in sorted(_prefixes(model_names), key=len):
+            hits = sum(1 for n in candidates if n.startswith(strip) and add + n[len(strip) :] in model_set)
+            if hits > best[2] or (hits == best[2] and len(strip) + len(add) < len(best[0]) + len(best[1])):
+                best = (strip, add, hits)
+    strip, add, _ = best
+    result.prior_prefix, result.model_prefix = strip, add
+
+    used: set[str] = set()
+    for name in candidates:
+        target = add + name[len(strip) :] if name.startswith(strip) else None
+        if target is None or target not in model_params:
+            result.missing.append(name)
+            continue
+        if target in head:
+            result.excluded.append(name)
+            continue
+        pshape, mshape = tuple(int(s) for s in prior_shapes[name]), tuple(model_params[target].shape)
+        if pshape != mshape:
+            result.shape_mismatch.append((name, target, pshape, mshape))
+            continue
+        result.matched[name] = target
+        used.add(target)
+    result.no_prior = [n for n in model_names if n not in used]
+
+    def intended(model_name: str) -> bool:
+        """A model parameter left without prior on purpose: the head, or a pattern names it."""
+        if model_name in head:
+            return True
+        pname = strip + model_name[len(add) :] if model_name.startswith(add) else model_name
+        return any(
+            f is not None and hit
+            for f, hit in (
+                (inc, inc is not None and not inc(pname)),
+                (exc, exc is not None and exc(pname)),
+                (pexc, pexc is not None and pexc(pname)),
+            )
+        )
+
+    result.uncovered = [n for n in result.no_prior if not intended(n)]
+    return result

@@ -1,0 +1,788 @@
+r"""``PriorModel``: a learned Gaussian prior over a backbone's weights that saves, loads and binds like a model.
+
+The distribution (``docs/format.md``) over the concatenation w of the prior's parameters, in config order:
+
+.. math:: w \sim \mathcal N(\mu,\; \lambda(\operatorname{diag}(v) + F^\top F) + \varepsilon I)
+
+Fine-tuning minimises ``mean CE(w) + penalty(w) / N`` where ``penalty = ½ (w−μ)ᵀΣ⁻¹(w−μ)`` = −log p(w) up to
+a constant and N is the number of training examples (Shwartz-Ziv et al., NeurIPS 2022, eq. 2).
+
+Example:
+    >>> import torch
+    >>> from priorzoo import PriorModel
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    >>> mean = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("0.")}
+    >>> prior = PriorModel.from_tensors(mean, variance=0.1, exclude=["1.*"])
+    >>> loss = prior.penalty(model) / 1000  # add to the data loss
+    >>> float(loss)
+    0.0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import weakref
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from priorzoo.config import FORMAT_VERSION, ParameterSpec, PriorConfig, PriorKind
+from priorzoo.errors import PriorFormatError, PriorNotFoundError
+from priorzoo.gaussian import LowRankGaussian
+from priorzoo.matching import MatchResult, Patterns, match_parameters
+
+__all__ = ["CONFIG_NAME", "INDEX_NAME", "WEIGHTS_NAME", "BoundPrior", "PriorModel"]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "prior.safetensors"
+INDEX_NAME = "prior.safetensors.index.json"
+CARD_NAME = "README.md"
+_SHARD_RE = re.compile(r"^prior-\d{5}-of-\d{5}\.safetensors$")
+_SUFFIXES = ("mean", "variance", "cov_factor")
+_FLOAT_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+def _parse_size(size: int | str) -> int:
+    """``"2GB"``/``"500MB"``/``"10KB"``/int bytes → bytes (decimal units, as the Hub uses)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size <= 0:
+            raise ValueError(f"`max_shard_size` must be > 0 bytes; received {size}")
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?I?B)\s*", str(size).upper())
+    if not m:
+        raise ValueError(f"`max_shard_size` must be bytes (int) or like '2GB', '500MB'; received {size!r}")
+    unit = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[m[2]]
+    return int(float(m[1]) * unit)
+
+
+def _check_values(name: str, tensor: Tensor, *, nonneg: bool) -> None:
+    """One read of the tensor (aminmax) proves it finite (and ≥ 0 for a variance); NaN propagates."""
+    if tensor.numel() == 0:
+        return
+    lo, hi = torch.aminmax(tensor.detach() if tensor.dtype.is_floating_point else tensor.float())
+    lo, hi = float(lo), float(hi)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise PriorFormatError(f"`{name}` holds non-finite values (NaN or ±inf; min {lo}, max {hi})")
+    if nonneg and lo < 0:
+        raise PriorFormatError(f"`{name}` must be ≥ 0 everywhere (it is a variance); its minimum is {lo:g}")
+
+
+class PriorModel:
+    """A Gaussian prior N(μ, λ(diag(v) + FᵀF) + εI) over named parameters, in the priorzoo format.
+
+    Build one with :meth:`from_tensors`, a learner (:mod:`priorzoo.learn`) or :meth:`from_pretrained`;
+    share it with :meth:`save_pretrained` / :meth:`push_to_hub`; fine-tune with :meth:`penalty` (or a
+    :class:`BoundPrior` from :meth:`bind`).
+
+    Attributes:
+        config: the validated :class:`~priorzoo.config.PriorConfig`.
+        mean, variance: ``name -> tensor`` of each parameter's shape.
+        cov_factor: ``name -> [K, *shape]`` tensor, or ``None`` when K = 0.
+
+    Example:
+        >>> import torch
+        >>> prior = PriorModel.from_tensors(
+        ...     mean={"w": torch.zeros(3)}, variance={"w": torch.ones(3)}, cov_factor={"w": torch.ones(2, 3)}
+        ... )
+        >>> prior.rank, prior.num_parameters, prior.kind.value
+        (2, 3, 'swag')
+    """
+
+    def __init__(
+        self,
+        config: PriorConfig,
+        mean: Mapping[str, Tensor],
+        variance: Mapping[str, Tensor],
+        cov_factor: Mapping[str, Tensor] | None = None,
+        *,
+        validate: bool = True,
+    ) -> None:
+        self.config = config
+        self.mean = dict(mean)
+        self.variance = dict(variance)
+        self.cov_factor = dict(cov_factor) if cov_factor is not None and config.rank > 0 else None
+        self._bindings: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        if validate:
+            self._validate()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_tensors(
+        cls,
+        mean: Mapping[str, Tensor],
+        variance: Mapping[str, Tensor] | float,
+        cov_factor: Mapping[str, Tensor] | None = None,
+        *,
+        scale: float = 1.0,
+        eps: float = 0.0,
+        kind: PriorKind | str | None = None,
+        backbone: Mapping[str, Any] | None = None,
+        source: Mapping[str, Any] | None = None,
+        learning: Mapping[str, Any] | None = None,
+        exclude: Sequence[str] = (),
+        recommended_scale: float | None = None,
+        license: str | None = None,
+        results: list[dict[str, Any]] | None = None,
+    ) -> PriorModel:
+        """Build a prior from tensors (copied to contiguous CPU-independent storage as given).
+
+        Args:
+            mean: ``name -> μ`` (the order is the prior's parameter order).
+            variance: ``name -> v ≥ 0`` of the same shapes, or one float σ² (isotropic prior).
+            cov_factor: ``name -> [K, *shape]`` rows of F, or ``None``.
+            scale, eps: λ > 0 and ε ≥ 0 of ``Σ = λ(diag(v) + FᵀF) + εI``.
+            kind: defaults to ``swag`` with a factor, ``isotropic`` for a float variance, else ``diagonal``.
+            backbone, source, learning, exclude, recommended_scale, license, results: see
+                :class:`~priorzoo.config.PriorConfig`.
+
+        Example:
+            >>> import torch
+            >>> p = PriorModel.from_tensors({"b": torch.zeros(2)}, variance=4.0)
+            >>> p.kind.value, p.variance["b"].tolist()
+            ('isotropic', [4.0, 4.0])
+        """
+        if not isinstance(mean, Mapping) or not mean:
+            raise PriorFormatError(f"`mean` must be a non-empty mapping name -> tensor; received {type(mean).__name__}")
+        for name, m in mean.items():
+            if not isinstance(m, Tensor) or not m.dtype.is_floating_point:
+                raise PriorFormatError(f"`mean[{name!r}]` must be a floating-point tensor; received {m!r:.80}")
+        if isinstance(variance, (int, float)) and not isinstance(variance, bool):
+            if not (variance > 0 and math.isfinite(variance)):
+                raise PriorFormatError(f"isotropic `variance` must be a finite number > 0; received {variance!r}")
+            kind = kind or PriorKind.ISOTROPIC
+            variance = {n: torch.full_like(m, float(variance)) for n, m in mean.items()}
+        elif not isinstance(variance, Mapping):
+            raise PriorFormatError(f"`variance` must be a mapping name -> tensor or a float; received {variance!r:.80}")
+        extra = [n for n in variance if n not in mean]
+        missing = [n for n in mean if n not in variance]
+        if missing or extra:
+            raise PriorFormatError(f"`variance` must have the names of `mean`; missing {missing}, unexpected {extra}")
+        rank = 0
+        if cov_factor is not None:
+            if not isinstance(cov_factor, Mapping) or set(cov_factor) != set(mean):
+                raise PriorFormatError("`cov_factor` must be a mapping with exactly the names of `mean`")
+            first = next(iter(cov_factor.values()))
+            rank = int(first.shape[0]) if first.dim() > 0 else -1
+        if kind is None:
+            kind = PriorKind.SWAG if cov_factor is not None else PriorKind.DIAGONAL
+        config = PriorConfig(
+            kind=kind,
+            rank=max(rank, 0),
+            parameters=[ParameterSpec(n, tuple(m.shape)) for n, m in mean.items()],
+            scale=scale,
+            eps=eps,
+            backbone=dict(backbone or {}),
+            source=dict(source or {}),
+            learning=dict(learning or {}),
+            exclude=list(exclude),
+            recommended_scale=recommended_scale,
+            license=license,
+            results=list(results or []),
+        )
+        cf = {n: cov_factor[n].detach() for n in mean} if cov_factor is not None else None
+        return cls(
+            config,
+            {n: m.detach() for n, m in mean.items()},
+            {n: variance[n].detach() for n in mean},
+            cf,
+        )
+
+    def _validate(self) -> None:
+        cfg = self.config
+        for spec in cfg.parameters:
+            for suffix, store in (("mean", self.mean), ("variance", self.variance)):
+                t = store.get(spec.name)
+                if t is None:
+                    raise PriorFormatError(f"missing tensor `{spec.name}.{suffix}` (the config lists `{spec.name}`)")
+                if tuple(t.shape) != spec.shape:
+                    raise PriorFormatError(
+                        f"`{spec.name}.{suffix}` has shape {tuple(t.shape)}; the config says {spec.shape}"
+                    )
+                if not t.dtype.is_floating_point:
+                    raise PriorFormatError(f"`{spec.name}.{suffix}` must be floating point; it is {t.dtype}")
+                _check_values(f"{spec.name}.{suffix}", t, nonneg=suffix == "variance")
+            if cfg.rank > 0:
+                f = (self.cov_factor or {}).get(spec.name)
+                if f is None:
+                    raise PriorFormatError(f"missing tensor `{spec.name}.cov_factor` (config rank K = {cfg.rank} > 0)")
+                if tuple(f.shape) != (cfg.rank, *spec.shape):
+                    raise PriorFormatError(
+                        f"`{spec.name}.cov_factor` has shape {tuple(f.shape)}; expected "
+                        f"{(cfg.rank, *spec.shape)} (K = {cfg.rank} rows of the parameter's shape)"
+                    )
+                _check_values(f"{spec.name}.cov_factor", f, nonneg=False)
+        extra = sorted(set(self.mean) - set(cfg.names))
+        if extra:
+            raise PriorFormatError(f"tensors for parameters not listed in the config: {extra[:5]}")
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def kind(self) -> PriorKind:
+        return self.config.kind  # type: ignore[return-value]
+
+    @property
+    def rank(self) -> int:
+        """K, the number of low-rank factor rows."""
+        return self.config.rank
+
+    @property
+    def scale(self) -> float:
+        """λ, the covariance scale."""
+        return self.config.scale
+
+    @property
+    def eps(self) -> float:
+        return self.config.eps
+
+    @property
+    def names(self) -> list[str]:
+        """Parameter names in prior order."""
+        return self.config.names
+
+    @property
+    def num_parameters(self) -> int:
+        """P, the number of scalar weights the prior covers."""
+        return self.config.num_parameters
+
+    def __repr__(self) -> str:
+        bb = self.config.backbone.get("name")
+        return (
+            f"PriorModel(kind={self.kind.value!r}, rank={self.rank}, scale={self.scale:g}, eps={self.eps:g}, "
+            f"parameters={len(self.names)}, numel={self.num_parameters}" + (f", backbone={bb!r}" if bb else "") + ")"
+        )
+
+    # ------------------------------------------------------------------ copies
+    def with_scale(self, scale: float | None = None, eps: float | None = None) -> PriorModel:
+        """A copy with another λ and/or ε, sharing the tensors (no copy, no re-validation).
+
+        Example:
+            >>> import torch
+            >>> p = PriorModel.from_tensors({"w": torch.zeros(2)}, variance=1.0)
+            >>> p.with_scale(10.0).scale
+            10.0
+        """
+        cfg = dataclasses.replace(
+            self.config,
+            scale=self.scale if scale is None else scale,
+            eps=self.eps if eps is None else eps,
+        )
+        return PriorModel(cfg, self.mean, self.variance, self.cov_factor, validate=False)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> PriorModel:
+        """Move/cast every tensor in place (like ``nn.Module.to``) and return ``self``."""
+
+        def conv(t: Tensor) -> Tensor:
+            return t.to(device=device, dtype=dtype)
+
+        self.mean = {n: conv(t) for n, t in self.mean.items()}
+        self.variance = {n: conv(t) for n, t in self.variance.items()}
+        if self.cov_factor is not None:
+            self.cov_factor = {n: conv(t) for n, t in self.cov_factor.items()}
+        self._bindings = weakref.WeakKeyDictionary()
+        return self
+
+    # ------------------------------------------------------------------ maths
+    def gaussian(
+        self,
+        names: Sequence[str] | None = None,
+        *,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> LowRankGaussian:
+        """The :class:`~priorzoo.gaussian.LowRankGaussian` over ``names`` (default all), i.e. the exact
+        marginal of the prior on those parameters (a Gaussian's marginal keeps the blocks it names)."""
+        names = list(self.names if names is None else names)
+        dtype = dtype or torch.promote_types(self.mean[names[0]].dtype, torch.float32)
+
+        def get(store: Mapping[str, Tensor], n: str) -> Tensor:
+            return store[n].to(device=device) if device is not None else store[n]
+
+        return LowRankGaussian(
+            [get(self.mean, n) for n in names],
+            [get(self.variance, n) for n in names],
+            [get(self.cov_factor, n) for n in names] if self.cov_factor is not None else None,
+            scale=self.scale,
+            eps=self.eps,
+            names=names,
+            dtype=dtype,
+        )
+
+    def match(
+        self, model: torch.nn.Module, *, include: Patterns = None, exclude: Patterns = None, exclude_head: bool = True
+    ) -> MatchResult:
+        """Which prior parameters map onto which of ``model``'s parameters (see :mod:`priorzoo.matching`).
+
+        Example:
+            >>> import torch
+            >>> lin = torch.nn.Linear(2, 2)
+            >>> p = PriorModel.from_tensors({"weight": torch.zeros(2, 2)}, variance=1.0)
+            >>> p.match(lin).no_prior
+            ['bias']
+        """
+        shapes = {s.name: s.shape for s in self.config.parameters}
+        return match_parameters(
+            shapes,
+            model,
+            include=include,
+            exclude=exclude,
+            prior_exclude=self.config.exclude,
+            exclude_head=exclude_head,
+        )
+
+    def bind(
+        self,
+        model: torch.nn.Module,
+        *,
+        include: Patterns = None,
+        exclude: Patterns = None,
+        exclude_head: bool = True,
+        allow_partial: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> BoundPrior:
+        """Match the prior onto ``model`` and precompute everything the penalty needs.
+
+        The prior's tensors are moved to the device of the model's parameters (a CUDA model gets a CUDA
+        copy), and the penalty is computed in float32 (or ``dtype``) whatever the parameters' dtype.
+
+        Raises:
+            PriorMatchError: zero matches, shape mismatches, or missing parameters without
+                ``allow_partial=True``.
+
+        Example:
+            >>> import torch
+            >>> lin = torch.nn.Linear(2, 2)
+            >>> p = PriorModel.from_tensors({"weight": torch.zeros(2, 2), "bias": torch.zeros(2)}, variance=1.0)
+            >>> bound = p.bind(lin)
+            >>> bound.penalty().backward()  # gradient Σ⁻¹(w − μ) lands in lin.weight.grad
+        """
+        result = self.match(model, include=include, exclude=exclude, exclude_head=exclude_head)
+        result.check(allow_partial=allow_partial)
+        return BoundPrior(self, model, result, dtype=dtype)
+
+    def _cached_binding(self, model: torch.nn.Module, kwargs: dict[str, Any]) -> BoundPrior:
+        key = tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
+        per_model = self._bindings.get(model)
+        if per_model is None:
+            per_model = {}
+            self._bindings[model] = per_model
+        bound = per_model.get(key)
+        if bound is None or not bound.is_current():
+            bound = self.bind(model, **kwargs)
+            per_model[key] = bound
+        return bound
+
+    def penalty(self, model: torch.nn.Module, **bind_kwargs: Any) -> Tensor:
+        """½ (w−μ)ᵀΣ⁻¹(w−μ) over the model's matching parameters; differentiable. Add ``penalty / N``.
+
+        The binding (matching + precomputation) is cached per model and reused on later calls, so each
+        training step costs one forward and one backward pass over the factor.
+
+        Example:
+            >>> import torch
+            >>> lin = torch.nn.Linear(2, 1)
+            >>> p = PriorModel.from_tensors({"weight": torch.zeros(1, 2)}, variance=1.0, exclude=["bias"])
+            >>> with torch.no_grad():
+            ...     _ = lin.weight.fill_(1.0)
+            >>> p.penalty(lin).item()  # ½ · (1² + 1²) / 1
+            1.0
+        """
+        return self._cached_binding(model, bind_kwargs).penalty()
+
+    def log_prob(self, params: torch.nn.Module | Mapping[str, Tensor], **bind_kwargs: Any) -> Tensor:
+        """Exact log N(w; μ, Σ), normaliser included (float64), of a model or a ``name -> tensor`` mapping.
+
+        For a model, only the matched parameters count (the marginal with ``allow_partial=True``).
+
+        Example:
+            >>> import torch
+            >>> p = PriorModel.from_tensors({"w": torch.zeros(1)}, variance=1.0)
+            >>> round(float(p.log_prob({"w": torch.zeros(1)})), 6)  # −½ log 2π
+            -0.918939
+        """
+        if isinstance(params, torch.nn.Module):
+            return self._cached_binding(params, bind_kwargs).log_prob()
+        if not isinstance(params, Mapping):
+            raise TypeError(f"log_prob takes a torch.nn.Module or a mapping name -> tensor; received {type(params)}")
+        missing = [n for n in self.names if n not in params]
+        if missing:
+            raise PriorFormatError(f"log_prob: the mapping lacks prior parameter(s) {missing[:5]}")
+        for n in self.names:
+            if tuple(params[n].shape) != tuple(self.mean[n].shape):
+                raise PriorFormatError(
+                    f"log_prob: `{n}` has shape {tuple(params[n].shape)}; the prior has {tuple(self.mean[n].shape)}"
+                )
+        device = params[self.names[0]].device
+        return self.gaussian(device=device).log_prob([params[n] for n in self.names])
+
+    def sample(self, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """One draw from the prior, ``name -> tensor``.
+
+        Example:
+            >>> import torch
+            >>> p = PriorModel.from_tensors({"w": torch.zeros(2)}, variance=1.0)
+            >>> p.sample(torch.Generator().manual_seed(0))["w"].shape
+            torch.Size([2])
+        """
+        draws = self.gaussian().sample(generator)
+        return dict(zip(self.names, draws))
+
+    @torch.no_grad()
+    def init_model_(self, model: torch.nn.Module, **bind_kwargs: Any) -> MatchResult:
+        """Copy μ into the model's matching parameters, in place; returns the match used.
+
+        Example:
+            >>> import torch
+            >>> lin = torch.nn.Linear(2, 1)
+            >>> p = PriorModel.from_tensors({"weight": torch.zeros(1, 2)}, variance=1.0, exclude=["bias"])
+            >>> _ = p.init_model_(lin)
+            >>> lin.weight.abs().sum().item()
+            0.0
+        """
+        allow = {k: v for k, v in bind_kwargs.items() if k in ("include", "exclude", "exclude_head")}
+        result = self.match(model, **allow)
+        result.check(allow_partial=bool(bind_kwargs.get("allow_partial", False)))
+        params = dict(model.named_parameters())
+        for pname, mname in result.matched.items():
+            params[mname].copy_(self.mean[pname])
+        return result
+
+    # ------------------------------------------------------------------ saving
+    def _tensor_dict(self, factor_dtype: torch.dtype | None, dtype: torch.dtype | None) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for n in self.names:
+            out[f"{n}.mean"] = self.mean[n].detach().to("cpu", dtype=dtype or torch.float32).contiguous()
+            out[f"{n}.variance"] = self.variance[n].detach().to("cpu", dtype=dtype or torch.float32).contiguous()
+            if self.cov_factor is not None:
+                f = self.cov_factor[n].detach().to("cpu")
+                out[f"{n}.cov_factor"] = f.to(factor_dtype or dtype or torch.float32).contiguous()
+        return out
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        max_shard_size: int | str = "2GB",
+        factor_dtype: torch.dtype | str | None = None,
+        dtype: torch.dtype | str | None = None,
+        card: bool = True,
+    ) -> Path:
+        """Write ``config.json``, the safetensors file(s) and a ``README.md`` card; atomically.
+
+        Everything is written into a temporary folder beside ``save_directory`` first and then moved in,
+        so a failure (disk full, interrupt) leaves any earlier prior there intact and no half-written
+        files. Above ``max_shard_size`` the tensors are split into ``prior-0000i-of-0000N.safetensors``
+        with a ``prior.safetensors.index.json`` (the Hub's sharding convention); stale shards of an
+        earlier save are removed.
+
+        Args:
+            save_directory: target folder (created if needed).
+            max_shard_size: bytes, or a string like ``"2GB"``/``"500MB"``.
+            factor_dtype: store the factor as ``float16``/``bfloat16`` to halve the file (mean and variance
+                stay float32 unless ``dtype`` says otherwise).
+            dtype: storage dtype of mean and variance (default float32).
+            card: also render the model card ``README.md`` (see :mod:`priorzoo.cards`).
+
+        Example:
+            >>> import tempfile, torch
+            >>> p = PriorModel.from_tensors({"w": torch.zeros(2)}, variance=1.0)
+            >>> folder = p.save_pretrained(tempfile.mkdtemp())
+            >>> sorted(f.name for f in folder.iterdir())
+            ['README.md', 'config.json', 'prior.safetensors']
+        """
+        from safetensors.torch import save_file
+
+        factor_dtype = _as_dtype(factor_dtype, "factor_dtype")
+        dtype = _as_dtype(dtype, "dtype")
+        limit = _parse_size(max_shard_size)
+        target = Path(save_directory)
+        if target.exists() and not target.is_dir():
+            raise NotADirectoryError(f"`save_directory` {str(target)!r} exists and is not a directory")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tensors = self._tensor_dict(factor_dtype, dtype)
+
+        # shards: parameters in order, a parameter's tensors kept together
+        shards: list[dict[str, Tensor]] = [{}]
+        size = 0
+        for n in self.names:
+            group = {k: tensors[k] for k in (f"{n}.{s}" for s in _SUFFIXES) if k in tensors}
+            gsize = sum(t.numel() * t.element_size() for t in group.values())
+            if shards[-1] and size + gsize > limit:
+                shards.append({})
+                size = 0
+            shards[-1].update(group)
+            size += gsize
+        metadata = {
+            "format": "pt",
+            "priorzoo_version": self.config.priorzoo_version,
+            "format_version": str(FORMAT_VERSION),
+        }
+
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            written: list[str] = []
+            if len(shards) == 1:
+                save_file(shards[0], str(tmp / WEIGHTS_NAME), metadata=metadata)
+                written.append(WEIGHTS_NAME)
+            else:
+                total = len(shards)
+                weight_map = {}
+                for i, shard in enumerate(shards, start=1):
+                    fname = f"prior-{i:05d}-of-{total:05d}.safetensors"
+                    save_file(shard, str(tmp / fname), metadata=metadata)
+                    weight_map.update({k: fname for k in shard})
+                    written.append(fname)
+                index = {
+                    "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                    "weight_map": weight_map,
+                }
+                (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+                written.append(INDEX_NAME)
+            cfg = dataclasses.replace(self.config)
+            from priorzoo import __version__
+
+            cfg.priorzoo_version = __version__
+            (tmp / CONFIG_NAME).write_text(cfg.to_json_string(), encoding="utf-8")
+            written.append(CONFIG_NAME)
+            if card:
+                from priorzoo.cards import render_card
+
+                (tmp / CARD_NAME).write_text(render_card(cfg), encoding="utf-8")
+                written.append(CARD_NAME)
+
+            if not target.exists():
+                os.replace(tmp, target)
+                return target
+            # existing folder: remove stale prior files, then move the new ones in (config last)
+            stale = [
+                p
+                for p in target.iterdir()
+                if (_SHARD_RE.match(p.name) or p.name in (WEIGHTS_NAME, INDEX_NAME)) and p.name not in written
+            ]
+            for name in sorted(written, key=lambda n: n == CONFIG_NAME):
+                os.replace(tmp / name, target / name)
+            for p in stale:
+                p.unlink()
+            return target
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        subfolder: str | None = None,
+        device: torch.device | str | None = None,
+    ) -> PriorModel:
+        """Load a prior from a local folder or a Hub repo id (``"org/name"``); never unpickles anything.
+
+        A local folder is tried first; anything else is resolved through ``huggingface_hub``
+        (``revision``, ``token``, ``cache_dir``, ``local_files_only``, ``subfolder`` as in transformers).
+        Every tensor is read and validated once (finite; variance ≥ 0; shapes as in the config).
+
+        Raises:
+            PriorNotFoundError: no prior at that folder / repo / revision / subfolder (or offline and
+                not cached).
+            PriorFormatError: a corrupt, truncated or inconsistent prior (the message names the file or
+                tensor).
+
+        Example:
+            >>> import tempfile, torch
+            >>> prior = PriorModel.from_tensors({"w": torch.zeros(2)}, variance=1.0)
+            >>> folder = prior.save_pretrained(tempfile.mkdtemp())
+            >>> PriorModel.from_pretrained(folder).kind.value
+            'isotropic'
+        """
+        path = Path(pretrained)
+        if path.is_dir():
+            folder = path / subfolder if subfolder else path
+            if not folder.is_dir():
+                raise PriorNotFoundError(f"no subfolder {subfolder!r} in the prior folder {str(path)!r}")
+        else:
+            from priorzoo.hub import download_prior
+
+            folder = download_prior(
+                str(pretrained),
+                revision=revision,
+                token=token,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+                subfolder=subfolder,
+            )
+        return cls._load_folder(Path(folder), device=device)
+
+    @classmethod
+    def _load_folder(cls, folder: Path, *, device: torch.device | str | None = None) -> PriorModel:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        config_path = folder / CONFIG_NAME
+        if not config_path.is_file():
+            present = sorted(p.name for p in folder.iterdir())[:10] if folder.is_dir() else []
+            raise PriorNotFoundError(
+                f"{str(folder)!r} is not a prior: no {CONFIG_NAME} there (files: {present or 'none'})"
+            )
+        config = PriorConfig.from_json_file(config_path)
+        if (folder / WEIGHTS_NAME).is_file():
+            files = [folder / WEIGHTS_NAME]
+            expected_map = None
+        elif (folder / INDEX_NAME).is_file():
+            try:
+                index = json.loads((folder / INDEX_NAME).read_text())
+                expected_map = dict(index["weight_map"])
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise PriorFormatError(f"{folder / INDEX_NAME}: not a valid shard index ({err})") from None
+            files = [folder / f for f in sorted(set(expected_map.values()))]
+            absent = [f.name for f in files if not f.is_file()]
+            if absent:
+                raise PriorFormatError(f"{folder}: shard(s) listed in {INDEX_NAME} are missing: {absent}")
+        else:
+            raise PriorNotFoundError(
+                f"{str(folder)!r} has a {CONFIG_NAME} but no {WEIGHTS_NAME} or {INDEX_NAME}: not a complete prior"
+            )
+        tensors: dict[str, Tensor] = {}
+        dev = str(device) if device is not None else "cpu"
+        for f in files:
+            try:
+                part = load_file(str(f), device=dev)
+            except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+                raise PriorFormatError(f"{f}: corrupted or truncated safetensors file ({err})") from None
+            if expected_map is not None:
+                wrong = [k for k in part if expected_map.get(k) != f.name]
+                if wrong:
+                    raise PriorFormatError(f"{f}: holds tensors the index assigns elsewhere: {wrong[:5]}")
+            tensors.update(part)
+        store: dict[str, dict[str, Tensor]] = {s: {} for s in _SUFFIXES}
+        unexpected = []
+        for key, t in tensors.items():
+            name, _, suffix = key.rpartition(".")
+            if suffix in store and name:
+                store[suffix][name] = t
+            else:
+                unexpected.append(key)
+        known = set(config.names)
+        unexpected += [f"{n}.{s}" for s in _SUFFIXES for n in store[s] if n not in known]
+        if unexpected:
+            raise PriorFormatError(f"{folder}: tensors not described by {CONFIG_NAME}: {sorted(unexpected)[:5]}")
+        if config.rank == 0 and store["cov_factor"]:
+            raise PriorFormatError(f"{folder}: config rank is 0 but the file holds cov_factor tensors")
+        return cls(config, store["mean"], store["variance"], store["cov_factor"] or None)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        commit_message: str | None = None,
+        revision: str | None = None,
+        subfolder: str | None = None,
+        max_shard_size: int | str = "2GB",
+        factor_dtype: torch.dtype | str | None = None,
+    ) -> str:
+        """Save to a temporary folder and upload it to ``repo_id`` as one commit; returns the commit id.
+
+        Re-pushing an unchanged prior makes no new commit (see :func:`priorzoo.hub.upload_prior`).
+
+        Example:
+            >>> prior.push_to_hub("me/resnet50-imagenet-swag", private=True)  # doctest: +SKIP
+        """
+        from priorzoo.hub import upload_prior
+
+        with tempfile.TemporaryDirectory(prefix="priorzoo-push-") as tmp:
+            folder = self.save_pretrained(Path(tmp) / "prior", max_shard_size=max_shard_size, factor_dtype=factor_dtype)
+            return upload_prior(
+                folder,
+                repo_id,
+                private=private,
+                token=token,
+                commit_message=commit_message or f"Upload priorzoo {self.kind.value} prior",
+                revision=revision,
+                subfolder=subfolder,
+            )
+
+
+def _as_dtype(value: torch.dtype | str | None, what: str) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        if value is not None and value not in _FLOAT_DTYPES.values():
+            raise ValueError(f"`{what}` must be one of {sorted(_FLOAT_DTYPES)}; received {value}")
+        return value
+    if value not in _FLOAT_DTYPES:
+        raise ValueError(f"`{what}` must be one of {sorted(_FLOAT_DTYPES)}; received {value!r}")
+    return _FLOAT_DTYPES[value]
+
+
+class BoundPrior:
+    """A prior matched onto one model, with the precomputation (A⁻¹, chol C, device copies) done once.
+
+    Calling it (or :meth:`penalty`) returns ½(w−μ)ᵀΣ⁻¹(w−μ) over the model's matched parameters; its
+    backward adds Σ⁻¹(w−μ) to their ``.grad``. The exact marginal is used when some prior parameters were
+    excluded or missing.
+
+    Example:
+        >>> import torch
+        >>> lin = torch.nn.Linear(3, 1)
+        >>> p = PriorModel.from_tensors({"weight": torch.zeros(1, 3), "bias": torch.zeros(1)}, variance=2.0)
+        >>> bound = p.bind(lin)
+        >>> loss = bound() / 100  # penalty / N
+        >>> loss.backward()
+    """
+
+    def __init__(
+        self, prior: PriorModel, model: torch.nn.Module, match: MatchResult, *, dtype: torch.dtype | None = None
+    ) -> None:
+        self.prior = prior
+        self.match = match
+        params = dict(model.named_parameters())
+        self.prior_names = list(match.matched)
+        self.parameters: list[torch.nn.Parameter] = [params[match.matched[n]] for n in self.prior_names]
+        self.device = self.parameters[0].device
+        devices = {p.device for p in self.parameters}
+        if len(devices) > 1:
+            raise ValueError(
+                f"the matched parameters live on several devices {sorted(map(str, devices))}; "
+                "bind the prior to a model on one device (model parallelism is not supported)"
+            )
+        self._signature = self._current_signature()
+        self.gaussian = prior.gaussian(self.prior_names, device=self.device, dtype=dtype)
+
+    def _current_signature(self) -> tuple:
+        return tuple((id(p), p.device, p.dtype) for p in self.parameters)
+
+    def is_current(self) -> bool:
+        """False once the model's parameters were replaced or moved (then re-bind)."""
+        return self._current_signature() == self._signature
+
+    def penalty(self) -> Tensor:
+        """½ (w−μ)ᵀΣ⁻¹(w−μ), differentiable in the matched parameters."""
+        return self.gaussian.half_quad(self.parameters)
+
+    __call__ = penalty
+
+    def log_prob(self) -> Tensor:
+        """Exact log-density (float64) of the matched parameters under the (marginal) prior."""
+        return self.gaussian.log_prob(self.parameters)
+
+    @torch.no_grad()
+    def precision_times_residual(self) -> list[Tensor]:
+        """Σ⁻¹(w−μ) per matched parameter (shaped like it), without autograd."""
+        g = self.gaussian.grad_half_quad(self.parameters)
+        return [gb.reshape(p.shape) for gb, p in zip(g, self.parameters)]

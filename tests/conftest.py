@@ -1,0 +1,23 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from hub_server import HubServer, patch_hf_env
+
+
+@pytest.fixture
+def hub_server(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[HubServer]:
+    """A local Hub-protocol server that huggingface_hub's real client talks to, for one test.
+
+    HF_ENDPOINT (and huggingface_hub's import-time constants) point at it, uploads skip Xet, the cache is
+    a fresh temporary HF_HOME, and no token from the machine leaks in. Yields the :class:`HubServer`:
+    ``.url``, ``.token`` (a write token), ``.commit_count(repo_id)``, ``.requests``, ``.files(repo_id)``.
+    """
+    with HubServer() as server:
+        patch_hf_env(monkeypatch, server.url, tmp_path_factory.mktemp("hf_home"))
+        yield server

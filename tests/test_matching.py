@@ -1,0 +1,135 @@
+"""Backbone matching onto timm and transformers models: prefixes, new heads, patterns, failures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from priorzoo import PriorMatchError, PriorModel
+from priorzoo.matching import compile_patterns, head_parameter_names, match_parameters, select_parameters
+
+timm = pytest.importorskip("timm")
+transformers = pytest.importorskip("transformers")
+
+
+def prior_from(named, exclude=()):
+    mean = {n: p.detach().clone() for n, p in named}
+    return PriorModel.from_tensors(mean, variance=0.01, exclude=exclude)
+
+
+def tiny_bert_config(num_labels=3):
+    return transformers.BertConfig(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        vocab_size=50,
+        max_position_embeddings=32,
+        num_labels=num_labels,
+    )
+
+
+@pytest.fixture(scope="module")
+def resnet_source():
+    torch.manual_seed(0)
+    return timm.create_model("resnet18", pretrained=False, num_classes=10)
+
+
+def test_timm_backbone_prior_onto_new_head(resnet_source):
+    prior = prior_from(select_parameters(resnet_source, exclude="fc.*").items(), exclude=["fc.*"])
+    target = timm.create_model("resnet18", pretrained=False, num_classes=3)
+    m = prior.match(target)
+    assert m.is_complete
+    assert len(m.matched) == len(prior.names)
+    assert m.no_prior == ["fc.weight", "fc.bias"]
+    prior.bind(target).penalty().backward()
+    assert target.fc.weight.grad is None and target.conv1.weight.grad is not None
+
+
+def test_timm_full_prior_head_with_other_classes_is_excluded(resnet_source):
+    prior = prior_from(resnet_source.named_parameters())  # includes the 10-class fc
+    target = timm.create_model("resnet18", pretrained=False, num_classes=3)
+    assert head_parameter_names(target) == {"fc.weight", "fc.bias"}
+    m = prior.match(target)
+    assert m.excluded == ["fc.weight", "fc.bias"]
+    assert m.is_complete
+    with pytest.raises(PriorMatchError, match=r"`fc\.weight` prior \(10, 512\) vs model `fc\.weight` \(3, 512\)"):
+        prior.match(target, exclude_head=False).check()
+
+
+def test_transformers_base_model_prior_onto_task_model():
+    torch.manual_seed(0)
+    base = transformers.BertModel(tiny_bert_config(), add_pooling_layer=True)
+    prior = prior_from(base.named_parameters())
+    task = transformers.BertForSequenceClassification(tiny_bert_config(num_labels=5))
+    m = prior.match(task)
+    assert m.model_prefix == "bert." and m.prior_prefix == ""
+    assert m.is_complete and len(m.matched) == len(prior.names)
+    assert m.no_prior == ["classifier.weight", "classifier.bias"]
+    assert head_parameter_names(task) == {"classifier.weight", "classifier.bias"}
+
+
+def test_transformers_task_prior_onto_base_model_and_other_head():
+    torch.manual_seed(0)
+    src = transformers.BertForSequenceClassification(tiny_bert_config(num_labels=2))
+    prior = prior_from(src.named_parameters())
+    m = prior.match(transformers.BertModel(tiny_bert_config()))
+    assert m.prior_prefix == "bert." and m.model_prefix == ""
+    assert m.missing == ["classifier.weight", "classifier.bias"]
+    with pytest.raises(PriorMatchError, match="missing in the model"):
+        m.check()
+    m.check(allow_partial=True)
+    other = prior.match(transformers.BertForSequenceClassification(tiny_bert_config(num_labels=7)))
+    assert other.excluded == ["classifier.weight", "classifier.bias"] and other.is_complete
+
+
+def test_ddp_style_module_prefix(resnet_source):
+    prior = prior_from(select_parameters(resnet_source, exclude="fc.*").items())
+    wrapper = torch.nn.Module()
+    wrapper.module = timm.create_model("resnet18", pretrained=False, num_classes=3)
+    m = prior.match(wrapper)
+    assert m.model_prefix == "module." and m.is_complete
+    assert m.no_prior == ["module.fc.weight", "module.fc.bias"]
+
+
+def test_user_include_exclude_patterns(resnet_source):
+    prior = prior_from(select_parameters(resnet_source, exclude="fc.*").items())
+    target = timm.create_model("resnet18", pretrained=False, num_classes=3)
+    m = prior.match(target, include="layer4.*")
+    assert all(n.startswith("layer4.") for n in m.matched)
+    m2 = prior.match(target, exclude=["*.bias", "bn*"])
+    assert not any(n.endswith(".bias") for n in m2.matched)
+    m3 = prior.match(target, exclude=lambda n: "downsample" in n)
+    assert not any("downsample" in n for n in m3.matched)
+
+
+def test_prior_for_another_architecture(resnet_source):
+    prior = prior_from(select_parameters(resnet_source, exclude="fc.*").items())
+    r34 = timm.create_model("resnet34", pretrained=False, num_classes=3)
+    with pytest.raises(PriorMatchError, match=r"outside the head have no prior: `layer1\.2\.conv1\.weight`"):
+        prior.bind(r34)
+    assert prior.match(r34).uncovered[0] == "layer1.2.conv1.weight"
+    prior.bind(r34, allow_partial=True)  # the user may still want it for the shared blocks
+    gray = timm.create_model("resnet18", pretrained=False, num_classes=3, in_chans=1)  # 1-channel stem
+    with pytest.raises(PriorMatchError, match="another shape"):
+        prior.bind(gray)
+    bert = transformers.BertModel(tiny_bert_config())
+    with pytest.raises(PriorMatchError, match="another architecture"):
+        prior.bind(bert)
+
+
+def test_summary_is_readable(resnet_source):
+    prior = prior_from(select_parameters(resnet_source, exclude="fc.*").items())
+    text = prior.match(timm.create_model("resnet18", pretrained=False, num_classes=3)).summary()
+    assert "matched 60 parameters" in text and "`fc.weight`" in text
+
+
+def test_compile_patterns_rejects_non_strings():
+    with pytest.raises(TypeError, match="glob strings"):
+        compile_patterns(["fc.*", 3])
+
+
+def test_match_parameters_directly():
+    lin = torch.nn.Linear(2, 3)
+    m = match_parameters({"weight": (3, 2), "bias": (3,)}, lin, exclude="bias")
+    assert m.matched == {"weight": "weight"} and m.excluded == ["bias"]
