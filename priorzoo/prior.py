@@ -26,6 +26,7 @@ import math
 import os
 import re
 import shutil
+import struct
 import tempfile
 import weakref
 from collections.abc import Mapping, Sequence
@@ -67,6 +68,22 @@ def _parse_size(size: int | str) -> int:
         raise ValueError(f"`max_shard_size` must be bytes (int) or like '2GB', '500MB'; received {size!r}")
     unit = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[m[2]]
     return int(float(m[1]) * unit)
+
+
+def _canonicalize_header(path: Path) -> None:
+    """Rewrite a safetensors header with sorted JSON keys, in place and at the same length.
+
+    safetensors writes ``__metadata__`` keys in an arbitrary order, so two saves of the same prior could
+    differ byte for byte; canonical bytes let re-uploads of an unchanged prior make no new Hub commit.
+    """
+    with open(path, "r+b") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > n:  # cannot happen: same content, no whitespace added
+            return
+        fh.seek(8)
+        fh.write(text.ljust(n))
 
 
 def _check_values(name: str, tensor: Tensor, *, nonneg: bool) -> None:
@@ -536,6 +553,7 @@ class PriorModel:
             written: list[str] = []
             if len(shards) == 1:
                 save_file(shards[0], str(tmp / WEIGHTS_NAME), metadata=metadata)
+                _canonicalize_header(tmp / WEIGHTS_NAME)
                 written.append(WEIGHTS_NAME)
             else:
                 total = len(shards)
@@ -543,6 +561,7 @@ class PriorModel:
                 for i, shard in enumerate(shards, start=1):
                     fname = f"prior-{i:05d}-of-{total:05d}.safetensors"
                     save_file(shard, str(tmp / fname), metadata=metadata)
+                    _canonicalize_header(tmp / fname)
                     weight_map.update({k: fname for k in shard})
                     written.append(fname)
                 index = {

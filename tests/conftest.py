@@ -9,9 +9,7 @@ from hub_server import HubServer, patch_hf_env
 
 
 @pytest.fixture
-def hub_server(
-    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[HubServer]:
+def hub_server(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
     """A local Hub-protocol server that huggingface_hub's real client talks to, for one test.
 
     HF_ENDPOINT (and huggingface_hub's import-time constants) point at it, uploads skip Xet, the cache is

@@ -134,9 +134,7 @@ class _Repo:
 
 
 class _HTTPError(Exception):
-    def __init__(
-        self, status: int, message: str, code: str | None = None, headers: dict | None = None, **body: Any
-    ):
+    def __init__(self, status: int, message: str, code: str | None = None, headers: dict | None = None, **body: Any):
         super().__init__(message)
         self.status, self.message, self.code, self.headers = status, message, code, headers or {}
         self.body = {"error": message, **body}
@@ -155,6 +153,8 @@ class HubServer:
         url: the endpoint, e.g. ``http://127.0.0.1:41234`` (set HF_ENDPOINT to it).
         token: a write token of user ``user``.
         requests: ``(method, path)`` of every request received, in order (to assert "no network").
+        outage: set to an HTTP status (e.g. 403 from a proxy) to answer every request with it, without any
+            Hub error code, as a broken network path would.
 
     Args:
         user: name of the user owning ``token``.
@@ -167,6 +167,7 @@ class HubServer:
         self.token = "hf_" + secrets.token_hex(16)
         self.lfs_suffixes = tuple(lfs_suffixes)
         self.requests: list[tuple[str, str]] = []
+        self.outage: int | None = None
         self._tokens = {self.token: user}
         self._repos: dict[tuple[str, str], _Repo] = {}
         self._lfs: dict[str, bytes] = {}
@@ -407,6 +408,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------- plumbing
     def _body(self) -> bytes:
+        """The request body (read once; Content-Length or chunked)."""
+        if not hasattr(self, "_raw_body"):
+            self._raw_body = self._read_body()
+        return self._raw_body
+
+    def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             chunks = []
             while True:
@@ -459,12 +466,15 @@ class _Handler(BaseHTTPRequestHandler):
         with self.hub._lock:
             self.hub.requests.append((method, split.path))
         try:
+            if self.hub.outage is not None:
+                raise _HTTPError(self.hub.outage, "the test hub server is simulating an outage")
             self._route(method, segments, query)
         except _HTTPError as e:
             headers = dict(e.headers)
             if e.code:
                 headers["X-Error-Code"] = e.code
-            headers["X-Error-Message"] = e.message
+            if self.hub.outage is None:
+                headers["X-Error-Message"] = e.message
             self._send_json(e.body, e.status, headers)
         except (ConnectionError, TimeoutError):
             self.close_connection = True
@@ -505,9 +515,7 @@ class _Handler(BaseHTTPRequestHandler):
         if user is None:
             raise _HTTPError(401, "Invalid username or password.")
         token = {"displayName": "test", "role": "write"}
-        self._send_json(
-            {"type": "user", "name": user, "fullname": user, "orgs": [], "auth": {"accessToken": token}}
-        )
+        self._send_json({"type": "user", "name": user, "fullname": user, "orgs": [], "auth": {"accessToken": token}})
 
     def _validate_yaml(self) -> None:
         content = self._json_body().get("content", "")
@@ -582,6 +590,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _repo_api(self, method: str, repo_type: str, repo_id: str, rest: list[str], q: dict) -> None:
         hub, user = self.hub, self._user()
         flag = {k: (v[0].lower() in ("1", "true")) for k, v in q.items()}
+        if method != "GET":
+            self._body()  # read the upload before taking the lock
         with hub._lock:
             write = method != "GET" and rest[:1] not in (["paths-info"],)
             repo = hub._repo_for(repo_type, repo_id, user, write=write)
@@ -698,9 +708,7 @@ class _Handler(BaseHTTPRequestHandler):
                     del files[p]
             else:
                 raise _HTTPError(400, f"Unsupported commit operation {key!r}")
-        commit = hub._commit(
-            repo, head, files, header.get("summary", ""), header.get("description", ""), user or ""
-        )
+        commit = hub._commit(repo, head, files, header.get("summary", ""), header.get("description", ""), user or "")
         out: dict[str, Any] = {"success": True, "commitOid": commit.oid, "hookOutput": ""}
         out["commitUrl"] = f"{hub._url_of(repo)}/commit/{commit.oid}"
         if create_pr:

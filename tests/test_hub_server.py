@@ -25,9 +25,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-CARD = (
-    "---\nlibrary_name: priorzoo\ntags:\n- priorzoo\n- bayesian-prior\nlicense: apache-2.0\n---\n# A prior\n"
-)
+CARD = "---\nlibrary_name: priorzoo\ntags:\n- priorzoo\n- bayesian-prior\nlicense: apache-2.0\n---\n# A prior\n"
 
 
 def _folder(root: Path, files: dict[str, bytes]) -> Path:
@@ -127,19 +125,14 @@ def test_branches_and_pinned_revisions(api: HfApi, hub_server: HubServer, repo: 
     main_sha = api.model_info(repo).sha
     api.create_branch(repo, branch="v2")
     api.create_branch(repo, branch="v2", exist_ok=True)
-    commit = api.upload_file(
-        path_or_fileobj=b'{"rank": 5}', path_in_repo="config.json", repo_id=repo, revision="v2"
-    )
+    commit = api.upload_file(path_or_fileobj=b'{"rank": 5}', path_in_repo="config.json", repo_id=repo, revision="v2")
     refs = api.list_repo_refs(repo)
     assert {b.name: b.target_commit for b in refs.branches} == {"main": main_sha, "v2": commit.oid}
 
     assert Path(hf_hub_download(repo, "config.json", revision="v2")).read_bytes() == b'{"rank": 5}'
     assert Path(hf_hub_download(repo, "config.json")).read_bytes() == b'{"rank": 2}'
     assert Path(hf_hub_download(repo, "config.json", revision=main_sha)).read_bytes() == b'{"rank": 2}'
-    assert (
-        Path(snapshot_download(repo, revision=commit.oid)).joinpath("config.json").read_bytes()
-        == b'{"rank": 5}'
-    )
+    assert Path(snapshot_download(repo, revision=commit.oid)).joinpath("config.json").read_bytes() == b'{"rank": 5}'
     assert api.model_info(repo, revision=main_sha[:10]).sha == main_sha  # abbreviated sha
 
     api.create_tag(repo, tag="v1.0", revision=main_sha)

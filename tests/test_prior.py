@@ -376,3 +376,11 @@ def test_penalty_value_is_finite_for_extreme_scales():
     model = Toy()
     for lam in (1e-3, 1e8):
         assert math.isfinite(prior.with_scale(lam).penalty(model).item())
+
+
+def test_saving_twice_gives_identical_bytes(tmp_path):
+    prior = make_prior(3, source={"dataset": "d"})
+    a = prior.save_pretrained(tmp_path / "a")
+    b = prior.save_pretrained(tmp_path / "b", max_shard_size="10GB")
+    for name in ("prior.safetensors", "config.json", "README.md"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name

@@ -93,7 +93,7 @@ class CrossEntropyObjective:
         >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2))
         >>> batch = {"pixel_values": torch.zeros(2, 3, 2, 2), "labels": torch.tensor([0, 1])}
         >>> _ = torch.nn.init.zeros_(net[1].weight), torch.nn.init.zeros_(net[1].bias)
-        >>> round(float(obj(net, batch)), 4)  # uniform logits over 2 classes: log 2
+        >>> round(obj(net, batch).item(), 4)  # uniform logits over 2 classes: log 2
         0.6931
     """
 

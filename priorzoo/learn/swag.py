@@ -72,7 +72,7 @@ from priorzoo.learn._common import (
     describe_backbone,
     load_safetensors_with_meta,
 )
-from priorzoo.matching import Patterns, select_parameters
+from priorzoo.matching import Patterns, compile_patterns, head_parameter_names, select_parameters
 
 if TYPE_CHECKING:
     from priorzoo.prior import PriorModel
@@ -97,8 +97,12 @@ class SWAGCollector:
         rank: K ≥ 2, how many of the latest deviations the low-rank factor keeps (Maddox et al. use 20).
         include, exclude: which parameters get a prior — glob patterns on the full name (``fnmatch``), a
             list of them, or a callable ``name -> bool`` (see :func:`priorzoo.matching.select_parameters`).
-            Exclude the task head (``"fc.*"``, ``"classifier.*"``, ``"head.*"``): it is replaced
-            downstream and gets no learned prior. Only parameters with ``requires_grad`` are considered.
+            Only parameters with ``requires_grad`` are considered.
+        exclude_head: also leave out the model's task head, which is replaced downstream and gets no
+            learned prior: timm's ``pretrained_cfg["classifier"]`` (``fc``, ``head``, …) and, for transformers
+            task models, everything outside ``base_model_prefix`` (see
+            :func:`priorzoo.matching.head_parameter_names`). A plain ``nn.Module`` has no known head: pass
+            ``exclude`` patterns.
         min_var: floor of the diagonal variance before the ½ (the official "Pre-Train Your Loss" code
             clamps at 1e-6; a weight that never moved would otherwise get an infinite precision).
         moment_dtype: dtype of the running mean and M₂ (default float32, or the parameters' dtype when
@@ -130,6 +134,7 @@ class SWAGCollector:
         *,
         include: Patterns = None,
         exclude: Patterns = None,
+        exclude_head: bool = True,
         min_var: float = 1e-6,
         moment_dtype: torch.dtype | None = None,
         factor_dtype: torch.dtype = torch.float32,
@@ -149,11 +154,16 @@ class SWAGCollector:
         self.include = include
         self.exclude = exclude
         params = select_parameters(model, include=include, exclude=exclude)
+        self.head_names = sorted(head_parameter_names(model)) if exclude_head else []
+        if self.head_names:
+            head = set(self.head_names)
+            params = {n: p for n, p in params.items() if n not in head}
         if not params:
             total = sum(1 for _ in model.named_parameters())
             raise ValueError(
-                f"no parameter selected for SWAG (include={include!r}, exclude={exclude!r}; the model has "
-                f"{total} named parameters, only those with requires_grad=True are eligible)"
+                f"no parameter selected for SWAG (include={include!r}, exclude={exclude!r}, head "
+                f"{self.head_names or 'none'}; the model has {total} named parameters, only those with "
+                "requires_grad=True are eligible)"
             )
         self.names: list[str] = list(params)
         self.shapes: dict[str, tuple[int, ...]] = {n: tuple(p.shape) for n, p in params.items()}
@@ -458,12 +468,21 @@ class SWAGCollector:
         )
 
     def _default_exclude(self) -> list[str]:
+        """The user's string ``exclude`` patterns plus the names of every other trainable parameter left
+        out (the head, or whatever ``include`` did not pick)."""
+        patterns: list[str] = []
         if isinstance(self.exclude, str):
-            return [self.exclude]
-        if isinstance(self.exclude, Sequence) and all(isinstance(e, str) for e in self.exclude):
-            return list(self.exclude)
+            patterns = [self.exclude]
+        elif isinstance(self.exclude, Sequence) and all(isinstance(e, str) for e in self.exclude):
+            patterns = list(self.exclude)
+        covered = compile_patterns(patterns) if patterns else None
         chosen = set(self.names)
-        return [n for n, p in self.model.named_parameters() if p.requires_grad and n not in chosen]
+        others = [
+            n
+            for n, p in self.model.named_parameters()
+            if p.requires_grad and n not in chosen and not (covered is not None and covered(n))
+        ]
+        return patterns + others
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,262 @@
+r"""``PriorCallback``: add a learned prior to any transformers ``Trainer`` run with one line.
+
+The Trainer minimises its own data loss; the callback makes the optimiser step the one of
+
+.. math::
+
+    L(w) = \underbrace{\text{(the Trainer's data loss)}}_{\text{mean CE for a classifier}}
+         + \frac{\rho}{N}\cdot\tfrac12 (w-\mu)^\top\Sigma^{-1}(w-\mu),
+
+(Shwartz-Ziv et al., "Pre-Train Your Loss", NeurIPS 2022, eq. 2; see :mod:`priorzoo.finetune.loop`) by
+adding the analytic prior gradient ρ·Σ⁻¹(w − μ)/N to every covered parameter's ``.grad`` at
+``on_pre_optimizer_step``: once per optimiser step, after the micro-batch gradients were accumulated,
+all-reduced across processes (DDP) and unscaled (fp16), and before ``optimizer.step()``. So the prior term
+enters exactly once per step whatever ``gradient_accumulation_steps``, the number of processes or the
+mixed-precision mode, and costs one pass over the factor forward and one backward per step.
+
+Semantics to know (documented choices, not accidents):
+
+* **The prior gradient is not clipped.** ``max_grad_norm`` clips the data gradient before the callback
+  runs; the prior gradient is added afterwards, and the logged ``grad_norm`` is the data gradient's. Use
+  :class:`~priorzoo.finetune.trainer.PriorTrainer` (the term inside ``compute_loss``) to clip the total.
+* The prior term is *not* in the Trainer's logged ``loss``; the callback logs it as ``prior_term`` (mean
+  of ρ·penalty/N over the steps since the last log) and ``train_prior_term`` at the end of training.
+* The data term is whatever the Trainer makes of it. In transformers 5.x a model whose ``forward`` takes
+  ``**kwargs`` (e.g. ``BertForSequenceClassification``) but ignores ``num_items_in_batch`` has its
+  micro-batch mean losses *summed* over gradient accumulation (and multiplied by the number of processes
+  under DDP with ``average_tokens_across_devices=True``), so its data gradient is that many times the
+  mean-CE gradient while the prior term stays ρ·penalty/N. Set the Trainer's ``loss_is_scaled_for_ga =
+  False`` (a class attribute in transformers ≥ 5) to get the mean back.
+* Refused, with the reason: DeepSpeed (the engine steps inside ``backward``, before this event), FSDP and
+  tensor/model parallelism (parameters are sharded, the prior's names and shapes do not apply), LOMO /
+  AdaLOMO and layer-wise optimisers (they step inside ``backward``).
+
+Example:
+    >>> from transformers import Trainer, TrainingArguments  # doctest: +SKIP
+    >>> from priorzoo import PriorModel
+    >>> from priorzoo.finetune import PriorCallback
+    >>> prior = PriorModel.from_pretrained("org/bert-base-swag-prior")  # doctest: +SKIP
+    >>> trainer = Trainer(model=model, args=TrainingArguments("out"), train_dataset=train,  # doctest: +SKIP
+    ...                   callbacks=[PriorCallback(prior, num_train_examples=len(train))])
+    >>> trainer.train()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+try:
+    from transformers import TrainerCallback
+except ImportError as _err:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        'priorzoo.finetune.PriorCallback needs transformers: pip install "priorzoo[transformers]"'
+    ) from _err
+
+from priorzoo.finetune.loop import PriorRegularizer, check_num_train_examples, check_prior_weight, check_scale
+from priorzoo.matching import Patterns
+from priorzoo.prior import PriorModel
+
+__all__ = ["PriorCallback", "check_trainer_setup"]
+
+_TRUE = ("1", "true", "yes")
+
+
+def check_trainer_setup(args: Any, *, where: str, gradient_hook: bool) -> None:
+    """Refuse Trainer configurations in which the prior term cannot be added correctly.
+
+    Args:
+        args: the ``TrainingArguments``.
+        where: ``"PriorCallback"`` or ``"PriorTrainer"`` (for the message).
+        gradient_hook: the prior gradient is added at ``on_pre_optimizer_step`` (the callback), so
+            optimisers that step inside ``backward`` are refused as well.
+
+    Raises:
+        RuntimeError: DeepSpeed, FSDP, tensor/model parallelism, or (``gradient_hook``) LOMO/AdaLOMO and
+            layer-wise optimisers.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> check_trainer_setup(SimpleNamespace(deepspeed=None, fsdp=None, optim="sgd"), where="x",
+        ...                     gradient_hook=True)
+    """
+    reasons = []
+    if getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in _TRUE:
+        reasons.append(
+            "DeepSpeed is enabled: ZeRO partitions gradients and parameters and the engine steps inside "
+            "backward(), so the prior gradient can be neither added at the right place nor computed on "
+            "full parameters"
+        )
+    fsdp = getattr(args, "fsdp", None)
+    if fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in _TRUE:
+        reasons.append(
+            "FSDP is enabled: parameters are flattened and sharded across processes, so the prior's parameter "
+            "names and shapes do not apply"
+        )
+    try:
+        from accelerate.state import AcceleratorState, is_initialized
+
+        if is_initialized():
+            kind = str(AcceleratorState().distributed_type).rsplit(".", 1)[-1].upper()
+            if kind in ("DEEPSPEED", "FSDP", "MEGATRON_LM") and not reasons:
+                reasons.append(f"accelerate runs with distributed_type {kind}, which shards the parameters")
+    except ImportError:  # accelerate is a dependency of the Trainer; without it nothing to inspect
+        pass
+    pc = getattr(args, "parallelism_config", None)
+    for attr in ("tp_size", "cp_size", "sp_size"):
+        size = getattr(pc, attr, None) if pc is not None else None
+        if isinstance(size, int) and size > 1:
+            reasons.append(f"parallelism_config.{attr} = {size}: parameters are sharded across processes")
+    if gradient_hook:
+        optim = str(getattr(args, "optim", "")).rsplit(".", 1)[-1].lower()
+        if "lomo" in optim or optim.endswith("layerwise"):
+            reasons.append(
+                f"optim={optim!r} updates the weights inside backward(), before on_pre_optimizer_step; use "
+                "PriorTrainer (the prior term inside compute_loss) or another optimiser"
+            )
+    if reasons:
+        raise RuntimeError(
+            f"{where} refuses this Trainer configuration rather than train with a wrong prior term: "
+            + "; ".join(reasons)
+            + ". Supported: single process, DDP (multi-GPU or CPU/gloo), gradient accumulation, fp16/bf16."
+        )
+
+
+class PriorCallback(TrainerCallback):
+    r"""A ``TrainerCallback`` that adds ρ·Σ⁻¹(w − μ)/N to the gradients before each optimiser step.
+
+    See the module docstring for the objective and for what is (not) supported.
+
+    Args:
+        prior: the :class:`~priorzoo.PriorModel` (its head is excluded by matching).
+        num_train_examples: N > 0, the number of training examples (the whole training set; under DDP
+            still the global count, not per process).
+        prior_weight: ρ > 0 (default 1: the posterior).
+        scale: if given, λ > 0 replaces the prior's covariance scale.
+        include, exclude, exclude_head, allow_partial, dtype: forwarded to :meth:`~priorzoo.PriorModel.bind`.
+        log_key: name of the logged prior term (default ``prior_term``).
+
+    Raises:
+        ValueError: N ≤ 0, ρ ≤ 0, λ ≤ 0 (at construction); a prior on the meta device (at binding).
+        priorzoo.PriorMatchError: the prior does not match the model (raised while the Trainer is built,
+            from ``on_init_end``).
+        RuntimeError: an unsupported Trainer configuration (DeepSpeed, FSDP, ...), at ``on_init_end`` /
+            ``on_train_begin``.
+
+    Example:
+        >>> import torch
+        >>> from priorzoo import PriorModel
+        >>> prior = PriorModel.from_tensors({"weight": torch.zeros(2, 2)}, variance=1.0)
+        >>> cb = PriorCallback(prior, num_train_examples=1000, scale=10.0)
+        >>> cb.scale, cb.num_train_examples
+        (10.0, 1000)
+    """
+
+    def __init__(
+        self,
+        prior: PriorModel,
+        num_train_examples: int,
+        prior_weight: float = 1.0,
+        *,
+        scale: float | None = None,
+        include: Patterns = None,
+        exclude: Patterns = None,
+        exclude_head: bool = True,
+        allow_partial: bool = False,
+        dtype: torch.dtype | None = None,
+        log_key: str = "prior_term",
+    ) -> None:
+        if not isinstance(prior, PriorModel):
+            raise TypeError(f"`prior` must be a priorzoo.PriorModel; received {type(prior).__name__}")
+        self.num_train_examples = check_num_train_examples(num_train_examples)
+        self.prior_weight = check_prior_weight(prior_weight)
+        self.prior = prior.with_scale(check_scale(scale)) if scale is not None else prior
+        self.log_key = str(log_key)
+        self._bind_kwargs: dict[str, Any] = {
+            "include": include,
+            "exclude": exclude,
+            "exclude_head": exclude_head,
+            "allow_partial": allow_partial,
+            "dtype": dtype,
+        }
+        self.regularizer: PriorRegularizer | None = None
+        self._log_sum = 0.0
+        self._log_count = 0
+        self._total_sum = 0.0
+        self._total_count = 0
+
+    @property
+    def scale(self) -> float:
+        """λ, the prior's covariance scale."""
+        return self.prior.scale
+
+    def _regularizer_for(self, model: torch.nn.Module | None) -> PriorRegularizer:
+        if model is None:
+            raise RuntimeError("PriorCallback received no model from the Trainer")
+        if self.regularizer is None or self.regularizer.model is not model:
+            self.regularizer = PriorRegularizer(
+                self.prior,
+                model,
+                num_train_examples=self.num_train_examples,
+                prior_weight=self.prior_weight,
+                **self._bind_kwargs,
+            )
+        return self.regularizer
+
+    # ------------------------------------------------------------------ events
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        check_trainer_setup(args, where="PriorCallback", gradient_hook=True)
+        if model is not None:  # bind now, so that a mismatched prior fails when the Trainer is built
+            self._regularizer_for(model)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        check_trainer_setup(args, where="PriorCallback", gradient_hook=True)
+        self._regularizer_for(model)  # model_init may have built a new model
+        self._log_sum = self._total_sum = 0.0
+        self._log_count = self._total_count = 0
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        _unscale_if_needed(optimizer)
+        value = self._regularizer_for(model).add_to_grad_()
+        self._log_sum += value
+        self._log_count += 1
+        self._total_sum += value
+        self._total_count += 1
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None:
+            return
+        added = {}
+        if "loss" in logs and self._log_count:
+            added[self.log_key] = self._log_sum / self._log_count
+            self._log_sum, self._log_count = 0.0, 0
+        if "train_loss" in logs and self._total_count:
+            added[f"train_{self.log_key}"] = self._total_sum / self._total_count
+        if not added:
+            return
+        logs.update(added)
+        # Trainer.log appended a copy of `logs` to the history before calling the callbacks: patch it too
+        history = getattr(state, "log_history", None)
+        if history and all(history[-1].get(k) == v for k, v in logs.items() if k not in added):
+            history[-1].update(added)
+
+
+def _unscale_if_needed(optimizer: Any) -> None:
+    """Unscale fp16 gradients (GradScaler) before adding the prior's, if the Trainer has not already.
+
+    transformers 5 unscales when it measures ``grad_norm`` just before ``on_pre_optimizer_step``; this
+    keeps the callback right where a version does not, using only ``GradScaler``'s public API.
+    """
+    scaler = getattr(optimizer, "scaler", None)
+    if scaler is None or not getattr(scaler, "is_enabled", lambda: False)():
+        return
+    inner = optimizer
+    while hasattr(inner, "optimizer") and isinstance(getattr(inner, "optimizer"), torch.optim.Optimizer):
+        inner = inner.optimizer
+    try:
+        scaler.unscale_(inner)
+    except RuntimeError as err:
+        if "already been called" not in str(err):
+            raise

@@ -1,0 +1,219 @@
+r"""``PriorTrainer`` / ``PriorTrainerMixin``: the prior term inside the Trainer's ``compute_loss``.
+
+The objective is the one of :mod:`priorzoo.finetune.loop`: the Trainer's data loss plus ρ·penalty/N with
+penalty = ½(w−μ)ᵀΣ⁻¹(w−μ). Unlike :class:`~priorzoo.finetune.PriorCallback`, the term is part of the loss,
+so its gradient goes through ``backward`` (and DDP's all-reduce, fp16 loss scaling, ``max_grad_norm``
+clipping) together with the data gradient, and the logged ``loss`` includes it.
+
+**Gradient accumulation, exactly once per optimiser step.** In transformers 5.x ``training_step`` divides
+the loss returned by ``compute_loss`` by the number of micro-batches G of the current optimiser step
+*unless* it counts the loss as already scaled, which it does when ``Trainer.loss_is_scaled_for_ga`` says so,
+or (``None``, the default) when the model's ``forward`` takes ``**kwargs`` and ``num_items_in_batch`` is
+known, or a ``compute_loss_func`` is set. A model such as ``BertForSequenceClassification`` takes
+``**kwargs`` but ignores ``num_items_in_batch``, so its G micro-batch *means* are summed. Whatever happens
+to the data term, the mixin adds the prior term only on the last micro-batch of each optimiser step (when
+the accelerator is about to synchronise gradients), multiplied by G when ``training_step`` is going to
+divide by G and by 1 otherwise; the parameters do not change between micro-batches, so the step receives
+exactly ρ·Σ⁻¹(w−μ)/N. Under DDP every process adds the same term and the all-reduce averages it, so it
+also enters once; ``average_tokens_across_devices`` rescales only the data term, inside the base
+``compute_loss``, before the prior term is added. The prior term is added only while the model is
+training with gradients enabled (evaluation losses are pure data losses). DeepSpeed, FSDP and tensor
+parallelism are refused (see :func:`~priorzoo.finetune.callback.check_trainer_setup`).
+
+The logs gain ``prior_term`` (mean ρ·penalty/N over the steps since the last log) and, at the end,
+``train_prior_term``.
+
+Example:
+    >>> from transformers import TrainingArguments  # doctest: +SKIP
+    >>> from priorzoo.finetune import PriorTrainer
+    >>> trainer = PriorTrainer(model=model, args=TrainingArguments("out"), train_dataset=train,  # doctest: +SKIP
+    ...                        prior=prior, num_train_examples=len(train))
+    >>> trainer.train()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+try:
+    from transformers import Trainer
+except ImportError as _err:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        'priorzoo.finetune.PriorTrainer needs transformers: pip install "priorzoo[transformers]"'
+    ) from _err
+
+from priorzoo.finetune.callback import PriorCallback, check_trainer_setup
+from priorzoo.finetune.loop import PriorRegularizer, check_num_train_examples, check_prior_weight, check_scale
+from priorzoo.matching import Patterns
+from priorzoo.prior import PriorModel
+
+__all__ = ["PriorTrainer", "PriorTrainerMixin"]
+
+
+class PriorTrainerMixin:
+    r"""Mix into a ``transformers.Trainer`` subclass to add ρ·penalty/N inside ``compute_loss``.
+
+    Put it *before* the Trainer class: ``class MyTrainer(PriorTrainerMixin, MyBaseTrainer)``. See the
+    module docstring for the gradient-accumulation and DDP handling.
+
+    Args (keyword-only, in addition to the Trainer's own):
+        prior: the :class:`~priorzoo.PriorModel`.
+        num_train_examples: N > 0; default ``len(train_dataset)``.
+        prior_weight: ρ > 0 (default 1).
+        prior_scale: if given, λ > 0 replaces the prior's covariance scale.
+        prior_include, prior_exclude, prior_exclude_head, prior_allow_partial, prior_dtype: forwarded to
+            :meth:`~priorzoo.PriorModel.bind` as ``include``, ``exclude``, ...
+
+    Raises:
+        ValueError: N ≤ 0 (or no ``num_train_examples`` and an unsized dataset), ρ ≤ 0, λ ≤ 0.
+        priorzoo.PriorMatchError: the prior does not match the model.
+        RuntimeError: DeepSpeed/FSDP/tensor parallelism, or a ``PriorCallback`` also in the callbacks
+            (the term would enter twice).
+
+    Example:
+        >>> from transformers import Trainer
+        >>> class MyTrainer(PriorTrainerMixin, Trainer):
+        ...     pass
+        >>> MyTrainer.__mro__[1].__name__
+        'PriorTrainerMixin'
+    """
+
+    prior_log_key = "prior_term"
+
+    def __init__(
+        self,
+        *args: Any,
+        prior: PriorModel,
+        num_train_examples: int | None = None,
+        prior_weight: float = 1.0,
+        prior_scale: float | None = None,
+        prior_include: Patterns = None,
+        prior_exclude: Patterns = None,
+        prior_exclude_head: bool = True,
+        prior_allow_partial: bool = False,
+        prior_dtype: torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(prior, PriorModel):
+            raise TypeError(f"`prior` must be a priorzoo.PriorModel; received {type(prior).__name__}")
+        # validate before the (slow) Trainer construction
+        if num_train_examples is not None:
+            num_train_examples = check_num_train_examples(num_train_examples)
+        prior_weight = check_prior_weight(prior_weight)
+        if prior_scale is not None:
+            prior = prior.with_scale(check_scale(prior_scale))
+        super().__init__(*args, **kwargs)
+        trainer: Any = self
+        check_trainer_setup(trainer.args, where=type(self).__name__, gradient_hook=False)
+        if any(isinstance(cb, PriorCallback) for cb in trainer.callback_handler.callbacks):
+            raise RuntimeError(
+                f"{type(self).__name__} already adds the prior term; remove the PriorCallback from `callbacks` "
+                "(with both, the prior would enter twice)"
+            )
+        if num_train_examples is None:
+            dataset = trainer.train_dataset
+            try:
+                num_train_examples = check_num_train_examples(len(dataset))
+            except TypeError:
+                raise ValueError(
+                    "pass num_train_examples=N: the training dataset has no len() (an IterableDataset?), and "
+                    "N, the number of training examples, scales the prior term"
+                ) from None
+        self.prior = prior
+        self.prior_weight = prior_weight
+        self.num_train_examples = num_train_examples
+        self._prior_bind_kwargs: dict[str, Any] = {
+            "include": prior_include,
+            "exclude": prior_exclude,
+            "exclude_head": prior_exclude_head,
+            "allow_partial": prior_allow_partial,
+            "dtype": prior_dtype,
+        }
+        self.prior_regularizer: PriorRegularizer | None = None
+        if trainer.model is not None:
+            self._prior_regularizer_for(trainer.model)
+        self._prior_log_sum = 0.0
+        self._prior_log_count = 0
+        self._prior_total_sum = 0.0
+        self._prior_total_count = 0
+
+    def _prior_regularizer_for(self, model: torch.nn.Module) -> PriorRegularizer:
+        if self.prior_regularizer is None or self.prior_regularizer.model is not model:
+            self.prior_regularizer = PriorRegularizer(
+                self.prior,
+                model,
+                num_train_examples=self.num_train_examples,
+                prior_weight=self.prior_weight,
+                **self._prior_bind_kwargs,
+            )
+        return self.prior_regularizer
+
+    def _prior_loss_multiplier(self, num_items_in_batch: Any) -> int:
+        """G if ``training_step`` will divide this micro-batch's loss by G, else 1 (transformers 5.x rule)."""
+        trainer: Any = self
+        scaled = getattr(trainer, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = (
+                bool(getattr(trainer, "model_accepts_loss_kwargs", False)) and num_items_in_batch is not None
+            ) or getattr(trainer, "compute_loss_func", None) is not None
+        if scaled:
+            return 1
+        steps = getattr(trainer, "current_gradient_accumulation_steps", None)
+        return int(steps if steps is not None else trainer.args.gradient_accumulation_steps)
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        """The Trainer's loss, plus ρ·penalty/N (times G, see the module docstring) on the last micro-batch."""
+        trainer: Any = self
+        out = super().compute_loss(  # type: ignore[misc]
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+        if not (model.training and torch.is_grad_enabled()):
+            return out
+        if not trainer.accelerator.sync_gradients:  # not the last micro-batch of this optimiser step
+            return out
+        loss, outputs = out if return_outputs else (out, None)
+        term = self._prior_regularizer_for(trainer.model)()
+        loss = loss + term.to(loss.device) * self._prior_loss_multiplier(num_items_in_batch)
+        value = float(term.detach())
+        self._prior_log_sum += value
+        self._prior_log_count += 1
+        self._prior_total_sum += value
+        self._prior_total_count += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Add ``prior_term`` (and ``train_prior_term`` at the end) to the Trainer's logs."""
+        if "loss" in logs and self._prior_log_count:
+            logs[self.prior_log_key] = self._prior_log_sum / self._prior_log_count
+            self._prior_log_sum, self._prior_log_count = 0.0, 0
+        if "train_loss" in logs and self._prior_total_count:
+            logs[f"train_{self.prior_log_key}"] = self._prior_total_sum / self._prior_total_count
+        super().log(logs, *args, **kwargs)  # type: ignore[misc]
+
+
+class PriorTrainer(PriorTrainerMixin, Trainer):
+    """``transformers.Trainer`` with the prior term in ``compute_loss`` (see :class:`PriorTrainerMixin`).
+
+    Example:
+        >>> import torch
+        >>> from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+        >>> from priorzoo import PriorModel
+        >>> model = BertForSequenceClassification(BertConfig(hidden_size=8, num_hidden_layers=1,
+        ...     num_attention_heads=2, intermediate_size=8, vocab_size=20, num_labels=2))
+        >>> backbone = {n.removeprefix("bert."): p.detach().clone()
+        ...             for n, p in model.named_parameters() if n.startswith("bert.")}
+        >>> prior = PriorModel.from_tensors(backbone, variance=0.01)
+        >>> data = [{"input_ids": torch.tensor([1, 2, 3]), "labels": 0}] * 4
+        >>> args = TrainingArguments("/tmp/priorzoo-doctest", use_cpu=True, report_to="none", max_steps=1)
+        >>> trainer = PriorTrainer(model=model, args=args, train_dataset=data, prior=prior)
+        >>> trainer.num_train_examples, len(trainer.prior_regularizer.parameters)
+        (4, 23)
+    """
