@@ -76,7 +76,9 @@ def _tensor(obj: Any, path: str, dims: int) -> Tensor:
     if not isinstance(obj, Tensor):
         raise PriorFormatError(f"{path}: expected a tensor, found {type(obj).__name__}")
     if obj.dim() != dims or not obj.dtype.is_floating_point:
-        raise PriorFormatError(f"{path}: expected a {dims}-D floating tensor, found shape {tuple(obj.shape)} {obj.dtype}")
+        raise PriorFormatError(
+            f"{path}: expected a {dims}-D floating tensor, found shape {tuple(obj.shape)} {obj.dtype}"
+        )
     return obj
 
 
@@ -172,7 +174,9 @@ def from_pretrain_your_loss(
     k_all = int(covmat.shape[0])
     k = k_all if num_factors is None else num_factors
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= k_all:
-        raise ValueError(f"`num_factors` must be None or an integer in [0, {k_all}] (rows of the covmat); received {num_factors!r}")
+        raise ValueError(
+            f"`num_factors` must be None or an integer in [0, {k_all}] (rows of the covmat); received {num_factors!r}"
+        )
     var_scale, factor_scale = (1.0, 1.0) if convention == "official" else (0.5, math.sqrt(0.5))
     mean_d = _blocks(mean.float(), layout)
     var_d = {n: t * var_scale for n, t in _blocks(variance.float(), layout).items()}
@@ -182,8 +186,12 @@ def from_pretrain_your_loss(
         # ResNet-50 without fc: 159 parameter tensors, 23,508,032 weights, first `conv1.weight`
         is_r50 = len(names) == 159 and sum(t.numel() for t in mean_d.values()) == 23_508_032
         backbone = (
-            {"library": "timm", "name": "resnet50", "architecture": "ResNet",
-             "note": "official release: torchvision resnet50 without fc; timm resnet50 has the same parameter names"}
+            {
+                "library": "timm",
+                "name": "resnet50",
+                "architecture": "ResNet",
+                "note": "official release: torchvision resnet50 without fc; timm resnet50 has the same parameter names",
+            }
             if is_r50
             else {"library": "torch", "architecture": "torchvision ResNet (fc removed)"}
         )
@@ -259,7 +267,9 @@ def from_swa_gaussian(
         raise PriorFormatError(f"expected a SWAG state_dict (mapping), found {type(state).__name__}")
     if swag_scale <= 0 or not math.isfinite(swag_scale):
         raise ValueError(f"`swag_scale` must be a finite number > 0; received {swag_scale!r}")
-    bases = [k[: -len("_sq_mean")] for k in state if k.endswith("_sq_mean") and k[: -len("_sq_mean")] + "_mean" in state]
+    bases = [
+        k[: -len("_sq_mean")] for k in state if k.endswith("_sq_mean") and k[: -len("_sq_mean")] + "_mean" in state
+    ]
     if not bases:
         raise PriorFormatError(
             "no `<param>_mean`/`<param>_sq_mean` buffer pairs found: not a swa_gaussian SWAG state dict "
@@ -349,7 +359,11 @@ def _last_layer_names(model: nn.Module) -> list[str]:
             last = name
     if last is None:
         raise ValueError("the model has no parameters")
-    return [f"{last}.{n}" if last else n for n, p in model.get_submodule(last).named_parameters(recurse=False) if p.requires_grad]
+    return [
+        f"{last}.{n}" if last else n
+        for n, p in model.get_submodule(last).named_parameters(recurse=False)
+        if p.requires_grad
+    ]
 
 
 def from_laplace_torch(
@@ -398,15 +412,16 @@ def from_laplace_torch(
         state = source.state_dict()
     else:
         raise TypeError(
-            f"`source` must be a laplace-torch Laplace object, its state_dict() or a path; received {type(source).__name__}"
+            "`source` must be a laplace-torch Laplace object, its state_dict() or a path; "
+            f"received {type(source).__name__}"
         )
     if not isinstance(state, Mapping) or "mean" not in state or "H" not in state:
         raise PriorFormatError("not a laplace-torch state dict (it needs `mean`, `H`, `prior_precision`, `cls_name`)")
     cls_name = str(state.get("cls_name", ""))
     if cls_name not in _DIAG_CLASSES:
         raise PriorFormatError(
-            f"laplace-torch posterior `{cls_name}` is not supported: only diagonal posteriors ({', '.join(_DIAG_CLASSES)}) "
-            "map onto a priorzoo prior; fit with hessian_structure='diag'"
+            f"laplace-torch posterior `{cls_name}` is not supported: only diagonal posteriors "
+            f"({', '.join(_DIAG_CLASSES)}) map onto a priorzoo prior; fit with hessian_structure='diag'"
         )
     mean = torch.as_tensor(state["mean"]).detach().reshape(-1).to(torch.float64)
     h = torch.as_tensor(state["H"]).detach().reshape(-1).to(torch.float64)

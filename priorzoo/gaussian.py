@@ -275,9 +275,9 @@ class _HalfQuad(torch.autograd.Function):
         gauss: LowRankGaussian = ctx.gauss
         s_blocks = ctx.s_blocks
         grads = s_blocks if ctx.z is None else gauss._woodbury_correct(s_blocks, ctx.z)
-        g = grad_out.to(gauss.dtype)
+        g = float(grad_out)  # one host sync; skips a pass over P when the penalty enters with weight 1
         out = [
-            gb.mul_(g).reshape(shape).to(dtype) if ctx.needs_input_grad[i + 1] else None
+            (gb if g == 1.0 else gb.mul_(g)).reshape(shape).to(dtype) if ctx.needs_input_grad[i + 1] else None
             for i, (gb, shape, dtype) in enumerate(zip(grads, ctx.in_shapes, ctx.in_dtypes))
         ]
         ctx.s_blocks = None

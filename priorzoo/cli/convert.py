@@ -30,7 +30,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "convert",
         help="import an official / swa_gaussian / laplace-torch posterior as a prior",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__.split("\n\n")[0].replace("``", ""),
     )
     sub = p.add_subparsers(dest="source_format", metavar="SOURCE", required=True)
 
@@ -42,16 +42,26 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         q.add_argument("--dataset", default=None, help="source dataset, for the card")
         q.add_argument("--objective", default=None, help="source objective, for the card")
 
-    o = sub.add_parser("official", help='"Pre-Train Your Loss" four-file release',
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    o = sub.add_parser(
+        "official",
+        help='"Pre-Train Your Loss" four-file release',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     o.add_argument("prefix", help="path prefix before _model.pt/_mean.pt/_variance.pt/_covmat.pt")
     common(o)
-    o.add_argument("--num-factors", type=int, default=5,
-                   help="covmat rows kept (official number_of_samples_prior); -1 keeps all")
-    o.add_argument("--convention", choices=("official", "swag"), default="official",
-                   help="official: tensors as stored (λ=1 is the official density); swag: ½ as priorzoo learns")
+    o.add_argument(
+        "--num-factors", type=int, default=5, help="covmat rows kept (official number_of_samples_prior); -1 keeps all"
+    )
+    o.add_argument(
+        "--convention",
+        choices=("official", "swag"),
+        default="official",
+        help="official: tensors as stored (λ=1 is the official density); swag: ½ as priorzoo learns",
+    )
 
-    s = sub.add_parser("swa-gaussian", help="swa_gaussian SWAG state dict", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s = sub.add_parser(
+        "swa-gaussian", help="swa_gaussian SWAG state dict", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     s.add_argument("path")
     common(s)
     s.add_argument("--prefix", default="base.", help="prefix of the wrapped model in the keys")
@@ -59,14 +69,20 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--swag-scale", type=float, default=0.5)
     s.add_argument("--max-num-models", type=int, default=None)
 
-    la = sub.add_parser("laplace", help="laplace-torch DiagLaplace state dict", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    la = sub.add_parser(
+        "laplace", help="laplace-torch DiagLaplace state dict", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     la.add_argument("path")
     common(la)
     la.add_argument("--model", required=True, help="timm name or transformers name/folder of the fitted model")
     la.add_argument("--library", choices=("auto", "timm", "transformers"), default="auto")
     la.add_argument("--num-classes", type=int, default=1000)
-    la.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False,
-                    help="only the architecture is needed, so no weights are downloaded by default")
+    la.add_argument(
+        "--pretrained",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="only the architecture is needed, so no weights are downloaded by default",
+    )
     la.add_argument("--include", action="append", default=None)
     la.add_argument("--exclude", action="append", default=None)
     p.set_defaults(func=run)

@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,15 +34,22 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "learn",
         help="learn a SWAG prior for a backbone on your data",
-        description=__doc__.split("\n\n")[0] + " Writes a prior folder loadable with PriorModel.from_pretrained.",
+        description=__doc__.split("\n\n")[0].replace("``", "")
+        + " Writes a prior folder loadable with PriorModel.from_pretrained.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("backbone", help="timm model name, transformers model name/Hub id, or local transformers folder")
     p.add_argument("--library", choices=("auto", "timm", "transformers"), default="auto")
-    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
-                   help="start from pre-trained weights (--no-pretrained: random init, no download)")
+    p.add_argument(
+        "--pretrained",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="start from pre-trained weights (--no-pretrained: random init, no download)",
+    )
     p.add_argument("--data", required=True, help="local folder/CSV/JSON/parquet, or a Hub dataset id (online)")
-    p.add_argument("--data-format", choices=("auto", "disk", "imagefolder", "csv", "json", "parquet", "hub"), default="auto")
+    p.add_argument(
+        "--data-format", choices=("auto", "disk", "imagefolder", "csv", "json", "parquet", "hub"), default="auto"
+    )
     p.add_argument("--split", default="train")
     p.add_argument("--image-column", default=None, help="default: the first Image column")
     p.add_argument("--text-column", default=None, help="default: `text`, else the first string column")
@@ -55,8 +63,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--schedule", choices=("constant", "cyclic"), default="constant")
-    p.add_argument("--cycle-steps", type=int, default=None, help="steps per cycle of --schedule cyclic (one snapshot each)")
-    p.add_argument("--collect-every", default="epoch", help='"epoch" or a number of optimizer steps (constant schedule)')
+    p.add_argument(
+        "--cycle-steps", type=int, default=None, help="steps per cycle of --schedule cyclic (one snapshot each)"
+    )
+    p.add_argument(
+        "--collect-every", default="epoch", help='"epoch" or a number of optimizer steps (constant schedule)'
+    )
     p.add_argument("--rank", type=int, default=20, help="K, deviations kept for the low-rank factor")
     p.add_argument("--min-var", type=float, default=1e-6)
     p.add_argument("--include", action="append", default=None, help="glob of parameters to include (repeatable)")
@@ -93,7 +105,11 @@ def load_local_dataset(data: str, *, data_format: str = "auto", split: str = "tr
     fmt = data_format
     if fmt == "auto":
         if path.is_dir():
-            fmt = "disk" if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file() else "imagefolder"
+            fmt = (
+                "disk"
+                if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
+                else "imagefolder"
+            )
         elif path.is_file():
             fmt = _FILE_BUILDERS.get(path.suffix.lower(), "")
             if not fmt:
@@ -110,7 +126,7 @@ def load_local_dataset(data: str, *, data_format: str = "auto", split: str = "tr
     elif fmt == "hub":
         try:
             ds = datasets.load_dataset(data)
-        except Exception as err:  # noqa: BLE001 - wrap whatever the Hub/network raised
+        except Exception as err:  # wrap whatever the Hub/network raised
             raise ValueError(
                 f"`--data` {data!r} is not a local file or folder, and loading it as a Hub dataset failed ({err}); "
                 "offline, pass a local folder / CSV / JSON / parquet file"
@@ -139,7 +155,9 @@ def _columns(ds: Any, args: argparse.Namespace) -> tuple[str | None, str | None,
         if col is not None and col not in feats:
             raise ValueError(f"`{name}` {col!r} is not a column of the dataset; columns: {sorted(feats)}")
     if image is None and text is None:
-        raise ValueError(f"found neither an image nor a text column in {sorted(feats)}; pass --image-column/--text-column")
+        raise ValueError(
+            f"found neither an image nor a text column in {sorted(feats)}; pass --image-column/--text-column"
+        )
     return image, text, label
 
 
@@ -244,7 +262,9 @@ def build_backbone(
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(name)
         except (OSError, ValueError) as err:
-            raise ValueError(f"cannot load a tokenizer for {name!r} ({err}); text needs the model's tokenizer") from None
+            raise ValueError(
+                f"cannot load a tokenizer for {name!r} ({err}); text needs the model's tokenizer"
+            ) from None
     return model, tokenizer, lib
 
 
@@ -285,9 +305,9 @@ def _run(args: argparse.Namespace) -> int:
         swag_fit,
     )
 
-    for flag in ("epochs", "batch_size", "rank"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"`--{flag.replace('_', '-')}` must be ≥ 1; received {getattr(args, flag)}")
+    for flag, least in (("epochs", 1), ("batch_size", 1), ("rank", 2)):
+        if getattr(args, flag) < least:
+            raise ValueError(f"`--{flag.replace('_', '-')}` must be ≥ {least}; received {getattr(args, flag)}")
     collect_every = _collect_every(str(args.collect_every))
     torch.manual_seed(args.seed)
     ds = load_local_dataset(args.data, data_format=args.data_format, split=args.split)
@@ -326,8 +346,13 @@ def _run(args: argparse.Namespace) -> int:
         if modality == "image":
             out["pixel_values"] = torch.stack([_image_tensor(r[image_col], image_size) for r in rows])
         else:
-            enc = tokenizer([str(r[text_col]) for r in rows], padding=True, truncation=True,
-                            max_length=args.max_length, return_tensors="pt")
+            enc = tokenizer(
+                [str(r[text_col]) for r in rows],
+                padding=True,
+                truncation=True,
+                max_length=args.max_length,
+                return_tensors="pt",
+            )
             out.update(dict(enc))
         if objective_name == "supervised":
             out["labels"] = torch.tensor([to_id(r[label_col]) for r in rows], dtype=torch.long)
@@ -348,39 +373,49 @@ def _run(args: argparse.Namespace) -> int:
         steps = args.cycle_steps or len(loader)
         schedule = CyclicCosineSchedule(cycle_steps=steps, start_step=args.warmup_epochs * len(loader))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    collector = swag_fit(
-        model,
-        loader,
-        objective,
-        epochs=args.epochs,
-        warmup_epochs=args.warmup_epochs,
-        rank=args.rank,
-        lr=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        schedule=schedule,
-        collect_every=collect_every,
-        include=args.include,
-        exclude=args.exclude,
-        min_var=args.min_var,
-        device=device,
-        seed=args.seed,
-        checkpoint_dir=args.checkpoint_dir,
-        progress=args.progress,
-    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="swag_fit collected")  # reported below as an error
+        collector = swag_fit(
+            model,
+            loader,
+            objective,
+            epochs=args.epochs,
+            warmup_epochs=args.warmup_epochs,
+            rank=args.rank,
+            lr=args.lr,
+            momentum=args.momentum,
+            weight_decay=args.weight_decay,
+            schedule=schedule,
+            collect_every=collect_every,
+            include=args.include,
+            exclude=args.exclude,
+            min_var=args.min_var,
+            device=device,
+            seed=args.seed,
+            checkpoint_dir=args.checkpoint_dir,
+            progress=args.progress,
+        )
     if collector.num_collected < 2:
         raise RuntimeError(
             f"only {collector.num_collected} snapshot(s) were collected; a prior needs at least 2 — raise --epochs "
             "or lower --collect-every"
         )
-    backbone: dict[str, Any] = {"library": library, "name": args.backbone, "pretrained": bool(args.pretrained),
-                                "architecture": type(model).__name__}
+    backbone: dict[str, Any] = {
+        "library": library,
+        "name": args.backbone,
+        "pretrained": bool(args.pretrained),
+        "architecture": type(model).__name__,
+    }
     if library == "transformers" and getattr(model, "config", None) is not None:
         backbone["model_type"] = str(model.config.model_type)
     prior = collector.to_prior(
         backbone=backbone,
-        source={"dataset": args.data if not _is_local(args.data) else Path(args.data).name,
-                "split": args.split, "objective": objective_name, "num_examples": len(ds)},
+        source={
+            "dataset": args.data if not _is_local(args.data) else Path(args.data).name,
+            "split": args.split,
+            "objective": objective_name,
+            "num_examples": len(ds),
+        },
         learning={
             "epochs": args.epochs,
             "warmup_epochs": args.warmup_epochs,

@@ -44,13 +44,17 @@ def require(module: str, extra: str | None = None, *, what: str = "") -> Any:
 def describe_backbone(model: torch.nn.Module) -> dict[str, Any]:
     """Provenance of a backbone for ``config.json``: library, name, architecture (best effort).
 
-    timm models carry ``pretrained_cfg`` (``architecture``, ``tag``, ``hf_hub_id``); transformers models
-    carry ``config`` (``_name_or_path``, ``model_type``); anything else is described by its class.
+    timm models carry ``pretrained_cfg`` (``architecture``); transformers models carry ``config``
+    (``_name_or_path``, ``model_type``); anything else is described by its class.
     """
     inner = getattr(model, "module", model) if isinstance(getattr(model, "module", None), torch.nn.Module) else model
     cfg = getattr(inner, "pretrained_cfg", None) or getattr(inner, "default_cfg", None)
     if isinstance(cfg, Mapping) and cfg.get("architecture"):
-        out: dict[str, Any] = {"library": "timm", "name": str(cfg["architecture"]), "architecture": type(inner).__name__}
+        out: dict[str, Any] = {
+            "library": "timm",
+            "name": str(cfg["architecture"]),
+            "architecture": type(inner).__name__,
+        }
         if cfg.get("tag"):
             out["tag"] = str(cfg["tag"])
         if cfg.get("hf_hub_id"):
@@ -85,7 +89,9 @@ def check_float(value: Any, what: str, *, minimum: float = 0.0, strict: bool = F
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, meta: Mapping[str, Any]) -> Path:
+def atomic_save_safetensors(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, meta: Mapping[str, Any]
+) -> Path:
     """Write ``tensors`` plus a JSON document (under header key ``priorzoo``) to ``path`` atomically.
 
     The file is written next to its destination and moved in with ``os.replace``: an interrupted save
@@ -146,8 +152,10 @@ def flatten_tree(tree: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> An
             out["__int_keys__"] = True
         return out
     if isinstance(tree, (list, tuple)):
-        return {"__list__": [flatten_tree(v, f"{prefix}{i}.", tensors) for i, v in enumerate(tree)],
-                "__tuple__": isinstance(tree, tuple)}
+        return {
+            "__list__": [flatten_tree(v, f"{prefix}{i}.", tensors) for i, v in enumerate(tree)],
+            "__tuple__": isinstance(tree, tuple),
+        }
     if tree is None or isinstance(tree, (bool, int, float, str)):
         return tree
     raise TypeError(f"cannot store a {type(tree).__name__} at `{prefix.rstrip('.')}` in a checkpoint")

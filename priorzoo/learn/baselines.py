@@ -268,19 +268,28 @@ def fisher_prior(
         if loader is None or loss_fn is None:
             raise ValueError("fisher_prior needs `loader` and `loss_fn`, or a precomputed `fisher` with `num_examples`")
         fisher, n = empirical_fisher(
-            model, loader, loss_fn, include=list(params), exclude_head=False, per_example=per_example,
+            model,
+            loader,
+            loss_fn,
+            include=list(params),
+            exclude_head=False,
+            per_example=per_example,
             max_batches=max_batches,
         )
     else:
         if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
-            raise ValueError(f"`num_examples` must be a positive integer with a precomputed `fisher`; received {num_examples!r}")
+            raise ValueError(
+                f"`num_examples` must be a positive integer with a precomputed `fisher`; received {num_examples!r}"
+            )
         n = num_examples
         missing = [k for k in params if k not in fisher]
         if missing:
             raise ValueError(f"`fisher` lacks selected parameter(s) {missing[:5]}")
         for k in params:
             if tuple(fisher[k].shape) != tuple(params[k].shape):
-                raise ValueError(f"`fisher[{k!r}]` has shape {tuple(fisher[k].shape)}; the parameter has {tuple(params[k].shape)}")
+                raise ValueError(
+                    f"`fisher[{k!r}]` has shape {tuple(fisher[k].shape)}; the parameter has {tuple(params[k].shape)}"
+                )
             if not bool(torch.isfinite(fisher[k]).all()) or bool((fisher[k] < 0).any()):
                 raise ValueError(f"`fisher[{k!r}]` must be finite and ≥ 0 (a mean of squared gradients)")
     mean = {k: p.detach().to("cpu", torch.float32, copy=True) for k, p in params.items()}

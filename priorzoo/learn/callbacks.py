@@ -54,6 +54,7 @@ FIT_STATE_NAME = "swag_fit_state.safetensors"
 """File name of :func:`swag_fit`'s resumable state inside ``checkpoint_dir``."""
 
 _CALLBACK_CLASS: type | None = None
+SWAGCallback: type  # built on first access by the module __getattr__ below (transformers is optional)
 
 
 def _make_callback_class() -> type:
@@ -327,9 +328,8 @@ def swag_fit(
     check_positive_int(warmup_epochs, "warmup_epochs", minimum=0)
     if warmup_epochs >= epochs:
         raise ValueError(f"`warmup_epochs` ({warmup_epochs}) must be < `epochs` ({epochs}): no snapshot would be taken")
-    if schedule is None:
-        if collect_every != "epoch":
-            check_positive_int(collect_every, "collect_every", hint='or the string "epoch"')
+    if schedule is None and collect_every != "epoch":
+        check_positive_int(collect_every, "collect_every", hint='or the string "epoch"')
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(dev)
     if isinstance(objective, nn.Module):
@@ -369,7 +369,7 @@ def swag_fit(
             loss = objective(model, _to_device(batch, dev))
             if not torch.isfinite(loss):
                 raise FloatingPointError(
-                    f"the training loss is {float(loss)} at step {global_step + 1}; lower the learning rate"
+                    f"the training loss is {loss.item()} at step {global_step + 1}; lower the learning rate"
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -386,7 +386,7 @@ def swag_fit(
                 elif collect_every != "epoch" and global_step % int(collect_every) == 0:
                     collector.collect()
             if progress:
-                bar.set_postfix(loss=f"{float(loss):.4f}", snapshots=collector.num_collected)
+                bar.set_postfix(loss=f"{loss.item():.4f}", snapshots=collector.num_collected)
         if swag_phase and schedule is None and collect_every == "epoch":
             collector.collect()
         if state_path is not None:

@@ -97,7 +97,9 @@ class CrossEntropyObjective:
         0.6931
     """
 
-    def __init__(self, *, label_key: str = "labels", input_key: str | None = None, label_smoothing: float = 0.0) -> None:
+    def __init__(
+        self, *, label_key: str = "labels", input_key: str | None = None, label_smoothing: float = 0.0
+    ) -> None:
         self.label_key = label_key
         self.input_key = input_key
         self.label_smoothing = float(label_smoothing)
@@ -147,7 +149,9 @@ class ProjectionHead(nn.Sequential):
 
     def __init__(self, in_dim: int, out_dim: int = 128, hidden_dim: int | None = None) -> None:
         hidden = hidden_dim or in_dim
-        super().__init__(nn.Linear(in_dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
+        super().__init__(
+            nn.Linear(in_dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, out_dim)
+        )
 
 
 class ImageAugment(nn.Module):
@@ -429,6 +433,11 @@ class MaskedLMObjective:
             special |= ids == t
         if "attention_mask" in batch:
             special |= batch["attention_mask"] == 0
+        if bool(special.all()):
+            raise ValueError(
+                "every token of the batch is special or padding, so masked-LM has nothing to predict; does the "
+                "tokenizer map the text to [UNK] only (wrong vocabulary), or is `special_token_ids` too broad?"
+            )
         masked, labels = mask_tokens(
             ids,
             mask_token_id=self.mask_token_id,

@@ -17,7 +17,7 @@ mean *after* including snapshot i (as in Maddox et al.'s reference code). Shwart
 
 :class:`SWAGCollector` keeps exactly what that needs, O((K+2)·P) memory, and nothing more:
 
-* the running mean w̄ and the sum of squared deviations M₂ = Σ_t (w_t − w̄_t)(w_t − w̄_{t−1}), updated
+* the running mean w̄ and the sum of squared deviations M₂ = Σ_t (w_t − w̄_{t−1})(w_t − w̄_t), updated
   in one streaming pass per snapshot (Welford's algorithm), so that E[w²] − w̄² = M₂ / T;
 * a ring buffer of the last K deviations.
 
@@ -82,7 +82,7 @@ __all__ = ["ConstantLRSchedule", "CyclicCosineSchedule", "SWAGCollector"]
 _STATE_FORMAT = "priorzoo.swag_collector"
 _STATE_VERSION = 1
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
-_DEFAULT_CHUNK = 1 << 16  # elements per fused update: 4 float32 chunks (1 MiB) stay in L2 cache
+_DEFAULT_CHUNK = 1 << 18  # elements per fused update (1 MiB float32): big enough to amortise op overhead
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -189,8 +189,7 @@ class SWAGCollector:
         self._m2 = torch.zeros(off, dtype=self.moment_dtype, device=self.device)
         self._ring = torch.zeros(self.rank, off, dtype=factor_dtype, device=self.device)
         self._n = 0
-        self._tmp: Tensor | None = None
-        self._tmp2: Tensor | None = None
+        self._tmp: Tensor | None = None  # scratch chunk, only when the ring's dtype differs
 
     # ------------------------------------------------------------------ introspection
     @property
@@ -315,9 +314,10 @@ class SWAGCollector:
     def collect(self, model: torch.nn.Module | None = None) -> None:
         """Add the current weights as snapshot T+1: one streaming pass over the selected parameters.
 
-        For each weight (Welford, with n = T+1):
-        ``δ = w − w̄;  w̄ ← w̄ + δ/n;  d = w − w̄;  M₂ ← M₂ + δ·d;  ring[(n−1) mod K] ← d``.
-        The deviation d is taken against the mean *after* including w (Maddox et al.).
+        For each weight (Welford, with n = T+1 and δ = w − w̄ the deviation from the old mean):
+        ``w̄ ← w̄ + δ/n;  d = w − w̄;  M₂ ← M₂ + δ·d = M₂ + n/(n−1)·d²;  ring[(n−1) mod K] ← d``.
+        The deviation d is taken against the mean *after* including w (Maddox et al.). In cache-sized
+        chunks this is three fused passes (``lerp_``, ``sub``, ``addcmul_``) over data already in cache.
 
         Args:
             model: take the weights from this model instead of the one given at construction (same
@@ -340,32 +340,30 @@ class SWAGCollector:
                 self._check_finite(n, w)
         n = self._n + 1
         inv_n = 1.0 / n
+        gain = n / (n - 1) if n > 1 else 0.0
         slot = self._ring[(n - 1) % self.rank]
         chunk = self.chunk_size
-        if self._tmp is None:
-            size = min(chunk, self.num_parameters)
-            self._tmp = torch.empty(size, dtype=self.moment_dtype, device=self.device)
-            self._tmp2 = torch.empty(size, dtype=self.moment_dtype, device=self.device)
         direct = self.factor_dtype == self.moment_dtype
+        if self._tmp is None and not direct:
+            self._tmp = torch.empty(min(chunk, self.num_parameters), dtype=self.moment_dtype, device=self.device)
         for name, w in current:
             a, b = self._offsets[name]
             flat = w.reshape(-1)
             for s in range(0, b - a, chunk):
                 e = min(s + chunk, b - a)
-                k = e - s
                 wc = flat[s:e]
                 if wc.dtype != self.moment_dtype or wc.device != self.device:
                     wc = wc.to(device=self.device, dtype=self.moment_dtype)
                 mean = self._mean[a + s : a + e]
-                m2 = self._m2[a + s : a + e]
-                delta = torch.sub(wc, mean, out=self._tmp[:k])
-                mean.add_(delta, alpha=inv_n)
+                mean.lerp_(wc, inv_n)  # w̄ ← w̄ + (w − w̄)/n
                 if direct:
-                    dev = torch.sub(wc, mean, out=slot[a + s : a + e])
+                    dev = torch.sub(wc, mean, out=slot[a + s : a + e])  # d = w − w̄ (new mean), into the ring
                 else:
-                    dev = torch.sub(wc, mean, out=self._tmp2[:k])  # type: ignore[index]
+                    dev = torch.sub(wc, mean, out=self._tmp[: e - s])  # type: ignore[index]
                     slot[a + s : a + e].copy_(dev)
-                m2.addcmul_(delta, dev)
+                if n > 1:
+                    # Welford: M₂ += δ·d with δ = w − w̄_old = d·n/(n−1), i.e. M₂ += n/(n−1)·d² (≥ 0)
+                    self._m2[a + s : a + e].addcmul_(dev, dev, value=gain)
         self._n = n
 
     # ------------------------------------------------------------------ the prior
@@ -609,7 +607,15 @@ class _Schedule:
 
     def scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         """A ``LambdaLR`` that follows this schedule for every param group (call ``.step()`` after each
-        optimizer step). Each group's own initial lr is the ``base_lr``."""
+        optimizer step). Each group's own initial lr is the ``base_lr``.
+
+        Example:
+            >>> import torch
+            >>> opt = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1)
+            >>> sched = ConstantLRSchedule(swa_lr=0.02, swa_start=1).scheduler(opt)
+            >>> opt.step(); sched.step(); opt.param_groups[0]["lr"]
+            0.02
+        """
         lambdas: list[Callable[[int], float]] = []
         for group in optimizer.param_groups:
             base = float(group.get("initial_lr", group["lr"]))

@@ -30,14 +30,20 @@ def tiny_bert(num_labels: int = 3, seed: int = 0):
 
 
 class TimmClassifier(torch.nn.Module):
-    """A timm model that returns a transformers-style output with the loss (forward has no **kwargs)."""
+    """A timm model that returns a transformers-style output with the loss (forward has no **kwargs).
 
-    def __init__(self, name: str = "test_resnet", num_classes: int = 3, seed: int = 0) -> None:
+    Default: timm's ``test_vit`` at 32×32 (4 patches, 300k parameters, classifier ``head``), fast in fp32
+    and bf16 on CPU.
+    """
+
+    def __init__(self, name: str = "test_vit", num_classes: int = 3, seed: int = 0, **timm_kwargs) -> None:
         super().__init__()
         import timm
 
         torch.manual_seed(seed)
-        self.model = timm.create_model(name, num_classes=num_classes)
+        if name.startswith("test_vit"):
+            timm_kwargs.setdefault("img_size", 32)
+        self.model = timm.create_model(name, num_classes=num_classes, **timm_kwargs)
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
         logits = self.model(pixel_values)
@@ -80,11 +86,11 @@ def bert_prior(model, **kwargs) -> PriorModel:
     return random_prior(named, **kwargs)
 
 
-def timm_prior(model, prefix: str = "", **kwargs) -> PriorModel:
-    """A prior over a timm model's backbone, excluding its classifier ``fc``."""
+def timm_prior(model, prefix: str = "", head: str = "head", **kwargs) -> PriorModel:
+    """A prior over a timm model's backbone, excluding its classifier (``head`` for ViT, ``fc`` for ResNet)."""
     named = {n.removeprefix(prefix): p for n, p in model.named_parameters()}
-    named = {n: p for n, p in named.items() if not n.startswith("fc.")}
-    return random_prior(named, exclude=["fc.*"], **kwargs)
+    named = {n: p for n, p in named.items() if not n.startswith(head + ".")}
+    return random_prior(named, exclude=[f"{head}.*"], **kwargs)
 
 
 def text_examples(n: int, num_labels: int = 3, seed: int = 0) -> list[dict]:

@@ -19,6 +19,8 @@ from priorzoo.learn import (
 )
 from priorzoo.learn.callbacks import FIT_STATE_NAME
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 class TwoParams(nn.Module):
     """A model whose weights we set by hand: a [2, 3] matrix and a [3] vector (P = 9)."""
@@ -231,7 +233,7 @@ def test_to_prior_before_any_or_one_snapshot() -> None:
     with pytest.raises(RuntimeError, match="mean"):
         collector.mean()
     collector.collect()
-    with pytest.raises(RuntimeError, match="1 collected so far.*one snapshot has no spread"):
+    with pytest.raises(RuntimeError, match=r"1 collected so far.*one snapshot has no spread"):
         collector.to_prior()
 
 
@@ -247,10 +249,12 @@ def test_parameter_shape_change_is_refused() -> None:
     collector = SWAGCollector(model, rank=3)
     collector.collect()
     model[1] = nn.Linear(4, 5)
-    with pytest.raises(RuntimeError, match=r"parameter `1.weight` has shape \(5, 4\), but the collector was built for shape \(2, 4\)"):
+    with pytest.raises(
+        RuntimeError, match=r"parameter `1.weight` has shape \(5, 4\), but the collector was built for shape \(2, 4\)"
+    ):
         collector.collect()
     model[1] = nn.Identity()
-    with pytest.raises(RuntimeError, match="parameter `1.weight` is no longer in the model"):
+    with pytest.raises(RuntimeError, match=r"parameter `1\.weight` is no longer in the model"):
         collector.collect()
     assert collector.num_collected == 1
 
@@ -265,7 +269,9 @@ def test_non_finite_weights_are_refused_and_state_unchanged(bad: float) -> None:
     w = np.arange(9.0) + 1
     w[7] = bad
     model.set_(w)
-    with pytest.raises(FloatingPointError, match=r"parameter `b` holds 1 non-finite value\(s\) \(NaN or ±inf\) out of 3"):
+    with pytest.raises(
+        FloatingPointError, match=r"parameter `b` holds 1 non-finite value\(s\) \(NaN or ±inf\) out of 3"
+    ):
         collector.collect()
     after = collector.state_dict()
     assert after["num_collected"] == 1
@@ -436,8 +442,15 @@ def test_swag_fit_with_cyclic_schedule_collects_once_per_cycle() -> None:
     model = nn.Linear(3, 2)
     data = [(torch.randn(4, 3), torch.randint(0, 2, (4,))) for _ in range(6)]
     collector = swag_fit(
-        model, data, CrossEntropyObjective(), epochs=2, rank=4, lr=0.1, exclude_head=False,
-        schedule=CyclicCosineSchedule(cycle_steps=3), progress=False,
+        model,
+        data,
+        CrossEntropyObjective(),
+        epochs=2,
+        rank=4,
+        lr=0.1,
+        exclude_head=False,
+        schedule=CyclicCosineSchedule(cycle_steps=3),
+        progress=False,
     )
     assert collector.num_collected == 4
 
@@ -446,5 +459,7 @@ def test_swag_fit_argument_errors() -> None:
     model = nn.Linear(2, 2)
     with pytest.raises(ValueError, match="`warmup_epochs` \\(2\\) must be < `epochs` \\(2\\)"):
         swag_fit(model, [], CrossEntropyObjective(), epochs=2, warmup_epochs=2, progress=False)
-    with pytest.raises(ValueError, match='`collect_every` must be an integer ≥ 1; received 0 \\(or the string "epoch"\\)'):
+    with pytest.raises(
+        ValueError, match='`collect_every` must be an integer ≥ 1; received 0 \\(or the string "epoch"\\)'
+    ):
         swag_fit(model, [], CrossEntropyObjective(), epochs=2, collect_every=0, progress=False)

@@ -1,0 +1,167 @@
+"""`priorzoo learn`: offline, random-init or local backbones, local datasets, a complete prior folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from priorzoo import PriorModel
+from priorzoo.cli import main
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+pytest.importorskip("datasets")
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """An imagefolder dataset: 2 classes × 4 random 24×24 PNGs."""
+    image = pytest.importorskip("PIL.Image")
+    gen = torch.Generator().manual_seed(0)
+    root = tmp_path / "images"
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir(parents=True)
+        for i in range(4):
+            pixels = (torch.rand(24, 24, 3, generator=gen) * 255).to(torch.uint8).numpy()
+            image.fromarray(pixels).save(root / cls / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def tiny_bert(tmp_path):
+    """A local transformers folder: a random tiny BertForMaskedLM and a WordPiece tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    words = ["the", "a", "cat", "dog", "sat", "ran", "on", "mat", "good", "bad", "movie", "film"]
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
+    folder = tmp_path / "tiny-bert"
+    tokenizer = transformers.BertTokenizerFast(vocab=vocab)
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=32,
+    )
+    transformers.BertForMaskedLM(config).save_pretrained(folder)
+    return folder
+
+
+def test_learn_timm_supervised_on_an_image_folder(image_folder, tmp_path) -> None:
+    out = tmp_path / "prior"
+    code = main(
+        [
+            "learn",
+            "test_resnet",
+            "--no-pretrained",
+            "--data",
+            str(image_folder),
+            "--objective",
+            "supervised",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "4",
+            "--collect-every",
+            "1",
+            "--rank",
+            "3",
+            "--image-size",
+            "32",
+            "--lr",
+            "0.01",
+            "--output",
+            str(out),
+            "--no-progress",
+            "--checkpoint-dir",
+            str(tmp_path / "ckpt"),
+        ]
+    )
+    assert code == 0
+    prior = PriorModel.from_pretrained(out)
+    assert prior.kind.value == "swag" and prior.rank == 3
+    assert not any(n.startswith("fc.") for n in prior.names)  # the 2-class head is not in the prior
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["backbone"]["library"] == "timm" and cfg["backbone"]["name"] == "test_resnet"
+    assert cfg["backbone"]["pretrained"] is False
+    assert cfg["source"] == {"dataset": "images", "split": "train", "objective": "supervised", "num_examples": 8}
+    assert cfg["learning"]["snapshots"] == 4 and cfg["learning"]["image_size"] == 32
+    assert (out / "README.md").read_text().startswith("---")
+    assert (tmp_path / "ckpt" / "swag_fit_state.safetensors").is_file()
+
+
+def test_learn_timm_simclr_needs_no_labels(image_folder, tmp_path) -> None:
+    out = tmp_path / "ssl-prior"
+    code = main([
+        "learn", "test_resnet", "--no-pretrained", "--data", str(image_folder), "--objective", "simclr",
+        "--epochs", "3", "--batch-size", "4", "--rank", "2", "--image-size", "32", "--output", str(out),
+        "--no-progress", "--schedule", "cyclic", "--cycle-steps", "2",
+    ])
+    assert code == 0
+    prior = PriorModel.from_pretrained(out)
+    assert prior.config.source["objective"] == "simclr"
+    assert prior.config.learning["schedule"] == "cyclic" and prior.config.learning["snapshots"] == 3
+    assert not any("head" in n for n in prior.names)  # the projection head is not part of the prior
+
+
+def test_learn_transformers_mlm_on_a_csv(tiny_bert, tmp_path) -> None:
+    csv = tmp_path / "reviews.csv"
+    csv.write_text(
+        "review,stars\n"
+        + "\n".join(
+            f"the {a} {b} on a mat,{i % 2}"
+            for i, (a, b) in enumerate(
+                [("cat", "sat"), ("dog", "ran"), ("good", "movie"), ("bad", "film"), ("cat", "ran"), ("dog", "sat")]
+            )
+        )
+        + "\n"
+    )
+    out = tmp_path / "bert-prior"
+    code = main(
+        [
+            "learn",
+            str(tiny_bert),
+            "--data",
+            str(csv),
+            "--text-column",
+            "review",
+            "--objective",
+            "mlm",
+            "--epochs",
+            "3",
+            "--batch-size",
+            "3",
+            "--rank",
+            "2",
+            "--lr",
+            "0.01",
+            "--output",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    prior = PriorModel.from_pretrained(out)
+    assert prior.rank == 2 and all(n.startswith("bert.") for n in prior.names)
+    assert prior.config.backbone["library"] == "transformers"
+    assert prior.config.source["objective"] == "mlm" and prior.config.learning["snapshots"] == 3
+
+
+def test_learn_input_errors_are_reported(image_folder, tmp_path, capsys) -> None:
+    base = ["learn", "test_resnet", "--no-pretrained", "--output", str(tmp_path / "o"), "--no-progress"]
+    assert main([*base, "--data", str(tmp_path / "data.xyz"), "--data-format", "csv"]) == 2
+    (tmp_path / "data.xyz").write_text("x\n1\n")
+    assert main([*base, "--data", str(tmp_path / "data.xyz")]) == 2
+    assert "cannot tell the format of `.xyz` files" in capsys.readouterr().err
+    assert main([*base, "--data", str(image_folder), "--objective", "mlm"]) == 2
+    assert "`--objective mlm` needs a text column" in capsys.readouterr().err
+    assert main([*base, "--data", str(image_folder), "--collect-every", "0"]) == 2
+    assert "`--collect-every` must be ≥ 1" in capsys.readouterr().err
+    assert main([*base, "--data", str(image_folder), "--rank", "0"]) == 2
+    assert "`--rank` must be ≥ 2; received 0" in capsys.readouterr().err
+    assert main([*base, "--data", str(image_folder), "--epochs", "1"]) == 2  # one epoch: one snapshot only
+    assert "a prior needs at least 2" in capsys.readouterr().err

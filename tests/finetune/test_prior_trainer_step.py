@@ -1,0 +1,160 @@
+"""One optimiser step of the transformers Trainer with PriorCallback / PriorTrainer equals the step without
+the prior minus lr·ρ·Σ⁻¹(w₀ − μ)/N, for a tiny BERT (forward takes **kwargs: the Trainer sums micro-batch
+means) and a tiny timm model (no **kwargs: the Trainer divides by G), with gradient accumulation and bf16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from finetune_helpers import (
+    TimmClassifier,
+    bert_prior,
+    image_examples,
+    max_abs_diff,
+    params_of,
+    text_examples,
+    timm_prior,
+    tiny_bert,
+)
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("timm")
+
+from transformers import Trainer, TrainingArguments  # noqa: E402
+
+from priorzoo.finetune import PriorCallback, PriorRegularizer, PriorTrainer  # noqa: E402
+
+LR = 0.1
+N = 10
+TOL = 1e-6
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    transformers.logging.set_verbosity_error()
+
+
+def _args(tmp_path, ga: int, bf16: bool, per_device: int = 4, **kw) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        report_to="none",
+        max_steps=1,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=ga,
+        learning_rate=LR,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        save_strategy="no",
+        seed=0,
+        bf16=bf16,
+        disable_tqdm=True,
+        logging_steps=1,
+        **kw,
+    )
+
+
+def _setup(kind: str, ga: int):
+    if kind == "bert":
+        model, data = tiny_bert(), text_examples(4 * ga)
+        prior = bert_prior(model)
+    else:
+        model, data = TimmClassifier(), image_examples(4 * ga)
+        prior = timm_prior(model, prefix="model.")
+    return model, data, prior
+
+
+def _one_step(kind: str, ga: int, bf16: bool, mode: str, tmp_path, **trainer_kw):
+    model, data, prior = _setup(kind, ga)
+    args = _args(tmp_path, ga, bf16)
+    if mode == "none":
+        trainer = Trainer(model=model, args=args, train_dataset=data, **trainer_kw)
+    elif mode == "callback":
+        trainer = Trainer(
+            model=model, args=args, train_dataset=data, callbacks=[PriorCallback(prior, N)], **trainer_kw
+        )
+    else:
+        trainer = PriorTrainer(
+            model=model, args=args, train_dataset=data, prior=prior, num_train_examples=N, **trainer_kw
+        )
+    assert trainer.accelerator.mixed_precision == ("bf16" if bf16 else "no")
+    trainer.train()
+    return model, prior, params_of(model), trainer.state.log_history
+
+
+def _prior_gradient(model: torch.nn.Module, prior) -> tuple[dict[str, torch.Tensor], float]:
+    """ρ·Σ⁻¹(w₀ − μ)/N per model parameter name, and ρ·penalty/N, at the model's (starting) weights."""
+    reg = PriorRegularizer(prior, model, num_train_examples=N)
+    params = dict(model.named_parameters())
+    grads = {m: g.reshape(params[m].shape) for m, g in zip(reg.match.matched.values(), reg.gradient())}
+    assert max(float(g.abs().max()) for g in grads.values()) * LR > 1e-2  # the prior visibly moves the step
+    return grads, float(reg().detach())
+
+
+@pytest.mark.parametrize(
+    ("kind", "ga", "bf16"),
+    [("bert", 1, False), ("bert", 2, False), ("bert", 2, True), ("timm", 1, False), ("timm", 2, True)],
+)
+def test_step_equals_plain_step_minus_prior_gradient(kind, ga, bf16, tmp_path):
+    model0, _, prior = _setup(kind, ga)  # model construction is seeded: the same w₀ in every run
+    grads, value = _prior_gradient(model0, prior)
+
+    _, _, w_plain, log_plain = _one_step(kind, ga, bf16, "none", tmp_path)
+    expected = {n: w - LR * grads[n] if n in grads else w for n, w in w_plain.items()}
+    for mode in ("callback", "mixin"):
+        _, _, w_prior, log = _one_step(kind, ga, bf16, mode, tmp_path)
+        assert max_abs_diff(w_prior, expected) < TOL, mode
+        # the prior term is logged, once per step, with its value at the starting weights
+        assert log[0]["prior_term"] == pytest.approx(value, rel=1e-5)
+        if mode == "callback":  # the callback leaves the Trainer's loss alone
+            assert log[0]["loss"] == pytest.approx(log_plain[0]["loss"], rel=1e-6)
+        else:  # the mixin's logged loss includes the prior term exactly once
+            assert log[0]["loss"] == pytest.approx(log_plain[0]["loss"] + value, rel=1e-5)
+        assert log[-1]["train_prior_term"] == pytest.approx(value, rel=1e-5)
+
+
+def test_bert_trainer_sums_micro_batch_means_under_accumulation(tmp_path):
+    """Pins the transformers behaviour the docs describe: with G = 2 the BERT data loss is the SUM of the two
+    micro-batch means (its forward takes **kwargs but ignores num_items_in_batch)."""
+    _, _, _, log2 = _one_step("bert", 2, False, "none", tmp_path)
+    model = tiny_bert()
+    data = text_examples(8)
+    with torch.no_grad():
+        first = Trainer(model=model, args=_args(tmp_path, 2, False), train_dataset=data)
+        batches = list(first.get_train_dataloader())
+        means = [float(model(**b).loss) for b in batches[:2]]
+    assert log2[0]["loss"] == pytest.approx(sum(means), rel=1e-5)
+
+
+def test_mixin_with_compute_loss_func_and_accumulation(tmp_path):
+    """compute_loss_func path: the Trainer counts the loss as scaled (no division by G); the prior enters once."""
+
+    def loss_func(outputs, labels, num_items_in_batch=None):
+        ce = torch.nn.functional.cross_entropy(outputs.logits.float(), labels, reduction="sum")
+        return ce / num_items_in_batch
+
+    model0, _, prior = _setup("bert", 2)
+    grads, _ = _prior_gradient(model0, prior)
+    _, _, w_plain, _ = _one_step("bert", 2, False, "none", tmp_path, compute_loss_func=loss_func)
+    _, _, w_prior, _ = _one_step("bert", 2, False, "mixin", tmp_path, compute_loss_func=loss_func)
+    expected = {n: w - LR * grads[n] if n in grads else w for n, w in w_plain.items()}
+    assert max_abs_diff(w_prior, expected) < TOL
+
+
+def test_mixin_accumulation_matches_one_big_batch_when_data_term_is_a_mean(tmp_path):
+    """With `loss_is_scaled_for_ga = False` (the documented remedy for BERT) G = 2 micro-batches of 4 give
+    the same step as one batch of 8: data term a mean, prior term once."""
+
+    class MeanTrainer(PriorTrainer):
+        loss_is_scaled_for_ga = False
+
+    results = []
+    for ga, per_device in ((2, 4), (1, 8)):
+        model, _, prior = _setup("bert", 2)
+        data = text_examples(8)
+        args = _args(tmp_path, ga, False, per_device=per_device)
+        MeanTrainer(model=model, args=args, train_dataset=data, prior=prior, num_train_examples=N).train()
+        results.append(params_of(model))
+    assert max_abs_diff(*results) < TOL
