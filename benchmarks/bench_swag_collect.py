@@ -10,9 +10,9 @@ K = 20 ring buffer. Measured in one process, interleaved, median over repeats:
   into the ring slot, ``addcmul_``) over cache-sized chunks;
 - collect_unchunked: the same update with one op per whole tensor (``chunk_size`` = ∞), to show what
   fusing into cache-sized chunks buys;
-- memory: the RSS high-water mark above the steady state during each operation (Linux
-  ``/proc/self/clear_refs``), i.e. the transient memory of one snapshot; plus the collector's persistent
-  state, (K + 2)·P·4 bytes.
+- memory: the RSS high-water mark above the steady state during one operation (Linux
+  ``/proc/self/clear_refs``), each in a fresh process after warm-up, i.e. the transient memory of one
+  snapshot; plus the collector's persistent state, (K + 2)·P·4 bytes.
 
 Bytes per weight: copy reads 4 and writes 4 (8 B); collect reads w twice (finite check + update), reads
 and writes the mean and M₂, writes the deviation (4 + 4 + 8 + 8 + 4 = 28 B). A memory-bound collect is
@@ -65,6 +65,48 @@ def _peak_extra_mib(fn: Callable[[], object]) -> float:
     return (peak - before) / 1024
 
 
+def _memory_in_child(op: str, rank: int, threads: int) -> float:
+    """Peak extra RSS of one ``op`` measured in a fresh process (no allocator reuse from earlier runs)."""
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory-child", op, "--rank", str(rank), "--threads", str(threads)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _memory_child(op: str, rank: int) -> None:
+    """Build the model (and collector), warm up, then print the peak extra MiB of one ``op``."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet50", pretrained=False)
+    params = [p for n, p in model.named_parameters() if not n.startswith("fc.")]
+    if op.startswith("collect"):
+        collector = SWAGCollector(model, rank=rank, chunk_size=1 << 40 if op == "collect_unchunked" else 1 << 18)
+        collector.collect()
+        collector.collect()
+        fn: Callable[[], object] = collector.collect
+    elif op == "clone":
+
+        def fn() -> object:
+            return [p.detach().clone() for p in params]
+    else:
+        flat = torch.zeros(sum(p.numel() for p in params))
+
+        def fn() -> object:
+            off = 0
+            for p in params:
+                flat[off : off + p.numel()].copy_(p.detach().view(-1))
+                off += p.numel()
+            return None
+
+    print(_peak_extra_mib(fn))
+
+
 def _median_time(fn: Callable[[], object], repeats: int, setup: Callable[[], None] | None = None) -> list[float]:
     times = []
     for _ in range(repeats):
@@ -82,8 +124,12 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: stable on a shared CPU)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.memory_child:
+        _memory_child(args.memory_child, args.rank)
+        return
     import timm
 
     torch.manual_seed(0)
@@ -140,10 +186,8 @@ def main() -> None:
         rows["collect_unchunked"] += _median_time(unchunked.collect, 1, setup=perturb)
     med = {k: statistics.median(v) for k, v in rows.items()}
     mem = {
-        "copy_into_buffer": _peak_extra_mib(copy),
-        "clone": _peak_extra_mib(clone),
-        "collect": _peak_extra_mib(collector.collect),
-        "collect_unchunked": _peak_extra_mib(unchunked.collect),
+        op: _memory_in_child(op, args.rank, args.threads)
+        for op in ("copy_into_buffer", "clone", "collect", "collect_unchunked")
     }
     state_mib = (collector._mean.numel() + collector._m2.numel() + collector._ring.numel()) * 4 / 2**20
     result = {

@@ -109,7 +109,10 @@ def _template_text(template: str) -> str:
 
 
 def _hub_id(value: Any) -> str | None:
-    """``value`` when it is a valid Hub repo id and not a local path, else ``None``."""
+    """``value`` when it is a valid Hub repo id (not written as a local path: ``./``, ``/``, ``~``), else ``None``.
+
+    The file system is not consulted, so a card renders the same bytes wherever it is rendered.
+    """
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     if not isinstance(value, str) or not value or value.startswith((".", "/", "~")):
@@ -317,13 +320,20 @@ def _model_ref(config: PriorConfig) -> str:
     return _base_model(bb) or _hub_id(bb.get("name")) or "MODEL_ID_OR_FOLDER"
 
 
-def render_card(config: PriorConfig, *, repo_id: str | None = None, template: str = DEFAULT_TEMPLATE) -> str:
+def render_card(
+    config: PriorConfig,
+    *,
+    repo_id: str | None = None,
+    description: str | None = None,
+    template: str = DEFAULT_TEMPLATE,
+) -> str:
     """Render the model card (README.md text) for a prior with this config.
 
     Args:
         config: the prior's config (everything on the card comes from it).
         repo_id: the Hub repo the prior is published at (used in the usage snippets and as the
             model-index name); default ``config.learning["repo_id"]``, else a placeholder.
+        description: a paragraph about this prior shown under the title (e.g. a zoo entry's description).
         template: file name of a template in ``model_cards/``.
 
     Example:
@@ -349,6 +359,7 @@ def render_card(config: PriorConfig, *, repo_id: str | None = None, template: st
     return env.from_string(source_text).render(
         front_matter=yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip(),
         title=f"priorzoo {config.kind.value} prior for {backbone_desc or 'an unnamed backbone'}",
+        description=description.strip() if description else None,
         repo_id=repo,
         kind=config.kind.value,
         kind_desc=_KIND_DESCRIPTIONS.get(config.kind.value, config.kind.value),

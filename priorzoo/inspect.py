@@ -346,7 +346,8 @@ def plot_layer_scales(
     bb = s.get("backbone") or {}
     backbone = " ".join(str(v) for v in (bb.get("library"), bb.get("name")) if v) or "backbone"
     fig.suptitle(
-        title or f"priorzoo {s['kind']} prior (K = {s['rank']}) for {backbone}: per-layer prior scale at "
+        title
+        or f"priorzoo {s['kind']} prior (K = {s['rank']}) for {backbone}: per-layer prior scale at "
         f"λ = {s['evaluated_scale']:g}",
         fontsize="medium",
     )

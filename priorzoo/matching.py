@@ -47,6 +47,9 @@ Patterns = str | Sequence[str] | Callable[[str], bool] | None
 """Which parameters: a glob, a list of globs, a predicate on the name, or ``None`` (no filter)."""
 
 _DDP_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.")
+# layers a task model adds on top of a backbone checkpoint that lacks them (a masked-LM BERT has no pooler):
+# when the prior does not cover them they count as part of the new head, not as uncovered backbone weights
+_NEW_LAYER_HINTS = ("pooler.",)
 
 
 def compile_patterns(patterns: Patterns) -> Callable[[str], bool] | None:
@@ -303,7 +306,7 @@ def match_parameters(
 
     def intended(model_name: str) -> bool:
         """A model parameter left without prior on purpose: the head, or a pattern names it."""
-        if model_name in head:
+        if model_name in head or any(hint in model_name for hint in _NEW_LAYER_HINTS):
             return True
         pname = strip + model_name[len(add) :] if model_name.startswith(add) else model_name
         return any(

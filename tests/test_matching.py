@@ -133,3 +133,14 @@ def test_match_parameters_directly():
     lin = torch.nn.Linear(2, 3)
     m = match_parameters({"weight": (3, 2), "bias": (3,)}, lin, exclude="bias")
     assert m.matched == {"weight": "weight"} and m.excluded == ["bias"]
+
+
+def test_pooler_missing_from_an_mlm_prior_counts_as_new_head():
+    torch.manual_seed(0)
+    mlm = transformers.BertForMaskedLM(tiny_bert_config())
+    prior = prior_from(select_parameters(mlm, exclude="cls.*").items(), exclude=["cls.*"])
+    task = transformers.BertForSequenceClassification(tiny_bert_config(num_labels=4))
+    m = prior.match(task)
+    assert "bert.pooler.dense.weight" in m.no_prior
+    assert m.uncovered == []
+    m.check()

@@ -38,17 +38,15 @@ __all__ = ["register", "run_list", "run_pull", "run_push"]
 
 def register(subparsers: Any) -> list[argparse.ArgumentParser]:
     """Add the ``push``, ``pull`` and ``list`` subcommands to the ``priorzoo`` parser; returns their parsers."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
     push = subparsers.add_parser(
         "push",
         help="upload a prior folder to the Hub (one commit; no commit when nothing changed)",
         description="Upload a prior folder (written by PriorModel.save_pretrained or `priorzoo learn`) to a Hub "
         "model repo as one commit. The repo (and the branch of --revision) is created when missing. Pushing "
         "an unchanged prior makes no new commit.",
-        formatter_class=fmt,
     )
-    push.add_argument("folder", help="the prior folder (config.json + prior.safetensors or shards + README.md)")
-    push.add_argument("repo_id", help='target Hub repo, "org/name"')
+    push.add_argument("folder", metavar="FOLDER", help="the prior folder (config.json, tensors, README.md)")
+    push.add_argument("repo_id", metavar="REPO_ID", help='target Hub repo, "org/name"')
     push.add_argument("--private", action="store_true", help="create the repo as private (only when it is created)")
     push.add_argument("--revision", default=None, help="branch to push to (created from main if missing)")
     push.add_argument("--subfolder", default=None, help="folder inside the repo (several priors in one repo)")
@@ -66,9 +64,8 @@ def register(subparsers: Any) -> list[argparse.ArgumentParser]:
         help="download a prior from the Hub, validate it and print a summary",
         description="Download a prior from the Hub into the huggingface_hub cache (or --to a folder), load it to "
         "validate every tensor, and print a summary. Works offline (HF_HUB_OFFLINE=1) once downloaded.",
-        formatter_class=fmt,
     )
-    pull.add_argument("repo_id", help='Hub repo id "org/name" (a local prior folder works too)')
+    pull.add_argument("repo_id", metavar="REPO_ID", help='Hub repo id "org/name" (a local prior folder works too)')
     pull.add_argument("--revision", default=None, help="branch, tag or commit id")
     pull.add_argument("--subfolder", default=None, help="folder inside the repo that holds the prior")
     pull.add_argument("--cache-dir", default=None, help="huggingface_hub cache folder (default: HF_HUB_CACHE)")
@@ -81,7 +78,6 @@ def register(subparsers: Any) -> list[argparse.ArgumentParser]:
         "list",
         help="list the priors on the Hub (library_name: priorzoo)",
         description="List the model repos on the Hub whose card says `library_name: priorzoo`.",
-        formatter_class=fmt,
     )
     lst.add_argument("--search", default=None, help="substring of the repo id")
     lst.add_argument("--author", default=None, help="user or organisation")
@@ -155,7 +151,8 @@ def _describe(prior: Any) -> list[str]:
     source = ", ".join(f"{k}={cfg.source[k]}" for k in ("dataset", "objective") if cfg.source.get(k))
     lam = f"{cfg.recommended_scale:g}" if cfg.recommended_scale is not None else "not measured"
     return [
-        f"  kind {prior.kind.value}, rank K = {prior.rank}, {len(prior.names)} tensors, {prior.num_parameters:,} weights",
+        f"  kind {prior.kind.value}, rank K = {prior.rank}, "
+        f"{len(prior.names)} tensors, {prior.num_parameters:,} weights",
         f"  backbone: {backbone or 'not recorded'}",
         f"  source:   {source or 'not recorded'}",
         f"  λ stored: {prior.scale:g}; recommended λ: {lam}",
@@ -298,7 +295,10 @@ def run_list(args: argparse.Namespace) -> int:
 
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"`--limit` must be ≥ 1; received {args.limit}")
-        rows = [_info_row(i) for i in list_priors(search=args.search, author=args.author, token=args.token, limit=args.limit)]
+        rows = [
+            _info_row(i)
+            for i in list_priors(search=args.search, author=args.author, token=args.token, limit=args.limit)
+        ]
     except _errors() as err:
         return _fail("list", err)
     if args.json:

@@ -30,7 +30,6 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         help="summarise a prior: config, size, rank, per-layer variance statistics, plot",
         description="Summarise a prior (a local folder or a Hub repo id): config, parameter count, rank, global "
         "and per-layer variance statistics and prior scales; optionally plot the per-layer prior scale.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("prior", metavar="PRIOR", help='a prior folder or a Hub repo id "org/name"')
     p.add_argument("--revision", default=None, help="branch, tag or commit id (Hub)")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -291,10 +290,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if _is_local(args.data) and (_is_local(args.backbone) or not args.pretrained):
-        # everything is on disk: make sure no library reaches for the network
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    # Local data (folder / CSV / JSON / parquet), a timm model with --no-pretrained and a local transformers
+    # folder are all read from disk: nothing here reaches the network unless the user names a Hub id.
     import torch
 
     from priorzoo.learn import (

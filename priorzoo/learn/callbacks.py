@@ -159,6 +159,10 @@ def _make_callback_class() -> type:
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
             if self._due(state.global_step):
                 self._collect(state)
+            elif self.every_epoch and state.global_step > self.start_step and _ends_epoch(state.epoch):
+                # the last step of an epoch: collect now, before the Trainer saves a checkpoint at this
+                # step, so that resuming from it keeps the epoch's snapshot (on_epoch_end comes after)
+                self._collect(state)
             return control
 
         def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any):
@@ -182,6 +186,11 @@ def _make_callback_class() -> type:
     SWAGCallback.__module__ = __name__
     _CALLBACK_CLASS = SWAGCallback
     return SWAGCallback
+
+
+def _ends_epoch(epoch: float | None) -> bool:
+    """The Trainer sets ``state.epoch = e + (step + 1)/steps_in_epoch``: a whole number after an epoch's last step."""
+    return epoch is not None and epoch > 0 and abs(epoch - round(epoch)) < 1e-9
 
 
 def __getattr__(name: str) -> Any:

@@ -25,10 +25,12 @@ Numerics (why Welford and not E[w²]): SWAG variances are tiny next to the weigh
 0.05 moving by 1e-4 has var/w² ≈ 4e-6). Computing E[w²] − w̄² from two float32 running means cancels
 catastrophically — float32 keeps ~7 digits, so the difference is mostly rounding noise and can even be
 negative. Welford never forms that difference: each update adds δ·(w − w̄_new) = δ²(T−1)/T ≥ 0 to M₂, a
-sum of non-negative terms whose relative rounding error is O(T·u) (u = 6e-8 in float32), i.e. < 1e-4
-for thousands of snapshots. Accumulating in float32 is therefore accurate and twice as cheap in memory
-traffic as float64; pass ``moment_dtype=torch.float64`` for bit-paranoid runs. Weights in bf16/fp16 are
-always accumulated in at least float32.
+sum of non-negative terms, each computed from a deviation w − w̄ that is exact up to the rounding of the
+mean. Its relative error is O(u·|w|/σ + T·u) (u = 6e-8 in float32, σ the weight's SWAG standard
+deviation) — 1e-4 for a weight of 0.05 moving by 1e-4 — against O(T·u·w²/σ²), i.e. ≳ 100 %, for the
+two-moment formula. Accumulating in float32 is therefore accurate and half the memory traffic of float64;
+pass ``moment_dtype=torch.float64`` for bit-paranoid runs. Weights in bf16/fp16 are always accumulated in
+at least float32.
 
 ``to_prior()`` writes the priorzoo convention (``docs/format.md``): variance = ½·clamp(M₂/T, min_var) and
 cov_factor F = Dᵀ/√(2(K−1)) — the stored factor rows are d_i/√(2(K−1)) — so that with λ = 1 the prior is
@@ -81,7 +83,6 @@ __all__ = ["ConstantLRSchedule", "CyclicCosineSchedule", "SWAGCollector"]
 
 _STATE_FORMAT = "priorzoo.swag_collector"
 _STATE_VERSION = 1
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 _DEFAULT_CHUNK = 1 << 18  # elements per fused update (1 MiB float32): big enough to amortise op overhead
 
 
@@ -110,7 +111,8 @@ class SWAGCollector:
         factor_dtype: dtype of the K stored deviations (float16/bfloat16 halve the O(K·P) memory).
         device: where the statistics live (default: the parameters' device); ``"cpu"`` keeps a GPU free.
         check_finite: refuse a snapshot containing NaN/±inf (one extra read of the weights).
-        chunk_size: elements per fused update; a streaming pass touches each weight once.
+        chunk_size: weights per in-place update step (default 2¹⁸): the three passes of the update run over
+            one cache-resident chunk at a time, so the snapshot streams through memory once.
 
     Raises:
         ValueError: ``rank`` not an integer ≥ 2, no parameter selected, bad ``min_var``.

@@ -96,11 +96,32 @@ def test_learn_timm_supervised_on_an_image_folder(image_folder, tmp_path) -> Non
 
 def test_learn_timm_simclr_needs_no_labels(image_folder, tmp_path) -> None:
     out = tmp_path / "ssl-prior"
-    code = main([
-        "learn", "test_resnet", "--no-pretrained", "--data", str(image_folder), "--objective", "simclr",
-        "--epochs", "3", "--batch-size", "4", "--rank", "2", "--image-size", "32", "--output", str(out),
-        "--no-progress", "--schedule", "cyclic", "--cycle-steps", "2",
-    ])
+    code = main(
+        [
+            "learn",
+            "test_resnet",
+            "--no-pretrained",
+            "--data",
+            str(image_folder),
+            "--objective",
+            "simclr",
+            "--epochs",
+            "3",
+            "--batch-size",
+            "4",
+            "--rank",
+            "2",
+            "--image-size",
+            "32",
+            "--output",
+            str(out),
+            "--no-progress",
+            "--schedule",
+            "cyclic",
+            "--cycle-steps",
+            "2",
+        ]
+    )
     assert code == 0
     prior = PriorModel.from_pretrained(out)
     assert prior.config.source["objective"] == "simclr"
@@ -149,6 +170,53 @@ def test_learn_transformers_mlm_on_a_csv(tiny_bert, tmp_path) -> None:
     assert prior.rank == 2 and all(n.startswith("bert.") for n in prior.names)
     assert prior.config.backbone["library"] == "transformers"
     assert prior.config.source["objective"] == "mlm" and prior.config.learning["snapshots"] == 3
+
+    out = tmp_path / "bert-cls-prior"  # supervised text classification on the `stars` column
+    code = main(
+        [
+            "learn",
+            str(tiny_bert),
+            "--data",
+            str(csv),
+            "--text-column",
+            "review",
+            "--label-column",
+            "stars",
+            "--objective",
+            "supervised",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "3",
+            "--rank",
+            "2",
+            "--output",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    prior = PriorModel.from_pretrained(out)
+    assert all(n.startswith("bert.") for n in prior.names)  # the classifier head is left out
+    assert prior.config.source["objective"] == "supervised"
+
+
+def test_load_local_dataset_formats(tmp_path) -> None:
+    import datasets
+
+    from priorzoo.cli.learn import load_local_dataset
+
+    ds = datasets.Dataset.from_dict({"text": ["a", "b", "c"], "label": [0, 1, 0]})
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    ds.to_json(str(tmp_path / "d.jsonl"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": ds, "test": ds.select([0])}).save_to_disk(str(tmp_path / "saved_dict"))
+    for source in ("d.parquet", "d.jsonl", "saved", "saved_dict"):
+        loaded = load_local_dataset(str(tmp_path / source))
+        assert loaded["text"] == ["a", "b", "c"] and loaded["label"] == [0, 1, 0], source
+    assert len(load_local_dataset(str(tmp_path / "saved_dict"), split="test")) == 1
+    with pytest.raises(ValueError, match=r"no split 'validation'; splits: \['test', 'train'\]"):
+        load_local_dataset(str(tmp_path / "saved_dict"), split="validation")
 
 
 def test_learn_input_errors_are_reported(image_folder, tmp_path, capsys) -> None:

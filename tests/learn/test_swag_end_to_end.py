@@ -104,7 +104,7 @@ class _MLMData(torch.utils.data.Dataset):
         return {"input_ids": x, "labels": labels}
 
 
-def _train_mlm(out, *, resume=None, every_n_steps=1):
+def _train_mlm(out, *, resume=None, every_n_steps=1, every_epoch=None):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     model = transformers.BertForMaskedLM(_bert_config())
@@ -121,7 +121,7 @@ def _train_mlm(out, *, resume=None, every_n_steps=1):
         lr_scheduler_type="constant",
         logging_steps=100,
     )
-    swag = callbacks_module.SWAGCallback(rank=3, every_n_steps=every_n_steps)
+    swag = callbacks_module.SWAGCallback(rank=3, every_n_steps=every_n_steps, every_epoch=every_epoch)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=_MLMData(), callbacks=[swag])
     trainer.train(resume_from_checkpoint=resume)
     return swag
@@ -156,6 +156,21 @@ def test_transformers_trainer_callback_prior_and_resume(tmp_path) -> None:
         assert torch.equal(prior.mean[n], again.mean[n])
         assert torch.equal(prior.variance[n], again.variance[n])
         assert torch.equal(prior.cov_factor[n], again.cov_factor[n])
+
+
+@pytest.mark.slow
+def test_transformers_epoch_snapshots_survive_a_resume(tmp_path) -> None:
+    """4 steps per epoch, a checkpoint at step 4 (an epoch end): the epoch's snapshot is in that checkpoint."""
+    whole = _train_mlm(tmp_path / "a", every_n_steps=None, every_epoch=True)
+    assert whole.collector.num_collected == 2
+    shutil.rmtree(tmp_path / "a" / "checkpoint-8")
+    resumed = _train_mlm(
+        tmp_path / "a", every_n_steps=None, every_epoch=True, resume=str(tmp_path / "a" / "checkpoint-4")
+    )
+    assert resumed.collector.num_collected == 2
+    p, q = whole.to_prior(), resumed.to_prior()
+    for n in p.names:
+        assert torch.equal(p.mean[n], q.mean[n]) and torch.equal(p.cov_factor[n], q.cov_factor[n])
 
 
 def test_swag_callback_without_transformers_names_the_extra(monkeypatch) -> None:

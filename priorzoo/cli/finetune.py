@@ -1,0 +1,638 @@
+"""``priorzoo finetune``: fine-tune a timm or transformers backbone with a learned prior and report metrics.
+
+The objective is ``mean CE + ρ·penalty/N`` with the prior N(μ, λΣ) (a priorzoo prior folder or Hub id), the
+L2-SP baseline (``--l2sp σ²``: N(w₀, σ²I) around the backbone's own weights) or no prior (``--no-prior``).
+Inference: ``map`` (SGD/AdamW to a point estimate), ``bma`` (MAP, then SWAG over a constant-learning-rate
+phase and Bayesian model averaging over S samples, batch-norm statistics refreshed per sample) or ``sgld``
+(Langevin samples after a burn-in, averaged the same way). ``--tune-scale`` picks λ on a validation split
+with short early-stopped runs first. Writes ``metrics.json`` (accuracy, NLL, ECE on the validation / test
+data, the λ used and the λ curve), the fine-tuned model in ``model/`` (``priorzoo_finetune.json`` inside
+records the prior and λ), and for ``bma`` the downstream posterior in ``posterior/``.
+
+Initialisation (default ``--init-from-prior`` when a prior is given): the covered weights start at the
+prior mean μ — the source task's SWA solution for a SWAG prior, where the prior is centred — and
+``--keep-backbone-weights`` starts from the backbone's own weights instead. With ``--l2sp`` and
+``--no-prior`` the backbone's weights are always kept (the L2-SP prior is centred on them).
+
+Example:
+    $ priorzoo finetune ./all-MiniLM-L6-v2 --prior ./minilm-swag-prior --data train.csv --test-data test.csv \\
+        --tune-scale --method map --output-dir runs/minilm
+    $ priorzoo finetune resnet18 --l2sp 0.01 --data ./images/train --test-data ./images/test --method bma \\
+        --output-dir runs/r18-l2sp
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Setup", "check_args", "finetune", "prepare", "register", "run"]
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+_RESULT_NAME = "priorzoo_finetune.json"
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, received {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, received {text!r}")
+    return value
+
+
+def _grid(text: str) -> list[float]:
+    return [_positive_float(t) for t in text.replace(" ", "").split(",") if t]
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``finetune`` subcommand to the ``priorzoo`` parser."""
+    p = subparsers.add_parser(
+        "finetune",
+        help="fine-tune a backbone with a learned prior (or L2-SP / no prior) and report metrics",
+        description=__doc__.split("\n\nExample:")[0].replace("``", ""),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("backbone", help="transformers model folder / Hub id, or a timm model name")
+    p.add_argument("--library", choices=("auto", "timm", "transformers"), default="auto")
+    p.add_argument(
+        "--pretrained",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="load the backbone's pre-trained weights (--no-pretrained: random init, e.g. offline timm)",
+    )
+
+    g = p.add_argument_group("prior (choose one)")
+    which = g.add_mutually_exclusive_group(required=True)
+    which.add_argument("--prior", help="priorzoo prior: local folder or Hub repo id")
+    which.add_argument("--no-prior", action="store_true", help="baseline: plain fine-tuning")
+    which.add_argument(
+        "--l2sp", type=_positive_float, metavar="SIGMA2", help="baseline: isotropic prior N(w₀, σ²I) at the backbone"
+    )
+    g.add_argument("--revision", default=None, help="Hub revision of --prior")
+    g.add_argument(
+        "--scale",
+        type=_positive_float,
+        default=None,
+        help="covariance scale λ (default: the prior's recommended_scale, else its stored scale)",
+    )
+    g.add_argument("--tune-scale", action="store_true", help="choose λ on a validation split first")
+    g.add_argument("--scale-grid", type=_grid, default=None, help="λ values, comma-separated (default 1,10,…,1e10)")
+    g.add_argument("--tune-epochs", type=int, default=1, help="epochs of each λ run")
+    g.add_argument("--tune-patience", type=int, default=2, help="evaluations without improvement before stopping")
+    g.add_argument("--tune-eval-every", type=int, default=None, help="steps between evaluations (default: epoch)")
+    g.add_argument("--tune-metric", choices=("nll", "accuracy", "ece"), default="nll")
+    init = g.add_mutually_exclusive_group()
+    init.add_argument(
+        "--init-from-prior",
+        dest="init_from_prior",
+        action="store_true",
+        default=True,
+        help="start the covered weights at the prior mean μ (default with --prior)",
+    )
+    init.add_argument(
+        "--keep-backbone-weights", dest="init_from_prior", action="store_false", help="start from the backbone"
+    )
+    g.add_argument("--prior-weight", type=_positive_float, default=1.0, help="ρ multiplying penalty/N")
+    g.add_argument("--allow-partial", action="store_true", help="accept a prior that covers part of the backbone")
+
+    d = p.add_argument_group("data")
+    d.add_argument("--data", required=True, help="training data: CSV/TSV/JSON(L)/parquet file or an image folder")
+    d.add_argument("--validation-data", default=None, help="validation data (default: split off --data if needed)")
+    d.add_argument("--test-data", default=None, help="test data, for the reported metrics")
+    d.add_argument(
+        "--data-format", choices=("auto", "disk", "imagefolder", "csv", "json", "parquet", "hub"), default="auto"
+    )
+    d.add_argument("--validation-fraction", type=float, default=0.1)
+    d.add_argument("--max-train-examples", type=int, default=None, help="few-shot: keep this many (seeded)")
+    d.add_argument("--text-column", default=None, help="default: `text`, else the first string column")
+    d.add_argument("--text-pair-column", default=None, help="second text of a pair (NLI-style tasks)")
+    d.add_argument("--image-column", default=None, help="default: the first Image column")
+    d.add_argument("--label-column", default=None, help="default: `label` or `labels`")
+    d.add_argument("--max-length", type=int, default=128)
+    d.add_argument("--image-size", type=int, default=None, help="default: the timm model's input size")
+
+    t = p.add_argument_group("training")
+    t.add_argument("--method", choices=("map", "bma", "sgld"), default="map")
+    t.add_argument("--epochs", type=int, default=3)
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--eval-batch-size", type=int, default=64)
+    t.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd", help="for map and the MAP phase of bma")
+    t.add_argument("--lr", type=_positive_float, default=1e-2)
+    t.add_argument("--momentum", type=float, default=0.9)
+    t.add_argument("--weight-decay", type=float, default=0.0, help="decoupled decay toward 0, on top of the prior")
+    t.add_argument("--max-grad-norm", type=_positive_float, default=None)
+    t.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward (the prior stays float32)")
+    t.add_argument("--num-samples", type=int, default=20, help="S, posterior samples for bma / sgld")
+    t.add_argument("--swag-rank", type=int, default=20, help="K of the downstream SWAG posterior (bma)")
+    t.add_argument("--swag-epochs", type=int, default=1, help="constant-lr epochs collecting SWAG snapshots (bma)")
+    t.add_argument("--swag-lr", type=_positive_float, default=None, help="SGD lr of the SWAG phase (default --lr)")
+    t.add_argument("--temperature", type=_positive_float, default=1.0, help="SGLD temperature T")
+    t.add_argument("--burn-in-epochs", type=int, default=None, help="SGLD epochs before sampling (default half)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    t.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--output-dir", required=True, help="metrics.json, model/ and (bma) posterior/ go here")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=run)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse contradictory or out-of-range options before anything is loaded (raises ``ValueError``).
+
+    Example:
+        >>> from priorzoo.cli import build_parser
+        >>> args = build_parser().parse_args(
+        ...     ["finetune", "bert", "--no-prior", "--scale", "10", "--data", "d.csv", "--output-dir", "out"]
+        ... )
+        >>> check_args(args)
+        Traceback (most recent call last):
+        ...
+        ValueError: `--scale` / `--tune-scale` need a prior (`--prior` or `--l2sp`); `--no-prior` has no λ
+    """
+    has_prior = args.prior is not None or args.l2sp is not None
+    if not has_prior and (args.scale is not None or args.tune_scale):
+        raise ValueError("`--scale` / `--tune-scale` need a prior (`--prior` or `--l2sp`); `--no-prior` has no λ")
+    if args.scale is not None and args.tune_scale:
+        raise ValueError("give either `--scale λ` or `--tune-scale`, not both")
+    if args.scale_grid is not None and not args.tune_scale:
+        raise ValueError("`--scale-grid` is only used with `--tune-scale`")
+    if args.scale_grid is not None and not args.scale_grid:
+        raise ValueError("`--scale-grid` is empty")
+    for flag, least in (
+        ("epochs", 1),
+        ("batch_size", 1),
+        ("eval_batch_size", 1),
+        ("num_samples", 1),
+        ("swag_rank", 2),
+        ("swag_epochs", 1),
+        ("tune_epochs", 1),
+        ("tune_patience", 1),
+        ("max_length", 1),
+    ):
+        if getattr(args, flag) < least:
+            raise ValueError(f"`--{flag.replace('_', '-')}` must be ≥ {least}; received {getattr(args, flag)}")
+    if args.max_train_examples is not None and args.max_train_examples < 1:
+        raise ValueError(f"`--max-train-examples` must be ≥ 1; received {args.max_train_examples}")
+    if not 0 < args.validation_fraction < 1:
+        raise ValueError(f"`--validation-fraction` must be in (0, 1); received {args.validation_fraction}")
+    if args.burn_in_epochs is not None and not 0 <= args.burn_in_epochs < args.epochs:
+        raise ValueError(f"`--burn-in-epochs` must be in [0, --epochs); received {args.burn_in_epochs}")
+
+
+# ---------------------------------------------------------------------------------------------- data
+class Columns:
+    """Which columns hold the inputs and labels, and how labels map to class ids (shared by all splits)."""
+
+    def __init__(self, ds: Any, args: argparse.Namespace, others: Sequence[Any] = ()) -> None:
+        import datasets
+
+        feats = ds.features
+        self.image = args.image_column or next((k for k, f in feats.items() if isinstance(f, datasets.Image)), None)
+        self.text = args.text_column
+        if self.image is None and self.text is None:
+            strings = [k for k, f in feats.items() if getattr(f, "dtype", None) in ("string", "large_string")]
+            strings = [k for k in strings if k != args.label_column and k not in ("label", "labels")]
+            self.text = "text" if "text" in strings else (strings[0] if strings else None)
+        self.text_pair = args.text_pair_column
+        self.label = args.label_column or next((k for k in ("label", "labels") if k in feats), None)
+        for flag, col in (
+            ("--image-column", self.image),
+            ("--text-column", self.text),
+            ("--text-pair-column", self.text_pair),
+            ("--label-column", self.label),
+        ):
+            if col is not None and col not in feats:
+                raise ValueError(f"`{flag}` {col!r} is not a column of the training data; columns: {sorted(feats)}")
+        if self.image is None and self.text is None:
+            raise ValueError(f"no image or text column in {sorted(feats)}; pass --image-column / --text-column")
+        if self.label is None:
+            raise ValueError(f"no label column in {sorted(feats)} (looked for `label`, `labels`); pass --label-column")
+        feat = feats[self.label]
+        if isinstance(feat, datasets.ClassLabel):
+            self.names = [str(n) for n in feat.names]
+            self._index = None
+        else:
+            values = set(ds[self.label])
+            for other in others:
+                if self.label not in other.features:
+                    raise ValueError(f"the label column `{self.label}` is missing in an evaluation split")
+                values |= set(other[self.label])
+            if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+                if min(values) < 0:
+                    raise ValueError(f"integer labels must be ≥ 0; found {min(values)}")
+                self.names = [str(i) for i in range(max(values) + 1)]
+                self._index = None
+            else:
+                ordered = sorted(values, key=str)
+                self.names = [str(v) for v in ordered]
+                self._index = {v: i for i, v in enumerate(ordered)}
+        self.modality = "image" if self.image is not None else "text"
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.names)
+
+    def label_id(self, value: Any) -> int:
+        return int(value) if self._index is None else self._index[value]
+
+
+def _load_split(path: str | None, args: argparse.Namespace) -> Any:
+    if path is None:
+        return None
+    from priorzoo.cli.learn import load_local_dataset
+
+    ds = load_local_dataset(path, data_format=args.data_format, split="train")
+    if len(ds) == 0:
+        raise ValueError(f"the data {path!r} is empty")
+    return ds
+
+
+def _image_tensor(img: Any, size: int, mean: Sequence[float], std: Sequence[float]) -> Any:
+    import numpy as np
+    import torch
+
+    arr = np.asarray(img.convert("RGB").resize((size, size)), dtype=np.float32) / 255.0
+    x = torch.from_numpy(arr).permute(2, 0, 1)
+    return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+def make_collate(cols: Columns, library: str, tokenizer: Any, args: argparse.Namespace, model: Any) -> Callable:
+    """The DataLoader ``collate_fn``: text → tokenizer batch dict with ``labels``; images → ``(x, y)``."""
+    import torch
+
+    if cols.modality == "image":
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        size = args.image_size or int(cfg.get("input_size", (3, 224, 224))[-1])
+        mean = tuple(cfg.get("mean", _IMAGENET_MEAN))
+        std = tuple(cfg.get("std", _IMAGENET_STD))
+
+        def collate_images(rows: list[dict[str, Any]]) -> Any:
+            x = torch.stack([_image_tensor(r[cols.image], size, mean, std) for r in rows])
+            y = torch.tensor([cols.label_id(r[cols.label]) for r in rows], dtype=torch.long)
+            if library == "timm":
+                return x, y
+            return {"pixel_values": x, "labels": y}
+
+        return collate_images
+
+    if tokenizer is None:
+        raise ValueError("text data needs the backbone's tokenizer, and none could be loaded")
+
+    def collate_text(rows: list[dict[str, Any]]) -> Any:
+        texts = [str(r[cols.text]) for r in rows]
+        pairs = [str(r[cols.text_pair]) for r in rows] if cols.text_pair else None
+        enc = tokenizer(
+            texts, pairs, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt"
+        )
+        batch = dict(enc)
+        batch["labels"] = torch.tensor([cols.label_id(r[cols.label]) for r in rows], dtype=torch.long)
+        return batch
+
+    return collate_text
+
+
+# ---------------------------------------------------------------------------------------------- run
+def run(args: argparse.Namespace) -> int:
+    """Execute ``priorzoo finetune`` (see ``priorzoo finetune --help``); returns the exit code."""
+    try:
+        check_args(args)
+        finetune(args)
+        return 0
+    except (ValueError, ImportError, FileNotFoundError, RuntimeError, OSError) as err:
+        print(f"priorzoo finetune: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _log(args: argparse.Namespace, msg: str) -> None:
+    if not args.quiet:
+        print(msg, flush=True)
+
+
+def _make_optimizer(model: Any, args: argparse.Namespace, *, lr: float | None = None, kind: str | None = None) -> Any:
+    import torch
+
+    lr = args.lr if lr is None else lr
+    kind = kind or args.optimizer
+    params = [p for p in model.parameters() if p.requires_grad]
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+
+
+@dataclass
+class Setup:
+    """Everything :func:`prepare` builds: data, model, prior (before any training step).
+
+    Attributes:
+        model, tokenizer, library: the backbone with its new head (``library``: ``timm``/``transformers``).
+        columns: the data columns and label mapping.
+        train_loader, eval_loaders: shuffled training loader; ``{"validation"?, "test"?}`` in fixed order.
+        num_train_examples: N, the examples trained on (after any validation split / few-shot cut).
+        prior: the prior (``None`` for ``--no-prior``); ``prior_info``: what goes into metrics.json.
+        init: ``prior_mean`` or ``backbone``; ``scale``: λ before any search.
+    """
+
+    model: Any
+    tokenizer: Any
+    library: str
+    columns: Columns
+    train_loader: Any
+    eval_loaders: dict[str, Any]
+    num_train_examples: int
+    prior: Any
+    prior_info: dict[str, Any]
+    init: str
+    scale: float | None
+    device: Any
+
+
+def prepare(args: argparse.Namespace) -> Setup:
+    """Load the data, build the backbone, load or build the prior and initialise the weights.
+
+    Example:
+        >>> setup = prepare(build_parser().parse_args([...]))  # doctest: +SKIP
+        >>> setup.init
+        'prior_mean'
+    """
+    import torch
+
+    from priorzoo import PriorModel
+    from priorzoo.cli.learn import build_backbone
+    from priorzoo.finetune.loop import l2sp_prior
+    from priorzoo.finetune.scale import split_train_validation
+
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    train_ds = _load_split(args.data, args)
+    val_ds = _load_split(args.validation_data, args)
+    test_ds = _load_split(args.test_data, args)
+    cols = Columns(train_ds, args, [d for d in (val_ds, test_ds) if d is not None])
+    if cols.num_labels < 2:
+        raise ValueError(f"the training data has {cols.num_labels} class(es); classification needs at least 2")
+    train_part: Any = train_ds
+    if val_ds is None and args.tune_scale:
+        train_part, val_ds = split_train_validation(train_ds, float(args.validation_fraction), seed=args.seed)
+    if args.max_train_examples is not None and args.max_train_examples < len(train_part):
+        gen = torch.Generator().manual_seed(args.seed)
+        keep = torch.randperm(len(train_part), generator=gen)[: args.max_train_examples].tolist()
+        train_part = torch.utils.data.Subset(train_part, sorted(keep))
+
+    model, tokenizer, library = build_backbone(
+        args.backbone,
+        library=args.library,
+        pretrained=args.pretrained,
+        objective="supervised",
+        num_classes=cols.num_labels,
+        modality=cols.modality,
+    )
+    if library == "transformers" and getattr(model, "config", None) is not None:
+        model.config.id2label = dict(enumerate(cols.names))
+        model.config.label2id = {n: i for i, n in enumerate(cols.names)}
+    model.to(device)
+    collate = make_collate(cols, library, tokenizer, args, model)
+
+    def loader(ds: Any, *, shuffle: bool, batch_size: int) -> Any:
+        gen = torch.Generator().manual_seed(args.seed) if shuffle else None
+        return torch.utils.data.DataLoader(
+            ds, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, num_workers=args.num_workers,
+            generator=gen,
+        )
+
+    eval_loaders = {
+        name: loader(ds, shuffle=False, batch_size=args.eval_batch_size)
+        for name, ds in (("validation", val_ds), ("test", test_ds))
+        if ds is not None
+    }
+
+    prior = None
+    prior_info: dict[str, Any] = {"source": None}
+    if args.prior is not None:
+        prior = PriorModel.from_pretrained(args.prior, revision=args.revision)
+        prior_info = {"source": args.prior, "revision": args.revision}
+    elif args.l2sp is not None:
+        prior = l2sp_prior(model, args.l2sp)
+        prior_info = {"source": "l2sp", "variance": args.l2sp}
+    init = "backbone"
+    scale = None
+    if prior is not None:
+        prior_info.update({"kind": prior.kind.value, "rank": prior.rank, "num_parameters": prior.num_parameters})
+        if args.prior is not None and args.init_from_prior:
+            prior.init_model_(model, allow_partial=args.allow_partial)
+            init = "prior_mean"
+        else:  # check the match now (init_model_ does it otherwise), before any training
+            prior.match(model).check(allow_partial=args.allow_partial)
+        scale = args.scale or prior.config.recommended_scale or prior.scale
+    return Setup(
+        model=model,
+        tokenizer=tokenizer,
+        library=library,
+        columns=cols,
+        train_loader=loader(train_part, shuffle=True, batch_size=args.batch_size),
+        eval_loaders=eval_loaders,
+        num_train_examples=len(train_part),
+        prior=prior,
+        prior_info=prior_info,
+        init=init,
+        scale=scale,
+        device=device,
+    )
+
+
+def finetune(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole run; returns the metrics dict it also writes to ``<output-dir>/metrics.json``.
+
+    Example:
+        >>> result = finetune(build_parser().parse_args([...]))  # doctest: +SKIP
+        >>> result["metrics"]["test"]["accuracy"]
+        0.87
+    """
+    import torch
+
+    from priorzoo import __version__
+    from priorzoo.finetune.bayes import SGLD, DownstreamSWAG, PredictiveAverager, refresh_batchnorm_
+    from priorzoo.finetune.loop import PriorRegularizer, fit, predict_proba
+    from priorzoo.finetune.metrics import classification_metrics
+    from priorzoo.finetune.scale import log_grid, tune_scale
+
+    start = time.perf_counter()
+    out_dir = Path(args.output_dir)
+    setup = prepare(args)
+    model, library, prior, device = setup.model, setup.library, setup.prior, setup.device
+    train_loader, eval_loaders, n_train = setup.train_loader, setup.eval_loaders, setup.num_train_examples
+    cols, prior_info, scale = setup.columns, setup.prior_info, setup.scale
+    autocast = torch.bfloat16 if args.bf16 else None
+
+    # ---- λ search
+    search = None
+    if args.tune_scale:
+        assert prior is not None and "validation" in eval_loaders
+        template = copy.deepcopy(model)
+        grid = args.scale_grid or log_grid(1.0, 1e10)
+        n_val = len(eval_loaders["validation"].dataset)
+        _log(args, f"searching λ over {len(grid)} values on {n_val} validation examples")
+        search = tune_scale(
+            prior,
+            lambda: copy.deepcopy(template),
+            train_loader,
+            eval_loaders["validation"],
+            num_train_examples=n_train,
+            grid=grid,
+            make_optimizer=lambda m: _make_optimizer(m, args),
+            epochs=args.tune_epochs,
+            eval_every=args.tune_eval_every,
+            patience=args.tune_patience,
+            metric=args.tune_metric,
+            prior_weight=args.prior_weight,
+            seed=args.seed,
+            allow_partial=args.allow_partial,
+            autocast_dtype=autocast,
+            verbose=not args.quiet,
+        )
+        scale = search.best_scale
+        _log(args, search.table())
+        del template
+
+    regularizer = None
+    if prior is not None:
+        regularizer = PriorRegularizer(
+            prior,
+            model,
+            num_train_examples=n_train,
+            prior_weight=args.prior_weight,
+            scale=scale,
+            allow_partial=args.allow_partial,
+        )
+        prior_info["matched_parameters"] = len(regularizer.match.matched)
+    _log(
+        args,
+        f"fine-tuning {args.backbone} ({library}) on {n_train} examples, {cols.num_labels} classes, method "
+        f"{args.method}, prior {prior_info['source']}" + (f", λ = {scale:g}" if scale is not None else ""),
+    )
+
+    # ---- training and prediction
+    torch.manual_seed(args.seed)
+    fit_kwargs: dict[str, Any] = {"regularizer": regularizer, "max_grad_norm": args.max_grad_norm,
+                                  "autocast_dtype": autocast}
+    history: dict[str, Any] = {}
+    predictions: dict[str, Any] = {}
+    posterior = None
+    if args.method in ("map", "bma"):
+        res = fit(model, train_loader, _make_optimizer(model, args), epochs=args.epochs,
+                  val_loader=eval_loaders.get("validation"), restore_best=False, **fit_kwargs)
+        history["map"] = {"steps": res.steps, "seconds": res.seconds, "history": res.history}
+        if args.method == "map":
+            for name, ld in eval_loaders.items():
+                predictions[name] = predict_proba(model, ld)
+        else:
+            swag = DownstreamSWAG(model, rank=args.swag_rank)
+            steps = args.swag_epochs * len(train_loader)
+            every = max(1, steps // (args.swag_rank + 1))
+            swag_opt = _make_optimizer(model, args, lr=args.swag_lr or args.lr, kind="sgd")
+
+            def collect(step: int) -> None:
+                if step % every == 0:
+                    swag.collect()
+
+            res = fit(model, train_loader, swag_opt, epochs=args.swag_epochs, on_step=collect, **fit_kwargs)
+            history["swag"] = {"steps": res.steps, "seconds": res.seconds, "snapshots": swag.num_collected,
+                               "collect_every": every}
+            if swag.num_collected < 2:
+                raise RuntimeError(f"the SWAG phase collected {swag.num_collected} snapshot(s); raise --swag-epochs")
+            posterior = swag.posterior()
+            if eval_loaders:
+                avg = swag.predict(eval_loaders, num_samples=args.num_samples, bn_loader=train_loader,
+                                   generator=torch.Generator(device=device).manual_seed(args.seed))
+                predictions = {name: (avg.probabilities(name), avg.labels(name)) for name in eval_loaders}
+            with torch.no_grad():  # the saved model is the SWA mean, with its BN statistics
+                params = dict(model.named_parameters())
+                for pname, mname in posterior.match(model, exclude_head=False).matched.items():
+                    params[mname].copy_(posterior.mean[pname])
+            refresh_batchnorm_(model, train_loader)
+    else:  # sgld
+        sgld = SGLD([p for p in model.parameters() if p.requires_grad], lr=args.lr, num_train_examples=n_train,
+                    temperature=args.temperature, generator=torch.Generator(device=device).manual_seed(args.seed))
+        burn = args.burn_in_epochs if args.burn_in_epochs is not None else args.epochs // 2
+        steps_per_epoch = len(train_loader)
+        sampling_steps = (args.epochs - burn) * steps_per_epoch
+        every = max(1, sampling_steps // args.num_samples)
+        averager = PredictiveAverager(eval_loaders, bn_loader=train_loader) if eval_loaders else None
+
+        def sample(step: int) -> None:
+            k = step - burn * steps_per_epoch
+            if averager is not None and k > 0 and k % every == 0 and averager.num_samples < args.num_samples:
+                averager.add(model)
+
+        res = fit(model, train_loader, sgld, epochs=args.epochs, on_step=sample, **fit_kwargs)
+        history["sgld"] = {"steps": res.steps, "seconds": res.seconds, "burn_in_epochs": burn,
+                           "sample_every": every, "samples": averager.num_samples if averager else 0}
+        if averager is not None:
+            if averager.num_samples == 0:
+                raise RuntimeError("SGLD collected no sample; raise --epochs or lower --burn-in-epochs")
+            predictions = {name: (averager.probabilities(name), averager.labels(name)) for name in eval_loaders}
+
+    metrics: dict[str, Any] = {}
+    for name, (probs, labels) in predictions.items():
+        metrics[name] = classification_metrics(probs, labels)
+        if args.method != "map":
+            metrics[name]["num_samples"] = args.num_samples if args.method == "bma" else history["sgld"]["samples"]
+
+    # ---- outputs
+    result: dict[str, Any] = {
+        "priorzoo_version": __version__,
+        "arguments": {k: v for k, v in vars(args).items() if k not in ("func", "command")},
+        "backbone": {"name": args.backbone, "library": library, "pretrained": bool(args.pretrained)},
+        "method": args.method,
+        "prior": {
+            **prior_info,
+            "scale": scale,
+            "prior_weight": args.prior_weight if prior is not None else None,
+            "init": setup.init,
+        },
+        "num_train_examples": n_train,
+        "num_labels": cols.num_labels,
+        "label_names": cols.names,
+        "splits": {"train": n_train, **{k: len(v.dataset) for k, v in eval_loaders.items()}},
+        "scale_search": search.to_dict() if search is not None else None,
+        "training": history,
+        "metrics": metrics,
+        "seed": args.seed,
+        "seconds": time.perf_counter() - start,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _save_model(model, setup.tokenizer, library, out_dir / "model", result)
+    if posterior is not None:
+        posterior.save_pretrained(out_dir / "posterior")
+    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2, default=float) + "\n", encoding="utf-8")
+    for name, m in metrics.items():
+        _log(args, f"{name}: accuracy {m['accuracy']:.4f}  nll {m['nll']:.4f}  ece {m['ece']:.4f}")
+    _log(args, f"wrote {out_dir / 'metrics.json'} and {out_dir / 'model'}")
+    return result
+
+
+def _save_model(model: Any, tokenizer: Any, library: str, folder: Path, result: dict[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    if library == "transformers":
+        model.save_pretrained(folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+    else:
+        from timm.models import save_for_hf
+
+        save_for_hf(model, str(folder), safe_serialization=True)
+    summary = {k: result[k] for k in ("method", "prior", "num_train_examples", "label_names", "backbone")}
+    if result.get("scale_search") is not None:
+        summary["scale_search"] = {k: result["scale_search"][k] for k in ("best_scale", "metric")}
+    (folder / _RESULT_NAME).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

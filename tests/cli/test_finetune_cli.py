@@ -1,0 +1,205 @@
+"""`priorzoo finetune` end to end on tiny local backbones and data (offline): a BERT folder with a learned
+prior, λ search and MAP; a timm model on an image folder with L2-SP and BMA; SGLD without a prior; bad
+option combinations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from priorzoo import PriorModel
+from priorzoo.cli import main
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("datasets")
+
+WORDS = ["good", "great", "fine", "bad", "awful", "poor", "movie", "plot", "actor", "the", "a", "was"]
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "error")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is faster on a shared machine
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def bert_folder(tmp_path_factory) -> Path:
+    """A random-init 2-layer BertModel (width 32) saved with a word-level tokenizer."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+                     vocab_size=5 + len(WORDS), max_position_embeddings=32)
+    BertModel(cfg).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bert_prior_folder(bert_folder, tmp_path_factory) -> Path:
+    """A SWAG-kind prior over the BertModel's parameters, mean shifted away from the saved weights."""
+    from transformers import BertModel
+
+    model = BertModel.from_pretrained(bert_folder)
+    g = torch.Generator().manual_seed(1)
+    named = dict(model.named_parameters())
+    prior = PriorModel.from_tensors(
+        {n: p.detach() + 0.02 * torch.randn(p.shape, generator=g) for n, p in named.items()},
+        {n: torch.full_like(p, 1e-3) for n, p in named.items()},
+        {n: 0.01 * torch.randn((3, *p.shape), generator=g) for n, p in named.items()},
+        backbone={"library": "transformers", "name": str(bert_folder)},
+    )
+    return prior.save_pretrained(tmp_path_factory.mktemp("prior") / "bert-prior")
+
+
+def _text_csv(path: Path, n: int, seed: int) -> Path:
+    g = torch.Generator().manual_seed(seed)
+    rows = ["text,label"]
+    pos, neg = WORDS[:3], WORDS[3:6]
+    for i in range(n):
+        label = "pos" if i % 2 == 0 else "neg"
+        pool = pos if label == "pos" else neg
+        words = [pool[int(torch.randint(0, 3, (1,), generator=g))], *[WORDS[6 + int(j)] for j in torch.randint(0, 6, (3,), generator=g)]]
+        rows.append(f"{' '.join(words)},{label}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def _args(*extra: str) -> list[str]:
+    return ["finetune", *extra, "--quiet", "--batch-size", "4", "--eval-batch-size", "8", "--max-length", "8"]
+
+
+def test_bert_prior_tune_scale_map(bert_folder, bert_prior_folder, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    train = _text_csv(tmp_path / "train.csv", 16, 0)
+    test = _text_csv(tmp_path / "test.csv", 8, 1)
+    out = tmp_path / "run"
+    code = main(_args(str(bert_folder), "--prior", str(bert_prior_folder), "--data", str(train), "--test-data",
+                      str(test), "--tune-scale", "--scale-grid", "1,1000", "--tune-epochs", "1", "--epochs", "2",
+                      "--lr", "0.05", "--output-dir", str(out)))
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "map"
+    assert metrics["prior"]["init"] == "prior_mean" and metrics["prior"]["kind"] == "swag"
+    search = metrics["scale_search"]
+    assert [p["scale"] for p in search["curve"]] == [1.0, 1000.0]
+    assert metrics["prior"]["scale"] == search["best_scale"]
+    # 10% of 16 held out for the λ search; N counts only what is trained on
+    assert metrics["num_train_examples"] == 14 and metrics["splits"]["validation"] == 2
+    assert metrics["label_names"] == ["neg", "pos"]
+    test_m = metrics["metrics"]["test"]
+    assert test_m["num_examples"] == 8 and 0 <= test_m["accuracy"] <= 1 and test_m["nll"] > 0
+    stored = json.loads((out / "model" / "priorzoo_finetune.json").read_text())
+    assert stored["prior"]["scale"] == search["best_scale"]  # λ stored with the fine-tuned model
+    model = AutoModelForSequenceClassification.from_pretrained(out / "model")
+    assert model.config.id2label == {0: "neg", 1: "pos"}
+
+
+def test_init_from_prior_is_the_default_and_can_be_turned_off(bert_folder, bert_prior_folder, tmp_path, monkeypatch):
+    """Stop right after initialisation (no step) and look at the weights."""
+    import priorzoo.cli.finetune as cli
+
+    seen = {}
+
+    def stop(*args, **kwargs):
+        seen["model"] = kwargs.get("model", args[1] if len(args) > 1 else None)
+        raise RuntimeError("stopped for the test")
+
+    monkeypatch.setattr("priorzoo.finetune.loop.PriorRegularizer.__init__", stop)
+    train = _text_csv(tmp_path / "train.csv", 8, 0)
+    prior = PriorModel.from_pretrained(bert_prior_folder)
+    for flag, expect_prior in (([], True), (["--keep-backbone-weights"], False)):
+        code = main(_args(str(bert_folder), "--prior", str(bert_prior_folder), "--data", str(train),
+                          "--output-dir", str(tmp_path / "x"), *flag))
+        assert code == 2
+        w = seen["model"].bert.encoder.layer[0].attention.self.query.weight.detach()
+        mu = prior.mean["encoder.layer.0.attention.self.query.weight"]
+        assert torch.equal(w, mu) is expect_prior
+    assert cli  # the module under test
+
+
+def test_timm_image_folder_l2sp_bma(tmp_path):
+    timm = pytest.importorskip("timm")
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 4), ("test", 2)):
+        for cls, base in (("cat", 40), ("dog", 200)):
+            d = tmp_path / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                arr = (base + 30 * torch.rand(16, 16, 3, generator=g)).clamp(0, 255).to(torch.uint8).numpy()
+                Image.fromarray(arr).save(d / f"{i}.png")
+    out = tmp_path / "run"
+    code = main(_args("test_resnet", "--library", "timm", "--no-pretrained", "--l2sp", "0.01", "--data",
+                      str(tmp_path / "train"), "--test-data", str(tmp_path / "test"), "--image-size", "32",
+                      "--method", "bma", "--num-samples", "3", "--swag-rank", "2", "--epochs", "1",
+                      "--swag-epochs", "2", "--lr", "0.01", "--output-dir", str(out)))
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["prior"]["source"] == "l2sp" and metrics["prior"]["init"] == "backbone"
+    assert metrics["metrics"]["test"]["num_samples"] == 3 and metrics["metrics"]["test"]["num_examples"] == 4
+    assert metrics["training"]["swag"]["snapshots"] >= 2
+    posterior = PriorModel.from_pretrained(out / "posterior")
+    assert "fc.weight" in posterior.names  # the downstream posterior covers the new head too
+    model = timm.create_model("hf-hub:dummy", pretrained=False) if False else None
+    assert model is None
+    assert (out / "model" / "model.safetensors").is_file()
+
+
+def test_sgld_without_prior(bert_folder, tmp_path):
+    train = _text_csv(tmp_path / "train.csv", 8, 0)
+    out = tmp_path / "run"
+    code = main(_args(str(bert_folder), "--no-prior", "--data", str(train), "--validation-data", str(train),
+                      "--method", "sgld", "--epochs", "2", "--num-samples", "2", "--lr", "0.01",
+                      "--output-dir", str(out)))
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["prior"]["source"] is None and metrics["prior"]["scale"] is None
+    assert metrics["training"]["sgld"]["samples"] == 2
+    assert metrics["metrics"]["validation"]["num_samples"] == 2
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--no-prior", "--scale", "10"], "need a prior"),
+        (["--no-prior", "--tune-scale"], "need a prior"),
+        (["--l2sp", "0.1", "--scale", "10", "--tune-scale"], "not both"),
+        (["--l2sp", "0.1", "--scale-grid", "1,10"], "only used with"),
+        (["--l2sp", "0.1", "--epochs", "0"], "--epochs"),
+        (["--l2sp", "0.1", "--method", "bma", "--swag-rank", "1"], "--swag-rank"),
+    ],
+)
+def test_bad_option_combinations(extra, message, tmp_path, capsys):
+    code = main(_args("bert", *extra, "--data", "missing.csv", "--output-dir", str(tmp_path)))
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [["--prior", "p", "--no-prior"], ["--scale", "0", "--l2sp", "1"], ["--l2sp", "-1"]])
+def test_argparse_refusals(extra, tmp_path):
+    with pytest.raises(SystemExit):
+        main(_args("bert", *extra, "--data", "d.csv", "--output-dir", str(tmp_path)))
+
+
+def test_prior_for_another_model_is_a_clean_error(bert_folder, tmp_path, capsys):
+    wrong = PriorModel.from_tensors({"conv1.weight": torch.zeros(4, 3, 3, 3)}, variance=1.0)
+    folder = wrong.save_pretrained(tmp_path / "wrong")
+    train = _text_csv(tmp_path / "train.csv", 8, 0)
+    code = main(_args(str(bert_folder), "--prior", str(folder), "--data", str(train), "--output-dir",
+                      str(tmp_path / "o")))
+    assert code == 2
+    assert "no prior parameter matches" in capsys.readouterr().err

@@ -1,0 +1,55 @@
+"""DDP: two CPU processes (gloo, torchrun) take the same step as one process on the same global batch, for
+the callback, the Trainer mixin and a plain DDP loop; the prior term enters once, not once per process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from finetune_helpers import max_abs_diff, one_thread
+
+pytest.importorskip("transformers")
+pytest.importorskip("timm")
+
+import ddp_prior_worker as worker  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+_ = one_thread
+
+TORCHRUN = shutil.which("torchrun")
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun (torch.distributed.run's launcher) is not on PATH")
+def test_two_processes_equal_one_process(tmp_path):
+    import transformers
+    from safetensors.torch import load_file
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_"))}
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [TORCHRUN, "--standalone", "--nproc_per_node=2", str(Path(worker.__file__)), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+    transformers.logging.set_verbosity_error()
+    single = worker.run_all(tmp_path / "single", world=1, rank=0)
+    for name, params in single.items():
+        ddp = load_file(str(tmp_path / f"{name}.safetensors"))
+        assert max_abs_diff(ddp, params) < 1e-6, name
+
+    # the comparison is sharp: counting the prior once per process (twice) would move these weights
+    from finetune_helpers import bert_prior, tiny_bert
+
+    from priorzoo.finetune import PriorRegularizer
+
+    model = tiny_bert()
+    g = PriorRegularizer(bert_prior(model), model, num_train_examples=worker.N).gradient()
+    assert max(float(t.abs().max()) for t in g) * worker.LR > 1e-2

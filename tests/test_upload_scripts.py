@@ -1,0 +1,156 @@
+"""upload_scripts/: the zoo manifest, and build_zoo.py run against a local Hub server (twice, idempotently)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hub_server import HubServer, set_hf_offline
+from huggingface_hub import ModelCard
+
+from priorzoo import PriorModel
+from priorzoo.cli import build_parser
+
+UPLOAD_SCRIPTS = Path(__file__).resolve().parents[1] / "upload_scripts"
+SMALL = "test-resnet-digits-swag"
+
+
+@pytest.fixture(scope="module")
+def build_zoo():
+    sys.path.insert(0, str(UPLOAD_SCRIPTS))
+    try:
+        import build_zoo
+
+        yield build_zoo
+    finally:
+        sys.path.remove(str(UPLOAD_SCRIPTS))
+
+
+# ------------------------------------------------------------------------------------------- manifest
+def test_manifest_has_the_requested_entries(build_zoo) -> None:
+    entries = {e.name: e for e in build_zoo.load_manifest()}
+    runnable = [name for name, e in entries.items() if not e.requires]
+    assert runnable == [SMALL]
+    backbones = {e.backbone["name"]: e for e in entries.values()}
+    for name in (
+        "resnet50.a1_in1k",
+        "vit_base_patch16_224.augreg2_in21k_ft_in1k",
+        "google-bert/bert-base-uncased",
+        "sentence-transformers/all-MiniLM-L6-v2",
+    ):
+        assert set(backbones[name].requires) == {"cuda", "hub"}
+    assert backbones["resnet50.a1_in1k"].data["id"] == "ILSVRC/imagenet-1k"
+    assert all(e.learn["rank"] >= 2 and e.license and e.repo_id.startswith("priorzoo/") for e in entries.values())
+
+
+def test_every_entry_maps_to_valid_priorzoo_learn_arguments(build_zoo) -> None:
+    parser = build_parser()
+    for entry in build_zoo.load_manifest():
+        data = "build/data" if build_zoo._needs_preparation(entry) else entry.data["id"]
+        argv = build_zoo.learn_argv(entry, data=data, output="out", checkpoint="ckpt")
+        args = parser.parse_args(argv)  # exits on an unknown flag or a bad value
+        assert args.backbone == entry.backbone["name"] and args.rank == entry.learn["rank"]
+        assert args.objective == entry.learn["objective"] and args.checkpoint_dir == "ckpt"
+
+
+def test_manifest_errors_name_the_entry_and_key(build_zoo, tmp_path: Path) -> None:
+    text = (UPLOAD_SCRIPTS / "manifest.toml").read_text(encoding="utf-8")
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text.replace("warmup_epochs = 2", "warmup_epoch = 2", 1), encoding="utf-8")
+    with pytest.raises(build_zoo.ManifestError, match=r"\(test-resnet-digits-swag\) \[learn\]: unknown key\(s\) \['warmup_epoch'\]"):
+        build_zoo.load_manifest(bad)
+    bad.write_text(text.replace('requires = ["cuda", "hub"]', 'requires = ["tpu"]', 1), encoding="utf-8")
+    with pytest.raises(build_zoo.ManifestError, match=r"`requires` has \['tpu'\]; valid: \['cuda', 'hub'\]"):
+        build_zoo.load_manifest(bad)
+    assert build_zoo.main(["--manifest", str(bad)]) == 2
+    assert build_zoo.main(["--only", "no-such-entry"]) == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_gpu_entries_are_refused_with_the_reason(
+    build_zoo, hub_server: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    set_hf_offline(monkeypatch)
+    status = build_zoo.main(["--only", "resnet50-imagenet1k-swag", "--output-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert status == 1
+    assert "refused: needs a CUDA GPU (torch.cuda.is_available() is False on this machine)" in out
+    assert "Hub access for `timm/resnet50.a1_in1k` and `ILSVRC/imagenet-1k` (HF_HUB_OFFLINE is set)" in out
+    assert build_zoo.main(["--only", "vit-b16-imagenet1k-swag", "--skip-unavailable", "--output-dir", str(tmp_path)]) == 0
+    assert not any(tmp_path.iterdir()) and hub_server.requests == []
+
+
+# ------------------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_small_entry_builds_pushes_idempotently_and_fine_tunes(
+    build_zoo, hub_server: HubServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = "priorzoo/test-resnet-digits-swag"
+    out_dir = tmp_path / "zoo"
+    common = ["--only", SMALL, "--output-dir", str(out_dir), "--token", hub_server.token]
+
+    # dry run: prints the plan, touches nothing (no request to the server, no file written)
+    assert build_zoo.main([*common, "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert "learn: would run: priorzoo learn test_resnet --library timm --no-pretrained" in plan
+    assert f"push: would upload {out_dir / SMALL / 'prior'} to {hub_server.url}/{repo}" in plan
+    assert hub_server.requests == [] and not out_dir.exists()
+
+    # first run: learns, evaluates, renders the card, pushes one commit
+    assert build_zoo.main(common) == 0
+    log = capsys.readouterr().out
+    assert "push: new commit" in log
+    assert hub_server.commit_count(repo) == 2  # the repo's initial commit + the prior
+
+    # second run, relearning from scratch: the same bytes, so no new commit
+    assert build_zoo.main([*common, "--rebuild"]) == 0
+    log = capsys.readouterr().out
+    assert "learn: done" in log and "evaluate: reusing" in log  # relearned: identical prior, evaluation kept
+    assert "push: no change" in log and f"{SMALL:<42} unchanged" in log
+    assert hub_server.commit_count(repo) == 2
+
+    # third run as the script users start, with --endpoint and HF_TOKEN: reuses everything, no new commit
+    env = {**os.environ, "HF_TOKEN": hub_server.token}
+    env.pop("HF_ENDPOINT", None)
+    proc = subprocess.run(
+        [sys.executable, str(UPLOAD_SCRIPTS / "build_zoo.py"), "--only", SMALL, "--output-dir", str(out_dir),
+         "--endpoint", hub_server.url],
+        env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "learn: reusing" in proc.stdout and "push: no change" in proc.stdout
+    assert hub_server.commit_count(repo) == 2
+
+    # the published card carries the metadata and the measured transfer results
+    card = ModelCard(hub_server.files(repo)["README.md"].decode())
+    assert card.data.library_name == "priorzoo" and card.data.license == "apache-2.0"
+    assert "base_model" not in card.data.to_dict()  # trained from scratch on digits
+    assert {e.metric_type for e in card.data.eval_results} == {"accuracy", "nll"}
+    assert f'PriorModel.from_pretrained("{repo}")' in card.text
+
+    # pull → fine-tune a few steps with the pulled prior (plain loop with prior.penalty)
+    import timm
+
+    prior = PriorModel.from_pretrained(repo)
+    assert prior.kind.value == "swag" and prior.rank == 5 and prior.config.recommended_scale is not None
+    assert prior.config.source["bundled"] == "sklearn-digits"
+    prior = prior.with_scale(prior.config.recommended_scale)
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=3)
+    prior.init_model_(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y, n = torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), 8
+    penalties = []
+    for _ in range(3):
+        penalty = prior.penalty(model)
+        loss = torch.nn.functional.cross_entropy(model(x), y) + penalty / n
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        penalties.append(float(penalty))
+    assert penalties[0] == pytest.approx(0.0, abs=1e-6)  # starts at the prior mean
+    assert all(torch.isfinite(torch.tensor(penalties))) and penalties[-1] > 0  # then moves, penalised
