@@ -66,12 +66,13 @@ def _layer_stats(prior: PriorModel, name: str, scale: float) -> dict[str, Any]:
             low_rank_diag_mean=0.0, prior_std=math.sqrt(prior.eps), mean_rms=0.0, relative_std=None,
         )  # fmt: skip
         return stats
-    var_mean = _f(var.mean(dtype=torch.float64))
-    # row by row: a [K, n] float32 copy of a large embedding would cost K times its memory
+    var_mean = _f(var.mean(dtype=torch.float64))  # float64 accumulation: tiny SWAG variances, many weights
+    # row by row, accumulated in float64 without a converted copy (a [K, n] float copy of a large embedding
+    # would cost K times its memory)
     row_sq: list[float] = []
     if prior.cov_factor is not None:
         f = prior.cov_factor[name].detach()
-        row_sq = [_f(f[k].float().pow(2).sum(dtype=torch.float64)) for k in range(f.shape[0])]
+        row_sq = [_f(torch.linalg.vector_norm(f[k], dtype=torch.float64)) ** 2 for k in range(f.shape[0])]
     low_rank = sum(row_sq) / numel
     diag_mean = scale * (var_mean + low_rank) + prior.eps
     mean_rms = math.sqrt(_f(mean.detach().float().pow(2).mean(dtype=torch.float64)))
@@ -317,6 +318,8 @@ def plot_layer_scales(
     ax1.bar(x, std, color=colors, width=0.8)
     ax1.plot(x, rms, color="black", linestyle="none", marker="_", markersize=9, mew=2, label="RMS of mean weights μ")
     ax1.set_yscale("log")
+    tops = [v for v in (*std, *rms) if v == v]  # headroom above the bars for the legend
+    ax1.set_ylim(top=max(tops) * 8)
     ax1.set_ylabel("prior std  sqrt(mean diag Σ)")
     ax1.grid(True, axis="y", which="major", alpha=0.3)
     handles = [

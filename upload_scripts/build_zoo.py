@@ -305,10 +305,13 @@ def _needs_preparation(entry: Entry) -> bool:
 def learn_argv(entry: Entry, *, data: str, output: str, checkpoint: str | None, progress: bool = False) -> list[str]:
     """The ``priorzoo learn`` arguments that learn ``entry`` (``data``: the local folder or Hub id to read).
 
+    Only what changes the learned tensors goes here (license, results and card text are added afterwards),
+    so editing an entry's metadata never forces a relearn.
+
     Example:
         >>> e = Entry(name="x", repo_id="a/b", backbone={"library": "timm", "name": "resnet18"},
         ...           data={"source": "hub", "id": "org/images"}, learn={"objective": "simclr", "rank": 5})
-        >>> " ".join(learn_argv(e, data="org/images", output="out", checkpoint=None)[:6])
+        >>> " ".join(learn_argv(e, data="org/images", output="out", checkpoint=None)[:7])
         'learn resnet18 --library timm --pretrained --data org/images'
     """
     bb, d, lr = entry.backbone, entry.data, entry.learn
@@ -344,8 +347,6 @@ def learn_argv(entry: Entry, *, data: str, output: str, checkpoint: str | None, 
     for key, flag in (("include", "--include"), ("exclude", "--exclude")):
         for pattern in [lr[key]] if isinstance(lr.get(key), str) else lr.get(key, []):
             argv += [flag, str(pattern)]
-    if entry.license:
-        argv += ["--license", entry.license]
     if checkpoint is not None:
         argv += ["--checkpoint-dir", checkpoint]
     argv += ["--progress" if progress else "--no-progress"]

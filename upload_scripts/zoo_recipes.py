@@ -168,10 +168,10 @@ def _mnist_lowdata(prior: Any, backbone: Mapping[str, Any], settings: Mapping[st
     counts = [
         int(settings.get(k, d)) for k, d in (("train_per_class", 10), ("val_per_class", 10), ("test_per_class", 40))
     ]
-    batch_size = int(settings.get("batch_size", 25))
-    epochs = int(settings.get("epochs", 6))
-    lr = float(settings.get("lr", 0.01))
-    grid = [float(g) for g in settings.get("grid", [1e2, 1e4, 1e6])]
+    batch_size = int(settings.get("batch_size", 10))
+    epochs = int(settings.get("epochs", 5))
+    lr = float(settings.get("lr", 0.02))
+    grid = [float(g) for g in settings.get("grid", [1e4, 1e6])]
 
     x, y = load_mnist_5k()
     train_idx, val_idx, test_idx = sample_per_class(y, counts, seed=seed)
@@ -215,8 +215,8 @@ def _mnist_lowdata(prior: Any, backbone: Mapping[str, Any], settings: Mapping[st
         "split": "test",
         "num_train_examples": n,
     }
-    notes = f"{counts[0]}/class train, {counts[2]}/class test, {epochs} epochs SGD"
-    notes += f"; λ from {grid} on {counts[1]}/class validation"
+    notes = f"{counts[0]}/class train, {counts[2]}/class test, one seed; {epochs} epochs SGD (lr {lr:g})"
+    notes += f"; λ ∈ {{{', '.join(f'{g:g}' for g in grid)}}} chosen on {counts[1]}/class validation"
     results = []
     for method, metrics, scale in (
         ("fine-tune from μ, no prior", baseline, None),

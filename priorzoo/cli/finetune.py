@@ -294,9 +294,7 @@ def make_collate(cols: Columns, library: str, tokenizer: Any, args: argparse.Nam
     def collate_text(rows: list[dict[str, Any]]) -> Any:
         texts = [str(r[cols.text]) for r in rows]
         pairs = [str(r[cols.text_pair]) for r in rows] if cols.text_pair else None
-        enc = tokenizer(
-            texts, pairs, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt"
-        )
+        enc = tokenizer(texts, pairs, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt")
         batch = dict(enc)
         batch["labels"] = torch.tensor([cols.label_id(r[cols.label]) for r in rows], dtype=torch.long)
         return batch
@@ -363,8 +361,10 @@ def prepare(args: argparse.Namespace) -> Setup:
     """Load the data, build the backbone, load or build the prior and initialise the weights.
 
     Example:
-        >>> setup = prepare(build_parser().parse_args([...]))  # doctest: +SKIP
-        >>> setup.init
+        >>> from priorzoo.cli import build_parser
+        >>> args = build_parser().parse_args(["finetune", "./my-bert", "--prior", "./my-prior",  # doctest: +SKIP
+        ...                                   "--data", "train.csv", "--output-dir", "out"])
+        >>> prepare(args).init  # doctest: +SKIP
         'prior_mean'
     """
     import torch
@@ -405,10 +405,10 @@ def prepare(args: argparse.Namespace) -> Setup:
     collate = make_collate(cols, library, tokenizer, args, model)
 
     def loader(ds: Any, *, shuffle: bool, batch_size: int) -> Any:
-        gen = torch.Generator().manual_seed(args.seed) if shuffle else None
+        # the shuffling draws from torch's global RNG when an epoch starts: seeding it (tune_scale does, per λ;
+        # finetune does before training) replays the same order
         return torch.utils.data.DataLoader(
-            ds, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, num_workers=args.num_workers,
-            generator=gen,
+            ds, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, num_workers=args.num_workers
         )
 
     eval_loaders = {
@@ -455,9 +455,11 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
     """The whole run; returns the metrics dict it also writes to ``<output-dir>/metrics.json``.
 
     Example:
-        >>> result = finetune(build_parser().parse_args([...]))  # doctest: +SKIP
-        >>> result["metrics"]["test"]["accuracy"]
-        0.87
+        >>> from priorzoo.cli import build_parser
+        >>> args = build_parser().parse_args(["finetune", "./my-bert", "--l2sp", "0.01",  # doctest: +SKIP
+        ...                                   "--data", "train.csv", "--test-data", "test.csv", "--output-dir", "out"])
+        >>> sorted(finetune(args)["metrics"]["test"])  # doctest: +SKIP
+        ['accuracy', 'ece', 'nll', 'num_examples']
     """
     import torch
 
@@ -524,14 +526,24 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
 
     # ---- training and prediction
     torch.manual_seed(args.seed)
-    fit_kwargs: dict[str, Any] = {"regularizer": regularizer, "max_grad_norm": args.max_grad_norm,
-                                  "autocast_dtype": autocast}
+    fit_kwargs: dict[str, Any] = {
+        "regularizer": regularizer,
+        "max_grad_norm": args.max_grad_norm,
+        "autocast_dtype": autocast,
+    }
     history: dict[str, Any] = {}
     predictions: dict[str, Any] = {}
     posterior = None
     if args.method in ("map", "bma"):
-        res = fit(model, train_loader, _make_optimizer(model, args), epochs=args.epochs,
-                  val_loader=eval_loaders.get("validation"), restore_best=False, **fit_kwargs)
+        res = fit(
+            model,
+            train_loader,
+            _make_optimizer(model, args),
+            epochs=args.epochs,
+            val_loader=eval_loaders.get("validation"),
+            restore_best=False,
+            **fit_kwargs,
+        )
         history["map"] = {"steps": res.steps, "seconds": res.seconds, "history": res.history}
         if args.method == "map":
             for name, ld in eval_loaders.items():
@@ -547,14 +559,22 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
                     swag.collect()
 
             res = fit(model, train_loader, swag_opt, epochs=args.swag_epochs, on_step=collect, **fit_kwargs)
-            history["swag"] = {"steps": res.steps, "seconds": res.seconds, "snapshots": swag.num_collected,
-                               "collect_every": every}
+            history["swag"] = {
+                "steps": res.steps,
+                "seconds": res.seconds,
+                "snapshots": swag.num_collected,
+                "collect_every": every,
+            }
             if swag.num_collected < 2:
                 raise RuntimeError(f"the SWAG phase collected {swag.num_collected} snapshot(s); raise --swag-epochs")
             posterior = swag.posterior()
             if eval_loaders:
-                avg = swag.predict(eval_loaders, num_samples=args.num_samples, bn_loader=train_loader,
-                                   generator=torch.Generator(device=device).manual_seed(args.seed))
+                avg = swag.predict(
+                    eval_loaders,
+                    num_samples=args.num_samples,
+                    bn_loader=train_loader,
+                    generator=torch.Generator(device=device).manual_seed(args.seed),
+                )
                 predictions = {name: (avg.probabilities(name), avg.labels(name)) for name in eval_loaders}
             with torch.no_grad():  # the saved model is the SWA mean, with its BN statistics
                 params = dict(model.named_parameters())
@@ -562,8 +582,13 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
                     params[mname].copy_(posterior.mean[pname])
             refresh_batchnorm_(model, train_loader)
     else:  # sgld
-        sgld = SGLD([p for p in model.parameters() if p.requires_grad], lr=args.lr, num_train_examples=n_train,
-                    temperature=args.temperature, generator=torch.Generator(device=device).manual_seed(args.seed))
+        sgld = SGLD(
+            [p for p in model.parameters() if p.requires_grad],
+            lr=args.lr,
+            num_train_examples=n_train,
+            temperature=args.temperature,
+            generator=torch.Generator(device=device).manual_seed(args.seed),
+        )
         burn = args.burn_in_epochs if args.burn_in_epochs is not None else args.epochs // 2
         steps_per_epoch = len(train_loader)
         sampling_steps = (args.epochs - burn) * steps_per_epoch
@@ -576,8 +601,13 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
                 averager.add(model)
 
         res = fit(model, train_loader, sgld, epochs=args.epochs, on_step=sample, **fit_kwargs)
-        history["sgld"] = {"steps": res.steps, "seconds": res.seconds, "burn_in_epochs": burn,
-                           "sample_every": every, "samples": averager.num_samples if averager else 0}
+        history["sgld"] = {
+            "steps": res.steps,
+            "seconds": res.seconds,
+            "burn_in_epochs": burn,
+            "sample_every": every,
+            "samples": averager.num_samples if averager else 0,
+        }
         if averager is not None:
             if averager.num_samples == 0:
                 raise RuntimeError("SGLD collected no sample; raise --epochs or lower --burn-in-epochs")

@@ -89,9 +89,7 @@ def has_batchnorm(model: torch.nn.Module) -> bool:
         >>> has_batchnorm(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)))
         True
     """
-    return any(
-        isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules()
-    )
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules())
 
 
 @torch.no_grad()
@@ -114,9 +112,7 @@ def refresh_batchnorm_(
         >>> refresh_batchnorm_(m, [(torch.randn(8, 2), torch.zeros(8).long())])
         True
     """
-    bns = [
-        m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-    ]
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns:
         return False
     was_training = {m: m.training for m in model.modules()}
@@ -145,9 +141,7 @@ def refresh_batchnorm_(
 
 
 @torch.no_grad()
-def sample_into_(
-    model: torch.nn.Module, posterior: PriorModel, generator: torch.Generator | None = None
-) -> list[str]:
+def sample_into_(model: torch.nn.Module, posterior: PriorModel, generator: torch.Generator | None = None) -> list[str]:
     """Draw w ~ posterior and copy it into the model's matching parameters (head included); returns their names.
 
     Example:
@@ -310,7 +304,8 @@ class DownstreamSWAG:
     :meth:`predict` for BMA.
 
     Args:
-        model: the fine-tuned model (all trainable parameters, head included, unless ``include``/``exclude``).
+        model: the fine-tuned model (all trainable parameters, the task head included, unless
+            ``include``/``exclude`` say otherwise).
         rank: K ≥ 2 deviations kept (Maddox et al. use 20); collect at least K + 1 snapshots.
         include, exclude, **collector_kwargs: passed to :class:`~priorzoo.learn.SWAGCollector`.
 
@@ -338,6 +333,9 @@ class DownstreamSWAG:
         from priorzoo.learn.swag import SWAGCollector
 
         self.model = model
+        # downstream, the head is part of the posterior (the collector leaves it out by default: a source-task
+        # prior never covers the head it replaces)
+        collector_kwargs.setdefault("exclude_head", False)
         self.collector = SWAGCollector(model, rank=rank, include=include, exclude=exclude, **collector_kwargs)
 
     @property
@@ -419,7 +417,11 @@ class SGLD(torch.optim.Optimizer):
         generator: torch.Generator | None = None,
     ) -> None:
         for name, value in (("lr", lr), ("temperature", temperature)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not (math.isfinite(value) and value > 0)
+            ):
                 raise ValueError(f"SGLD `{name}` must be a finite number > 0; received {value!r}")
         n = check_num_train_examples(num_train_examples)
         super().__init__(params, {"lr": float(lr), "temperature": float(temperature), "num_train_examples": n})
@@ -447,4 +449,3 @@ class SGLD(torch.optim.Optimizer):
                 noise = torch.randn(p.shape, generator=self.generator, device=p.device, dtype=p.dtype)
                 p.add_(p.grad, alpha=-group["lr"]).add_(noise, alpha=std)
         return loss
-

@@ -182,6 +182,7 @@ class PriorCallback(TrainerCallback):
             "dtype": dtype,
         }
         self.regularizer: PriorRegularizer | None = None
+        self._applied = 0
         self._log_sum = 0.0
         self._log_count = 0
         self._total_sum = 0.0
@@ -216,14 +217,27 @@ class PriorCallback(TrainerCallback):
         self._regularizer_for(model)  # model_init may have built a new model
         self._log_sum = self._total_sum = 0.0
         self._log_count = self._total_count = 0
+        self._applied = 0
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         _unscale_if_needed(optimizer)
         value = self._regularizer_for(model).add_to_grad_()
+        self._applied += 1
         self._log_sum += value
         self._log_count += 1
         self._total_sum += value
         self._total_count += 1
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # a guard against Trainer versions/paths that step without firing on_pre_optimizer_step (or fire it
+        # twice): the prior term must enter exactly once per optimiser step, never silently zero times
+        applied, self._applied = self._applied, 0
+        if applied != 1:
+            raise RuntimeError(
+                f"PriorCallback added the prior gradient {applied} time(s) in optimiser step {state.global_step}; "
+                "it must be exactly once. This Trainer (version or configuration) does not call "
+                "on_pre_optimizer_step once per step: use PriorTrainer, or a plain loop with PriorRegularizer"
+            )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None:
@@ -253,7 +267,7 @@ def _unscale_if_needed(optimizer: Any) -> None:
     if scaler is None or not getattr(scaler, "is_enabled", lambda: False)():
         return
     inner = optimizer
-    while hasattr(inner, "optimizer") and isinstance(getattr(inner, "optimizer"), torch.optim.Optimizer):
+    while hasattr(inner, "optimizer") and isinstance(inner.optimizer, torch.optim.Optimizer):
         inner = inner.optimizer
     try:
         scaler.unscale_(inner)

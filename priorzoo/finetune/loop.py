@@ -48,6 +48,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
+import operator
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -85,23 +87,36 @@ ForwardFn = Callable[[torch.nn.Module, Batch], tuple[Tensor, Tensor]]
 def check_num_train_examples(value: Any) -> int:
     """N must be a positive integer (the number of training examples); returns it as ``int``.
 
+    Integers of any kind (``int``, NumPy integers) and integral floats (``5e4``) are accepted.
+
     Example:
         >>> check_num_train_examples(50000)
         50000
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or isinstance(value, float) and (
-        not math.isfinite(value) or value != int(value)
-    ):
+    n = None
+    if not isinstance(value, bool):
+        try:
+            n = operator.index(value)
+        except TypeError:
+            if isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
+                n = int(value)
+    if n is None:
         raise ValueError(
-            f"`num_train_examples` (N) must be a positive integer, the number of training examples; "
-            f"received {value!r}"
+            f"`num_train_examples` (N) must be a positive integer, the number of training examples; received {value!r}"
         )
-    if value <= 0:
+    if n <= 0:
         raise ValueError(
             f"`num_train_examples` (N) must be > 0: the loss adds penalty / N, N = number of training "
             f"examples; received {value!r}"
         )
-    return int(value)
+    return n
+
+
+def _positive_real(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) and value > 0 else None
 
 
 def check_prior_weight(value: Any) -> float:
@@ -111,12 +126,13 @@ def check_prior_weight(value: Any) -> float:
         >>> check_prior_weight(1)
         1.0
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+    checked = _positive_real(value)
+    if checked is None:
         raise ValueError(
             f"`prior_weight` must be a finite number > 0 (1.0 = the posterior; to train without a prior, "
             f"do not add the term); received {value!r}"
         )
-    return float(value)
+    return checked
 
 
 def check_scale(value: Any) -> float:
@@ -126,12 +142,13 @@ def check_scale(value: Any) -> float:
         >>> check_scale(1e4)
         10000.0
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+    checked = _positive_real(value)
+    if checked is None:
         raise ValueError(
             f"the prior scale λ must be a finite number > 0 (it multiplies the covariance: large λ = weak "
             f"prior); received {value!r}"
         )
-    return float(value)
+    return checked
 
 
 def _check_prior_device(prior: PriorModel) -> None:
@@ -361,8 +378,10 @@ def l2sp_prior(
         >>> l2sp_prior(m, 0.01).kind.value
         'isotropic'
     """
-    if isinstance(variance, bool) or not isinstance(variance, (int, float)) or not (
-        math.isfinite(variance) and variance > 0
+    if (
+        isinstance(variance, bool)
+        or not isinstance(variance, (int, float))
+        or not (math.isfinite(variance) and variance > 0)
     ):
         raise ValueError(f"the L2-SP variance σ² must be a finite number > 0; received {variance!r}")
     from priorzoo.matching import select_parameters
@@ -680,4 +699,3 @@ def fit(
         model.load_state_dict(best_state)
     result.seconds = time.perf_counter() - start
     return result
-

@@ -167,7 +167,7 @@ def tune_scale(
 ) -> ScaleSearchResult:
     r"""Search λ on a log grid with short early-stopped fine-tuning runs; return the curve and the best λ.
 
-    For every λ: seed everything with ``seed``, build a fresh model with ``make_model()`` (it must return
+    For every λ: seed torch's global RNG with ``seed``, build a fresh model with ``make_model()`` (it must return
     the same starting weights each call, e.g. a deep copy of a template, or a model initialised from the
     prior mean), minimise ``mean CE + ρ·penalty_λ/N`` with :func:`~priorzoo.finetune.loop.fit` for at most
     ``epochs`` / ``max_steps``, evaluating on ``val_loader`` every ``eval_every`` steps (default: each
@@ -178,7 +178,9 @@ def tune_scale(
         prior: the learned prior (its own λ is ignored: every grid value replaces it).
         make_model: returns a fresh model to fine-tune.
         train_loader, val_loader: the training part and the held-out validation part (see
-            :func:`split_train_validation`); the validation data must not be in ``train_loader``.
+            :func:`split_train_validation`); the validation data must not be in ``train_loader``. A
+            ``DataLoader(shuffle=True)`` without its own ``generator`` draws its order from the global RNG, so
+            every λ sees the same batches; one with a private generator would not.
         num_train_examples: N of the training part.
         grid: λ values (default ``log_grid(1, 1e10)``, the paper's range, one per decade).
         make_optimizer: ``model -> optimizer`` (default SGD with ``lr`` and momentum 0.9).
@@ -264,8 +266,8 @@ def tune_scale(
         if verbose:
             m = point.metrics
             print(
-                f"λ = {scale:<10.3g} val nll {m.get('nll', float('nan')):.4f}  acc {m.get('accuracy', float('nan')):.4f}"
-                f"  ({point.steps} steps, best at {point.best_step})",
+                f"λ = {scale:<10.3g} val nll {m.get('nll', math.nan):.4f}  acc {m.get('accuracy', math.nan):.4f}  "
+                f"({point.steps} steps, best at {point.best_step})",
                 flush=True,
             )
         del model, reg, optimizer

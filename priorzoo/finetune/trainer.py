@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 try:
-    from transformers import Trainer
+    from transformers import Trainer, TrainerCallback
 except ImportError as _err:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         'priorzoo.finetune.PriorTrainer needs transformers: pip install "priorzoo[transformers]"'
@@ -138,6 +138,8 @@ class PriorTrainerMixin:
         self._prior_log_count = 0
         self._prior_total_sum = 0.0
         self._prior_total_count = 0
+        self._prior_added_this_step = 0
+        trainer.add_callback(_PriorStepCheck(self))
 
     def _prior_regularizer_for(self, model: torch.nn.Module) -> PriorRegularizer:
         if self.prior_regularizer is None or self.prior_regularizer.model is not model:
@@ -183,6 +185,7 @@ class PriorTrainerMixin:
         term = self._prior_regularizer_for(trainer.model)()
         loss = loss + term.to(loss.device) * self._prior_loss_multiplier(num_items_in_batch)
         value = float(term.detach())
+        self._prior_added_this_step += 1
         self._prior_log_sum += value
         self._prior_log_count += 1
         self._prior_total_sum += value
@@ -197,6 +200,27 @@ class PriorTrainerMixin:
         if "train_loss" in logs and self._prior_total_count:
             logs[f"train_{self.prior_log_key}"] = self._prior_total_sum / self._prior_total_count
         super().log(logs, *args, **kwargs)  # type: ignore[misc]
+
+
+class _PriorStepCheck(TrainerCallback):
+    """Fails loudly if an optimiser step ended with the prior term added other than exactly once (a guard
+    against Trainer versions whose accumulation bookkeeping differs from the one the mixin relies on)."""
+
+    def __init__(self, trainer: PriorTrainerMixin) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._prior_added_this_step = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        added, self.trainer._prior_added_this_step = self.trainer._prior_added_this_step, 0
+        if added != 1:
+            raise RuntimeError(
+                f"{type(self.trainer).__name__} added the prior term {added} time(s) in optimiser step "
+                f"{state.global_step}; it must be exactly once. This transformers version does not flag the last "
+                "micro-batch of a step through accelerator.sync_gradients as the mixin expects: use PriorCallback "
+                "or a plain loop with PriorRegularizer"
+            )
 
 
 class PriorTrainer(PriorTrainerMixin, Trainer):

@@ -40,8 +40,14 @@ def bert_folder(tmp_path_factory) -> Path:
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
     BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(folder)
     torch.manual_seed(0)
-    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-                     vocab_size=5 + len(WORDS), max_position_embeddings=32)
+    cfg = BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        vocab_size=5 + len(WORDS),
+        max_position_embeddings=32,
+    )
     BertModel(cfg).save_pretrained(folder)
     return folder
 
@@ -70,7 +76,10 @@ def _text_csv(path: Path, n: int, seed: int) -> Path:
     for i in range(n):
         label = "pos" if i % 2 == 0 else "neg"
         pool = pos if label == "pos" else neg
-        words = [pool[int(torch.randint(0, 3, (1,), generator=g))], *[WORDS[6 + int(j)] for j in torch.randint(0, 6, (3,), generator=g)]]
+        words = [
+            pool[int(torch.randint(0, 3, (1,), generator=g))],
+            *[WORDS[6 + int(j)] for j in torch.randint(0, 6, (3,), generator=g)],
+        ]
         rows.append(f"{' '.join(words)},{label}")
     path.write_text("\n".join(rows) + "\n")
     return path
@@ -86,9 +95,28 @@ def test_bert_prior_tune_scale_map(bert_folder, bert_prior_folder, tmp_path):
     train = _text_csv(tmp_path / "train.csv", 16, 0)
     test = _text_csv(tmp_path / "test.csv", 8, 1)
     out = tmp_path / "run"
-    code = main(_args(str(bert_folder), "--prior", str(bert_prior_folder), "--data", str(train), "--test-data",
-                      str(test), "--tune-scale", "--scale-grid", "1,1000", "--tune-epochs", "1", "--epochs", "2",
-                      "--lr", "0.05", "--output-dir", str(out)))
+    code = main(
+        _args(
+            str(bert_folder),
+            "--prior",
+            str(bert_prior_folder),
+            "--data",
+            str(train),
+            "--test-data",
+            str(test),
+            "--tune-scale",
+            "--scale-grid",
+            "1,1000",
+            "--tune-epochs",
+            "1",
+            "--epochs",
+            "2",
+            "--lr",
+            "0.05",
+            "--output-dir",
+            str(out),
+        )
+    )
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == "map"
@@ -107,27 +135,31 @@ def test_bert_prior_tune_scale_map(bert_folder, bert_prior_folder, tmp_path):
     assert model.config.id2label == {0: "neg", 1: "pos"}
 
 
-def test_init_from_prior_is_the_default_and_can_be_turned_off(bert_folder, bert_prior_folder, tmp_path, monkeypatch):
-    """Stop right after initialisation (no step) and look at the weights."""
-    import priorzoo.cli.finetune as cli
+def test_init_from_prior_is_the_default_and_can_be_turned_off(bert_folder, bert_prior_folder, tmp_path):
+    from priorzoo.cli import build_parser
+    from priorzoo.cli.finetune import prepare
 
-    seen = {}
-
-    def stop(*args, **kwargs):
-        seen["model"] = kwargs.get("model", args[1] if len(args) > 1 else None)
-        raise RuntimeError("stopped for the test")
-
-    monkeypatch.setattr("priorzoo.finetune.loop.PriorRegularizer.__init__", stop)
     train = _text_csv(tmp_path / "train.csv", 8, 0)
     prior = PriorModel.from_pretrained(bert_prior_folder)
-    for flag, expect_prior in (([], True), (["--keep-backbone-weights"], False)):
-        code = main(_args(str(bert_folder), "--prior", str(bert_prior_folder), "--data", str(train),
-                          "--output-dir", str(tmp_path / "x"), *flag))
-        assert code == 2
-        w = seen["model"].bert.encoder.layer[0].attention.self.query.weight.detach()
-        mu = prior.mean["encoder.layer.0.attention.self.query.weight"]
-        assert torch.equal(w, mu) is expect_prior
-    assert cli  # the module under test
+    mu = prior.mean["encoder.layer.0.attention.self.query.weight"]
+    for flag, init in (([], "prior_mean"), (["--keep-backbone-weights"], "backbone")):
+        args = build_parser().parse_args(
+            _args(
+                str(bert_folder),
+                "--prior",
+                str(bert_prior_folder),
+                "--data",
+                str(train),
+                "--output-dir",
+                str(tmp_path / "x"),
+                *flag,
+            )
+        )
+        setup = prepare(args)
+        assert setup.init == init
+        w = setup.model.bert.encoder.layer[0].attention.self.query.weight.detach()
+        assert torch.equal(w, mu) is (init == "prior_mean")
+        assert setup.scale == prior.scale
 
 
 def test_timm_image_folder_l2sp_bma(tmp_path):
@@ -143,10 +175,36 @@ def test_timm_image_folder_l2sp_bma(tmp_path):
                 arr = (base + 30 * torch.rand(16, 16, 3, generator=g)).clamp(0, 255).to(torch.uint8).numpy()
                 Image.fromarray(arr).save(d / f"{i}.png")
     out = tmp_path / "run"
-    code = main(_args("test_resnet", "--library", "timm", "--no-pretrained", "--l2sp", "0.01", "--data",
-                      str(tmp_path / "train"), "--test-data", str(tmp_path / "test"), "--image-size", "32",
-                      "--method", "bma", "--num-samples", "3", "--swag-rank", "2", "--epochs", "1",
-                      "--swag-epochs", "2", "--lr", "0.01", "--output-dir", str(out)))
+    code = main(
+        _args(
+            "test_resnet",
+            "--library",
+            "timm",
+            "--no-pretrained",
+            "--l2sp",
+            "0.01",
+            "--data",
+            str(tmp_path / "train"),
+            "--test-data",
+            str(tmp_path / "test"),
+            "--image-size",
+            "32",
+            "--method",
+            "bma",
+            "--num-samples",
+            "3",
+            "--swag-rank",
+            "2",
+            "--epochs",
+            "1",
+            "--swag-epochs",
+            "2",
+            "--lr",
+            "0.01",
+            "--output-dir",
+            str(out),
+        )
+    )
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["prior"]["source"] == "l2sp" and metrics["prior"]["init"] == "backbone"
@@ -154,17 +212,37 @@ def test_timm_image_folder_l2sp_bma(tmp_path):
     assert metrics["training"]["swag"]["snapshots"] >= 2
     posterior = PriorModel.from_pretrained(out / "posterior")
     assert "fc.weight" in posterior.names  # the downstream posterior covers the new head too
-    model = timm.create_model("hf-hub:dummy", pretrained=False) if False else None
-    assert model is None
-    assert (out / "model" / "model.safetensors").is_file()
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "model" / "model.safetensors"))
+    fresh = timm.create_model("test_resnet", pretrained=False, num_classes=2)
+    assert set(saved) == set(fresh.state_dict())  # the fine-tuned SWA-mean weights, loadable into the model
+    fresh.load_state_dict(saved)
 
 
 def test_sgld_without_prior(bert_folder, tmp_path):
     train = _text_csv(tmp_path / "train.csv", 8, 0)
     out = tmp_path / "run"
-    code = main(_args(str(bert_folder), "--no-prior", "--data", str(train), "--validation-data", str(train),
-                      "--method", "sgld", "--epochs", "2", "--num-samples", "2", "--lr", "0.01",
-                      "--output-dir", str(out)))
+    code = main(
+        _args(
+            str(bert_folder),
+            "--no-prior",
+            "--data",
+            str(train),
+            "--validation-data",
+            str(train),
+            "--method",
+            "sgld",
+            "--epochs",
+            "2",
+            "--num-samples",
+            "2",
+            "--lr",
+            "0.01",
+            "--output-dir",
+            str(out),
+        )
+    )
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["prior"]["source"] is None and metrics["prior"]["scale"] is None
@@ -199,7 +277,8 @@ def test_prior_for_another_model_is_a_clean_error(bert_folder, tmp_path, capsys)
     wrong = PriorModel.from_tensors({"conv1.weight": torch.zeros(4, 3, 3, 3)}, variance=1.0)
     folder = wrong.save_pretrained(tmp_path / "wrong")
     train = _text_csv(tmp_path / "train.csv", 8, 0)
-    code = main(_args(str(bert_folder), "--prior", str(folder), "--data", str(train), "--output-dir",
-                      str(tmp_path / "o")))
+    code = main(
+        _args(str(bert_folder), "--prior", str(folder), "--data", str(train), "--output-dir", str(tmp_path / "o"))
+    )
     assert code == 2
     assert "no prior parameter matches" in capsys.readouterr().err

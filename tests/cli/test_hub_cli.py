@@ -90,7 +90,11 @@ def test_push_pull_inspect_round_trip(
 
 
 def test_pull_works_offline_after_one_download(
-    hub_server: HubServer, token: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    hub_server: HubServer,
+    token: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     main(["push", str(make_prior(tmp_path / "p", max_shard_size=1000)), REPO])  # sharded
     assert main(["pull", REPO]) == 0
@@ -159,7 +163,9 @@ def test_clear_errors(hub_server: HubServer, token: str, tmp_path: Path, capsys:
     assert sorted(p.name for p in clutter.iterdir()) == ["notes.txt"]
 
 
-def test_list_shows_the_priors(hub_server: HubServer, token: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_list_shows_the_priors(
+    hub_server: HubServer, token: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["list"]) == 0
     assert f"no priors found at {hub_server.url}" in capsys.readouterr().out
 

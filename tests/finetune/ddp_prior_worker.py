@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from finetune_helpers import (  # noqa: E402
+from finetune_helpers import (
     TimmClassifier,
     bert_prior,
     image_examples,

@@ -75,9 +75,7 @@ def random_prior(
     g = torch.Generator().manual_seed(seed)
     mean = {n: t.detach().float() + offset * torch.randn(t.shape, generator=g) for n, t in named.items()}
     var = {n: variance * (0.5 + torch.rand(t.shape, generator=g)) for n, t in named.items()}
-    factor = (
-        {n: 0.02 * torch.randn((rank, *t.shape), generator=g) for n, t in named.items()} if rank > 0 else None
-    )
+    factor = {n: 0.02 * torch.randn((rank, *t.shape), generator=g) for n, t in named.items()} if rank > 0 else None
     return PriorModel.from_tensors(mean, var, factor, exclude=exclude or [])
 
 

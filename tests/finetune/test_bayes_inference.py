@@ -54,11 +54,15 @@ def test_bma_with_batchnorm_equals_hand_computation_for_two_samples():
     model = tiny_timm()
     assert has_batchnorm(model)
     posterior = _posterior_for(model)
-    eval_loader, bn_loader, x, y, bn_x = _loaders()
+    eval_loader, bn_loader, x, _, bn_x = _loaders()
     state_before = {k: v.clone() for k, v in model.state_dict().items()}
 
     avg = bma_predict(
-        model, posterior, {"test": eval_loader}, num_samples=2, bn_loader=bn_loader,
+        model,
+        posterior,
+        {"test": eval_loader},
+        num_samples=2,
+        bn_loader=bn_loader,
         generator=torch.Generator().manual_seed(11),
     )
     probs = avg.probabilities("test")
@@ -175,8 +179,7 @@ def test_sgld_samples_the_tempered_gaussian_posterior(temperature):
     """U(w) = N·ℓ(w) with ℓ = (w − m)²/(2Nσ²): the tempered posterior is N(m, σ²T)."""
     n, sigma2, m, chains = 100, 0.5, 1.5, 20_000
     w = torch.nn.Parameter(torch.zeros(chains))
-    opt = SGLD([w], lr=0.5, num_train_examples=n, temperature=temperature,
-               generator=torch.Generator().manual_seed(1))
+    opt = SGLD([w], lr=0.5, num_train_examples=n, temperature=temperature, generator=torch.Generator().manual_seed(1))
     for _ in range(1500):
         w.grad = (w.detach() - m) / (n * sigma2)
         opt.step()
@@ -193,3 +196,9 @@ def test_sgld_bad_arguments():
         args = {"lr": 0.1, "num_train_examples": 10, **kwargs}
         with pytest.raises(ValueError):
             SGLD([w], **args)
+
+
+def test_downstream_swag_includes_the_task_head_of_timm_models():
+    pytest.importorskip("timm")
+    swag = DownstreamSWAG(tiny_timm(), rank=2)
+    assert {"fc.weight", "fc.bias"} <= set(swag.collector.names)

@@ -14,7 +14,7 @@ from finetune_helpers import max_abs_diff, one_thread
 pytest.importorskip("transformers")
 pytest.importorskip("timm")
 
-import ddp_prior_worker as worker  # noqa: E402
+import ddp_prior_worker as worker
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 _ = one_thread

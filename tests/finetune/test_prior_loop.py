@@ -236,8 +236,14 @@ def test_prior_for_another_model_is_refused():
     from transformers import BertConfig, BertForSequenceClassification
 
     wider = BertForSequenceClassification(
-        BertConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-                   vocab_size=100, max_position_embeddings=32)
+        BertConfig(
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=37,
+            vocab_size=100,
+            max_position_embeddings=32,
+        )
     )
     with pytest.raises(PriorMatchError, match="another shape"):
         PriorRegularizer(bert_prior(bert), wider, num_train_examples=10)
@@ -260,8 +266,13 @@ def test_prior_for_another_model_fails_when_the_trainer_is_built(tmp_path):
         PriorTrainer(model=tiny_bert(), args=args, train_dataset=data, prior=wrong)
     model = tiny_bert()
     with pytest.raises(RuntimeError, match="twice"):
-        PriorTrainer(model=model, args=args, train_dataset=data, prior=bert_prior(model),
-                     callbacks=[PriorCallback(bert_prior(model), 4)])
+        PriorTrainer(
+            model=model,
+            args=args,
+            train_dataset=data,
+            prior=bert_prior(model),
+            callbacks=[PriorCallback(bert_prior(model), 4)],
+        )
 
 
 def test_prior_dtype_and_device_are_handled():
@@ -291,9 +302,13 @@ def test_prior_dtype_and_device_are_handled():
     reg().backward()
     assert all(p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all() for p in model_bf16.parameters())
     # a prior on the meta device (no data) and a model on the meta device are refused clearly
-    moved = PriorModel(prior.config, {n: t.to("meta") for n, t in prior.mean.items()},
-                       {n: t.to("meta") for n, t in prior.variance.items()},
-                       {n: t.to("meta") for n, t in prior.cov_factor.items()}, validate=False)
+    moved = PriorModel(
+        prior.config,
+        {n: t.to("meta") for n, t in prior.mean.items()},
+        {n: t.to("meta") for n, t in prior.variance.items()},
+        {n: t.to("meta") for n, t in prior.cov_factor.items()},
+        validate=False,
+    )
     with pytest.raises(ValueError, match="meta device"):
         PriorRegularizer(moved, model, num_train_examples=3)
     meta_model = torch.nn.Linear(5, 3, device="meta")
@@ -319,11 +334,15 @@ def test_trainer_setup_refusals():
     ok = SimpleNamespace(deepspeed=None, fsdp=None, optim="sgd")
     check_trainer_setup(ok, where="PriorCallback", gradient_hook=True)
     with pytest.raises(RuntimeError, match="DeepSpeed"):
-        check_trainer_setup(SimpleNamespace(deepspeed={"zero_optimization": {"stage": 2}}, fsdp=None, optim="sgd"),
-                            where="PriorCallback", gradient_hook=True)
+        check_trainer_setup(
+            SimpleNamespace(deepspeed={"zero_optimization": {"stage": 2}}, fsdp=None, optim="sgd"),
+            where="PriorCallback",
+            gradient_hook=True,
+        )
     with pytest.raises(RuntimeError, match="FSDP"):
-        check_trainer_setup(SimpleNamespace(deepspeed=None, fsdp="full_shard", optim="sgd"),
-                            where="PriorTrainer", gradient_hook=False)
+        check_trainer_setup(
+            SimpleNamespace(deepspeed=None, fsdp="full_shard", optim="sgd"), where="PriorTrainer", gradient_hook=False
+        )
     lomo = SimpleNamespace(deepspeed=None, fsdp=None, optim="adalomo")
     with pytest.raises(RuntimeError, match="inside backward"):
         check_trainer_setup(lomo, where="PriorCallback", gradient_hook=True)

@@ -77,9 +77,7 @@ def _one_step(kind: str, ga: int, bf16: bool, mode: str, tmp_path, **trainer_kw)
     if mode == "none":
         trainer = Trainer(model=model, args=args, train_dataset=data, **trainer_kw)
     elif mode == "callback":
-        trainer = Trainer(
-            model=model, args=args, train_dataset=data, callbacks=[PriorCallback(prior, N)], **trainer_kw
-        )
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[PriorCallback(prior, N)], **trainer_kw)
     else:
         trainer = PriorTrainer(
             model=model, args=args, train_dataset=data, prior=prior, num_train_examples=N, **trainer_kw
@@ -163,3 +161,23 @@ def test_mixin_accumulation_matches_one_big_batch_when_data_term_is_a_mean(tmp_p
         MeanTrainer(model=model, args=args, train_dataset=data, prior=prior, num_train_examples=N).train()
         results.append(params_of(model))
     assert max_abs_diff(*results) < TOL
+
+
+def test_callback_refuses_a_step_without_the_prior_gradient(tmp_path, monkeypatch):
+    """If a Trainer steps without firing on_pre_optimizer_step, the callback stops training instead of
+    silently fine-tuning without the prior."""
+    from transformers.trainer_callback import CallbackHandler
+
+    monkeypatch.setattr(CallbackHandler, "on_pre_optimizer_step", lambda self, args, state, control: control)
+    with pytest.raises(RuntimeError, match="0 time"):
+        _one_step("bert", 1, False, "callback", tmp_path)
+
+
+def test_mixin_refuses_a_step_with_the_term_added_twice(tmp_path, monkeypatch):
+    """If the last micro-batch were not flagged (every micro-batch looks like a sync step), the prior would
+    enter G times: the mixin stops training instead."""
+    from accelerate import Accelerator
+
+    monkeypatch.setattr(Accelerator, "sync_gradients", property(lambda self: True))
+    with pytest.raises(RuntimeError, match="2 time"):
+        _one_step("bert", 2, False, "mixin", tmp_path)

@@ -36,8 +36,9 @@ def _teacher_problem(n_train: int = 12, n_val: int = 400, d: int = 30):
 def test_tune_scale_prefers_the_informative_prior_and_reports_the_curve():
     prior, make_model, train, val, n = _teacher_problem()
     grid = [1.0, 100.0, 1e6]
-    result = tune_scale(prior, make_model, train, val, num_train_examples=n, grid=grid, lr=0.2,
-                        epochs=40, patience=None)
+    result = tune_scale(
+        prior, make_model, train, val, num_train_examples=n, grid=grid, lr=0.2, epochs=40, patience=None
+    )
     assert [p.scale for p in result.curve] == grid
     nlls = [p.metrics["nll"] for p in result.curve]
     assert result.best_scale == 1.0
@@ -48,15 +49,27 @@ def test_tune_scale_prefers_the_informative_prior_and_reports_the_curve():
     assert data["best_scale"] == 1.0 and len(data["curve"]) == 3 and data["settings"]["grid"] == grid
     assert "*" in result.table().splitlines()[1]
     # deterministic: the same search gives the same curve
-    again = tune_scale(prior, make_model, train, val, num_train_examples=n, grid=grid[:1], lr=0.2,
-                       epochs=40, patience=None)
+    again = tune_scale(
+        prior, make_model, train, val, num_train_examples=n, grid=grid[:1], lr=0.2, epochs=40, patience=None
+    )
     assert again.curve[0].metrics == result.curve[0].metrics
 
 
 def test_tune_scale_early_stops_and_uses_the_metric():
     prior, make_model, train, val, n = _teacher_problem()
-    result = tune_scale(prior, make_model, train, val, num_train_examples=n, grid=[1e6], lr=2.0, epochs=50,
-                        eval_every=1, patience=2, metric="accuracy")
+    result = tune_scale(
+        prior,
+        make_model,
+        train,
+        val,
+        num_train_examples=n,
+        grid=[1e6],
+        lr=2.0,
+        epochs=50,
+        eval_every=1,
+        patience=2,
+        metric="accuracy",
+    )
     point = result.curve[0]
     assert point.stopped_early and point.steps < 50 * len(train)
     assert point.best_step is not None and point.best_step <= point.steps
@@ -87,3 +100,16 @@ def test_log_grid_and_split():
     with pytest.raises(ValueError):
         split_train_validation([1], 0.5)
     assert isinstance(ScaleSearchResult(best_scale=1.0, metric="nll").to_dict(), dict)
+
+
+def test_every_scale_sees_the_same_shuffled_batches():
+    """A shuffling DataLoader draws its order from the global RNG, which tune_scale seeds per λ: running a λ
+    alone or after another gives the same result."""
+    prior, make_model, train, val, n = _teacher_problem()
+    xs = torch.cat([x for x, _ in train])
+    ys = torch.cat([y for _, y in train])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xs, ys), batch_size=4, shuffle=True)
+    kwargs = {"num_train_examples": n, "lr": 0.2, "epochs": 3, "patience": None}
+    alone = tune_scale(prior, make_model, loader, val, grid=[100.0], **kwargs)
+    after = tune_scale(prior, make_model, loader, val, grid=[1.0, 100.0], **kwargs)
+    assert after.curve[1].metrics == alone.curve[0].metrics
