@@ -335,7 +335,9 @@ def sample_per_class(
     for cls in sorted(int(c) for c in torch.unique(y)):
         idx = torch.nonzero((y == cls) & ~banned).flatten()
         if len(idx) < need:
-            raise ValueError(f"class {cls} has {len(idx)} example(s) available; the split needs {need} ({list(counts)})")
+            raise ValueError(
+                f"class {cls} has {len(idx)} example(s) available; the split needs {need} ({list(counts)})"
+            )
         idx = idx[torch.randperm(len(idx), generator=gen)]
         start = 0
         for j, c in enumerate(counts):

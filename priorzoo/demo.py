@@ -86,7 +86,8 @@ class FinetuneSettings:
         l2sp_variances: L2-SP's σ² grid (its tuned knob).
         scales: the learned prior's λ grid; ``None`` matches it to ``l2sp_variances`` by the average prior
             variance (λ_g = σ²_g / (tr Σ / P)), so that both priors cover the same overall strengths.
-        momentum, weight_decay: of the SGD optimiser (weight decay toward 0 applies to every method).
+        optimizer: ``sgd`` (with ``momentum``, as in the paper) or ``adamw``, for every method.
+        momentum, weight_decay: of the optimiser (weight decay toward 0 applies to every method).
         select_metric: ``accuracy``, ``nll`` or ``ece`` on validation (ties: the first grid point).
         bma_epochs: epochs of constant-learning-rate SGD after the selected learned-prior run; one SWAG
             snapshot per epoch.
@@ -108,6 +109,7 @@ class FinetuneSettings:
     lr_grid: tuple[float, ...] = (0.01, 0.03, 0.1)
     l2sp_variances: tuple[float, ...] = (1e-4, 1e-3, 1e-2)
     scales: tuple[float, ...] | None = None
+    optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 0.0
     select_metric: str = "accuracy"
@@ -144,8 +146,12 @@ class FinetuneSettings:
             )
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"`lr` must be a finite number > 0; received {self.lr!r}")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"`optimizer` must be 'sgd' or 'adamw'; received {self.optimizer!r}")
         if self.select_metric not in _HIGHER_IS_BETTER:
-            raise ValueError(f"`select_metric` must be one of {sorted(_HIGHER_IS_BETTER)}; received {self.select_metric!r}")
+            raise ValueError(
+                f"`select_metric` must be one of {sorted(_HIGHER_IS_BETTER)}; received {self.select_metric!r}"
+            )
 
     @property
     def grid_size(self) -> int:
@@ -502,6 +508,8 @@ def _loader(dataset: Any, batch_size: int, *, shuffle: bool, seed: int) -> torch
 
 def _optimizer(model: nn.Module, lr: float, s: FinetuneSettings) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
+    if s.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=s.weight_decay)
     return torch.optim.SGD(params, lr=lr, momentum=s.momentum, weight_decay=s.weight_decay)
 
 
@@ -609,7 +617,20 @@ def compare_methods(
             if progress is not None:
                 progress.stage(f"{name} {i + 1}/{len(values)}")
             lr, reg_prior = build(v)
-            model, metrics, best_epoch = run(lr, reg_prior)
+            try:
+                model, metrics, best_epoch = run(lr, reg_prior)
+            except FloatingPointError as err:  # SGD diverged: the grid point fails, the search goes on
+                curve.append(
+                    {
+                        "value": v,
+                        "val_accuracy": math.nan,
+                        "val_nll": math.nan,
+                        "val_ece": math.nan,
+                        "best_epoch": None,
+                        "diverged": str(err),
+                    }
+                )
+                continue
             curve.append(
                 {
                     "value": v,
@@ -627,7 +648,8 @@ def compare_methods(
                 best = (key, v, model, metrics)
             else:
                 del model
-        assert best is not None
+        if best is None:
+            raise FloatingPointError(f"every {name} run diverged ({knob} grid {list(values)}); lower the learning rate")
         _, value, model, metrics = best
         test_metrics = evaluate(model, test_loader, forward=forward)
         row = MethodResult(
@@ -645,14 +667,10 @@ def compare_methods(
 
     ft_row, ft_model = tune("fine-tuning", "lr", s.lr_grid, lambda lr: (lr, None))
     del ft_model
-    init = make_model()
-    l2sp_row, l2sp_model = tune(
-        "L2-SP",
-        "variance",
-        s.l2sp_variances,
-        lambda var: (s.lr, l2sp_prior(init, var, include=include, exclude=exclude, exclude_head=False)),
-    )
-    del l2sp_model, init
+    # N(μ, σ²I) centred on the starting weights: σ² = 1 at scale σ², so one prior serves the whole grid
+    l2sp_base = l2sp_prior(make_model(), 1.0, include=include, exclude=exclude, exclude_head=False)
+    l2sp_row, l2sp_model = tune("L2-SP", "variance", s.l2sp_variances, lambda var: (s.lr, l2sp_base.with_scale(var)))
+    del l2sp_model, l2sp_base
     lp_row, lp_model = tune("learned prior", "scale", scales, lambda lam: (s.lr, prior.with_scale(lam)))
     lp_row.extra["scale_grid"] = list(scales)
     lp_row.extra["average_variance_at_scale_1"] = avg_var
@@ -979,9 +997,7 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
             prior.init_model_(model)
             return model
 
-        rows = compare_methods(
-            make_model, prior, cached["train"], cached["val"], cached["test"], s, progress=progress
-        )
+        rows = compare_methods(make_model, prior, cached["train"], cached["val"], cached["test"], s, progress=progress)
         timings["target"] = time.perf_counter() - t
     finally:
         progress.close()

@@ -502,7 +502,7 @@ class _Builder:
             progress=self.opts.progress,
         )
         _write_json(marker, {"learn": fp})
-        self.log("learn: priorzoo " + shlex.join(argv[0:]))
+        self.log("learn: priorzoo " + shlex.join(argv))
         from priorzoo.cli import main as priorzoo_main
 
         start = time.perf_counter()

@@ -114,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
     print(result.table())
     print()
     minutes, seconds = divmod(result.timings.get("total", 0.0), 60)
-    print(f"wall time {int(minutes)} min {seconds:.0f} s; results: {config.output_dir}/results.json, the prior: "
-          f"{result.prior_dir} (load it with PriorModel.from_pretrained)")
+    print(
+        f"wall time {int(minutes)} min {seconds:.0f} s; results: {config.output_dir}/results.json, the prior: "
+        f"{result.prior_dir} (load it with PriorModel.from_pretrained)"
+    )
     return 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -73,10 +74,14 @@ def run(args: argparse.Namespace) -> int:
     except (PriorNotFoundError, PriorFormatError, OfflineModeIsEnabled, HfHubHTTPError, ValueError, ImportError) as err:
         print(f"priorzoo inspect: error: {err}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps(summary, indent=2, ensure_ascii=False))
-    else:
-        print(format_summary(summary, max_layers=None if args.all_layers else 60))
-    if plotted is not None:
-        print(f"wrote the per-layer prior scale plot to {plotted}", file=sys.stderr if args.json else sys.stdout)
+    try:
+        if args.json:
+            print(json.dumps(summary, indent=2, ensure_ascii=False))
+        else:
+            print(format_summary(summary, max_layers=None if args.all_layers else 60))
+        if plotted is not None:
+            print(f"wrote the per-layer prior scale plot to {plotted}", file=sys.stderr if args.json else sys.stdout)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `priorzoo inspect … | head`: the reader stopped early, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
     return 0

