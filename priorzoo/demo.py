@@ -670,7 +670,7 @@ def compare_methods(
     # N(μ, σ²I) centred on the starting weights: σ² = 1 at scale σ², so one prior serves the whole grid
     l2sp_base = l2sp_prior(make_model(), 1.0, include=include, exclude=exclude, exclude_head=False)
     l2sp_row, l2sp_model = tune("L2-SP", "variance", s.l2sp_variances, lambda var: (s.lr, l2sp_base.with_scale(var)))
-    del l2sp_model, l2sp_base
+    del l2sp_model
     lp_row, lp_model = tune("learned prior", "scale", scales, lambda lam: (s.lr, prior.with_scale(lam)))
     lp_row.extra["scale_grid"] = list(scales)
     lp_row.extra["average_variance_at_scale_1"] = avg_var

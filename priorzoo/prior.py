@@ -496,6 +496,7 @@ class PriorModel:
         factor_dtype: torch.dtype | str | None = None,
         dtype: torch.dtype | str | None = None,
         card: bool = True,
+        repo_id: str | None = None,
     ) -> Path:
         """Write ``config.json``, the safetensors file(s) and a ``README.md`` card; atomically.
 
@@ -512,6 +513,7 @@ class PriorModel:
                 stay float32 unless ``dtype`` says otherwise).
             dtype: storage dtype of mean and variance (default float32).
             card: also render the model card ``README.md`` (see :mod:`priorzoo.cards`).
+            repo_id: the Hub id the card's usage snippet and model-index name (default: a placeholder).
 
         Example:
             >>> import tempfile, torch
@@ -579,7 +581,7 @@ class PriorModel:
             if card:
                 from priorzoo.cards import render_card
 
-                (tmp / CARD_NAME).write_text(render_card(cfg), encoding="utf-8")
+                (tmp / CARD_NAME).write_text(render_card(cfg, repo_id=repo_id), encoding="utf-8")
                 written.append(CARD_NAME)
 
             if not target.exists():
@@ -727,7 +729,9 @@ class PriorModel:
         from priorzoo.hub import upload_prior
 
         with tempfile.TemporaryDirectory(prefix="priorzoo-push-") as tmp:
-            folder = self.save_pretrained(Path(tmp) / "prior", max_shard_size=max_shard_size, factor_dtype=factor_dtype)
+            folder = self.save_pretrained(
+                Path(tmp) / "prior", max_shard_size=max_shard_size, factor_dtype=factor_dtype, repo_id=repo_id
+            )
             return upload_prior(
                 folder,
                 repo_id,

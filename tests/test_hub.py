@@ -379,3 +379,12 @@ def test_prior_model_repush_makes_no_commit(hub_server: HubServer, token_env: st
     commits = {prior.push_to_hub("org/again") for _ in range(4)}
     assert len(commits) == 1
     assert hub_server.commit_count("org/again") == 2
+
+
+def test_pushed_card_names_the_repo(hub_server: HubServer, token_env: str) -> None:
+    prior = PriorModel.from_tensors({"w": torch.zeros(4)}, variance=1.0)
+    prior.push_to_hub("org/carded")
+    from huggingface_hub import hf_hub_download
+
+    card = Path(hf_hub_download("org/carded", "README.md")).read_text()
+    assert 'PriorModel.from_pretrained("org/carded")' in card
