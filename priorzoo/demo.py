@@ -88,9 +88,10 @@ class FinetuneSettings:
             variance (λ_g = σ²_g / (tr Σ / P)), so that both priors cover the same overall strengths.
         optimizer: ``sgd`` (with ``momentum``, as in the paper) or ``adamw``, for every method.
         momentum, weight_decay: of the optimiser (weight decay toward 0 applies to every method).
-        select_metric: ``accuracy``, ``nll`` or ``ece`` on validation (ties: the first grid point).
-        bma_epochs: epochs of constant-learning-rate SGD after the selected learned-prior run; one SWAG
-            snapshot per epoch.
+        select_metric: ``accuracy``, ``nll`` or ``ece`` on validation (ties: the lower validation NLL, then
+            the first grid point).
+        bma_epochs: epochs of constant-learning-rate training after the selected learned-prior run, with a
+            SWAG snapshot after every optimiser step.
         bma_rank: K of the downstream SWAG posterior.
         bma_samples: S posterior samples averaged by BMA.
         eval_batch_size: batch size for validation/test predictions.
@@ -486,7 +487,7 @@ def count_units(settings: FinetuneSettings, num_train: int) -> int:
     Example:
         >>> count_units(FinetuneSettings(lr_grid=(0.1,), l2sp_variances=(1.0,), epochs=2, bma_epochs=2,
         ...                              bma_samples=3, batch_size=10), 20)
-        18
+        19
     """
     steps_per_epoch = math.ceil(num_train / settings.batch_size)
     runs = 3 * settings.grid_size
@@ -534,8 +535,8 @@ def compare_methods(
     from ``make_model()`` (which must return the same starting weights every call, e.g. μ and a seeded
     head), trains ``settings.epochs`` epochs of SGD on ``mean CE + penalty/N`` and keeps its best epoch on
     ``val``; the run with the best validation ``select_metric`` is the method's model. BMA continues the
-    selected learned-prior run at a constant learning rate for ``bma_epochs`` epochs, collects one SWAG
-    snapshot per epoch over every trainable parameter, and averages the predictive of ``bma_samples``
+    selected learned-prior run at a constant learning rate for ``bma_epochs`` epochs, collects a SWAG
+    snapshot after every step over every trainable parameter, and averages the predictive of ``bma_samples``
     posterior samples (batch-norm statistics refreshed on the training data for each sample).
 
     Args:
@@ -611,7 +612,7 @@ def compare_methods(
 
     def tune(name: str, knob: str, values: Sequence[float], build: Callable[[float], tuple[float, Any]]):
         start = time.perf_counter()
-        best: tuple[float, float, nn.Module, dict[str, float]] | None = None
+        best: tuple[tuple[float, float], float, nn.Module, dict[str, float]] | None = None
         curve = []
         for i, v in enumerate(values):
             if progress is not None:
@@ -641,9 +642,10 @@ def compare_methods(
                 }
             )
             score = metrics.get(s.select_metric, math.nan)
-            key = -score if higher else score
-            if not math.isfinite(key):
-                key = math.inf
+            # the selection metric first; ties (frequent for accuracy on a small split) go to the lower NLL
+            key = (-score if higher else score, metrics.get("nll", math.nan))
+            if not all(math.isfinite(k) for k in key):
+                key = (math.inf, math.inf)
             if best is None or key < best[0]:
                 best = (key, v, model, metrics)
             else:
@@ -687,8 +689,7 @@ def compare_methods(
     steps_per_epoch = math.ceil(n_train / s.batch_size)
 
     def on_step(step: int) -> None:
-        if step % steps_per_epoch == 0:
-            swag.collect()
+        swag.collect()
 
     fit(
         lp_model,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from priorzoo import PriorModel
@@ -122,15 +121,3 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
 
 def params_of(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-@pytest.fixture(autouse=False)
-def one_thread():
-    """Run a test on one intra-op thread: the models are tiny, and on a shared 2-core machine a second
-    spinning OpenMP thread makes them several times slower. Restores the previous setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

@@ -8,15 +8,12 @@ import math
 
 import pytest
 import torch
-from finetune_helpers import one_thread, tiny_timm
+from finetune_helpers import tiny_timm
 
 from priorzoo import PriorModel
 from priorzoo.finetune import SGLD, DownstreamSWAG, PredictiveAverager, average_predictive, bma_predict
 from priorzoo.finetune.bayes import has_batchnorm, refresh_batchnorm_, sample_into_
 from priorzoo.finetune.loop import train_step
-
-pytestmark = pytest.mark.usefixtures("one_thread")
-_ = one_thread
 
 
 def _loaders(seed: int = 0, n_eval: int = 6, size: int = 32):

@@ -9,15 +9,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from finetune_helpers import max_abs_diff, one_thread
+from finetune_helpers import max_abs_diff
 
 pytest.importorskip("transformers")
 pytest.importorskip("timm")
 
 import ddp_prior_worker as worker
-
-pytestmark = pytest.mark.usefixtures("one_thread")
-_ = one_thread
 
 TORCHRUN = shutil.which("torchrun")
 

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from finetune_helpers import (
     bert_prior,
     max_abs_diff,
-    one_thread,
     params_of,
     random_prior,
     text_examples,
@@ -25,9 +24,6 @@ from priorzoo import PriorMatchError, PriorModel
 from priorzoo.errors import PriorFormatError
 from priorzoo.finetune import SGLD, PriorRegularizer, train_step, tune_scale
 from priorzoo.finetune.loop import l2sp_prior
-
-pytestmark = pytest.mark.usefixtures("one_thread")
-_ = one_thread
 
 N = 20
 LR = 0.05
@@ -347,3 +343,26 @@ def test_trainer_setup_refusals():
     with pytest.raises(RuntimeError, match="inside backward"):
         check_trainer_setup(lomo, where="PriorCallback", gradient_hook=True)
     check_trainer_setup(lomo, where="PriorTrainer", gradient_hook=False)  # the loss path is fine
+
+
+def test_fp16_gradients_are_unscaled_before_the_prior_gradient_is_added():
+    """The callback's fp16 path: GradScaler-scaled gradients are unscaled once (public GradScaler API) before
+    the prior gradient joins them, so the prior is not divided by the loss scale at the step."""
+    pytest.importorskip("transformers")
+    from priorzoo.finetune.callback import _unscale_if_needed
+
+    model, _ = _toy()
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = F.cross_entropy(model(x), y)
+    scaler.scale(loss).backward()
+    scaled = [p.grad.clone() for p in model.parameters()]
+    wrapped = SimpleNamespace(optimizer=opt, scaler=scaler)  # how accelerate's AcceleratedOptimizer looks
+    _unscale_if_needed(wrapped)
+    for p, g in zip(model.parameters(), scaled):
+        torch.testing.assert_close(p.grad, g / 1024.0)
+    _unscale_if_needed(wrapped)  # a second call (the Trainer already unscaled) is a no-op, not an error
+    for p, g in zip(model.parameters(), scaled):
+        torch.testing.assert_close(p.grad, g / 1024.0)
+    _unscale_if_needed(SimpleNamespace(optimizer=opt, scaler=None))  # no scaler: nothing to do

@@ -11,7 +11,6 @@ from finetune_helpers import (
     bert_prior,
     image_examples,
     max_abs_diff,
-    one_thread,
     params_of,
     text_examples,
     timm_prior,
@@ -28,10 +27,6 @@ from priorzoo.finetune import PriorCallback, PriorRegularizer, PriorTrainer  # n
 LR = 0.1
 N = 10
 TOL = 1e-6
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")
-_ = one_thread  # the fixture is imported for pytest to find
 
 
 @pytest.fixture(autouse=True)

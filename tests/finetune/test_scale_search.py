@@ -6,13 +6,9 @@ import json
 
 import pytest
 import torch
-from finetune_helpers import one_thread
 
 from priorzoo import PriorModel
 from priorzoo.finetune import ScaleSearchResult, log_grid, split_train_validation, tune_scale
-
-pytestmark = pytest.mark.usefixtures("one_thread")
-_ = one_thread
 
 
 def _teacher_problem(n_train: int = 12, n_val: int = 400, d: int = 30):
