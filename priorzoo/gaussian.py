@@ -50,6 +50,13 @@ __all__ = ["LowRankGaussian"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
 _COND_WARN = 1e12
+_CHUNK = 1 << 16
+
+
+def _no_autocast(device: torch.device) -> torch.autocast:
+    """The penalty is always computed in its own dtype: an enclosing bf16/fp16 autocast region would
+    round the factor products (the gradient by ~1e-3 relative in bf16)."""
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 class LowRankGaussian:
@@ -146,9 +153,14 @@ class LowRankGaussian:
             self.rank = rank
             if rank > 0:
                 cap = torch.zeros(rank, rank, dtype=torch.float64, device=self.device)
-                for f, inv in zip(self.factor, self.inv_a):
-                    f64 = f.double()
-                    cap += (f64 * inv.double()) @ f64.T
+                with _no_autocast(self.device):
+                    for f, inv in zip(self.factor, self.inv_a):
+                        # G Gᵀ with G = F A^{-1/2}, in the compute dtype over column chunks of at most
+                        # 65,536 (bounded rounding), accumulated across chunks and blocks in float64
+                        for start in range(0, f.shape[1], _CHUNK):
+                            g = f[:, start : start + _CHUNK] * inv[start : start + _CHUNK].sqrt()
+                            cap += (g @ g.T).double()
+                cap = 0.5 * (cap + cap.T)
                 cap = torch.eye(rank, dtype=torch.float64, device=self.device) + self.scale * cap
                 chol, info = torch.linalg.cholesky_ex(cap)
                 if int(info) != 0 or not torch.isfinite(chol).all():
@@ -195,16 +207,16 @@ class LowRankGaussian:
         """Exact log N(w; μ, Σ), normaliser included (float64 scalar, differentiable)."""
         return -self.half_quad(blocks).double() - self.log_normalizer
 
+    def value_and_grad(self, blocks: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """(½ (w−μ)ᵀΣ⁻¹(w−μ), Σ⁻¹(w−μ) as flattened blocks) in two passes over the factor, no autograd."""
+        with torch.no_grad(), _no_autocast(self.device):
+            q, s, z = _forward_pass(self, blocks)
+            grads = s if z is None else self._woodbury_correct(s, z)
+        return (0.5 * q).to(self.dtype), grads
+
     def grad_half_quad(self, blocks: Sequence[Tensor]) -> list[Tensor]:
         """Σ⁻¹(w − μ) for w given as blocks (no autograd); returns flattened blocks."""
-        s = [(b.detach().reshape(-1).to(self.dtype) - m) * inv for b, m, inv in zip(blocks, self.mean, self.inv_a)]
-        if self.factor is None:
-            return s
-        t = torch.zeros(self.rank, dtype=torch.float64, device=self.device)
-        for f, sb in zip(self.factor, s):
-            t += (f @ sb).double()
-        z = self._solve(t * math.sqrt(self.scale))
-        return self._woodbury_correct(s, z)
+        return self.value_and_grad(blocks)[1]
 
     def sample(self, generator: torch.Generator | None = None) -> list[Tensor]:
         """One draw w = μ + √a ⊙ ξ + √λ Fᵀ ζ with ξ ~ N(0, I_P), ζ ~ N(0, I_K); blocks in original shapes."""
@@ -241,27 +253,32 @@ class LowRankGaussian:
         return [torch.addcmul(sb, inv, zc @ f, value=-1.0) for sb, inv, f in zip(s, self.inv_a, self.factor)]
 
 
+def _forward_pass(gauss: LowRankGaussian, blocks: Sequence[Tensor]) -> tuple[Tensor, list[Tensor], Tensor | None]:
+    """First pass over the factor: q = rᵀs − tᵀz (float64), s = A⁻¹r per block, z = C⁻¹t (or None)."""
+    rs = torch.zeros((), dtype=torch.float64, device=gauss.device)
+    t = torch.zeros(gauss.rank, dtype=torch.float64, device=gauss.device) if gauss.factor else None
+    s_blocks = []
+    for i, (b, m, inv) in enumerate(zip(blocks, gauss.mean, gauss.inv_a)):
+        r = b.detach().reshape(-1).to(gauss.dtype) - m
+        s = r * inv
+        rs += torch.dot(r, s).double()
+        if t is not None:
+            t += (gauss.factor[i] @ s).double()
+        s_blocks.append(s)
+    if t is None:
+        return rs, s_blocks, None
+    t = t * math.sqrt(gauss.scale)
+    z = gauss._solve(t)
+    return rs - torch.dot(t, z), s_blocks, z
+
+
 class _HalfQuad(torch.autograd.Function):
     """Value ½ rᵀΣ⁻¹r; backward Σ⁻¹r. Keeps s = A⁻¹r (P floats) and z (K floats) between the two passes."""
 
     @staticmethod
     def forward(ctx, gauss: LowRankGaussian, *blocks: Tensor) -> Tensor:
-        rs = torch.zeros((), dtype=torch.float64, device=gauss.device)
-        t = torch.zeros(gauss.rank, dtype=torch.float64, device=gauss.device) if gauss.factor else None
-        s_blocks = []
-        for i, (b, m, inv) in enumerate(zip(blocks, gauss.mean, gauss.inv_a)):
-            r = b.detach().reshape(-1).to(gauss.dtype) - m
-            s = r * inv
-            rs += torch.dot(r, s).double()
-            if t is not None:
-                t += (gauss.factor[i] @ s).double()
-            s_blocks.append(s)
-        q = rs
-        z = None
-        if t is not None:
-            t = t * math.sqrt(gauss.scale)
-            z = gauss._solve(t)
-            q = rs - torch.dot(t, z)
+        with _no_autocast(gauss.device):
+            q, s_blocks, z = _forward_pass(gauss, blocks)
         ctx.gauss = gauss
         ctx.s_blocks = s_blocks
         ctx.z = z
@@ -274,7 +291,8 @@ class _HalfQuad(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         gauss: LowRankGaussian = ctx.gauss
         s_blocks = ctx.s_blocks
-        grads = s_blocks if ctx.z is None else gauss._woodbury_correct(s_blocks, ctx.z)
+        with _no_autocast(gauss.device):
+            grads = s_blocks if ctx.z is None else gauss._woodbury_correct(s_blocks, ctx.z)
         g = float(grad_out)  # one host sync; skips a pass over P when the penalty enters with weight 1
         out = [
             (gb if g == 1.0 else gb.mul_(g)).reshape(shape).to(dtype) if ctx.needs_input_grad[i + 1] else None

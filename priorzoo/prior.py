@@ -804,6 +804,12 @@ class BoundPrior:
         """Exact log-density (float64) of the matched parameters under the (marginal) prior."""
         return self.gaussian.log_prob(self.parameters)
 
+    def value_and_grad(self) -> tuple[Tensor, list[Tensor]]:
+        """(penalty, Σ⁻¹(w−μ) per matched parameter shaped like it), without autograd: for code that adds
+        the prior's gradient to ``.grad`` itself (e.g. after a DDP all-reduce)."""
+        value, grads = self.gaussian.value_and_grad(self.parameters)
+        return value, [g.reshape(p.shape) for g, p in zip(grads, self.parameters)]
+
     @torch.no_grad()
     def precision_times_residual(self) -> list[Tensor]:
         """Σ⁻¹(w−μ) per matched parameter (shaped like it), without autograd."""

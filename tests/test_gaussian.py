@@ -178,3 +178,43 @@ def test_wrong_number_of_blocks_at_evaluation():
         g.half_quad([torch.zeros(3), torch.zeros(1)])
     with pytest.raises(PriorFormatError, match="elements"):
         g.half_quad([torch.zeros(4)])
+
+
+def test_value_and_grad_matches_autograd():
+    mean, var, fac = random_prior(3, seed=11)
+    g = LowRankGaussian(mean, var, fac, scale=5.0)
+    w = [(m + 0.3).requires_grad_() for m in mean]
+    g.half_quad(w).backward()
+    value, grads = g.value_and_grad([x.detach() for x in w])
+    assert torch.allclose(value, g.half_quad([x.detach() for x in w]))
+    for x, gr in zip(w, grads):
+        assert torch.allclose(x.grad.reshape(-1), gr)
+
+
+def test_autocast_does_not_change_the_penalty():
+    mean, var, fac = random_prior(4, seed=12, dtype=torch.float32)
+    g = LowRankGaussian(mean, var, fac, scale=2.0)
+    w = [(m + 0.5).requires_grad_() for m in mean]
+    ref = g.half_quad(w)
+    ref.backward()
+    ref_grads = [x.grad.clone() for x in w]
+    for x in w:
+        x.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        val = g.half_quad(w)
+        val.backward()
+    assert val.dtype == torch.float32
+    assert torch.equal(val, ref)
+    for x, r in zip(w, ref_grads):
+        assert torch.equal(x.grad, r)
+
+
+def test_capacitance_chunking_matches_dense():
+    # a block wider than one chunk (65,536 columns) exercises the chunked G Gᵀ accumulation
+    gen = torch.Generator().manual_seed(13)
+    n = 70_000
+    f = torch.randn(3, n, generator=gen, dtype=torch.float64) * 0.01
+    v = torch.rand(n, generator=gen, dtype=torch.float64) + 0.5
+    g = LowRankGaussian([torch.zeros(n, dtype=torch.float64)], [v], [f], scale=3.0)
+    expected = torch.eye(3, dtype=torch.float64) + 3.0 * (f / (3.0 * v)) @ f.T
+    assert torch.allclose(g.chol @ g.chol.T, expected, rtol=1e-12)
