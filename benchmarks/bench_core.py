@@ -76,7 +76,8 @@ def load_peak(folder: str) -> None:
     PriorModel.from_pretrained(folder)
     dt = time.perf_counter() - t0
     # VmHWM is this process image's peak RSS (ru_maxrss would carry the parent's peak across exec)
-    hwm_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    with open("/proc/self/status") as fh:
+        hwm_kb = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
     print(json.dumps({"peak_rss_bytes": hwm_kb * 1024, "seconds": dt}))
 
 
@@ -129,7 +130,7 @@ def main() -> None:
     for _ in range(args.repeats):
         floor_t += timeit(floor, 1)
         pen_t += timeit(step, 1)
-    del flat_f
+    flat_f.resize_(0)  # free the floor's K×P matrix before the load measurements
 
     # ---- load
     with tempfile.TemporaryDirectory() as tmp:
