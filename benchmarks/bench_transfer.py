@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 RESULTS = Path(__file__).parent / "results"
+SMOKE = {"per_class": (2, 4, 6), "target_steps": (2, 2, 2), "bma_epochs": 2, "bma_rank": 2, "bma_samples": 2}
 METHOD_ORDER = ("fine-tuning", "L2-SP", "learned prior", "learned prior + BMA")
 
 VISION = {
@@ -417,7 +418,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", nargs="+", choices=("vision", "text"), default=["vision", "text"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--report", action="store_true", help="only rebuild transfer.md/png from transfer.json")
+    parser.add_argument("--smoke", metavar="DIR", default=None, help="tiny sizes, results into DIR (a code check)")
     args = parser.parse_args(argv)
+    global RESULTS
+    if args.smoke:
+        RESULTS = Path(args.smoke)
+        for spec in (VISION, TEXT):
+            spec.update(
+                SMOKE, source_epochs=2, source_swag_epochs=1, collect_every=2, val_per_class=3, test_per_class=5
+            )
+        TEXT.update(source_per_class=20, source_batch_size=8)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     RESULTS.mkdir(parents=True, exist_ok=True)
     json_path = RESULTS / "transfer.json"

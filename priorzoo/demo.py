@@ -104,19 +104,19 @@ class FinetuneSettings:
         2
     """
 
-    epochs: int = 12
+    epochs: int = 10
     batch_size: int = 16
     lr: float = 0.03
     lr_grid: tuple[float, ...] = (0.01, 0.03, 0.1)
-    l2sp_variances: tuple[float, ...] = (1e-4, 1e-3, 1e-2)
+    l2sp_variances: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
     scales: tuple[float, ...] | None = None
     optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 0.0
     select_metric: str = "accuracy"
-    bma_epochs: int = 9
+    bma_epochs: int = 3
     bma_rank: int = 8
-    bma_samples: int = 12
+    bma_samples: int = 10
     eval_batch_size: int = 128
     max_grad_norm: float | None = None
     seed: int = 0
@@ -197,16 +197,16 @@ class DemoConfig:
     label_column: str = "label"
     max_length: int = 48
     trainable_layers: int = 2
-    source_per_class: int = 600
+    source_per_class: int = 400
     source_epochs: int = 3
     source_swag_epochs: int = 2
-    source_collect_every: int = 10
+    source_collect_every: int = 6
     source_lr: float = 0.05
     source_batch_size: int = 32
     rank: int = 10
     train_per_class: int = 20
     val_per_class: int = 30
-    test_per_class: int = 200
+    test_per_class: int = 100
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
     progress: bool = True
 
@@ -257,7 +257,7 @@ class DemoConfig:
             "train_per_class": 20,
             "val_per_class": 20,
             "test_per_class": 100,
-            "finetune": FinetuneSettings(epochs=8, bma_epochs=5, bma_rank=4, bma_samples=6),
+            "finetune": FinetuneSettings(epochs=8, bma_epochs=2, bma_rank=4, bma_samples=6),
         }
         base.update(overrides)
         return cls(**base)
@@ -459,6 +459,12 @@ class _Progress:
 
     def update(self, n: int = 1) -> None:
         self.bar.update(n)
+
+    def finish(self) -> None:
+        """Fill the bar (a diverged grid run ends early, so fewer units may have been counted)."""
+        self.bar.n = self.bar.total
+        self.bar.set_description_str("done")
+        self.bar.refresh()
 
     def close(self) -> None:
         self.bar.close()
@@ -686,7 +692,6 @@ def compare_methods(
     reg = PriorRegularizer(
         prior.with_scale(lp_row.value), lp_model, num_train_examples=n_train, include=include, exclude=exclude
     )
-    steps_per_epoch = math.ceil(n_train / s.batch_size)
 
     def on_step(step: int) -> None:
         swag.collect()
@@ -1000,6 +1005,7 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
 
         rows = compare_methods(make_model, prior, cached["train"], cached["val"], cached["test"], s, progress=progress)
         timings["target"] = time.perf_counter() - t
+        progress.finish()
     finally:
         progress.close()
     timings["total"] = time.perf_counter() - t_start

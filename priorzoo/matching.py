@@ -139,9 +139,10 @@ class MatchResult:
         missing: prior names with no parameter of that name in the model.
         shape_mismatch: ``(prior name, model name, prior shape, model shape)`` outside the head.
         no_prior: model parameters the prior does not cover (typically the new head).
-        uncovered: the part of ``no_prior`` that is neither the model's head nor named by a pattern
-            (include/exclude, the prior's own ``exclude``): backbone weights the prior knows nothing about,
-            e.g. the extra blocks of a deeper architecture.
+        uncovered: the part of ``no_prior`` that is neither the model's head, nor frozen
+            (``requires_grad=False``), nor named by a pattern (include/exclude, the prior's own ``exclude``):
+            trainable backbone weights the prior knows nothing about, e.g. the extra blocks of a deeper
+            architecture.
         prior_prefix / model_prefix: the rewrite applied (``prior_prefix`` stripped, ``model_prefix`` added).
 
     Example:
@@ -307,6 +308,8 @@ def match_parameters(
     def intended(model_name: str) -> bool:
         """A model parameter left without prior on purpose: the head, or a pattern names it."""
         if model_name in head or any(hint in model_name for hint in _NEW_LAYER_HINTS):
+            return True
+        if not model_params[model_name].requires_grad:  # frozen: it does not train, it needs no prior
             return True
         pname = strip + model_name[len(add) :] if model_name.startswith(add) else model_name
         return any(

@@ -144,3 +144,14 @@ def test_pooler_missing_from_an_mlm_prior_counts_as_new_head():
     assert "bert.pooler.dense.weight" in m.no_prior
     assert m.uncovered == []
     m.check()
+
+
+def test_frozen_parameters_without_prior_are_not_uncovered(resnet_source):
+    prior = prior_from(select_parameters(resnet_source, include="layer4.*").items())
+    target = timm.create_model("resnet18", pretrained=False, num_classes=3)
+    with pytest.raises(PriorMatchError, match="outside the head have no prior"):
+        prior.bind(target)
+    for name, p in target.named_parameters():
+        p.requires_grad_(name.startswith(("layer4.", "fc.")))
+    assert prior.match(target).uncovered == []
+    prior.bind(target)
