@@ -14,7 +14,7 @@ Example:
     >>> mean = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("0.")}
     >>> prior = PriorModel.from_tensors(mean, variance=0.1, exclude=["1.*"])
     >>> loss = prior.penalty(model) / 1000  # add to the data loss
-    >>> float(loss)
+    >>> loss.item()
     0.0
 """
 
