@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 RESULTS = Path(__file__).parent / "results"
-SMOKE = {"per_class": (2, 4, 6), "target_steps": (2, 2, 2), "bma_epochs": 2, "bma_rank": 2, "bma_samples": 2}
+SMOKE = {"per_class": (2, 4, 6), "target_steps": (2, 2, 2), "bma_steps": 2, "bma_rank": 2, "bma_samples": 2}
 METHOD_ORDER = ("fine-tuning", "L2-SP", "learned prior", "learned prior + BMA")
 
 VISION = {
@@ -50,14 +50,14 @@ VISION = {
     "source_swag_epochs": 2,
     "source_lr": 0.05,
     "source_batch_size": 64,
-    "collect_every": 8,
+    "collect_every": 6,
     "rank": 10,
     "lr": 0.03,
     "lr_grid": (0.01, 0.03, 0.1),
-    "l2sp_variances": (1e-3, 1e-2, 1e-1),
+    "l2sp_variances": (1e-2, 1e-1, 1.0),
     "batch_size": 32,
     "target_steps": (30, 60, 160),
-    "bma_epochs": 6,
+    "bma_steps": 12,
     "bma_rank": 5,
     "bma_samples": 8,
 }
@@ -79,14 +79,17 @@ TEXT = {
     "l2sp_variances": (1e-3, 1e-2, 1e-1),
     "batch_size": 16,
     "target_steps": (30, 48, 76),
-    "bma_epochs": 6,
+    "bma_steps": 12,
     "bma_rank": 5,
     "bma_samples": 8,
 }
 
 
 def _epochs_for(n: int, batch_size: int, target_steps: int) -> int:
-    """Epochs so that a run takes about ``target_steps`` optimiser steps (at least 2 epochs)."""
+    """Epochs so that a run takes about ``target_steps`` optimiser steps (at least 2 epochs).
+
+    Used for the fine-tuning runs and for the BMA phase (SWAG snapshot after every step).
+    """
     return max(2, math.ceil(target_steps / math.ceil(n / batch_size)))
 
 
@@ -100,7 +103,7 @@ def _settings(spec: dict[str, Any], n: int, size_index: int, seed: int) -> Any:
         lr=spec["lr"],
         lr_grid=spec["lr_grid"],
         l2sp_variances=spec["l2sp_variances"],
-        bma_epochs=spec["bma_epochs"],
+        bma_epochs=_epochs_for(n, batch, spec["bma_steps"]),
         bma_rank=spec["bma_rank"],
         bma_samples=spec["bma_samples"],
         select_metric="accuracy",
@@ -351,14 +354,30 @@ def write_report(data: dict[str, Any]) -> None:
         if pair not in data["pairs"]:
             continue
         info = data["pairs"][pair]
+        spec = info["spec"]
+        pair_runs = [r for r in data["runs"] if r["pair"] == pair]
+        lp = next(m for m in pair_runs[0]["methods"] if m["method"] == "learned prior")
+        lams = [float(f"{v:.3g}") for v in lp["extra"]["scale_grid"]]
+        avg_var = lp["extra"]["average_variance_at_scale_1"]
+        n_div = sum(1 for r in pair_runs for m in r["methods"] for c in m["curve"] if c.get("diverged"))
+        n_div += sum(1 for r in pair_runs for m in r["methods"] if m["extra"].get("diverged"))
+        diverged = (
+            f" {n_div} grid run(s) diverged (recorded in the JSON, never selected)." if n_div else " No run diverged."
+        )
         lines += [
             f"## {pair}: {info['source']} → {info['target']}",
             "",
             f"Backbone: {info['backbone']}. Prior: SWAG, K = {info['prior_rank']}, over "
             f"{info['prior_parameters']:,} weights (head excluded).",
             "",
-            "| n | seeds | method | accuracy | NLL | ECE | error % |",
-            "|---:|---:|---|---:|---:|---:|---:|",
+            f"Grids (SGD, momentum 0.9): fine-tuning lr ∈ {list(spec['lr_grid'])}; L2-SP σ² ∈ "
+            f"{list(spec['l2sp_variances'])} at lr {spec['lr']}; learned prior λ ∈ {lams} at lr {spec['lr']} "
+            f"(λ = σ² / {avg_var:.3g}, the prior's average variance). Runs of ≈ {list(spec['target_steps'])} steps "
+            f"for the three sizes; BMA: ≈ {spec['bma_steps']} more steps with a SWAG snapshot after each, "
+            f"K = {spec['bma_rank']}, S = {spec['bma_samples']} samples.{diverged}",
+            "",
+            "| n | seeds | method | accuracy | NLL | ECE | error % | selected (per seed) |",
+            "|---:|---:|---|---:|---:|---:|---:|---|",
         ]
         sizes = sorted(n for (p, n) in agg if p == pair)
         for n in sizes:
@@ -368,9 +387,18 @@ def write_report(data: dict[str, Any]) -> None:
                     continue
                 a, nl, e = (agg[(pair, n)][meth][k] for k in ("accuracy", "nll", "ece"))
                 mark = "**" if a[0] == best_acc else ""
+                picks = [
+                    m["value"]
+                    for r in sorted(pair_runs, key=lambda r: r["seed"])
+                    if r["num_train"] == n
+                    for m in r["methods"]
+                    if m["method"] == meth
+                ]
+                knob = {"fine-tuning": "lr", "L2-SP": "σ²"}.get(meth, "λ")
+                selected = f"{knob} = " + ", ".join(f"{v:.3g}" for v in picks)
                 lines.append(
                     f"| {n} | {a[2]} | {meth} | {mark}{a[0]:.4f} ± {a[1]:.4f}{mark} | {nl[0]:.4f} ± {nl[1]:.4f} | "
-                    f"{e[0]:.4f} ± {e[1]:.4f} | {100 * (1 - a[0]):.1f} |"
+                    f"{e[0]:.4f} ± {e[1]:.4f} | {100 * (1 - a[0]):.1f} | {selected} |"
                 )
         lines.append("")
     lines += [

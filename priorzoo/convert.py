@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from priorzoo.errors import PriorFormatError
-from priorzoo.matching import Patterns, compile_patterns, select_parameters
+from priorzoo.matching import Patterns, compile_patterns, pattern_strings, select_parameters
 from priorzoo.prior import PriorModel
 
 __all__ = ["OFFICIAL_SUFFIXES", "from_laplace_torch", "from_pretrain_your_loss", "from_swa_gaussian"]
@@ -331,7 +331,7 @@ def from_swa_gaussian(
             "swag_scale": swag_scale,
             "var_clamp": var_clamp,
         },
-        exclude=[exclude] if isinstance(exclude, str) else list(exclude) if isinstance(exclude, Sequence) else [],
+        exclude=pattern_strings(exclude),
         license=license,
     )
 
@@ -475,7 +475,7 @@ def from_laplace_torch(
             "n_data": int(state["n_data"]) if state.get("n_data") is not None else None,
             "formula": "variance = 1 / (H / (sigma_noise^2 * temperature) + prior_precision)",
         },
-        exclude=[exclude] if isinstance(exclude, str) else list(exclude) if isinstance(exclude, Sequence) else [],
+        exclude=pattern_strings(exclude),
         license=license,
     )
 

@@ -116,7 +116,7 @@ class FinetuneSettings:
     select_metric: str = "accuracy"
     bma_epochs: int = 3
     bma_rank: int = 8
-    bma_samples: int = 10
+    bma_samples: int = 20
     eval_batch_size: int = 128
     max_grad_norm: float | None = None
     seed: int = 0
@@ -197,16 +197,16 @@ class DemoConfig:
     label_column: str = "label"
     max_length: int = 48
     trainable_layers: int = 2
-    source_per_class: int = 400
+    source_per_class: int = 600
     source_epochs: int = 3
     source_swag_epochs: int = 2
-    source_collect_every: int = 6
+    source_collect_every: int = 8
     source_lr: float = 0.05
     source_batch_size: int = 32
     rank: int = 10
     train_per_class: int = 20
-    val_per_class: int = 30
-    test_per_class: int = 100
+    val_per_class: int = 50
+    test_per_class: int = 200
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
     progress: bool = True
 
@@ -460,6 +460,10 @@ class _Progress:
     def update(self, n: int = 1) -> None:
         self.bar.update(n)
 
+    def set_total(self, total: int) -> None:
+        self.bar.total = total
+        self.bar.refresh()
+
     def finish(self) -> None:
         """Fill the bar (a diverged grid run ends early, so fewer units may have been counted)."""
         self.bar.n = self.bar.total
@@ -582,7 +586,14 @@ def compare_methods(
     from priorzoo.finetune.loop import default_forward
 
     s = settings
-    forward = forward or default_forward
+    base_forward = forward or default_forward
+
+    def forward(model: nn.Module, batch: Any) -> tuple[Tensor, Tensor]:
+        logits, labels = base_forward(model, batch)
+        if not bool(torch.isfinite(logits).all()):
+            raise FloatingPointError("non-finite logits: the run diverged (learning rate too high for this prior)")
+        return logits, labels
+
     include = list(prior.names) if include is None and exclude is None else include
     n_train = len(train)  # type: ignore[arg-type]
     val_loader = _loader(val, s.eval_batch_size, shuffle=False, seed=s.seed)
@@ -696,18 +707,6 @@ def compare_methods(
     def on_step(step: int) -> None:
         swag.collect()
 
-    fit(
-        lp_model,
-        train_loader(),
-        _optimizer(lp_model, s.lr, s),
-        regularizer=reg,
-        epochs=s.bma_epochs,
-        restore_best=False,
-        forward=forward,
-        max_grad_norm=s.max_grad_norm,
-        on_step=on_step,
-    )
-
     class _SampleCounter:
         def __init__(self, loader: Any) -> None:
             self.loader = loader
@@ -717,16 +716,31 @@ def compare_methods(
             if progress is not None:
                 progress.update()
 
-    gen = torch.Generator().manual_seed(s.seed)
-    bn_loader = _loader(train, s.eval_batch_size, shuffle=False, seed=s.seed)
-    averager = swag.predict(
-        {"test": _SampleCounter(test_loader)},
-        num_samples=s.bma_samples,
-        bn_loader=bn_loader,
-        forward=forward,
-        generator=gen,
-    )
-    m = averager.metrics("test")
+    extra: dict[str, Any] = {"num_samples": s.bma_samples, "swag_epochs": s.bma_epochs, "lr": s.lr}
+    try:
+        fit(
+            lp_model,
+            train_loader(),
+            _optimizer(lp_model, s.lr, s),
+            regularizer=reg,
+            epochs=s.bma_epochs,
+            restore_best=False,
+            forward=forward,
+            max_grad_norm=s.max_grad_norm,
+            on_step=on_step,
+        )
+        averager = swag.predict(
+            {"test": _SampleCounter(test_loader)},
+            num_samples=s.bma_samples,
+            bn_loader=_loader(train, s.eval_batch_size, shuffle=False, seed=s.seed),
+            forward=forward,
+            generator=torch.Generator().manual_seed(s.seed),
+        )
+        m = averager.metrics("test")
+    except FloatingPointError as err:  # the SWAG phase diverged: reported as such, never hidden
+        m = {"accuracy": math.nan, "nll": math.nan, "ece": math.nan}
+        extra["diverged"] = str(err)
+    extra.update({"snapshots": swag.num_collected, "rank": min(swag.num_collected, s.bma_rank)})
     bma_row = MethodResult(
         method=METHODS[3],
         accuracy=m["accuracy"],
@@ -736,13 +750,7 @@ def compare_methods(
         value=lp_row.value,
         validation=dict(lp_row.validation),
         seconds=time.perf_counter() - start,
-        extra={
-            "num_samples": s.bma_samples,
-            "snapshots": swag.num_collected,
-            "rank": min(swag.num_collected, s.bma_rank),
-            "swag_epochs": s.bma_epochs,
-            "lr": s.lr,
-        },
+        extra=extra,
     )
     return [ft_row, l2sp_row, lp_row, bma_row]
 
@@ -900,22 +908,26 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
 
-    t = time.perf_counter()
-    splits = _load_splits(cfg)
-    tokenizer, trunk = _load_backbone()
-    top_layers, num_bottom = _split_trunk(trunk, cfg.trainable_layers)
-    hidden_size = int(trunk.config.hidden_size)
-    timings["load"] = time.perf_counter() - t
-
-    s = cfg.finetune
-    n_src = len(splits["source"][1])
-    n_train = len(splits["train"][1])
-    enc_batch = 64
-    encode_units = sum(math.ceil(len(splits[k][1]) / enc_batch) for k in ("source", "train", "val", "test"))
-    src_steps = cfg.source_epochs * math.ceil(n_src / cfg.source_batch_size)
-    total = encode_units + src_steps + count_units(s, n_train)
-    progress = _Progress(total, cfg.progress)
+    progress = _Progress(2, cfg.progress)  # the real total is known once the data is loaded
     try:
+        t = time.perf_counter()
+        progress.stage("loading data")
+        splits = _load_splits(cfg)
+        progress.update()
+        progress.stage("loading all-MiniLM-L6-v2")
+        tokenizer, trunk = _load_backbone()
+        top_layers, num_bottom = _split_trunk(trunk, cfg.trainable_layers)
+        hidden_size = int(trunk.config.hidden_size)
+        progress.update()
+        timings["load"] = time.perf_counter() - t
+
+        s = cfg.finetune
+        n_src = len(splits["source"][1])
+        n_train = len(splits["train"][1])
+        enc_batch = 64
+        encode_units = sum(math.ceil(len(splits[k][1]) / enc_batch) for k in ("source", "train", "val", "test"))
+        src_steps = cfg.source_epochs * math.ceil(n_src / cfg.source_batch_size)
+        progress.set_total(2 + encode_units + src_steps + count_units(s, n_train))
         # ---- 1. cache the frozen trunk's outputs
         t = time.perf_counter()
         progress.stage("encoding texts (frozen layers)")

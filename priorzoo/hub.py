@@ -55,14 +55,13 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 
 from priorzoo.errors import PriorFormatError, PriorNotFoundError
-from priorzoo.prior import CARD_NAME, CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
+from priorzoo.prior import CARD_NAME, CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, _is_prior_weights
 
 __all__ = ["LIBRARY_NAME", "download_prior", "list_priors", "upload_prior"]
 
 LIBRARY_NAME = "priorzoo"
 """The ``library_name`` of prior repos on the Hub (front matter of their card, and a tag)."""
 
-_SHARD_RE = re.compile(r"prior-\d{5}-of-\d{5}\.safetensors")
 _COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 
 
@@ -169,10 +168,6 @@ def _prior_files(folder: Path) -> list[str]:
             f"'{INDEX_NAME}' (files present: {present[:10]})"
         )
     return [CONFIG_NAME, *weights, *([CARD_NAME] if CARD_NAME in present else [])]
-
-
-def _is_prior_weights(name: str) -> bool:
-    return name in (WEIGHTS_NAME, INDEX_NAME) or _SHARD_RE.fullmatch(name) is not None
 
 
 # --------------------------------------------------------------------------------------------- download

@@ -40,6 +40,7 @@ __all__ = [
     "compile_patterns",
     "head_parameter_names",
     "match_parameters",
+    "pattern_strings",
     "select_parameters",
 ]
 
@@ -70,6 +71,22 @@ def compile_patterns(patterns: Patterns) -> Callable[[str], bool] | None:
         if not isinstance(p, str):
             raise TypeError(f"patterns must be glob strings or a callable; received {p!r} in {pats!r}")
     return lambda name: any(fnmatch.fnmatchcase(name, p) for p in pats)
+
+
+def pattern_strings(patterns: Patterns) -> list[str]:
+    """The glob strings of :data:`Patterns`, as a list (a predicate or ``None`` has none).
+
+    What a prior's ``config.exclude`` can record: it holds globs, not code.
+
+    Example:
+        >>> pattern_strings("fc.*"), pattern_strings(["fc.*", "*.bias"]), pattern_strings(lambda n: True)
+        (['fc.*'], ['fc.*', '*.bias'], [])
+    """
+    if isinstance(patterns, str):
+        return [patterns]
+    if isinstance(patterns, Sequence) and all(isinstance(p, str) for p in patterns):
+        return list(patterns)
+    return []
 
 
 def select_parameters(

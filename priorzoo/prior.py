@@ -47,7 +47,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "prior.safetensors"
 INDEX_NAME = "prior.safetensors.index.json"
 CARD_NAME = "README.md"
-_SHARD_RE = re.compile(r"^prior-\d{5}-of-\d{5}\.safetensors$")
+_SHARD_RE = re.compile(r"prior-\d{5}-of-\d{5}\.safetensors")
 _SUFFIXES = ("mean", "variance", "cov_factor")
 _FLOAT_DTYPES = {
     "float32": torch.float32,
@@ -55,6 +55,11 @@ _FLOAT_DTYPES = {
     "bfloat16": torch.bfloat16,
     "float64": torch.float64,
 }
+
+
+def _is_prior_weights(name: str) -> bool:
+    """Whether a file name is one of a prior's tensor files: the single file, the shard index or a shard."""
+    return name in (WEIGHTS_NAME, INDEX_NAME) or _SHARD_RE.fullmatch(name) is not None
 
 
 def _parse_size(size: int | str) -> int:
@@ -588,11 +593,7 @@ class PriorModel:
                 os.replace(tmp, target)
                 return target
             # existing folder: remove stale prior files, then move the new ones in (config last)
-            stale = [
-                p
-                for p in target.iterdir()
-                if (_SHARD_RE.match(p.name) or p.name in (WEIGHTS_NAME, INDEX_NAME)) and p.name not in written
-            ]
+            stale = [p for p in target.iterdir() if _is_prior_weights(p.name) and p.name not in written]
             for name in sorted(written, key=lambda n: n == CONFIG_NAME):
                 os.replace(tmp / name, target / name)
             for p in stale:

@@ -17,8 +17,6 @@ from priorzoo.cli import main
 from priorzoo.convert import from_laplace_torch, from_pretrain_your_loss, from_swa_gaussian
 from priorzoo.learn import SWAGCollector
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 
 class TinyResNet(nn.Module):
     """torchvision ResNet naming (conv1, bn1, layer1.0.*, downsample, fc) at toy size."""

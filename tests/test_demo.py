@@ -123,7 +123,8 @@ def test_demo_prior_folder_reloads_and_binds_to_minilm(demo_run) -> None:
     model = AutoModel.from_pretrained(minilm_path())
     match = prior.match(model)
     assert sorted(match.matched) == sorted(prior.names)
-    prior.init_model_(model)
+    assert len(match.no_prior) > 0  # embeddings and layers 0-4 are not covered: a partial prior
+    prior.init_model_(model, allow_partial=True)
     name = prior.names[0]
     assert torch.equal(dict(model.named_parameters())[name].detach(), prior.mean[name])
 

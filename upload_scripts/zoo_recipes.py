@@ -34,9 +34,6 @@ BUILTIN_SOURCES = ("mnist-5k", "sklearn-digits")
 EVALUATORS = ("mnist-5k-lowdata",)
 """``[evaluate] recipe`` values :func:`evaluate` implements."""
 
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 @contextlib.contextmanager
 def torch_threads(threads: int | None) -> Iterator[None]:
@@ -132,15 +129,13 @@ def image_tensors(images: Any, size: int) -> Any:
     import torch
     from PIL import Image
 
-    mean = torch.tensor(_IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(_IMAGENET_STD).view(3, 1, 1)
+    from priorzoo.cli._common import image_tensor
+
     pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8)
     out = []
     for p in pixels:
         arr = p[0].numpy() if p.shape[0] == 1 else p.permute(1, 2, 0).numpy()
-        img = Image.fromarray(np.ascontiguousarray(arr)).convert("RGB").resize((size, size))
-        t = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        out.append((t - mean) / std)
+        out.append(image_tensor(Image.fromarray(np.ascontiguousarray(arr)), size))
     return torch.stack(out)
 
 

@@ -19,8 +19,9 @@ Example:
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
+
+from priorzoo.cli._common import fail
 
 __all__ = ["register", "run"]
 
@@ -96,8 +97,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         prior = _convert(args)
     except (ValueError, ImportError, FileNotFoundError, PriorFormatError) as err:
-        print(f"priorzoo convert: error: {err}", file=sys.stderr)
-        return 2
+        return fail("convert", err)
     folder = prior.save_pretrained(args.output)
     print(f"wrote {prior!r} to {folder}")
     return 0

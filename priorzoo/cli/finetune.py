@@ -27,17 +27,24 @@ import argparse
 import copy
 import json
 import math
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from priorzoo.cli._common import (
+    DATA_FORMATS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    check_at_least,
+    default_device,
+    fail,
+    image_tensor,
+)
+
 __all__ = ["Setup", "check_args", "finetune", "prepare", "register", "run"]
 
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 _RESULT_NAME = "priorzoo_finetune.json"
 
 
@@ -110,9 +117,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     d.add_argument("--data", required=True, help="training data: CSV/TSV/JSON(L)/parquet file or an image folder")
     d.add_argument("--validation-data", default=None, help="validation data (default: split off --data if needed)")
     d.add_argument("--test-data", default=None, help="test data, for the reported metrics")
-    d.add_argument(
-        "--data-format", choices=("auto", "disk", "imagefolder", "csv", "json", "parquet", "hub"), default="auto"
-    )
+    d.add_argument("--data-format", choices=DATA_FORMATS, default="auto")
     d.add_argument("--validation-fraction", type=float, default=0.1)
     d.add_argument("--max-train-examples", type=int, default=None, help="few-shot: keep this many (seeded)")
     d.add_argument("--text-column", default=None, help="default: `text`, else the first string column")
@@ -171,19 +176,20 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("`--scale-grid` is only used with `--tune-scale`")
     if args.scale_grid is not None and not args.scale_grid:
         raise ValueError("`--scale-grid` is empty")
-    for flag, least in (
-        ("epochs", 1),
-        ("batch_size", 1),
-        ("eval_batch_size", 1),
-        ("num_samples", 1),
-        ("swag_rank", 2),
-        ("swag_epochs", 1),
-        ("tune_epochs", 1),
-        ("tune_patience", 1),
-        ("max_length", 1),
-    ):
-        if getattr(args, flag) < least:
-            raise ValueError(f"`--{flag.replace('_', '-')}` must be ≥ {least}; received {getattr(args, flag)}")
+    check_at_least(
+        args,
+        (
+            ("epochs", 1),
+            ("batch_size", 1),
+            ("eval_batch_size", 1),
+            ("num_samples", 1),
+            ("swag_rank", 2),
+            ("swag_epochs", 1),
+            ("tune_epochs", 1),
+            ("tune_patience", 1),
+            ("max_length", 1),
+        ),
+    )
     if args.max_train_examples is not None and args.max_train_examples < 1:
         raise ValueError(f"`--max-train-examples` must be ≥ 1; received {args.max_train_examples}")
     if not 0 < args.validation_fraction < 1:
@@ -260,15 +266,6 @@ def _load_split(path: str | None, args: argparse.Namespace) -> Any:
     return ds
 
 
-def _image_tensor(img: Any, size: int, mean: Sequence[float], std: Sequence[float]) -> Any:
-    import numpy as np
-    import torch
-
-    arr = np.asarray(img.convert("RGB").resize((size, size)), dtype=np.float32) / 255.0
-    x = torch.from_numpy(arr).permute(2, 0, 1)
-    return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
-
-
 def make_collate(cols: Columns, library: str, tokenizer: Any, args: argparse.Namespace, model: Any) -> Callable:
     """The DataLoader ``collate_fn``: text → tokenizer batch dict with ``labels``; images → ``(x, y)``."""
     import torch
@@ -276,11 +273,11 @@ def make_collate(cols: Columns, library: str, tokenizer: Any, args: argparse.Nam
     if cols.modality == "image":
         cfg = getattr(model, "pretrained_cfg", None) or {}
         size = args.image_size or int(cfg.get("input_size", (3, 224, 224))[-1])
-        mean = tuple(cfg.get("mean", _IMAGENET_MEAN))
-        std = tuple(cfg.get("std", _IMAGENET_STD))
+        mean = tuple(cfg.get("mean", IMAGENET_MEAN))
+        std = tuple(cfg.get("std", IMAGENET_STD))
 
         def collate_images(rows: list[dict[str, Any]]) -> Any:
-            x = torch.stack([_image_tensor(r[cols.image], size, mean, std) for r in rows])
+            x = torch.stack([image_tensor(r[cols.image], size, mean, std) for r in rows])
             y = torch.tensor([cols.label_id(r[cols.label]) for r in rows], dtype=torch.long)
             if library == "timm":
                 return x, y
@@ -310,8 +307,7 @@ def run(args: argparse.Namespace) -> int:
         finetune(args)
         return 0
     except (ValueError, ImportError, FileNotFoundError, RuntimeError, OSError) as err:
-        print(f"priorzoo finetune: error: {err}", file=sys.stderr)
-        return 2
+        return fail("finetune", err)
 
 
 def _log(args: argparse.Namespace, msg: str) -> None:
@@ -375,7 +371,7 @@ def prepare(args: argparse.Namespace) -> Setup:
     from priorzoo.finetune.scale import split_train_validation
 
     torch.manual_seed(args.seed)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(default_device(args.device))
     train_ds = _load_split(args.data, args)
     val_ds = _load_split(args.validation_data, args)
     test_ds = _load_split(args.test_data, args)
@@ -464,7 +460,7 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from priorzoo import __version__
-    from priorzoo.finetune.bayes import SGLD, DownstreamSWAG, PredictiveAverager, refresh_batchnorm_
+    from priorzoo.finetune.bayes import SGLD, DownstreamSWAG, PredictiveAverager, bma_predict, refresh_batchnorm_
     from priorzoo.finetune.loop import PriorRegularizer, fit, predict_proba
     from priorzoo.finetune.metrics import classification_metrics
     from priorzoo.finetune.scale import log_grid, tune_scale
@@ -569,17 +565,17 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
                 raise RuntimeError(f"the SWAG phase collected {swag.num_collected} snapshot(s); raise --swag-epochs")
             posterior = swag.posterior()
             if eval_loaders:
-                avg = swag.predict(
+                avg = bma_predict(  # = swag.predict(...), without building the posterior a second time
+                    model,
+                    posterior,
                     eval_loaders,
                     num_samples=args.num_samples,
                     bn_loader=train_loader,
                     generator=torch.Generator(device=device).manual_seed(args.seed),
                 )
                 predictions = {name: (avg.probabilities(name), avg.labels(name)) for name in eval_loaders}
-            with torch.no_grad():  # the saved model is the SWA mean, with its BN statistics
-                params = dict(model.named_parameters())
-                for pname, mname in posterior.match(model, exclude_head=False).matched.items():
-                    params[mname].copy_(posterior.mean[pname])
+            # the saved model is the SWA mean, with its BN statistics
+            posterior.init_model_(model, exclude_head=False, allow_partial=True)
             refresh_batchnorm_(model, train_loader)
     else:  # sgld
         sgld = SGLD(

@@ -27,11 +27,12 @@ import contextlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from priorzoo.cli._common import add_download_arguments, download_kwargs, fail, hub_errors
 
 __all__ = ["register", "run_list", "run_pull", "run_push"]
 
@@ -66,11 +67,7 @@ def register(subparsers: Any) -> list[argparse.ArgumentParser]:
         "validate every tensor, and print a summary. Works offline (HF_HUB_OFFLINE=1) once downloaded.",
     )
     pull.add_argument("repo_id", metavar="REPO_ID", help='Hub repo id "org/name" (a local prior folder works too)')
-    pull.add_argument("--revision", default=None, help="branch, tag or commit id")
-    pull.add_argument("--subfolder", default=None, help="folder inside the repo that holds the prior")
-    pull.add_argument("--cache-dir", default=None, help="huggingface_hub cache folder (default: HF_HUB_CACHE)")
-    pull.add_argument("--local-files-only", action="store_true", help="use the cache only, never the network")
-    pull.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN / saved login)")
+    add_download_arguments(pull)
     pull.add_argument("--to", default=None, metavar="FOLDER", help="also copy the prior's files into FOLDER")
     pull.set_defaults(func=run_pull)
 
@@ -89,20 +86,6 @@ def register(subparsers: Any) -> list[argparse.ArgumentParser]:
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-def _fail(command: str, err: BaseException) -> int:
-    print(f"priorzoo {command}: error: {err}", file=sys.stderr)
-    return 2
-
-
-def _errors() -> tuple[type[BaseException], ...]:
-    """The failures these commands report as a message (and exit status 2) rather than a traceback."""
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-
-    from priorzoo.errors import PriorFormatError, PriorNotFoundError
-
-    return (PriorNotFoundError, PriorFormatError, OfflineModeIsEnabled, HfHubHTTPError, ValueError, OSError)
-
-
 def _head(repo_id: str, revision: str | None, token: str | None) -> str | None:
     """The commit ``revision`` (default main) points at now, or ``None`` when the repo/branch is missing."""
     from huggingface_hub import HfApi
@@ -189,8 +172,8 @@ def run_push(args: argparse.Namespace) -> int:
                 revision=args.revision,
                 subfolder=args.subfolder,
             )
-    except _errors() as err:
-        return _fail("push", err)
+    except hub_errors(OSError) as err:
+        return fail("push", err)
     where = args.repo_id + (f"/{args.subfolder.strip('/')}" if args.subfolder else "")
     branch = args.revision or "main"
     if commit == before:
@@ -203,8 +186,7 @@ def run_push(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------- pull
 def _copy_prior(src: Path, dest: Path) -> Path:
     """Copy a prior's files (links resolved) into ``dest``, removing tensor files of an older prior there."""
-    from priorzoo.hub import _is_prior_weights
-    from priorzoo.prior import CONFIG_NAME
+    from priorzoo.prior import CONFIG_NAME, _is_prior_weights
 
     if dest.exists() and not dest.is_dir():
         raise NotADirectoryError(f"`--to` {str(dest)!r} exists and is not a directory")
@@ -237,18 +219,11 @@ def run_pull(args: argparse.Namespace) -> int:
         from priorzoo.hub import download_prior
         from priorzoo.prior import PriorModel
 
-        folder = download_prior(
-            args.repo_id,
-            revision=args.revision,
-            token=args.token,
-            cache_dir=args.cache_dir,
-            local_files_only=args.local_files_only,
-            subfolder=args.subfolder,
-        )
+        folder = download_prior(args.repo_id, **download_kwargs(args))
         prior = PriorModel.from_pretrained(folder)  # reads and validates every tensor
         target = _copy_prior(folder, Path(args.to)) if args.to else None
-    except _errors() as err:
-        return _fail("pull", err)
+    except hub_errors(OSError) as err:
+        return fail("pull", err)
     snapshot = folder  # in the cache: …/snapshots/<commit>/<subfolder>
     for _ in [p for p in (args.subfolder or "").split("/") if p]:
         snapshot = snapshot.parent
@@ -299,8 +274,8 @@ def run_list(args: argparse.Namespace) -> int:
             _info_row(i)
             for i in list_priors(search=args.search, author=args.author, token=args.token, limit=args.limit)
         ]
-    except _errors() as err:
-        return _fail("list", err)
+    except hub_errors(OSError) as err:
+        return fail("list", err)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

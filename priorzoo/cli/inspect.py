@@ -21,6 +21,8 @@ import os
 import sys
 from typing import Any
 
+from priorzoo.cli._common import add_download_arguments, download_kwargs, fail, hub_errors
+
 __all__ = ["register", "run"]
 
 
@@ -33,11 +35,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "and per-layer variance statistics and prior scales; optionally plot the per-layer prior scale.",
     )
     p.add_argument("prior", metavar="PRIOR", help='a prior folder or a Hub repo id "org/name"')
-    p.add_argument("--revision", default=None, help="branch, tag or commit id (Hub)")
-    p.add_argument("--subfolder", default=None, help="folder inside the repo or folder that holds the prior")
-    p.add_argument("--cache-dir", default=None, help="huggingface_hub cache folder (default: HF_HUB_CACHE)")
-    p.add_argument("--local-files-only", action="store_true", help="use the cache only, never the network")
-    p.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN / saved login)")
+    add_download_arguments(p)
     p.add_argument("--scale", type=float, default=None, help="λ to evaluate the prior std at (default: the stored λ)")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="write a PNG plot of the per-layer prior scale")
     p.add_argument("--json", action="store_true", help="print the summary as JSON (machine-readable)")
@@ -54,26 +52,15 @@ def run(args: argparse.Namespace) -> int:
         >>> main(["inspect", "./r18-prior", "--plot", "r18-scales.png"])  # doctest: +SKIP
         0
     """
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-
-    from priorzoo.errors import PriorFormatError, PriorNotFoundError
     from priorzoo.inspect import format_summary, plot_layer_scales, summarize
     from priorzoo.prior import PriorModel
 
     try:
-        prior = PriorModel.from_pretrained(
-            args.prior,
-            revision=args.revision,
-            token=args.token,
-            cache_dir=args.cache_dir,
-            local_files_only=args.local_files_only,
-            subfolder=args.subfolder,
-        )
+        prior = PriorModel.from_pretrained(args.prior, **download_kwargs(args))
         summary = summarize(prior, scale=args.scale)
         plotted = plot_layer_scales(summary, args.plot) if args.plot else None
-    except (PriorNotFoundError, PriorFormatError, OfflineModeIsEnabled, HfHubHTTPError, ValueError, ImportError) as err:
-        print(f"priorzoo inspect: error: {err}", file=sys.stderr)
-        return 2
+    except hub_errors(ImportError) as err:
+        return fail("inspect", err)
     try:
         if args.json:
             print(json.dumps(summary, indent=2, ensure_ascii=False))

@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from priorzoo.cli._common import DATA_FORMATS, check_at_least, default_device, fail, image_tensor
+
 __all__ = ["build_backbone", "load_local_dataset", "register", "run"]
 
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 _FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
@@ -46,9 +45,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         help="start from pre-trained weights (--no-pretrained: random init, no download)",
     )
     p.add_argument("--data", required=True, help="local folder/CSV/JSON/parquet, or a Hub dataset id (online)")
-    p.add_argument(
-        "--data-format", choices=("auto", "disk", "imagefolder", "csv", "json", "parquet", "hub"), default="auto"
-    )
+    p.add_argument("--data-format", choices=DATA_FORMATS, default="auto")
     p.add_argument("--split", default="train")
     p.add_argument("--image-column", default=None, help="default: the first Image column")
     p.add_argument("--text-column", default=None, help="default: `text`, else the first string column")
@@ -171,17 +168,6 @@ def _label_mapping(ds: Any, label: str) -> tuple[int, Callable[[Any], int]]:
     return len(values), index.__getitem__
 
 
-def _image_tensor(img: Any, size: int) -> Any:
-    import numpy as np
-    import torch
-
-    img = img.convert("RGB").resize((size, size))
-    arr = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean = torch.tensor(_IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(_IMAGENET_STD).view(3, 1, 1)
-    return (arr - mean) / std
-
-
 # ---------------------------------------------------------------------------------------------- models
 def _pick_library(name: str, library: str) -> str:
     if library != "auto":
@@ -285,8 +271,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
     except (ValueError, ImportError, FileNotFoundError, RuntimeError) as err:
-        print(f"priorzoo learn: error: {err}", file=sys.stderr)
-        return 2
+        return fail("learn", err)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -302,9 +287,7 @@ def _run(args: argparse.Namespace) -> int:
         swag_fit,
     )
 
-    for flag, least in (("epochs", 1), ("batch_size", 1), ("rank", 2)):
-        if getattr(args, flag) < least:
-            raise ValueError(f"`--{flag.replace('_', '-')}` must be ≥ {least}; received {getattr(args, flag)}")
+    check_at_least(args, (("epochs", 1), ("batch_size", 1), ("rank", 2)))
     collect_every = _collect_every(str(args.collect_every))
     torch.manual_seed(args.seed)
     ds = load_local_dataset(args.data, data_format=args.data_format, split=args.split)
@@ -341,7 +324,7 @@ def _run(args: argparse.Namespace) -> int:
     def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if modality == "image":
-            out["pixel_values"] = torch.stack([_image_tensor(r[image_col], image_size) for r in rows])
+            out["pixel_values"] = torch.stack([image_tensor(r[image_col], image_size) for r in rows])
         else:
             enc = tokenizer(
                 [str(r[text_col]) for r in rows],
@@ -369,7 +352,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.schedule == "cyclic":
         steps = args.cycle_steps or len(loader)
         schedule = CyclicCosineSchedule(cycle_steps=steps, start_step=args.warmup_epochs * len(loader))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(args.device)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="swag_fit collected")  # reported below as an error
         collector = swag_fit(

@@ -44,6 +44,7 @@ Example:
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -124,6 +125,35 @@ def check_trainer_setup(args: Any, *, where: str, gradient_hook: bool) -> None:
         )
 
 
+class _PriorTermLog:
+    """Running means of the prior term ρ·penalty/N for the Trainer's logs: over the steps since the last log
+    (logged as ``<key>``) and over the whole run (``train_<key>``, in the log that ends training)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._since_sum, self._since_count = 0.0, 0
+        self._total_sum, self._total_count = 0.0, 0
+
+    def add(self, value: float) -> None:
+        self._since_sum += value
+        self._since_count += 1
+        self._total_sum += value
+        self._total_count += 1
+
+    def entries(self, logs: Mapping[str, Any], key: str) -> dict[str, float]:
+        """What to add to the Trainer's log record ``logs``; a training-loss record restarts the mean since
+        the last log."""
+        added = {}
+        if "loss" in logs and self._since_count:
+            added[key] = self._since_sum / self._since_count
+            self._since_sum, self._since_count = 0.0, 0
+        if "train_loss" in logs and self._total_count:
+            added[f"train_{key}"] = self._total_sum / self._total_count
+        return added
+
+
 class PriorCallback(TrainerCallback):
     r"""A ``TrainerCallback`` that adds ρ·Σ⁻¹(w − μ)/N to the gradients before each optimiser step.
 
@@ -183,10 +213,7 @@ class PriorCallback(TrainerCallback):
         }
         self.regularizer: PriorRegularizer | None = None
         self._applied = 0
-        self._log_sum = 0.0
-        self._log_count = 0
-        self._total_sum = 0.0
-        self._total_count = 0
+        self._log = _PriorTermLog()
 
     @property
     def scale(self) -> float:
@@ -215,18 +242,14 @@ class PriorCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         check_trainer_setup(args, where="PriorCallback", gradient_hook=True)
         self._regularizer_for(model)  # model_init may have built a new model
-        self._log_sum = self._total_sum = 0.0
-        self._log_count = self._total_count = 0
+        self._log.reset()
         self._applied = 0
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         _unscale_if_needed(optimizer)
         value = self._regularizer_for(model).add_to_grad_()
         self._applied += 1
-        self._log_sum += value
-        self._log_count += 1
-        self._total_sum += value
-        self._total_count += 1
+        self._log.add(value)
 
     def on_step_end(self, args, state, control, **kwargs):
         # a guard against Trainer versions/paths that step without firing on_pre_optimizer_step (or fire it
@@ -242,12 +265,7 @@ class PriorCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None:
             return
-        added = {}
-        if "loss" in logs and self._log_count:
-            added[self.log_key] = self._log_sum / self._log_count
-            self._log_sum, self._log_count = 0.0, 0
-        if "train_loss" in logs and self._total_count:
-            added[f"train_{self.log_key}"] = self._total_sum / self._total_count
+        added = self._log.entries(logs, self.log_key)
         if not added:
             return
         logs.update(added)

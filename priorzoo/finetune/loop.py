@@ -20,8 +20,9 @@ In any loop, one line does it::
 
 (:meth:`priorzoo.PriorModel.penalty` caches the binding per model). :class:`PriorRegularizer` is the
 same term as an object: it validates N, ρ and λ once, binds the prior (matching + the K×K Cholesky
-factorisation, done once), computes the penalty with autocast disabled (a bf16 autocast region would
-otherwise run the factor products in bf16) and can add the analytic gradient straight into ``.grad``.
+factorisation, done once) and can add the analytic gradient straight into ``.grad``. The penalty is
+computed with autocast disabled (by :class:`~priorzoo.gaussian.LowRankGaussian` itself: a bf16 autocast
+region would otherwise run the factor products in bf16).
 Each call costs one pass over the K×P factor forward and one backward: the memory-bandwidth floor.
 
 :func:`fit` / :func:`train_step` / :func:`predict_proba` are small helpers the CLI and
@@ -60,6 +61,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from priorzoo.finetune.metrics import classification_metrics, probabilities
+from priorzoo.learn._common import check_positive_int
+from priorzoo.learn._common import move_to_device as _move_batch
 from priorzoo.matching import Patterns, head_parameter_names
 from priorzoo.prior import BoundPrior, PriorModel
 
@@ -159,14 +162,6 @@ def _check_prior_device(prior: PriorModel) -> None:
                     f"the prior's tensor `{name}.{store_name}` is on the meta device (no data): load the prior "
                     "with PriorModel.from_pretrained(...) or move it with prior.to('cpu') first"
                 )
-
-
-def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
-    """Disable autocast for ``device`` (the penalty's factor products must not run in bf16/fp16)."""
-    try:
-        return torch.autocast(device_type=device.type, enabled=False)
-    except RuntimeError:  # a device type autocast does not know: nothing to disable
-        return contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------- the prior term
@@ -288,9 +283,7 @@ class PriorRegularizer:
     # ------------------------------------------------------------------ values
     def penalty(self) -> Tensor:
         """½(w−μ)ᵀΣ⁻¹(w−μ), differentiable, computed with autocast disabled."""
-        bound = self.bound
-        with _autocast_off(bound.device):
-            return bound.penalty()
+        return self.bound.penalty()
 
     def __call__(self) -> Tensor:
         """ρ·penalty/N, differentiable: add it to the mean data loss."""
@@ -300,16 +293,12 @@ class PriorRegularizer:
 
     def log_prob(self) -> Tensor:
         """Exact log p(w) of the matched parameters under the (scaled) prior, float64."""
-        bound = self.bound
-        with _autocast_off(bound.device):
-            return bound.log_prob()
+        return self.bound.log_prob()
 
     @torch.no_grad()
     def gradient(self) -> list[Tensor]:
         """ρ·Σ⁻¹(w−μ)/N for each matched parameter (shaped like it, in the compute dtype), no autograd."""
-        bound = self.bound
-        with _autocast_off(bound.device):
-            g = bound.precision_times_residual()
+        g = self.bound.precision_times_residual()
         c = self.coefficient
         return [gi.mul_(c) for gi in g]
 
@@ -336,7 +325,7 @@ class PriorRegularizer:
         """
         bound = self.bound
         trainable = [p for p in bound.parameters if p.requires_grad]
-        with torch.enable_grad(), _autocast_off(bound.device):
+        with torch.enable_grad():
             value = bound.penalty() * self.coefficient
             if not trainable:
                 return float(value.detach())
@@ -409,15 +398,7 @@ def move_to_device(batch: Batch, device: torch.device | str | None) -> Batch:
         >>> move_to_device({"x": torch.zeros(1)}, "cpu")["x"].device.type
         'cpu'
     """
-    if device is None:
-        return batch
-    if isinstance(batch, Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return {k: move_to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(move_to_device(v, device) for v in batch)
-    return batch
+    return _move_batch(batch, device, non_blocking=True)
 
 
 def default_forward(model: torch.nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
@@ -487,9 +468,10 @@ def train_step(
         ['data_loss', 'loss', 'prior_term']
     """
     model.train()
-    batch = move_to_device(batch, _device_of(model))
+    device = _device_of(model)
+    batch = move_to_device(batch, device)
     ctx = (
-        torch.autocast(device_type=_device_of(model).type, dtype=autocast_dtype)
+        torch.autocast(device_type=device.type, dtype=autocast_dtype)
         if autocast_dtype is not None
         else contextlib.nullcontext()
     )
@@ -558,6 +540,13 @@ def evaluate(
 _HIGHER_IS_BETTER = {"accuracy": True, "nll": False, "ece": False}
 
 
+def _higher_is_better(metric: str) -> bool:
+    """Whether a larger value of the selection ``metric`` is better; refuses an unknown metric."""
+    if metric not in _HIGHER_IS_BETTER:
+        raise ValueError(f"`metric` must be one of {sorted(_HIGHER_IS_BETTER)}; received {metric!r}")
+    return _HIGHER_IS_BETTER[metric]
+
+
 @dataclass
 class FitResult:
     """What :func:`fit` did.
@@ -614,14 +603,11 @@ def fit(
         >>> res.steps, len(res.history)
         (6, 2)
     """
-    if metric not in _HIGHER_IS_BETTER:
-        raise ValueError(f"`metric` must be one of {sorted(_HIGHER_IS_BETTER)}; received {metric!r}")
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"`epochs` must be an integer ≥ 1; received {epochs!r}")
+    higher = _higher_is_better(metric)
+    check_positive_int(epochs, "epochs")
     for name, value in (("max_steps", max_steps), ("eval_every", eval_every), ("patience", patience)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"`{name}` must be an integer ≥ 1 or None; received {value!r}")
-    higher = _HIGHER_IS_BETTER[metric]
     result = FitResult()
     start = time.perf_counter()
     best_value: float | None = None

@@ -27,17 +27,17 @@ import torch
 from priorzoo.finetune.loop import (
     ForwardFn,
     PriorRegularizer,
+    _higher_is_better,
     check_num_train_examples,
     check_scale,
     default_forward,
     fit,
 )
+from priorzoo.learn._common import check_positive_int
 from priorzoo.matching import Patterns
 from priorzoo.prior import PriorModel
 
 __all__ = ["ScalePoint", "ScaleSearchResult", "log_grid", "split_train_validation", "tune_scale"]
-
-_HIGHER_IS_BETTER = {"accuracy": True, "nll": False, "ece": False}
 
 
 def log_grid(start: float = 1.0, stop: float = 1e10, *, per_decade: int = 1) -> list[float]:
@@ -50,8 +50,7 @@ def log_grid(start: float = 1.0, stop: float = 1e10, *, per_decade: int = 1) -> 
     start, stop = check_scale(start), check_scale(stop)
     if stop < start:
         raise ValueError(f"`stop` ({stop:g}) must be ≥ `start` ({start:g})")
-    if isinstance(per_decade, bool) or not isinstance(per_decade, int) or per_decade < 1:
-        raise ValueError(f"`per_decade` must be an integer ≥ 1; received {per_decade!r}")
+    check_positive_int(per_decade, "per_decade")
     lo, hi = math.log10(start), math.log10(stop)
     n = max(1, round((hi - lo) * per_decade))
     return [float(f"{10 ** (lo + (hi - lo) * i / n):.6g}") for i in range(n + 1)] if hi > lo else [start]
@@ -209,8 +208,7 @@ def tune_scale(
         >>> [p.scale for p in res.curve], res.best_scale in (1.0, 100.0)
         ([1.0, 100.0], True)
     """
-    if metric not in _HIGHER_IS_BETTER:
-        raise ValueError(f"`metric` must be one of {sorted(_HIGHER_IS_BETTER)}; received {metric!r}")
+    higher = _higher_is_better(metric)
     n = check_num_train_examples(num_train_examples)
     grid = list(log_grid(1.0, 1e10) if grid is None else grid)
     if not grid:
@@ -218,7 +216,6 @@ def tune_scale(
     grid = [check_scale(s) for s in grid]
     if len(set(grid)) != len(grid):
         raise ValueError(f"the λ grid has duplicates: {grid}")
-    higher = _HIGHER_IS_BETTER[metric]
     curve: list[ScalePoint] = []
     for scale in grid:
         torch.manual_seed(seed)

@@ -44,7 +44,7 @@ except ImportError as _err:  # pragma: no cover - exercised only without the ext
         'priorzoo.finetune.PriorTrainer needs transformers: pip install "priorzoo[transformers]"'
     ) from _err
 
-from priorzoo.finetune.callback import PriorCallback, check_trainer_setup
+from priorzoo.finetune.callback import PriorCallback, _PriorTermLog, check_trainer_setup
 from priorzoo.finetune.loop import PriorRegularizer, check_num_train_examples, check_prior_weight, check_scale
 from priorzoo.matching import Patterns
 from priorzoo.prior import PriorModel
@@ -134,10 +134,7 @@ class PriorTrainerMixin:
         self.prior_regularizer: PriorRegularizer | None = None
         if trainer.model is not None:
             self._prior_regularizer_for(trainer.model)
-        self._prior_log_sum = 0.0
-        self._prior_log_count = 0
-        self._prior_total_sum = 0.0
-        self._prior_total_count = 0
+        self._prior_log = _PriorTermLog()
         self._prior_added_this_step = 0
         trainer.add_callback(_PriorStepCheck(self))
 
@@ -184,21 +181,13 @@ class PriorTrainerMixin:
         loss, outputs = out if return_outputs else (out, None)
         term = self._prior_regularizer_for(trainer.model)()
         loss = loss + term.to(loss.device) * self._prior_loss_multiplier(num_items_in_batch)
-        value = float(term.detach())
         self._prior_added_this_step += 1
-        self._prior_log_sum += value
-        self._prior_log_count += 1
-        self._prior_total_sum += value
-        self._prior_total_count += 1
+        self._prior_log.add(float(term.detach()))
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Add ``prior_term`` (and ``train_prior_term`` at the end) to the Trainer's logs."""
-        if "loss" in logs and self._prior_log_count:
-            logs[self.prior_log_key] = self._prior_log_sum / self._prior_log_count
-            self._prior_log_sum, self._prior_log_count = 0.0, 0
-        if "train_loss" in logs and self._prior_total_count:
-            logs[f"train_{self.prior_log_key}"] = self._prior_total_sum / self._prior_total_count
+        logs.update(self._prior_log.entries(logs, self.prior_log_key))
         super().log(logs, *args, **kwargs)  # type: ignore[misc]
 
 

@@ -1,4 +1,5 @@
-"""Small helpers shared by the learners: backbone provenance, optional imports, checkpoint trees.
+"""Small helpers shared by the learners (and the fine-tuning loop): backbone provenance, optional imports,
+argument checks, batches on a device, the ``exclude`` record of a learned prior, checkpoint trees.
 
 Nothing here is public API; the learners re-export what users need.
 """
@@ -9,11 +10,13 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from priorzoo.matching import Patterns, compile_patterns, pattern_strings
 
 __all__: list[str] = []
 
@@ -86,6 +89,33 @@ def check_float(value: Any, what: str, *, minimum: float = 0.0, strict: bool = F
         cmp = ">" if strict else "≥"
         raise ValueError(f"`{what}` must be a finite number {cmp} {minimum:g}; received {value!r}")
     return float(value)
+
+
+def move_to_device(batch: Any, device: torch.device | str | None, *, non_blocking: bool = False) -> Any:
+    """The tensors of a batch (tensor / mapping / list / tuple, nested) moved to ``device`` (``None``: as is)."""
+    if device is None:
+        return batch
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, Mapping):
+        return {k: move_to_device(v, device, non_blocking=non_blocking) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to_device(v, device, non_blocking=non_blocking) for v in batch)
+    return batch
+
+
+def recorded_exclude(model: torch.nn.Module, chosen: Iterable[str], exclude: Patterns) -> list[str]:
+    """What a learned prior's ``config.exclude`` records: the user's string ``exclude`` patterns plus the
+    name of every other trainable parameter left out (the head, or what ``include`` did not pick)."""
+    patterns = pattern_strings(exclude)
+    covered = compile_patterns(patterns) if patterns else None
+    chosen = set(chosen)
+    others = [
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and n not in chosen and not (covered is not None and covered(n))
+    ]
+    return patterns + others
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

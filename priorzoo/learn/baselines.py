@@ -36,14 +36,14 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from priorzoo.learn._common import check_float, describe_backbone
-from priorzoo.matching import Patterns, compile_patterns, head_parameter_names, select_parameters
+from priorzoo.learn._common import check_float, describe_backbone, move_to_device, recorded_exclude
+from priorzoo.matching import Patterns, head_parameter_names, select_parameters
 
 if TYPE_CHECKING:
     from priorzoo.prior import PriorModel
@@ -62,19 +62,6 @@ def _select(model: nn.Module, include: Patterns, exclude: Patterns, exclude_head
             "only parameters with requires_grad=True are eligible"
         )
     return params
-
-
-def _excluded(model: nn.Module, chosen: Mapping[str, Any], exclude: Patterns) -> list[str]:
-    """What ``config.exclude`` records: the user's string patterns plus every other trainable parameter
-    left out (the head, or what ``include`` did not pick)."""
-    patterns = [exclude] if isinstance(exclude, str) else list(exclude) if isinstance(exclude, Sequence) else []
-    covered = compile_patterns(patterns) if patterns else None
-    others = [
-        n
-        for n, p in model.named_parameters()
-        if p.requires_grad and n not in chosen and not (covered is not None and covered(n))
-    ]
-    return patterns + others
 
 
 def isotropic_prior(
@@ -120,7 +107,7 @@ def isotropic_prior(
         backbone=dict(backbone) if backbone is not None else describe_backbone(model),
         source=source,
         learning={"method": "isotropic", "variance": float(variance), "reference": "L2-SP, Li et al. 2018"},
-        exclude=_excluded(model, params, exclude),
+        exclude=recorded_exclude(model, params, exclude),
         license=license,
     )
 
@@ -147,16 +134,6 @@ def _example(batch: Any, i: int) -> Any:
         return {k: _example(v, i) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
         return type(batch)(_example(v, i) for v in batch)
-    return batch
-
-
-def _to(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: _to(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to(v, device) for v in batch)
     return batch
 
 
@@ -205,7 +182,7 @@ def empirical_fisher(
         for b, batch in enumerate(loader):
             if max_batches is not None and b >= max_batches:
                 break
-            batch = _to(batch, dev)
+            batch = move_to_device(batch, dev)
             size = _batch_size(batch)
             if size == 0:
                 raise ValueError(f"cannot tell the batch size of batch {b} ({type(batch).__name__})")
@@ -308,6 +285,6 @@ def fisher_prior(
             "per_example": per_example if loader is not None else None,
             "formula": "variance = 1 / (N * mean_n g_n^2 + prior_precision)",
         },
-        exclude=_excluded(model, params, exclude),
+        exclude=recorded_exclude(model, params, exclude),
         license=license,
     )

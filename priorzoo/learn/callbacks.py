@@ -28,7 +28,7 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from priorzoo.learn._common import (
     check_positive_int,
     flatten_tree,
     load_safetensors_with_meta,
+    move_to_device,
     require,
     unflatten_tree,
 )
@@ -200,16 +201,6 @@ def __getattr__(name: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- swag_fit
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
-
-
 def _save_fit_state(
     path: Path,
     *,
@@ -375,7 +366,7 @@ def swag_fit(
         swag_phase = epoch >= warmup_epochs
         bar = tqdm(loader, total=steps_per_epoch, disable=not progress, desc=f"epoch {epoch + 1}/{epochs}", leave=False)
         for batch in bar:
-            loss = objective(model, _to_device(batch, dev))
+            loss = objective(model, move_to_device(batch, dev))
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"the training loss is {loss.item()} at step {global_step + 1}; lower the learning rate"

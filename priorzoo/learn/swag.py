@@ -73,8 +73,9 @@ from priorzoo.learn._common import (
     check_positive_int,
     describe_backbone,
     load_safetensors_with_meta,
+    recorded_exclude,
 )
-from priorzoo.matching import Patterns, compile_patterns, head_parameter_names, select_parameters
+from priorzoo.matching import Patterns, head_parameter_names, select_parameters
 
 if TYPE_CHECKING:
     from priorzoo.prior import PriorModel
@@ -470,19 +471,7 @@ class SWAGCollector:
     def _default_exclude(self) -> list[str]:
         """The user's string ``exclude`` patterns plus the names of every other trainable parameter left
         out (the head, or whatever ``include`` did not pick)."""
-        patterns: list[str] = []
-        if isinstance(self.exclude, str):
-            patterns = [self.exclude]
-        elif isinstance(self.exclude, Sequence) and all(isinstance(e, str) for e in self.exclude):
-            patterns = list(self.exclude)
-        covered = compile_patterns(patterns) if patterns else None
-        chosen = set(self.names)
-        others = [
-            n
-            for n, p in self.model.named_parameters()
-            if p.requires_grad and n not in chosen and not (covered is not None and covered(n))
-        ]
-        return patterns + others
+        return recorded_exclude(self.model, self.names, self.exclude)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

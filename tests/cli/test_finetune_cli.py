@@ -85,36 +85,38 @@ def _args(*extra: str) -> list[str]:
     return ["finetune", *extra, "--quiet", "--batch-size", "4", "--eval-batch-size", "8", "--max-length", "8"]
 
 
+def _finetune(out: Path, *extra: str) -> dict:
+    """Run `priorzoo finetune ... --output-dir out`, check that it succeeds, return its metrics.json."""
+    code = main(_args(*extra, "--output-dir", str(out)))
+    assert code == 0
+    return json.loads((out / "metrics.json").read_text())
+
+
 def test_bert_prior_tune_scale_map(bert_folder, bert_prior_folder, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     train = _text_csv(tmp_path / "train.csv", 16, 0)
     test = _text_csv(tmp_path / "test.csv", 8, 1)
     out = tmp_path / "run"
-    code = main(
-        _args(
-            str(bert_folder),
-            "--prior",
-            str(bert_prior_folder),
-            "--data",
-            str(train),
-            "--test-data",
-            str(test),
-            "--tune-scale",
-            "--scale-grid",
-            "1,1000",
-            "--tune-epochs",
-            "1",
-            "--epochs",
-            "2",
-            "--lr",
-            "0.05",
-            "--output-dir",
-            str(out),
-        )
+    metrics = _finetune(
+        out,
+        str(bert_folder),
+        "--prior",
+        str(bert_prior_folder),
+        "--data",
+        str(train),
+        "--test-data",
+        str(test),
+        "--tune-scale",
+        "--scale-grid",
+        "1,1000",
+        "--tune-epochs",
+        "1",
+        "--epochs",
+        "2",
+        "--lr",
+        "0.05",
     )
-    assert code == 0
-    metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == "map"
     assert metrics["prior"]["init"] == "prior_mean" and metrics["prior"]["kind"] == "swag"
     search = metrics["scale_search"]
@@ -171,38 +173,33 @@ def test_timm_image_folder_l2sp_bma(tmp_path):
                 arr = (base + 30 * torch.rand(16, 16, 3, generator=g)).clamp(0, 255).to(torch.uint8).numpy()
                 Image.fromarray(arr).save(d / f"{i}.png")
     out = tmp_path / "run"
-    code = main(
-        _args(
-            "test_resnet",
-            "--library",
-            "timm",
-            "--no-pretrained",
-            "--l2sp",
-            "0.01",
-            "--data",
-            str(tmp_path / "train"),
-            "--test-data",
-            str(tmp_path / "test"),
-            "--image-size",
-            "32",
-            "--method",
-            "bma",
-            "--num-samples",
-            "3",
-            "--swag-rank",
-            "2",
-            "--epochs",
-            "1",
-            "--swag-epochs",
-            "2",
-            "--lr",
-            "0.01",
-            "--output-dir",
-            str(out),
-        )
+    metrics = _finetune(
+        out,
+        "test_resnet",
+        "--library",
+        "timm",
+        "--no-pretrained",
+        "--l2sp",
+        "0.01",
+        "--data",
+        str(tmp_path / "train"),
+        "--test-data",
+        str(tmp_path / "test"),
+        "--image-size",
+        "32",
+        "--method",
+        "bma",
+        "--num-samples",
+        "3",
+        "--swag-rank",
+        "2",
+        "--epochs",
+        "1",
+        "--swag-epochs",
+        "2",
+        "--lr",
+        "0.01",
     )
-    assert code == 0
-    metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["prior"]["source"] == "l2sp" and metrics["prior"]["init"] == "backbone"
     assert metrics["metrics"]["test"]["num_samples"] == 3 and metrics["metrics"]["test"]["num_examples"] == 4
     assert metrics["training"]["swag"]["snapshots"] >= 2
@@ -218,29 +215,23 @@ def test_timm_image_folder_l2sp_bma(tmp_path):
 
 def test_sgld_without_prior(bert_folder, tmp_path):
     train = _text_csv(tmp_path / "train.csv", 8, 0)
-    out = tmp_path / "run"
-    code = main(
-        _args(
-            str(bert_folder),
-            "--no-prior",
-            "--data",
-            str(train),
-            "--validation-data",
-            str(train),
-            "--method",
-            "sgld",
-            "--epochs",
-            "2",
-            "--num-samples",
-            "2",
-            "--lr",
-            "0.01",
-            "--output-dir",
-            str(out),
-        )
+    metrics = _finetune(
+        tmp_path / "run",
+        str(bert_folder),
+        "--no-prior",
+        "--data",
+        str(train),
+        "--validation-data",
+        str(train),
+        "--method",
+        "sgld",
+        "--epochs",
+        "2",
+        "--num-samples",
+        "2",
+        "--lr",
+        "0.01",
     )
-    assert code == 0
-    metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["prior"]["source"] is None and metrics["prior"]["scale"] is None
     assert metrics["training"]["sgld"]["samples"] == 2
     assert metrics["metrics"]["validation"]["num_samples"] == 2

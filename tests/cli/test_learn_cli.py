@@ -10,8 +10,6 @@ import torch
 from priorzoo import PriorModel
 from priorzoo.cli import main
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 pytest.importorskip("datasets")
 
 
@@ -51,38 +49,38 @@ def tiny_bert(tmp_path):
     return folder
 
 
+def _learn(out, *options: str) -> PriorModel:
+    """Run `priorzoo learn ... --output out --no-progress`, check that it succeeds, load the prior."""
+    code = main(["learn", *options, "--output", str(out), "--no-progress"])
+    assert code == 0
+    return PriorModel.from_pretrained(out)
+
+
 def test_learn_timm_supervised_on_an_image_folder(image_folder, tmp_path) -> None:
     out = tmp_path / "prior"
-    code = main(
-        [
-            "learn",
-            "test_resnet",
-            "--no-pretrained",
-            "--data",
-            str(image_folder),
-            "--objective",
-            "supervised",
-            "--epochs",
-            "2",
-            "--batch-size",
-            "4",
-            "--collect-every",
-            "1",
-            "--rank",
-            "3",
-            "--image-size",
-            "32",
-            "--lr",
-            "0.01",
-            "--output",
-            str(out),
-            "--no-progress",
-            "--checkpoint-dir",
-            str(tmp_path / "ckpt"),
-        ]
+    prior = _learn(
+        out,
+        "test_resnet",
+        "--no-pretrained",
+        "--data",
+        str(image_folder),
+        "--objective",
+        "supervised",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--collect-every",
+        "1",
+        "--rank",
+        "3",
+        "--image-size",
+        "32",
+        "--lr",
+        "0.01",
+        "--checkpoint-dir",
+        str(tmp_path / "ckpt"),
     )
-    assert code == 0
-    prior = PriorModel.from_pretrained(out)
     assert prior.kind.value == "swag" and prior.rank == 3
     assert not any(n.startswith("fc.") for n in prior.names)  # the 2-class head is not in the prior
     cfg = json.loads((out / "config.json").read_text())
@@ -95,35 +93,27 @@ def test_learn_timm_supervised_on_an_image_folder(image_folder, tmp_path) -> Non
 
 
 def test_learn_timm_simclr_needs_no_labels(image_folder, tmp_path) -> None:
-    out = tmp_path / "ssl-prior"
-    code = main(
-        [
-            "learn",
-            "test_resnet",
-            "--no-pretrained",
-            "--data",
-            str(image_folder),
-            "--objective",
-            "simclr",
-            "--epochs",
-            "3",
-            "--batch-size",
-            "4",
-            "--rank",
-            "2",
-            "--image-size",
-            "32",
-            "--output",
-            str(out),
-            "--no-progress",
-            "--schedule",
-            "cyclic",
-            "--cycle-steps",
-            "2",
-        ]
+    prior = _learn(
+        tmp_path / "ssl-prior",
+        "test_resnet",
+        "--no-pretrained",
+        "--data",
+        str(image_folder),
+        "--objective",
+        "simclr",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "4",
+        "--rank",
+        "2",
+        "--image-size",
+        "32",
+        "--schedule",
+        "cyclic",
+        "--cycle-steps",
+        "2",
     )
-    assert code == 0
-    prior = PriorModel.from_pretrained(out)
     assert prior.config.source["objective"] == "simclr"
     assert prior.config.learning["schedule"] == "cyclic" and prior.config.learning["snapshots"] == 3
     assert not any("head" in n for n in prior.names)  # the projection head is not part of the prior
@@ -141,62 +131,46 @@ def test_learn_transformers_mlm_on_a_csv(tiny_bert, tmp_path) -> None:
         )
         + "\n"
     )
-    out = tmp_path / "bert-prior"
-    code = main(
-        [
-            "learn",
-            str(tiny_bert),
-            "--data",
-            str(csv),
-            "--text-column",
-            "review",
-            "--objective",
-            "mlm",
-            "--epochs",
-            "3",
-            "--batch-size",
-            "3",
-            "--rank",
-            "2",
-            "--lr",
-            "0.01",
-            "--output",
-            str(out),
-            "--no-progress",
-        ]
+    prior = _learn(
+        tmp_path / "bert-prior",
+        str(tiny_bert),
+        "--data",
+        str(csv),
+        "--text-column",
+        "review",
+        "--objective",
+        "mlm",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "3",
+        "--rank",
+        "2",
+        "--lr",
+        "0.01",
     )
-    assert code == 0
-    prior = PriorModel.from_pretrained(out)
     assert prior.rank == 2 and all(n.startswith("bert.") for n in prior.names)
     assert prior.config.backbone["library"] == "transformers"
     assert prior.config.source["objective"] == "mlm" and prior.config.learning["snapshots"] == 3
 
-    out = tmp_path / "bert-cls-prior"  # supervised text classification on the `stars` column
-    code = main(
-        [
-            "learn",
-            str(tiny_bert),
-            "--data",
-            str(csv),
-            "--text-column",
-            "review",
-            "--label-column",
-            "stars",
-            "--objective",
-            "supervised",
-            "--epochs",
-            "2",
-            "--batch-size",
-            "3",
-            "--rank",
-            "2",
-            "--output",
-            str(out),
-            "--no-progress",
-        ]
+    prior = _learn(  # supervised text classification on the `stars` column
+        tmp_path / "bert-cls-prior",
+        str(tiny_bert),
+        "--data",
+        str(csv),
+        "--text-column",
+        "review",
+        "--label-column",
+        "stars",
+        "--objective",
+        "supervised",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "3",
+        "--rank",
+        "2",
     )
-    assert code == 0
-    prior = PriorModel.from_pretrained(out)
     assert all(n.startswith("bert.") for n in prior.names)  # the classifier head is left out
     assert prior.config.source["objective"] == "supervised"
 

@@ -19,6 +19,7 @@ from finetune_helpers import (
     TimmClassifier,
     bert_prior,
     image_examples,
+    one_step_args,
     params_of,
     text_examples,
     timm_prior,
@@ -30,26 +31,7 @@ LR = 0.1
 
 
 def trainer_args(out: Path, per_device: int, ga: int, **kw):
-    from transformers import TrainingArguments
-
-    return TrainingArguments(
-        output_dir=str(out / "trainer"),
-        use_cpu=True,
-        report_to="none",
-        max_steps=1,
-        per_device_train_batch_size=per_device,
-        gradient_accumulation_steps=ga,
-        learning_rate=LR,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        max_grad_norm=0.0,
-        save_strategy="no",
-        seed=0,
-        disable_tqdm=True,
-        logging_steps=1,
-        **kw,
-    )
+    return one_step_args(out / "trainer", per_device=per_device, ga=ga, lr=LR, **kw)
 
 
 def case_callback_bert(out: Path, world: int) -> dict[str, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Shared builders for the fine-tuning tests: tiny random-init BERT and timm models, priors, data."""
+"""Shared builders for the fine-tuning tests: tiny random-init BERT and timm models, priors, data, Trainer
+arguments."""
 
 from __future__ import annotations
 
@@ -112,6 +113,31 @@ def image_examples(n: int, num_classes: int = 3, size: int = 32, seed: int = 0) 
         }
         for _ in range(n)
     ]
+
+
+def one_step_args(output_dir, *, per_device: int, ga: int, lr: float, **kw):
+    """``TrainingArguments`` for one deterministic plain-SGD optimiser step on CPU: constant lr, no weight
+    decay, no clipping, no checkpoints, every step logged."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        report_to="none",
+        max_steps=1,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=ga,
+        learning_rate=lr,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+        logging_steps=1,
+        **kw,
+    )
 
 
 def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

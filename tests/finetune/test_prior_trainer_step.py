@@ -11,6 +11,7 @@ from finetune_helpers import (
     bert_prior,
     image_examples,
     max_abs_diff,
+    one_step_args,
     params_of,
     text_examples,
     timm_prior,
@@ -35,25 +36,7 @@ def _quiet():
 
 
 def _args(tmp_path, ga: int, bf16: bool, per_device: int = 4, **kw) -> TrainingArguments:
-    return TrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        use_cpu=True,
-        report_to="none",
-        max_steps=1,
-        per_device_train_batch_size=per_device,
-        gradient_accumulation_steps=ga,
-        learning_rate=LR,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        max_grad_norm=0.0,
-        save_strategy="no",
-        seed=0,
-        bf16=bf16,
-        disable_tqdm=True,
-        logging_steps=1,
-        **kw,
-    )
+    return one_step_args(tmp_path / "out", per_device=per_device, ga=ga, lr=LR, bf16=bf16, **kw)
 
 
 def _setup(kind: str, ga: int):

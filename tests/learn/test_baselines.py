@@ -10,8 +10,6 @@ from torch import nn
 from priorzoo import PriorModel
 from priorzoo.learn import empirical_fisher, fisher_prior, isotropic_prior
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 
 def _net() -> nn.Sequential:
     torch.manual_seed(0)

@@ -20,8 +20,6 @@ from priorzoo.learn import (
     nt_xent_loss,
 )
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 
 def test_cross_entropy_tuple_and_mapping_batches() -> None:
     torch.manual_seed(0)

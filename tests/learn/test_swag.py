@@ -19,8 +19,6 @@ from priorzoo.learn import (
 )
 from priorzoo.learn.callbacks import FIT_STATE_NAME
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 
 class TwoParams(nn.Module):
     """A model whose weights we set by hand: a [2, 3] matrix and a [3] vector (P = 9)."""

@@ -12,8 +12,6 @@ from priorzoo import PriorModel
 from priorzoo.learn import CrossEntropyObjective, SimCLRObjective, swag_fit
 from priorzoo.learn import callbacks as callbacks_module
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 
 def _image_loader(num_classes: int, n: int = 16, size: int = 32) -> torch.utils.data.DataLoader:
     gen = torch.Generator().manual_seed(0)

@@ -1,0 +1,92 @@
+"""Small helpers shared by the ``priorzoo`` subcommands: error reporting, repeated options and checks.
+
+Nothing here is public API. Heavy imports (torch, numpy, huggingface_hub) happen inside the functions, so
+``priorzoo --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+__all__: list[str] = []
+
+DATA_FORMATS = ("auto", "disk", "imagefolder", "csv", "json", "parquet", "hub")
+"""The ``--data-format`` choices of :func:`priorzoo.cli.learn.load_local_dataset`."""
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def fail(command: str, err: BaseException) -> int:
+    """Report ``err`` as ``priorzoo COMMAND: error: …`` on stderr; return the exit status 2."""
+    print(f"priorzoo {command}: error: {err}", file=sys.stderr)
+    return 2
+
+
+def hub_errors(*extra: type[BaseException]) -> tuple[type[BaseException], ...]:
+    """The failures of loading a prior (locally or from the Hub) that a command reports as a message."""
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    from priorzoo.errors import PriorFormatError, PriorNotFoundError
+
+    return (PriorNotFoundError, PriorFormatError, OfflineModeIsEnabled, HfHubHTTPError, ValueError, *extra)
+
+
+def add_download_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--revision``, ``--subfolder``, ``--cache-dir``, ``--local-files-only``, ``--token``: where a prior
+    is read from (see :func:`download_kwargs`)."""
+    parser.add_argument("--revision", default=None, help="branch, tag or commit id (Hub)")
+    parser.add_argument("--subfolder", default=None, help="folder inside the repo or folder that holds the prior")
+    parser.add_argument("--cache-dir", default=None, help="huggingface_hub cache folder (default: HF_HUB_CACHE)")
+    parser.add_argument("--local-files-only", action="store_true", help="use the cache only, never the network")
+    parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN / saved login)")
+
+
+def download_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of ``PriorModel.from_pretrained`` / ``download_prior`` that
+    :func:`add_download_arguments` parsed."""
+    return {
+        "revision": args.revision,
+        "token": args.token,
+        "cache_dir": args.cache_dir,
+        "local_files_only": args.local_files_only,
+        "subfolder": args.subfolder,
+    }
+
+
+def check_at_least(args: argparse.Namespace, minimums: Iterable[tuple[str, int]]) -> None:
+    """Raise ``ValueError("`--flag` must be ≥ least; received …")`` for the first option below its minimum.
+
+    Example:
+        >>> check_at_least(argparse.Namespace(batch_size=0), [("batch_size", 1)])
+        Traceback (most recent call last):
+        ...
+        ValueError: `--batch-size` must be ≥ 1; received 0
+    """
+    for flag, least in minimums:
+        if getattr(args, flag) < least:
+            raise ValueError(f"`--{flag.replace('_', '-')}` must be ≥ {least}; received {getattr(args, flag)}")
+
+
+def default_device(device: str | None) -> str:
+    """``--device`` as given, else ``cuda`` when available, else ``cpu``."""
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def image_tensor(
+    img: Any, size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> Any:
+    """A PIL image as a normalised ``[3, size, size]`` float tensor (RGB, resized, ``(x − mean) / std``)."""
+    import numpy as np
+    import torch
+
+    arr = np.asarray(img.convert("RGB").resize((size, size)), dtype=np.float32) / 255.0
+    x = torch.from_numpy(arr).permute(2, 0, 1)
+    return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
