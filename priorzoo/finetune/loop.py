@@ -63,7 +63,7 @@ from torch import Tensor
 from priorzoo.finetune.metrics import classification_metrics, probabilities
 from priorzoo.learn._common import check_positive_int
 from priorzoo.learn._common import move_to_device as _move_batch
-from priorzoo.matching import Patterns, head_parameter_names
+from priorzoo.matching import Patterns
 from priorzoo.prior import BoundPrior, PriorModel
 
 __all__ = [
@@ -373,20 +373,9 @@ def l2sp_prior(
         or not (math.isfinite(variance) and variance > 0)
     ):
         raise ValueError(f"the L2-SP variance σ² must be a finite number > 0; received {variance!r}")
-    from priorzoo.matching import select_parameters
+    from priorzoo.learn.baselines import isotropic_prior
 
-    head = head_parameter_names(model) if exclude_head else set()
-    params = {n: p for n, p in select_parameters(model, include, exclude).items() if n not in head}
-    if not params:
-        raise ValueError("no parameter left for the L2-SP prior (check include/exclude; the head is excluded)")
-    mean = {n: p.detach().to("cpu", torch.float32).clone() for n, p in params.items()}
-    return PriorModel.from_tensors(
-        mean,
-        variance=float(variance),
-        kind="isotropic",
-        learning={"method": "l2sp", "variance": float(variance)},
-        exclude=sorted(head),
-    )
+    return isotropic_prior(model, float(variance), include=include, exclude=exclude, exclude_head=exclude_head)
 
 
 # ---------------------------------------------------------------------- a plain loop

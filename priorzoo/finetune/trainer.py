@@ -200,6 +200,7 @@ class _PriorStepCheck(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer._prior_added_this_step = 0
+        self.trainer._prior_log.reset()  # a second train() must not average in the first run's terms
 
     def on_step_end(self, args, state, control, **kwargs):
         added, self.trainer._prior_added_this_step = self.trainer._prior_added_this_step, 0

@@ -366,3 +366,15 @@ def test_fp16_gradients_are_unscaled_before_the_prior_gradient_is_added():
     for p, g in zip(model.parameters(), scaled):
         torch.testing.assert_close(p.grad, g / 1024.0)
     _unscale_if_needed(SimpleNamespace(optimizer=opt, scaler=None))  # no scaler: nothing to do
+
+
+def test_l2sp_prior_with_exclude_binds_to_its_model():
+    import torch
+
+    from priorzoo.finetune import PriorRegularizer, l2sp_prior
+
+    m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 3))
+    prior = l2sp_prior(m, 0.01, exclude="1.*")
+    assert prior.names == ["0.weight", "0.bias"]
+    reg = PriorRegularizer(prior, m, num_train_examples=10)
+    assert reg().item() == 0.0
