@@ -143,10 +143,12 @@ def _columns(ds: Any, args: argparse.Namespace) -> tuple[str | None, str | None,
     feats = ds.features
     image = args.image_column or next((k for k, f in feats.items() if isinstance(f, datasets.Image)), None)
     text = args.text_column
-    if image is None and text is None:
-        strings = [k for k, f in feats.items() if getattr(f, "dtype", None) in ("string", "large_string")]
-        text = "text" if "text" in strings else (strings[0] if strings else None)
     label = args.label_column or next((k for k in ("label", "labels") if k in feats), None)
+    if image is None and text is None:
+        strings = [
+            k for k, f in feats.items() if getattr(f, "dtype", None) in ("string", "large_string") and k != label
+        ]
+        text = "text" if "text" in strings else (strings[0] if strings else None)
     for name, col in (("--image-column", image), ("--text-column", text), ("--label-column", label)):
         if col is not None and col not in feats:
             raise ValueError(f"`{name}` {col!r} is not a column of the dataset; columns: {sorted(feats)}")
