@@ -207,3 +207,15 @@ def test_learn_input_errors_are_reported(image_folder, tmp_path, capsys) -> None
     assert "`--rank` must be ≥ 2; received 0" in capsys.readouterr().err
     assert main([*base, "--data", str(image_folder), "--epochs", "1"]) == 2  # one epoch: one snapshot only
     assert "a prior needs at least 2" in capsys.readouterr().err
+
+
+def test_string_label_column_is_not_taken_for_the_text():
+    import argparse
+
+    import datasets
+
+    from priorzoo.cli.learn import _columns
+
+    ds = datasets.Dataset.from_dict({"label": ["pos", "neg"], "sentence": ["good", "bad"]})
+    args = argparse.Namespace(image_column=None, text_column=None, label_column=None)
+    assert _columns(ds, args) == (None, "sentence", "label")
