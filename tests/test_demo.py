@@ -115,7 +115,8 @@ def test_demo_prior_folder_reloads_and_binds_to_minilm(demo_run) -> None:
     assert prior.rank == 2
     assert all(n.startswith("encoder.layer.5.") for n in prior.names)
     assert prior.config.backbone["name"] == "sentence-transformers/all-MiniLM-L6-v2"
-    assert [r["method"] for r in prior.config.results] == [m.method for m in result.methods]
+    assert [r["method"] for r in prior.config.results][::2] == [m.method for m in result.methods]
+    assert prior.config.recommended_scale == result.methods[2].value
     card = (folder / "README.md").read_text()
     assert "library_name: priorzoo" in card and "base_model: sentence-transformers/all-MiniLM-L6-v2" in card
 
