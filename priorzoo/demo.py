@@ -240,8 +240,8 @@ class DemoConfig:
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
-        """A ~1-2 minute configuration of the same pipeline (``priorzoo demo --quick``): one trainable layer,
-        shorter texts, fewer source examples and epochs.
+        """The same pipeline in about a minute (``priorzoo demo --quick``): one trainable layer, shorter
+        texts, fewer source examples and epochs.
 
         Example:
             >>> DemoConfig.quick(seed=3).seed

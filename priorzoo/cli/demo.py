@@ -57,7 +57,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="a ~1-2 minute configuration of the same pipeline (one trainable layer, less data)",
+        help="the same pipeline in about a minute (one trainable layer, less data)",
     )
     p.add_argument("--seed", type=int, default=0, help="seeds the data splits and every run (default: 0)")
     p.add_argument(
