@@ -523,6 +523,11 @@ def evaluate(
         2
     """
     probs, labels = predict_proba(model, loader, forward=forward)
+    if not torch.isfinite(probs).all():
+        raise FloatingPointError(
+            "the model's predictions are not finite (its weights diverged): lower the learning rate or raise "
+            "the prior scale λ (a very strong prior, small λ, makes the penalty's gradient stiff for SGD)"
+        )
     return classification_metrics(probs, labels, num_bins=num_bins)
 
 

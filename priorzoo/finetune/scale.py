@@ -87,6 +87,7 @@ class ScalePoint:
         scale: λ.
         metrics: validation ``accuracy``/``nll``/``ece`` at the best evaluation.
         best_step: the step of that evaluation; ``steps``: steps run; ``stopped_early``; ``seconds``.
+        diverged: the run's loss or predictions became non-finite; the point is never chosen.
     """
 
     scale: float
@@ -95,6 +96,7 @@ class ScalePoint:
     steps: int
     stopped_early: bool
     seconds: float
+    diverged: bool = False
 
 
 @dataclass
@@ -133,6 +135,9 @@ class ScaleSearchResult:
         for p in self.curve:
             mark = "*" if p.scale == self.best_scale else " "
             m = p.metrics
+            if p.diverged:
+                lines.append(f"{mark} {p.scale:>10.3g} {'diverged':>9}")
+                continue
             lines.append(
                 f"{mark} {p.scale:>10.3g} {m.get('nll', float('nan')):>9.4f} {m.get('accuracy', float('nan')):>8.4f} "
                 f"{m.get('ece', float('nan')):>8.4f} {p.steps:>6d}"
@@ -236,21 +241,28 @@ def tune_scale(
             else torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
         )
         start = time.perf_counter()
-        res = fit(
-            model,
-            train_loader,
-            optimizer,
-            regularizer=reg,
-            epochs=epochs,
-            max_steps=max_steps,
-            val_loader=val_loader,
-            eval_every=eval_every,
-            patience=patience,
-            metric=metric,
-            restore_best=False,
-            forward=forward,
-            autocast_dtype=autocast_dtype,
-        )
+        try:
+            res = fit(
+                model,
+                train_loader,
+                optimizer,
+                regularizer=reg,
+                epochs=epochs,
+                max_steps=max_steps,
+                val_loader=val_loader,
+                eval_every=eval_every,
+                patience=patience,
+                metric=metric,
+                restore_best=False,
+                forward=forward,
+                autocast_dtype=autocast_dtype,
+            )
+        except FloatingPointError as err:
+            curve.append(ScalePoint(scale, {}, None, 0, False, time.perf_counter() - start, diverged=True))
+            if verbose:
+                print(f"λ = {scale:<10.3g} diverged ({err})", flush=True)
+            del model, reg, optimizer
+            continue
         point = ScalePoint(
             scale=scale,
             metrics=dict(res.best_metrics or {}),
@@ -275,6 +287,10 @@ def tune_scale(
             return (math.inf, p.scale)
         return (-v if higher else v, p.scale)
 
+    if all(p.diverged for p in curve):
+        raise FloatingPointError(
+            f"every λ in the grid {grid} diverged: lower the learning rate or search larger λ (weaker priors)"
+        )
     best = min(curve, key=key)
     settings = {
         "num_train_examples": n,

@@ -378,3 +378,17 @@ def test_l2sp_prior_with_exclude_binds_to_its_model():
     assert prior.names == ["0.weight", "0.bias"]
     reg = PriorRegularizer(prior, m, num_train_examples=10)
     assert reg().item() == 0.0
+
+
+def test_evaluate_reports_diverged_weights_clearly():
+    import pytest
+    import torch
+
+    from priorzoo.finetune import evaluate
+
+    model = torch.nn.Linear(2, 3)
+    with torch.no_grad():
+        model.weight.fill_(float("nan"))
+    loader = [(torch.randn(4, 2), torch.tensor([0, 1, 2, 0]))]
+    with pytest.raises(FloatingPointError, match="diverged"):
+        evaluate(model, loader)

@@ -109,3 +109,14 @@ def test_every_scale_sees_the_same_shuffled_batches():
     alone = tune_scale(prior, make_model, loader, val, grid=[100.0], **kwargs)
     after = tune_scale(prior, make_model, loader, val, grid=[1.0, 100.0], **kwargs)
     assert after.curve[1].metrics == alone.curve[0].metrics
+
+
+def test_a_diverging_scale_is_recorded_and_never_chosen():
+    prior, make_model, train, val, n = _teacher_problem()
+    # λ = 1e-6: the prior's gradient Σ⁻¹r/N is ~1e6 times stiffer, so SGD at lr 0.2 blows up
+    result = tune_scale(prior, make_model, train, val, num_train_examples=n, grid=[1e-6, 1.0], lr=0.2, epochs=5)
+    assert [p.diverged for p in result.curve] == [True, False]
+    assert result.best_scale == 1.0
+    assert "diverged" in result.table()
+    with pytest.raises(FloatingPointError, match="every λ in the grid"):
+        tune_scale(prior, make_model, train, val, num_train_examples=n, grid=[1e-6], lr=0.2, epochs=5)
