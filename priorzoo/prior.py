@@ -811,8 +811,6 @@ class BoundPrior:
         value, grads = self.gaussian.value_and_grad(self.parameters)
         return value, [g.reshape(p.shape) for g, p in zip(grads, self.parameters)]
 
-    @torch.no_grad()
     def precision_times_residual(self) -> list[Tensor]:
         """Σ⁻¹(w−μ) per matched parameter (shaped like it), without autograd."""
-        g = self.gaussian.grad_half_quad(self.parameters)
-        return [gb.reshape(p.shape) for gb, p in zip(g, self.parameters)]
+        return self.value_and_grad()[1]

@@ -305,8 +305,8 @@ class PriorRegularizer:
     def add_to_grad_(self) -> float:
         """Add ρ·Σ⁻¹(w−μ)/N into ``.grad`` of each trainable matched parameter; return ρ·penalty/N.
 
-        Value and gradient come from the same two passes over the factor (``torch.autograd.grad`` of the
-        penalty, which fires no ``.grad`` hooks, so it is safe with DDP after the gradient all-reduce).
+        Value and gradient come from the same two passes over the factor (:meth:`BoundPrior.value_and_grad`,
+        no autograd, so no ``.grad`` hooks fire: safe with DDP after the gradient all-reduce).
         Parameters with ``requires_grad=False`` get nothing (their block of Σ⁻¹(w−μ) is still computed
         with them held fixed, which is the exact conditional gradient for the trainable ones).
 
@@ -323,20 +323,17 @@ class PriorRegularizer:
             >>> lin.weight.grad.tolist()
             [[1.0, 1.0]]
         """
-        bound = self.bound
-        trainable = [p for p in bound.parameters if p.requires_grad]
-        with torch.enable_grad():
-            value = bound.penalty() * self.coefficient
-            if not trainable:
-                return float(value.detach())
-            grads = torch.autograd.grad(value, trainable)
+        value, grads = self.bound.value_and_grad()
+        c = self.coefficient
         with torch.no_grad():
-            for p, g in zip(trainable, grads):
+            for p, g in zip(self.bound.parameters, grads):
+                if not p.requires_grad:
+                    continue
                 if p.grad is None:
-                    p.grad = g.detach().to(p.dtype)
+                    p.grad = (g * c).to(p.dtype)
                 else:
-                    p.grad.add_(g.to(p.grad.dtype))
-        return float(value.detach())
+                    p.grad.add_((g * c).to(p.grad.dtype))
+        return float(value) * c
 
 
 # ---------------------------------------------------------------------- the L2-SP baseline
