@@ -12,7 +12,9 @@ adding the analytic prior gradient ρ·Σ⁻¹(w − μ)/N to every covered para
 ``on_pre_optimizer_step``: once per optimiser step, after the micro-batch gradients were accumulated,
 all-reduced across processes (DDP) and unscaled (fp16), and before ``optimizer.step()``. So the prior term
 enters exactly once per step whatever ``gradient_accumulation_steps``, the number of processes or the
-mixed-precision mode, and costs one pass over the factor forward and one backward per step.
+mixed-precision mode, and costs one pass over the factor forward and one backward per step. On a CPU those
+two passes start in a background thread at ``on_step_begin`` and run while the step's forward and backward
+passes do (``overlap=True``, the default; see :meth:`PriorRegularizer.prefetch`).
 
 Semantics to know (documented choices, not accidents):
 
@@ -167,6 +169,10 @@ class PriorCallback(TrainerCallback):
         scale: if given, λ > 0 replaces the prior's covariance scale.
         include, exclude, exclude_head, allow_partial, dtype: forwarded to :meth:`~priorzoo.PriorModel.bind`.
         log_key: name of the logged prior term (default ``prior_term``).
+        overlap: start computing the prior term in a background thread at ``on_step_begin`` (the weights
+            are final until ``optimizer.step()``), so that it overlaps with the step's forward and backward
+            passes on a CPU; ``on_pre_optimizer_step`` then only adds it. Same result; False computes it at
+            ``on_pre_optimizer_step``. See :meth:`PriorRegularizer.prefetch`.
 
     Raises:
         ValueError: N ≤ 0, ρ ≤ 0, λ ≤ 0 (at construction); a prior on the meta device (at binding).
@@ -197,6 +203,7 @@ class PriorCallback(TrainerCallback):
         allow_partial: bool = False,
         dtype: torch.dtype | None = None,
         log_key: str = "prior_term",
+        overlap: bool = True,
     ) -> None:
         if not isinstance(prior, PriorModel):
             raise TypeError(f"`prior` must be a priorzoo.PriorModel; received {type(prior).__name__}")
@@ -204,6 +211,9 @@ class PriorCallback(TrainerCallback):
         self.prior_weight = check_prior_weight(prior_weight)
         self.prior = prior.with_scale(check_scale(scale)) if scale is not None else prior
         self.log_key = str(log_key)
+        if not isinstance(overlap, bool):
+            raise TypeError(f"`overlap` must be True or False; received {overlap!r}")
+        self.overlap = overlap
         self._bind_kwargs: dict[str, Any] = {
             "include": include,
             "exclude": exclude,
@@ -229,6 +239,7 @@ class PriorCallback(TrainerCallback):
                 model,
                 num_train_examples=self.num_train_examples,
                 prior_weight=self.prior_weight,
+                overlap=self.overlap,
                 **self._bind_kwargs,
             )
         return self.regularizer
@@ -244,6 +255,10 @@ class PriorCallback(TrainerCallback):
         self._regularizer_for(model)  # model_init may have built a new model
         self._log.reset()
         self._applied = 0
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        # the weights are final until optimizer.step(): compute the term while the micro-batches run
+        self._regularizer_for(model).prefetch()
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         _unscale_if_needed(optimizer)

@@ -23,7 +23,10 @@ same term as an object: it validates N, ρ and λ once, binds the prior (matchin
 factorisation, done once) and can add the analytic gradient straight into ``.grad``. The penalty is
 computed with autocast disabled (by :class:`~priorzoo.gaussian.LowRankGaussian` itself: a bf16 autocast
 region would otherwise run the factor products in bf16).
-Each call costs one pass over the K×P factor forward and one backward: the memory-bandwidth floor.
+Each call costs one pass over the K×P factor forward and one backward: the memory-bandwidth floor. On a
+CPU, :meth:`PriorRegularizer.prefetch` (called by :func:`train_step`, ``PriorCallback`` and
+``PriorTrainer``) runs both passes in a background thread while the model's forward and backward run, which
+hides most of that cost (``benchmarks/bench_trainer_overhead.py``).
 
 :func:`fit` / :func:`train_step` / :func:`predict_proba` are small helpers the CLI and
 :func:`~priorzoo.finetune.scale.tune_scale` use; a batch is a mapping with ``labels`` (transformers
@@ -52,6 +55,7 @@ import math
 import numbers
 import operator
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from priorzoo.finetune._prefetch import PrecomputedPenalty, Prefetched
 from priorzoo.finetune.metrics import classification_metrics, probabilities
 from priorzoo.learn._common import check_positive_int
 from priorzoo.learn._common import move_to_device as _move_batch
@@ -184,6 +189,9 @@ class PriorRegularizer:
         prior_weight: ρ > 0, multiplies the prior term (1 = posterior; a "temperature" on the prior only).
         scale: if given, λ > 0 replaces the prior's own scale (``prior.with_scale(scale)``).
         include, exclude, exclude_head, allow_partial, dtype: forwarded to :meth:`~priorzoo.PriorModel.bind`.
+        overlap: let :meth:`prefetch` compute the term in a background thread, overlapped with the model's
+            forward and backward (CPU; see :mod:`priorzoo.finetune._prefetch`). False makes
+            :meth:`prefetch` a no-op: every use computes the term on the spot.
 
     Raises:
         ValueError: N ≤ 0 or not an integer, ρ ≤ 0, λ ≤ 0, a prior or model on the meta device.
@@ -216,9 +224,12 @@ class PriorRegularizer:
         exclude_head: bool = True,
         allow_partial: bool = False,
         dtype: torch.dtype | None = None,
+        overlap: bool = True,
     ) -> None:
         if not isinstance(prior, PriorModel):
             raise TypeError(f"`prior` must be a priorzoo.PriorModel; received {type(prior).__name__}")
+        if not isinstance(overlap, bool):
+            raise TypeError(f"`overlap` must be True or False; received {overlap!r}")
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module; received {type(model).__name__}")
         self.num_train_examples = check_num_train_examples(num_train_examples)
@@ -236,6 +247,9 @@ class PriorRegularizer:
             "dtype": dtype,
         }
         self._bound = self._bind()
+        self.overlap = overlap
+        self._pending: Prefetched | None = None
+        self._warned_stale = False
 
     def _bind(self) -> BoundPrior:
         meta = [n for n, p in self.model.named_parameters() if p.device.type == "meta"]
@@ -280,10 +294,71 @@ class PriorRegularizer:
             f"scale={self.scale:g}, matched={len(self.bound.prior_names)} parameters)"
         )
 
+    # ------------------------------------------------------------------ overlap
+    def prefetch(self) -> bool:
+        """Start computing the prior term for the current weights in a background thread (CPU only).
+
+        Call it when the weights are final for this step (before the forward pass); the next
+        ``reg()``, :meth:`penalty`, :meth:`gradient` or :meth:`add_to_grad_` then waits for that result
+        instead of computing it, so the two passes over the factor (memory-bound) overlap with the
+        model's forward and backward (compute-bound). The result is the same computation on the same
+        weights; it is used only if no covered parameter changed in between (else it is recomputed, with
+        a warning) and only once. :class:`~priorzoo.finetune.PriorCallback`, :class:`~priorzoo.finetune.
+        PriorTrainer` and :func:`fit` call it for you. Returns False, doing nothing, when the parameters
+        are not on the CPU (an accelerator already runs the factor products asynchronously) or
+        ``overlap=False``.
+
+        Example:
+            >>> import torch
+            >>> from priorzoo import PriorModel
+            >>> lin = torch.nn.Linear(2, 1, bias=False)
+            >>> reg = PriorRegularizer(PriorModel.from_tensors({"weight": torch.ones(1, 2)}, variance=1.0),
+            ...                        lin, num_train_examples=10)
+            >>> reg.prefetch()  # then the forward pass, while the prior term is computed
+            True
+            >>> loss = lin(torch.ones(1, 2)).sum() + reg()  # reg() uses the prefetched term
+            >>> loss.backward()
+        """
+        bound = self.bound
+        if not self.overlap or bound.device.type != "cpu":
+            return False
+        if self._pending is None or not self._pending.is_valid_for(bound):
+            if self._pending is not None:  # stale (weights changed since it started): never two at once
+                self._pending._thread.join()
+            self._pending = Prefetched.start(bound)
+        return True
+
+    def _take_prefetched(self) -> tuple[Tensor, list[Tensor]] | None:
+        """The prefetched (value, gradient) if still valid for the current weights; consumed either way."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        if pending.is_valid_for(self.bound):
+            return pending.result()
+        pending._thread.join()  # let it finish reading the old weights; its result is discarded
+        if not self._warned_stale:
+            self._warned_stale = True
+            warnings.warn(
+                "PriorRegularizer: the weights changed between prefetch() and the use of the prior term, so "
+                "the prefetched term was discarded and recomputed (correct, but not overlapped). Call "
+                "prefetch() after the optimiser step, when the weights are final for the next step.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return None
+
+    def _value_and_grad(self) -> tuple[Tensor, list[Tensor]]:
+        prefetched = self._take_prefetched()
+        return prefetched if prefetched is not None else self.bound.value_and_grad()
+
     # ------------------------------------------------------------------ values
     def penalty(self) -> Tensor:
-        """½(w−μ)ᵀΣ⁻¹(w−μ), differentiable, computed with autocast disabled."""
-        return self.bound.penalty()
+        """½(w−μ)ᵀΣ⁻¹(w−μ), differentiable, computed with autocast disabled (the prefetched one if any)."""
+        prefetched = self._take_prefetched()
+        if prefetched is None:
+            return self.bound.penalty()
+        value, grads = prefetched
+        return PrecomputedPenalty.apply(value, grads, *self.bound.parameters)
 
     def __call__(self) -> Tensor:
         """ρ·penalty/N, differentiable: add it to the mean data loss."""
@@ -298,15 +373,15 @@ class PriorRegularizer:
     @torch.no_grad()
     def gradient(self) -> list[Tensor]:
         """ρ·Σ⁻¹(w−μ)/N for each matched parameter (shaped like it, in the compute dtype), no autograd."""
-        g = self.bound.precision_times_residual()
         c = self.coefficient
-        return [gi.mul_(c) for gi in g]
+        return [gi.mul_(c) for gi in self._value_and_grad()[1]]
 
     def add_to_grad_(self) -> float:
         """Add ρ·Σ⁻¹(w−μ)/N into ``.grad`` of each trainable matched parameter; return ρ·penalty/N.
 
         Value and gradient come from the same two passes over the factor (:meth:`BoundPrior.value_and_grad`,
-        no autograd, so no ``.grad`` hooks fire: safe with DDP after the gradient all-reduce).
+        or the result :meth:`prefetch` computed in the background), without autograd, so no ``.grad`` hooks
+        fire: safe with DDP after the gradient all-reduce.
         Parameters with ``requires_grad=False`` get nothing (their block of Σ⁻¹(w−μ) is still computed
         with them held fixed, which is the exact conditional gradient for the trainable ones).
 
@@ -323,7 +398,7 @@ class PriorRegularizer:
             >>> lin.weight.grad.tolist()
             [[1.0, 1.0]]
         """
-        value, grads = self.bound.value_and_grad()
+        value, grads = self._value_and_grad()
         c = self.coefficient
         with torch.no_grad():
             for p, g in zip(self.bound.parameters, grads):
@@ -456,6 +531,8 @@ def train_step(
     model.train()
     device = _device_of(model)
     batch = move_to_device(batch, device)
+    if regularizer is not None:
+        regularizer.prefetch()  # computed while the forward runs (CPU); the weights are final until step()
     ctx = (
         torch.autocast(device_type=device.type, dtype=autocast_dtype)
         if autocast_dtype is not None

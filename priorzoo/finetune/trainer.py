@@ -65,6 +65,9 @@ class PriorTrainerMixin:
         prior_scale: if given, λ > 0 replaces the prior's covariance scale.
         prior_include, prior_exclude, prior_exclude_head, prior_allow_partial, prior_dtype: forwarded to
             :meth:`~priorzoo.PriorModel.bind` as ``include``, ``exclude``, ...
+        prior_overlap: on a CPU, start computing the prior term in a background thread when a step's
+            first micro-batch enters ``compute_loss``, overlapped with the forward passes (default True;
+            same result; see :meth:`~priorzoo.finetune.PriorRegularizer.prefetch`).
 
     Raises:
         ValueError: N ≤ 0 (or no ``num_train_examples`` and an unsized dataset), ρ ≤ 0, λ ≤ 0.
@@ -94,6 +97,7 @@ class PriorTrainerMixin:
         prior_exclude_head: bool = True,
         prior_allow_partial: bool = False,
         prior_dtype: torch.dtype | None = None,
+        prior_overlap: bool = True,
         **kwargs: Any,
     ) -> None:
         if not isinstance(prior, PriorModel):
@@ -102,6 +106,8 @@ class PriorTrainerMixin:
         if num_train_examples is not None:
             num_train_examples = check_num_train_examples(num_train_examples)
         prior_weight = check_prior_weight(prior_weight)
+        if not isinstance(prior_overlap, bool):
+            raise TypeError(f"`prior_overlap` must be True or False; received {prior_overlap!r}")
         if prior_scale is not None:
             prior = prior.with_scale(check_scale(prior_scale))
         super().__init__(*args, **kwargs)
@@ -130,6 +136,7 @@ class PriorTrainerMixin:
             "exclude_head": prior_exclude_head,
             "allow_partial": prior_allow_partial,
             "dtype": prior_dtype,
+            "overlap": prior_overlap,
         }
         self.prior_regularizer: PriorRegularizer | None = None
         if trainer.model is not None:
@@ -171,10 +178,13 @@ class PriorTrainerMixin:
     ) -> Any:
         """The Trainer's loss, plus ρ·penalty/N (times G, see the module docstring) on the last micro-batch."""
         trainer: Any = self
+        training = model.training and torch.is_grad_enabled()
+        if training:  # the weights are final until optimizer.step(): compute the term during the forward
+            self._prior_regularizer_for(trainer.model).prefetch()
         out = super().compute_loss(  # type: ignore[misc]
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
-        if not (model.training and torch.is_grad_enabled()):
+        if not training:
             return out
         if not trainer.accelerator.sync_gradients:  # not the last micro-batch of this optimiser step
             return out

@@ -124,7 +124,7 @@ def one_step_args(output_dir, *, per_device: int, ga: int, lr: float, **kw):
         output_dir=str(output_dir),
         use_cpu=True,
         report_to="none",
-        max_steps=1,
+        max_steps=kw.pop("max_steps", 1),
         per_device_train_batch_size=per_device,
         gradient_accumulation_steps=ga,
         learning_rate=lr,
