@@ -38,7 +38,7 @@ from torch import Tensor
 
 from priorzoo.config import FORMAT_VERSION, ParameterSpec, PriorConfig, PriorKind
 from priorzoo.errors import PriorFormatError, PriorNotFoundError
-from priorzoo.gaussian import LowRankGaussian
+from priorzoo.gaussian import LowRankGaussian, Workspace
 from priorzoo.matching import MatchResult, Patterns, match_parameters
 
 __all__ = ["CONFIG_NAME", "INDEX_NAME", "WEIGHTS_NAME", "BoundPrior", "PriorModel"]
@@ -805,11 +805,19 @@ class BoundPrior:
         """Exact log-density (float64) of the matched parameters under the (marginal) prior."""
         return self.gaussian.log_prob(self.parameters)
 
-    def value_and_grad(self) -> tuple[Tensor, list[Tensor]]:
+    def value_and_grad(self, *, workspace: Workspace | None = None) -> tuple[Tensor, list[Tensor]]:
         """(penalty, Σ⁻¹(w−μ) per matched parameter shaped like it), without autograd: for code that adds
-        the prior's gradient to ``.grad`` itself (e.g. after a DDP all-reduce)."""
-        value, grads = self.gaussian.value_and_grad(self.parameters)
+        the prior's gradient to ``.grad`` itself (e.g. after a DDP all-reduce).
+
+        ``workspace`` (from :meth:`new_workspace`): reuse its buffers instead of allocating 2P floats per
+        call; the returned gradients are then views of it, valid until its next use.
+        """
+        value, grads = self.gaussian.value_and_grad(self.parameters, workspace=workspace)
         return value, [g.reshape(p.shape) for g, p in zip(grads, self.parameters)]
+
+    def new_workspace(self) -> Workspace:
+        """Reusable buffers for :meth:`value_and_grad` (2P floats in the compute dtype, on the prior's device)."""
+        return self.gaussian.new_workspace()
 
     def precision_times_residual(self) -> list[Tensor]:
         """Σ⁻¹(w−μ) per matched parameter (shaped like it), without autograd."""

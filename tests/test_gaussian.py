@@ -218,3 +218,27 @@ def test_capacitance_chunking_matches_dense():
     g = LowRankGaussian([torch.zeros(n, dtype=torch.float64)], [v], [f], scale=3.0)
     expected = torch.eye(3, dtype=torch.float64) + 3.0 * (f / (3.0 * v)) @ f.T
     assert torch.allclose(g.chol @ g.chol.T, expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("rank", [0, 3])
+def test_value_and_grad_into_a_workspace_matches_the_analytic_gradient_and_is_reused(rank):
+    mean, var, fac = random_prior(rank, seed=12)
+    g = LowRankGaussian(mean, var, fac, scale=2.5, eps=1e-3)
+    ref = reference(mean, var, fac, 2.5, 1e-3)
+    ws = g.new_workspace()
+    gen = torch.Generator().manual_seed(13)
+    for _ in range(2):  # the second evaluation overwrites the first one's buffers
+        w = [m + torch.randn(m.shape, generator=gen, dtype=m.dtype) for m in mean]
+        value, grads = g.value_and_grad(w, workspace=ws)
+        w2 = flat(w).requires_grad_()
+        (-ref.log_prob(w2)).backward()
+        assert torch.allclose(flat(grads), w2.grad, rtol=1e-9, atol=1e-12)
+        assert torch.allclose(value, -ref.log_prob(w2.detach()) - g.log_normalizer, rtol=1e-9)
+        assert [x.data_ptr() for x in grads] == [x.data_ptr() for x in ws.grad]
+
+
+def test_workspace_of_another_gaussian_is_refused():
+    mean, var, fac = random_prior(2)
+    a, b = LowRankGaussian(mean, var, fac), LowRankGaussian(mean, var, fac)
+    with pytest.raises(ValueError, match="workspace was made by another LowRankGaussian"):
+        a.value_and_grad(mean, workspace=b.new_workspace())

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from priorzoo.gaussian import Workspace
 from priorzoo.prior import BoundPrior
 
 __all__ = ["PrecomputedPenalty", "Prefetched", "weights_signature"]
@@ -49,23 +50,25 @@ def weights_signature(parameters: list[torch.nn.Parameter]) -> tuple[tuple[int, 
 class Prefetched:
     """The value and gradient of a :class:`BoundPrior`'s penalty, being computed in a daemon thread."""
 
-    def __init__(self, bound: BoundPrior) -> None:
+    def __init__(self, bound: BoundPrior, workspace: Workspace | None = None) -> None:
         self.bound = bound
+        self.workspace = workspace
         self.signature = weights_signature(bound.parameters)
         self._result: tuple[Tensor, list[Tensor]] | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="priorzoo-prior-prefetch", daemon=True)
 
     @classmethod
-    def start(cls, bound: BoundPrior) -> Prefetched:
-        """Start computing ``bound.value_and_grad()`` now, in a new thread."""
-        pending = cls(bound)
+    def start(cls, bound: BoundPrior, workspace: Workspace | None = None) -> Prefetched:
+        """Start computing ``bound.value_and_grad(workspace=workspace)`` now, in a new thread (the gradients
+        are then views of ``workspace``: it must not be used by anything else until they are consumed)."""
+        pending = cls(bound, workspace)
         pending._thread.start()
         return pending
 
     def _run(self) -> None:
         try:
-            self._result = self.bound.value_and_grad()
+            self._result = self.bound.value_and_grad(workspace=self.workspace)
         except BaseException as err:  # re-raised in the caller's thread by result()
             self._error = err
 
@@ -87,7 +90,8 @@ class PrecomputedPenalty(torch.autograd.Function):
 
     ``PrecomputedPenalty.apply(value, grads, *parameters)`` returns ``value``; its backward gives each
     parameter ``grad_out · grads[i]`` (cast to the parameter's dtype), so no pass over the factor is left
-    for ``backward``.
+    for ``backward``. The node takes ownership of ``grads`` (scaled in place, handed to autograd): pass
+    tensors nothing else uses, never views of a :class:`~priorzoo.gaussian.Workspace`.
     """
 
     @staticmethod
@@ -101,7 +105,7 @@ class PrecomputedPenalty(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         g = float(grad_out)
         out = [
-            (gr if g == 1.0 else gr * g).to(dtype) if ctx.needs_input_grad[i + 2] else None
+            (gr if g == 1.0 else gr.mul_(g)).to(dtype) if ctx.needs_input_grad[i + 2] else None
             for i, (gr, dtype) in enumerate(zip(ctx.grads, ctx.dtypes))
         ]
         ctx.grads = None

@@ -66,6 +66,7 @@ from torch import Tensor
 
 from priorzoo.finetune._prefetch import PrecomputedPenalty, Prefetched
 from priorzoo.finetune.metrics import classification_metrics, probabilities
+from priorzoo.gaussian import Workspace
 from priorzoo.learn._common import check_positive_int
 from priorzoo.learn._common import move_to_device as _move_batch
 from priorzoo.matching import Patterns
@@ -250,6 +251,8 @@ class PriorRegularizer:
         self.overlap = overlap
         self._pending: Prefetched | None = None
         self._warned_stale = False
+        self._workspace: Workspace | None = None
+        self._consumed_by_loss = False  # what used the last prefetched term: the loss (penalty) or .grad
 
     def _bind(self) -> BoundPrior:
         meta = [n for n, p in self.model.named_parameters() if p.device.type == "meta"]
@@ -325,16 +328,25 @@ class PriorRegularizer:
         if self._pending is None or not self._pending.is_valid_for(bound):
             if self._pending is not None:  # stale (weights changed since it started): never two at once
                 self._pending._thread.join()
-            self._pending = Prefetched.start(bound)
+            # a term that goes into the loss hands its gradients to autograd, so it gets tensors of its own;
+            # one added to .grad is computed into the reusable workspace
+            workspace = None if self._consumed_by_loss else self._workspace_for(bound)
+            self._pending = Prefetched.start(bound, workspace)
         return True
 
-    def _take_prefetched(self) -> tuple[Tensor, list[Tensor]] | None:
-        """The prefetched (value, gradient) if still valid for the current weights; consumed either way."""
+    def _workspace_for(self, bound: BoundPrior) -> Workspace:
+        if self._workspace is None or self._workspace.owner is not bound.gaussian:
+            self._workspace = bound.new_workspace()
+        return self._workspace
+
+    def _take_prefetched(self) -> Prefetched | None:
+        """The finished prefetch if still valid for the current weights (else None); consumed either way."""
         pending, self._pending = self._pending, None
         if pending is None:
             return None
         if pending.is_valid_for(self.bound):
-            return pending.result()
+            pending.result()  # waits, re-raises the thread's error
+            return pending
         pending._thread.join()  # let it finish reading the old weights; its result is discarded
         if not self._warned_stale:
             self._warned_stale = True
@@ -347,17 +359,25 @@ class PriorRegularizer:
             )
         return None
 
-    def _value_and_grad(self) -> tuple[Tensor, list[Tensor]]:
-        prefetched = self._take_prefetched()
-        return prefetched if prefetched is not None else self.bound.value_and_grad()
+    def _value_and_grad(self, *, own: bool) -> tuple[Tensor, list[Tensor]]:
+        """(penalty, Σ⁻¹(w−μ) per parameter): prefetched if valid, else computed now. With ``own`` the
+        gradients are tensors of the caller's own; without, they may be views of the workspace, valid until
+        the next computation."""
+        pending = self._take_prefetched()
+        if pending is None:
+            return self.bound.value_and_grad(workspace=None if own else self._workspace_for(self.bound))
+        value, grads = pending.result()
+        if own and pending.workspace is not None:
+            grads = [g.clone() for g in grads]
+        return value, grads
 
     # ------------------------------------------------------------------ values
     def penalty(self) -> Tensor:
         """½(w−μ)ᵀΣ⁻¹(w−μ), differentiable, computed with autocast disabled (the prefetched one if any)."""
-        prefetched = self._take_prefetched()
-        if prefetched is None:
+        if self._pending is None:
             return self.bound.penalty()
-        value, grads = prefetched
+        self._consumed_by_loss = True
+        value, grads = self._value_and_grad(own=True)
         return PrecomputedPenalty.apply(value, grads, *self.bound.parameters)
 
     def __call__(self) -> Tensor:
@@ -374,7 +394,7 @@ class PriorRegularizer:
     def gradient(self) -> list[Tensor]:
         """ρ·Σ⁻¹(w−μ)/N for each matched parameter (shaped like it, in the compute dtype), no autograd."""
         c = self.coefficient
-        return [gi.mul_(c) for gi in self._value_and_grad()[1]]
+        return [gi.mul_(c) for gi in self._value_and_grad(own=True)[1]]
 
     def add_to_grad_(self) -> float:
         """Add ρ·Σ⁻¹(w−μ)/N into ``.grad`` of each trainable matched parameter; return ρ·penalty/N.
@@ -398,14 +418,18 @@ class PriorRegularizer:
             >>> lin.weight.grad.tolist()
             [[1.0, 1.0]]
         """
-        value, grads = self._value_and_grad()
+        if self._pending is not None:
+            self._consumed_by_loss = False
+        value, grads = self._value_and_grad(own=False)  # used right here: the workspace may hold them
         c = self.coefficient
         with torch.no_grad():
             for p, g in zip(self.bound.parameters, grads):
                 if not p.requires_grad:
                     continue
                 if p.grad is None:
-                    p.grad = (g * c).to(p.dtype)
+                    p.grad = (g * c).to(p.dtype)  # a new tensor, never a view of the workspace
+                elif p.grad.dtype == g.dtype:
+                    p.grad.add_(g, alpha=c)
                 else:
                     p.grad.add_((g * c).to(p.grad.dtype))
         return float(value) * c

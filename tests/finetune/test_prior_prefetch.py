@@ -35,9 +35,9 @@ class _Spy:
         self.started = self.used = 0
         start, take = prefetch_mod.Prefetched.start.__func__, PriorRegularizer._take_prefetched
 
-        def counting_start(cls, bound):
+        def counting_start(cls, bound, workspace=None):
             self.started += 1
-            return start(cls, bound)
+            return start(cls, bound, workspace)
 
         def counting_take(reg):
             out = take(reg)
@@ -92,10 +92,10 @@ def test_prefetch_runs_in_the_background():
     release, running = threading.Event(), threading.Event()
     original = bound.value_and_grad
 
-    def gated():
+    def gated(**kwargs):
         running.set()
         assert release.wait(timeout=30), "prefetch() blocked the caller"
-        return original()
+        return original(**kwargs)
 
     bound.value_and_grad = gated
     assert reg.prefetch()
@@ -149,7 +149,7 @@ def test_errors_in_the_background_thread_reach_the_caller():
     model, prior = _model_and_prior()
     reg = PriorRegularizer(prior, model, num_train_examples=N)
 
-    def broken():
+    def broken(**kwargs):
         raise FloatingPointError("boom in the prefetch thread")
 
     reg.bound.value_and_grad = broken
@@ -231,3 +231,31 @@ def test_trainer_bad_overlap(mode, tmp_path):
         args = one_step_args(tmp_path / "out", per_device=2, ga=1, lr=0.1, bf16=False)
         with pytest.raises(TypeError, match="`prior_overlap` must be True or False"):
             PriorTrainer(model=model, args=args, train_dataset=text_examples(2), prior=prior, prior_overlap="no")
+
+
+def _workspace_pointers(reg: PriorRegularizer) -> set[int]:
+    ws = reg._workspace
+    return {t.data_ptr() for t in ws.work + ws.grad} if ws is not None else set()
+
+
+def test_gradients_handed_out_never_alias_the_reused_workspace():
+    model, prior = _model_and_prior()
+    reg = PriorRegularizer(prior, model, num_train_examples=N)
+    reg.add_to_grad_()  # computed into the workspace; .grad gets tensors of its own
+    first = _grads_of(model)
+    assert reg._workspace is not None
+    assert not {p.grad.data_ptr() for p in model.parameters() if p.grad is not None} & _workspace_pointers(reg)
+    kept = reg.gradient()
+    kept_copy = [k.clone() for k in kept]
+    reg.prefetch()  # into the workspace (the last use was add_to_grad_)
+    assert reg._pending.workspace is reg._workspace
+    loss = reg()  # the loss path gets its own copy of the prefetched gradients
+    reg.add_to_grad_()  # overwrites the workspace before `loss` is back-propagated
+    loss.backward()
+    for n, g in _grads_of(model).items():  # the weights did not move: three times the first gradient
+        torch.testing.assert_close(g, 3 * first[n], rtol=1e-6, atol=1e-9)
+    for k, c in zip(kept, kept_copy):
+        assert torch.equal(k, c)
+    reg.prefetch()  # the last prefetched term went into the loss: the next one gets fresh tensors
+    assert reg._pending.workspace is None
+    reg().backward()
