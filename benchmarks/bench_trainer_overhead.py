@@ -20,24 +20,25 @@ order):
 
 Also timed on its own, once per round: the prior term (value + gradient) alone.
 
-**Part 2, the real Trainer.** ``transformers.Trainer`` runs of ``--trainer-steps`` optimiser steps (AdamW,
-no logging inside the timed steps) of the same model and batch shape: without a prior, with
-``PriorCallback`` (default, overlapped), with ``PriorCallback(overlap=False)`` and ``PriorTrainer``
-(default, overlapped); ``--trainer-repeats`` runs per arm in a rotating order. A step's time is the
-interval between consecutive ``on_step_end`` events (data collation, callbacks and the optimiser included);
-the first step of each run is dropped.
+**Part 2, the real Trainer.** One ``transformers.Trainer`` run per arm (AdamW, no logging) of the same
+model and batch shape, in which the prior is active on odd optimiser steps only, so that every step with
+the prior is timed next to a step without it in the same run (step 0 is not timed): ``PriorCallback``
+(default, overlapped), ``PriorCallback(overlap=False)`` and ``PriorTrainer`` (default, overlapped). A
+step's time is the interval between consecutive ``on_step_end`` events (data collation, callbacks and the
+optimiser included).
 
 Reported per arm: the median wall-clock step time (and, in part 1, the median process CPU time,
 ``time.process_time``, all threads), the overhead ``median(arm) / median(no prior) − 1`` and, in part 1,
 the median over rounds of the paired ratio. Target: ≤ 10% wall-clock overhead.
 
-Run:  HF_HUB_OFFLINE=1 python benchmarks/bench_trainer_overhead.py [--rounds 12] [--trainer-repeats 3]
+Run:  HF_HUB_OFFLINE=1 python benchmarks/bench_trainer_overhead.py [--rounds 12] [--trainer-pairs 12]
 Writes benchmarks/results/trainer_overhead.json and benchmarks/results/trainer_overhead.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -50,14 +51,13 @@ import torch
 
 RESULTS = Path(__file__).parent / "results"
 ARMS = ("no_prior", "in_loss", "in_loss_overlap", "grad_hook", "grad_hook_overlap")
-TRAINER_ARMS = ("trainer_no_prior", "trainer_callback", "trainer_callback_no_overlap", "trainer_prior_trainer")
+TRAINER_ARMS = ("trainer_callback", "trainer_callback_no_overlap", "trainer_prior_trainer")
 LABELS = {
     "no_prior": "no prior",
     "in_loss": "`CE + reg()`, computed on the spot",
     "in_loss_overlap": "`reg.prefetch()` + `CE + reg()` (`fit`, `train_step`)",
     "grad_hook": "`add_to_grad_()` after backward, computed on the spot",
     "grad_hook_overlap": "`reg.prefetch()` + `add_to_grad_()` after backward",
-    "trainer_no_prior": "`Trainer`, no prior",
     "trainer_callback": "`Trainer` + `PriorCallback` (default: overlapped)",
     "trainer_callback_no_overlap": "`Trainer` + `PriorCallback(overlap=False)`",
     "trainer_prior_trainer": "`PriorTrainer` (default: overlapped)",
@@ -114,28 +114,6 @@ class _WithLoss(torch.nn.Module):
         if labels is not None:
             out["loss"] = torch.nn.functional.cross_entropy(logits, labels)
         return out
-
-
-class _StepClock:
-    """A TrainerCallback recording the time of every ``on_step_end``."""
-
-    def __init__(self) -> None:
-        from transformers import TrainerCallback
-
-        clock = self
-
-        class _Callback(TrainerCallback):
-            def on_train_begin(self, args, state, control, **kwargs):
-                clock.stamps = [time.perf_counter()]
-
-            def on_step_end(self, args, state, control, **kwargs):
-                clock.stamps.append(time.perf_counter())
-
-        self.callback = _Callback()
-        self.stamps: list[float] = []
-
-    def step_times(self) -> list[float]:
-        return [b - a for a, b in zip(self.stamps[1:], self.stamps[2:])]  # drop the first step
 
 
 def summarize(times: dict[str, list[float]], base: str, paired: bool) -> dict[str, dict]:
@@ -202,29 +180,80 @@ def run_loop(model, reg_spot, reg_overlap, batch, rounds: int, warmup: int):
     return wall, cpu, prior_times
 
 
-def run_trainer(model, prior, batch, args, tmp: Path) -> dict[str, list[float]]:
-    """Part 2: real Trainer runs, arms in a rotating order; returns the per-step times of each arm."""
-    import transformers
-    from transformers import Trainer, TrainingArguments
+def _alternating_classes():
+    """A PriorCallback and a PriorTrainer whose prior is active on odd optimiser steps only (1, 3, 5, …), so
+    that each step with the prior is timed next to a step without it, in the same Trainer run."""
+    from transformers import Trainer
 
     from priorzoo.finetune import PriorCallback, PriorTrainer
+    from priorzoo.finetune.trainer import _PriorStepCheck
+
+    def active(step: int) -> bool:
+        return step % 2 == 1
+
+    class AlternatingCallback(PriorCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if active(state.global_step):
+                super().on_step_begin(args, state, control, model=model, **kwargs)
+
+        def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if active(state.global_step + 1):  # the term of the next step, if it has one
+                super().on_optimizer_step(args, state, control, model=model, **kwargs)
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+            if active(state.global_step):
+                super().on_pre_optimizer_step(args, state, control, model=model, optimizer=optimizer, **kwargs)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if active(state.global_step - 1):  # global_step was already incremented
+                super().on_step_end(args, state, control, **kwargs)
+
+    class AlternatingPriorTrainer(PriorTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            check = next(cb for cb in self.callback_handler.callbacks if isinstance(cb, _PriorStepCheck))
+            base = check.on_optimizer_step
+            check.on_optimizer_step = lambda args, state, control, **kw: (
+                base(args, state, control, **kw) if active(state.global_step + 1) else None
+            )
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if active(self.state.global_step):
+                return super().compute_loss(
+                    model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+                )
+            self._prior_added_this_step += 1  # a step without the prior, on purpose: satisfy the guard
+            return Trainer.compute_loss(
+                self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+
+    return AlternatingCallback, AlternatingPriorTrainer
+
+
+def run_trainer(model, prior, batch, args, tmp: Path) -> dict[str, dict[str, list[float]]]:
+    """Part 2: one real Trainer run per arm, the prior active on every other step; returns, per arm, the
+    times of the steps with and without the prior (paired: step 2j+1 with the prior, 2j+2 without)."""
+    import transformers
+    from transformers import TrainerCallback, TrainingArguments
 
     transformers.logging.set_verbosity_error()
+    AlternatingCallback, AlternatingPriorTrainer = _alternating_classes()
     input_ids, attention_mask, labels = batch
+    steps = 2 * args.trainer_pairs + 1  # step 0 (optimiser state creation) is not timed
     data = [
         {
             "input_ids": input_ids[i % len(labels)],
             "attention_mask": attention_mask[i % len(labels)],
             "labels": labels[i % len(labels)],
         }
-        for i in range(args.batch_size * (args.trainer_steps + 1))
+        for i in range(args.batch_size * steps)
     ]
     wrapped = _WithLoss(model)
     training_args = TrainingArguments(
         output_dir=str(tmp),
         use_cpu=True,
         report_to="none",
-        max_steps=args.trainer_steps + 1,
+        max_steps=steps,
         per_device_train_batch_size=args.batch_size,
         learning_rate=2e-5,
         optim="adamw_torch",
@@ -234,39 +263,48 @@ def run_trainer(model, prior, batch, args, tmp: Path) -> dict[str, list[float]]:
         dataloader_num_workers=0,
         seed=0,
     )
+    stamps: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            stamps.clear()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            stamps.append(time.perf_counter())
+
     n = args.num_train_examples
-    clocks = {arm: _StepClock() for arm in TRAINER_ARMS}
     kw = {"model": wrapped, "args": training_args, "train_dataset": data}
-    trainers = {
-        "trainer_no_prior": Trainer(**kw, callbacks=[clocks["trainer_no_prior"].callback]),
-        "trainer_callback": Trainer(**kw, callbacks=[PriorCallback(prior, n), clocks["trainer_callback"].callback]),
-        "trainer_callback_no_overlap": Trainer(
-            **kw, callbacks=[PriorCallback(prior, n, overlap=False), clocks["trainer_callback_no_overlap"].callback]
+    builders = {
+        "trainer_callback": lambda: transformers.Trainer(**kw, callbacks=[AlternatingCallback(prior, n), Clock()]),
+        "trainer_callback_no_overlap": lambda: transformers.Trainer(
+            **kw, callbacks=[AlternatingCallback(prior, n, overlap=False), Clock()]
         ),
-        "trainer_prior_trainer": PriorTrainer(
-            **kw, callbacks=[clocks["trainer_prior_trainer"].callback], prior=prior, num_train_examples=n
+        "trainer_prior_trainer": lambda: AlternatingPriorTrainer(
+            **kw, callbacks=[Clock()], prior=prior, num_train_examples=n
         ),
     }
-    times: dict[str, list[float]] = {arm: [] for arm in TRAINER_ARMS}
-    for rep in range(args.trainer_repeats):
-        order = TRAINER_ARMS[rep % len(TRAINER_ARMS) :] + TRAINER_ARMS[: rep % len(TRAINER_ARMS)]
-        for arm in order:
-            trainers[arm].train()
-            times[arm] += clocks[arm].step_times()
+    out: dict[str, dict[str, list[float]]] = {}
+    for arm in TRAINER_ARMS:
+        trainer = builders[arm]()
+        trainer.train()
+        durations = [b - a for a, b in itertools.pairwise(stamps)]  # durations[i] is step i + 1
+        out[arm] = {"with_prior": durations[0::2], "without_prior": durations[1::2]}
+        w, wo = out[arm]["with_prior"], out[arm]["without_prior"]
         print(
-            f"trainer repeat {rep + 1}/{args.trainer_repeats}: "
-            + ", ".join(f"{a} {statistics.median(times[a]):.3f}s" for a in TRAINER_ARMS),
+            f"trainer {arm}: with prior {statistics.median(w):.3f}s, without {statistics.median(wo):.3f}s",
             flush=True,
         )
-    return times
+        del trainer
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=12, help="part 1 rounds; each runs every arm once")
     parser.add_argument("--warmup", type=int, default=1, help="part 1 untimed steps per arm before timing")
-    parser.add_argument("--trainer-steps", type=int, default=6, help="part 2 timed steps per Trainer run")
-    parser.add_argument("--trainer-repeats", type=int, default=3, help="part 2 runs per arm (0 skips part 2)")
+    parser.add_argument(
+        "--trainer-pairs", type=int, default=12, help="part 2: timed (with, without) step pairs per arm (0 skips)"
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--rank", type=int, default=20)
@@ -303,19 +341,27 @@ def main() -> None:
 
     wall, cpu, prior_times = run_loop(model, reg_spot, reg_overlap, batch, args.rounds, args.warmup)
     del reg_spot, reg_overlap
-    trainer_times: dict[str, list[float]] = {}
-    if args.trainer_repeats > 0:
+    trainer_times: dict[str, dict[str, list[float]]] = {}
+    if args.trainer_pairs > 0:
         with tempfile.TemporaryDirectory() as tmp:
             trainer_times = run_trainer(model, prior, batch, args, Path(tmp))
 
     wall_s, cpu_s = summarize(wall, "no_prior", True), summarize(cpu, "no_prior", True)
-    trainer_s = summarize(trainer_times, "trainer_no_prior", False) if trainer_times else None
+    trainer_s = {}
+    for arm, t in trainer_times.items():
+        w, wo = t["with_prior"], t["without_prior"]
+        trainer_s[arm] = {
+            "median_with_prior_seconds": statistics.median(w),
+            "median_without_prior_seconds": statistics.median(wo),
+            "overhead": statistics.median(w) / statistics.median(wo) - 1.0,
+            "paired_overhead": statistics.median(a / b - 1.0 for a, b in zip(w, wo)),
+        }
     prior_med = statistics.median(t for t, _ in prior_times)
     prior_med_grad = statistics.median(t for _, t in prior_times)
     factor_bytes = args.rank * n_encoder * 4
     load_end = os.getloadavg()
     command = "HF_HUB_OFFLINE=1 python benchmarks/bench_trainer_overhead.py " + " ".join(sys.argv[1:])
-    overheads = dict(wall_s["overhead"], **(trainer_s["overhead"] if trainer_s else {}))
+    overheads = dict(wall_s["overhead"], **{arm: v["overhead"] for arm, v in trainer_s.items()})
     result = {
         "benchmark": "trainer_overhead",
         "command": command.strip(),
@@ -341,8 +387,7 @@ def main() -> None:
             "factor_bytes": factor_bytes,
             "rounds": args.rounds,
             "warmup_steps_per_arm": args.warmup,
-            "trainer_steps_per_run": args.trainer_steps,
-            "trainer_repeats": args.trainer_repeats,
+            "trainer_step_pairs_per_arm": args.trainer_pairs,
             "prior_build_seconds": t_make,
             "bind_seconds": t_bind,
         },
@@ -396,21 +441,20 @@ def main() -> None:
     if trainer_s:
         lines += [
             "",
-            f"## transformers `Trainer` ({args.trainer_repeats} runs per arm of {args.trainer_steps} timed steps, "
-            "arms in a rotating order; median over all timed steps)",
+            f"## transformers `Trainer` (one run per arm of {2 * args.trainer_pairs + 1} optimiser steps with the "
+            "prior active on odd steps only, so each step with it is timed next to one without it in the same "
+            f"run; step 0 not timed; {args.trainer_pairs} pairs; step time = interval between `on_step_end` events)",
             "",
-            "| arm | step median [IQR] | overhead | ≤ 10% |",
-            "|---|---|---|---|",
+            "| arm | with prior (median) | without (median) | overhead (paired) | ≤ 10% |",
+            "|---|---|---|---|---|",
         ]
         for arm in TRAINER_ARMS:
-            q = trainer_s["quartiles_seconds"][arm]
-            row = f"| {LABELS[arm]} | {trainer_s['median_seconds'][arm]:.3f} s [{q[0]:.2f}–{q[1]:.2f}] | "
-            if arm == "trainer_no_prior":
-                row += "– | – |"
-            else:
-                o = trainer_s["overhead"][arm]
-                row += f"{100 * o:+.1f}% | {'yes' if o <= TARGET else 'no'} |"
-            lines.append(row)
+            t = trainer_s[arm]
+            lines.append(
+                f"| {LABELS[arm]} | {t['median_with_prior_seconds']:.3f} s | {t['median_without_prior_seconds']:.3f} s "
+                f"| {100 * t['overhead']:+.1f}% ({100 * t['paired_overhead']:+.1f}%) | "
+                f"{'yes' if t['overhead'] <= TARGET else 'no'} |"
+            )
     lines += [
         "",
         f"- The prior term alone (value + gradient, two passes over the factor): {prior_med:.3f} s as "

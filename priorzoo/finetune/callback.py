@@ -13,8 +13,9 @@ adding the analytic prior gradient ρ·Σ⁻¹(w − μ)/N to every covered para
 all-reduced across processes (DDP) and unscaled (fp16), and before ``optimizer.step()``. So the prior term
 enters exactly once per step whatever ``gradient_accumulation_steps``, the number of processes or the
 mixed-precision mode, and costs one pass over the factor forward and one backward per step. On a CPU those
-two passes start in a background thread at ``on_step_begin`` and run while the step's forward and backward
-passes do (``overlap=True``, the default; see :meth:`PriorRegularizer.prefetch`).
+two passes run in a background thread, started as soon as the weights are final (``on_optimizer_step`` of
+the previous step, or ``on_step_begin``), while the step's forward and backward passes run
+(``overlap=True``, the default; see :meth:`PriorRegularizer.prefetch`).
 
 Semantics to know (documented choices, not accidents):
 
@@ -169,10 +170,10 @@ class PriorCallback(TrainerCallback):
         scale: if given, λ > 0 replaces the prior's covariance scale.
         include, exclude, exclude_head, allow_partial, dtype: forwarded to :meth:`~priorzoo.PriorModel.bind`.
         log_key: name of the logged prior term (default ``prior_term``).
-        overlap: start computing the prior term in a background thread at ``on_step_begin`` (the weights
-            are final until ``optimizer.step()``), so that it overlaps with the step's forward and backward
-            passes on a CPU; ``on_pre_optimizer_step`` then only adds it. Same result; False computes it at
-            ``on_pre_optimizer_step``. See :meth:`PriorRegularizer.prefetch`.
+        overlap: start computing the prior term in a background thread as soon as the weights are final
+            (after the previous optimiser step, or at ``on_step_begin``), so that it overlaps with the
+            step's forward and backward passes on a CPU; ``on_pre_optimizer_step`` then only adds it. Same
+            result; False computes it at ``on_pre_optimizer_step``. See :meth:`PriorRegularizer.prefetch`.
 
     Raises:
         ValueError: N ≤ 0, ρ ≤ 0, λ ≤ 0 (at construction); a prior on the meta device (at binding).
@@ -257,8 +258,18 @@ class PriorCallback(TrainerCallback):
         self._applied = 0
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
-        # the weights are final until optimizer.step(): compute the term while the micro-batches run
+        # the weights are final until optimizer.step(): compute the term while the micro-batches run (a
+        # no-op when on_optimizer_step already started it for these weights)
         self._regularizer_for(model).prefetch()
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        # the next step's weights are final from here: start its term now, so that it also overlaps with
+        # the scheduler, logging, evaluation and the loading of the next batches
+        self._regularizer_for(model).prefetch()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.regularizer is not None:  # the term started after the last step is not needed
+            self.regularizer._discard_prefetch()
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         _unscale_if_needed(optimizer)

@@ -334,6 +334,12 @@ class PriorRegularizer:
             self._pending = Prefetched.start(bound, workspace)
         return True
 
+    def _discard_prefetch(self) -> None:
+        """Wait for a pending prefetch and drop it (e.g. at the end of training)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending._thread.join()
+
     def _workspace_for(self, bound: BoundPrior) -> Workspace:
         if self._workspace is None or self._workspace.owner is not bound.gaussian:
             self._workspace = bound.new_workspace()

@@ -65,9 +65,10 @@ class PriorTrainerMixin:
         prior_scale: if given, λ > 0 replaces the prior's covariance scale.
         prior_include, prior_exclude, prior_exclude_head, prior_allow_partial, prior_dtype: forwarded to
             :meth:`~priorzoo.PriorModel.bind` as ``include``, ``exclude``, ...
-        prior_overlap: on a CPU, start computing the prior term in a background thread when a step's
-            first micro-batch enters ``compute_loss``, overlapped with the forward passes (default True;
-            same result; see :meth:`~priorzoo.finetune.PriorRegularizer.prefetch`).
+        prior_overlap: on a CPU, start computing the prior term in a background thread as soon as the
+            weights are final (after the previous optimiser step, or when a step's first micro-batch enters
+            ``compute_loss``), overlapped with the forward passes (default True; same result; see
+            :meth:`~priorzoo.finetune.PriorRegularizer.prefetch`).
 
     Raises:
         ValueError: N ≤ 0 (or no ``num_train_examples`` and an unsized dataset), ρ ≤ 0, λ ≤ 0.
@@ -203,7 +204,8 @@ class PriorTrainerMixin:
 
 class _PriorStepCheck(TrainerCallback):
     """Fails loudly if an optimiser step ended with the prior term added other than exactly once (a guard
-    against Trainer versions whose accumulation bookkeeping differs from the one the mixin relies on)."""
+    against Trainer versions whose accumulation bookkeeping differs from the one the mixin relies on), and
+    starts the next step's prior term in the background after each optimiser step."""
 
     def __init__(self, trainer: PriorTrainerMixin) -> None:
         self.trainer = trainer
@@ -211,6 +213,15 @@ class _PriorStepCheck(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer._prior_added_this_step = 0
         self.trainer._prior_log.reset()  # a second train() must not average in the first run's terms
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        reg = self.trainer.prior_regularizer  # the next step's weights are final: start its prior term
+        if reg is not None:
+            reg.prefetch()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.trainer.prior_regularizer is not None:
+            self.trainer.prior_regularizer._discard_prefetch()
 
     def on_step_end(self, args, state, control, **kwargs):
         added, self.trainer._prior_added_this_step = self.trainer._prior_added_this_step, 0

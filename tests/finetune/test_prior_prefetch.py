@@ -207,14 +207,19 @@ def test_trainer_steps_use_the_prefetched_term(mode, tmp_path, monkeypatch):
     prior = bert_prior(model)
     args = one_step_args(tmp_path / "out", per_device=2, ga=2, lr=0.1, bf16=False, max_steps=2)
     if mode == "callback":
-        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[PriorCallback(prior, N)])
+        callback = PriorCallback(prior, N)
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
     else:
         trainer = PriorTrainer(model=model, args=args, train_dataset=data, prior=prior, num_train_examples=N)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         trainer.train()
     assert trainer.state.global_step == 2
-    assert (spy.started, spy.used) == (2, 2)  # one background computation per optimiser step, each used
+    # one background computation per optimiser step, each used, the second started right after the first
+    # optimiser step; the one started after the last step is dropped at the end of training
+    assert (spy.started, spy.used) == (3, 2)
+    reg = callback.regularizer if mode == "callback" else trainer.prior_regularizer
+    assert reg._pending is None
 
 
 @pytest.mark.parametrize("mode", ["callback", "mixin"])
