@@ -252,7 +252,6 @@ class PriorRegularizer:
         self._pending: Prefetched | None = None
         self._warned_stale = False
         self._workspace: Workspace | None = None
-        self._consumed_by_loss = False  # what used the last prefetched term: the loss (penalty) or .grad
 
     def _bind(self) -> BoundPrior:
         meta = [n for n, p in self.model.named_parameters() if p.device.type == "meta"]
@@ -328,10 +327,9 @@ class PriorRegularizer:
         if self._pending is None or not self._pending.is_valid_for(bound):
             if self._pending is not None:  # stale (weights changed since it started): never two at once
                 self._pending._thread.join()
-            # a term that goes into the loss hands its gradients to autograd, so it gets tensors of its own;
-            # one added to .grad is computed into the reusable workspace
-            workspace = None if self._consumed_by_loss else self._workspace_for(bound)
-            self._pending = Prefetched.start(bound, workspace)
+            # always into the reusable workspace: a term that goes into the loss copies its gradients out in
+            # the caller's thread (P-sized allocations in the background thread slowed the step down more)
+            self._pending = Prefetched.start(bound, self._workspace_for(bound))
         return True
 
     def _discard_prefetch(self) -> None:
@@ -382,7 +380,6 @@ class PriorRegularizer:
         """½(w−μ)ᵀΣ⁻¹(w−μ), differentiable, computed with autocast disabled (the prefetched one if any)."""
         if self._pending is None:
             return self.bound.penalty()
-        self._consumed_by_loss = True
         value, grads = self._value_and_grad(own=True)
         return PrecomputedPenalty.apply(value, grads, *self.bound.parameters)
 
@@ -424,8 +421,6 @@ class PriorRegularizer:
             >>> lin.weight.grad.tolist()
             [[1.0, 1.0]]
         """
-        if self._pending is not None:
-            self._consumed_by_loss = False
         value, grads = self._value_and_grad(own=False)  # used right here: the workspace may hold them
         c = self.coefficient
         with torch.no_grad():

@@ -252,7 +252,7 @@ def test_gradients_handed_out_never_alias_the_reused_workspace():
     assert not {p.grad.data_ptr() for p in model.parameters() if p.grad is not None} & _workspace_pointers(reg)
     kept = reg.gradient()
     kept_copy = [k.clone() for k in kept]
-    reg.prefetch()  # into the workspace (the last use was add_to_grad_)
+    reg.prefetch()  # always into the workspace
     assert reg._pending.workspace is reg._workspace
     loss = reg()  # the loss path gets its own copy of the prefetched gradients
     reg.add_to_grad_()  # overwrites the workspace before `loss` is back-propagated
@@ -261,6 +261,9 @@ def test_gradients_handed_out_never_alias_the_reused_workspace():
         torch.testing.assert_close(g, 3 * first[n], rtol=1e-6, atol=1e-9)
     for k, c in zip(kept, kept_copy):
         assert torch.equal(k, c)
-    reg.prefetch()  # the last prefetched term went into the loss: the next one gets fresh tensors
-    assert reg._pending.workspace is None
+    reg.prefetch()  # again into the workspace, although the last prefetched term went into the loss
+    assert reg._pending.workspace is reg._workspace
     reg().backward()
+    assert not {p.grad.data_ptr() for p in model.parameters() if p.grad is not None} & _workspace_pointers(reg)
+    for n, g in _grads_of(model).items():
+        torch.testing.assert_close(g, 4 * first[n], rtol=1e-6, atol=1e-9)
