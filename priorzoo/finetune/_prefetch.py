@@ -76,9 +76,13 @@ class Prefetched:
         """True when computed for ``bound`` and none of its parameters changed since it was started."""
         return bound is self.bound and weights_signature(bound.parameters) == self.signature
 
+    def wait(self) -> None:
+        """Wait for the thread to finish (e.g. before discarding the result: it still reads the weights)."""
+        self._thread.join()
+
     def result(self) -> tuple[Tensor, list[Tensor]]:
         """Wait for the thread; return (penalty, Σ⁻¹(w−μ) per parameter) or raise what it raised."""
-        self._thread.join()
+        self.wait()
         if self._error is not None:
             raise self._error
         assert self._result is not None

@@ -325,8 +325,7 @@ class PriorRegularizer:
         if not self.overlap or bound.device.type != "cpu":
             return False
         if self._pending is None or not self._pending.is_valid_for(bound):
-            if self._pending is not None:  # stale (weights changed since it started): never two at once
-                self._pending._thread.join()
+            self._discard_prefetch()  # a stale one (weights changed since it started): never two at once
             # always into the reusable workspace: a term that goes into the loss copies its gradients out in
             # the caller's thread (P-sized allocations in the background thread slowed the step down more)
             self._pending = Prefetched.start(bound, self._workspace_for(bound))
@@ -336,7 +335,7 @@ class PriorRegularizer:
         """Wait for a pending prefetch and drop it (e.g. at the end of training)."""
         pending, self._pending = self._pending, None
         if pending is not None:
-            pending._thread.join()
+            pending.wait()
 
     def _workspace_for(self, bound: BoundPrior) -> Workspace:
         if self._workspace is None or self._workspace.owner is not bound.gaussian:
@@ -344,14 +343,13 @@ class PriorRegularizer:
         return self._workspace
 
     def _take_prefetched(self) -> Prefetched | None:
-        """The finished prefetch if still valid for the current weights (else None); consumed either way."""
+        """The pending prefetch if still valid for the current weights (else None); consumed either way."""
         pending, self._pending = self._pending, None
         if pending is None:
             return None
         if pending.is_valid_for(self.bound):
-            pending.result()  # waits, re-raises the thread's error
             return pending
-        pending._thread.join()  # let it finish reading the old weights; its result is discarded
+        pending.wait()  # let it finish reading the old weights; its result is discarded
         if not self._warned_stale:
             self._warned_stale = True
             warnings.warn(
@@ -370,7 +368,7 @@ class PriorRegularizer:
         pending = self._take_prefetched()
         if pending is None:
             return self.bound.value_and_grad(workspace=None if own else self._workspace_for(self.bound))
-        value, grads = pending.result()
+        value, grads = pending.result()  # waits, re-raises the thread's error
         if own and pending.workspace is not None:
             grads = [g.clone() for g in grads]
         return value, grads
