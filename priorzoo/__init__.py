@@ -16,10 +16,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from priorzoo.bound import BoundPrior
 from priorzoo.config import PriorConfig, PriorKind
 from priorzoo.errors import PriorFormatError, PriorMatchError, PriorNotFoundError
 from priorzoo.matching import MatchResult
-from priorzoo.prior import BoundPrior, PriorModel
+from priorzoo.prior import PriorModel
 
 __all__ = [
     "BoundPrior",

@@ -36,9 +36,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from priorzoo.bound import BoundPrior
 from priorzoo.config import FORMAT_VERSION, ParameterSpec, PriorConfig, PriorKind
 from priorzoo.errors import PriorFormatError, PriorNotFoundError
-from priorzoo.gaussian import LowRankGaussian, Workspace
+from priorzoo.gaussian import LowRankGaussian
 from priorzoo.matching import MatchResult, Patterns, match_parameters
 
 __all__ = ["CONFIG_NAME", "INDEX_NAME", "WEIGHTS_NAME", "BoundPrior", "PriorModel"]
@@ -752,73 +753,3 @@ def _as_dtype(value: torch.dtype | str | None, what: str) -> torch.dtype | None:
     if value not in _FLOAT_DTYPES:
         raise ValueError(f"`{what}` must be one of {sorted(_FLOAT_DTYPES)}; received {value!r}")
     return _FLOAT_DTYPES[value]
-
-
-class BoundPrior:
-    """A prior matched onto one model, with the precomputation (A⁻¹, chol C, device copies) done once.
-
-    Calling it (or :meth:`penalty`) returns ½(w−μ)ᵀΣ⁻¹(w−μ) over the model's matched parameters; its
-    backward adds Σ⁻¹(w−μ) to their ``.grad``. The exact marginal is used when some prior parameters were
-    excluded or missing.
-
-    Example:
-        >>> import torch
-        >>> lin = torch.nn.Linear(3, 1)
-        >>> p = PriorModel.from_tensors({"weight": torch.zeros(1, 3), "bias": torch.zeros(1)}, variance=2.0)
-        >>> bound = p.bind(lin)
-        >>> loss = bound() / 100  # penalty / N
-        >>> loss.backward()
-    """
-
-    def __init__(
-        self, prior: PriorModel, model: torch.nn.Module, match: MatchResult, *, dtype: torch.dtype | None = None
-    ) -> None:
-        self.prior = prior
-        self.match = match
-        params = dict(model.named_parameters())
-        self.prior_names = list(match.matched)
-        self.parameters: list[torch.nn.Parameter] = [params[match.matched[n]] for n in self.prior_names]
-        self.device = self.parameters[0].device
-        devices = {p.device for p in self.parameters}
-        if len(devices) > 1:
-            raise ValueError(
-                f"the matched parameters live on several devices {sorted(map(str, devices))}; "
-                "bind the prior to a model on one device (model parallelism is not supported)"
-            )
-        self._signature = self._current_signature()
-        self.gaussian = prior.gaussian(self.prior_names, device=self.device, dtype=dtype)
-
-    def _current_signature(self) -> tuple:
-        return tuple((id(p), p.device, p.dtype) for p in self.parameters)
-
-    def is_current(self) -> bool:
-        """False once the model's parameters were replaced or moved (then re-bind)."""
-        return self._current_signature() == self._signature
-
-    def penalty(self) -> Tensor:
-        """½ (w−μ)ᵀΣ⁻¹(w−μ), differentiable in the matched parameters."""
-        return self.gaussian.half_quad(self.parameters)
-
-    __call__ = penalty
-
-    def log_prob(self) -> Tensor:
-        """Exact log-density (float64) of the matched parameters under the (marginal) prior."""
-        return self.gaussian.log_prob(self.parameters)
-
-    def value_and_grad(self, *, workspace: Workspace | None = None) -> tuple[Tensor, list[Tensor]]:
-        """(penalty, Σ⁻¹(w−μ) per matched parameter shaped like it), without autograd: for code that adds
-        the prior's gradient to ``.grad`` itself (e.g. after a DDP all-reduce).
-
-        ``workspace`` (from :meth:`new_workspace`): reuse its buffers instead of allocating 2P floats per
-        call; the returned gradients are then views of it, valid until its next use.
-        """
-        value, grads = self.gaussian.value_and_grad(self.parameters, workspace=workspace)
-        return value, [g.reshape(p.shape) for g, p in zip(grads, self.parameters)]
-
-    def new_workspace(self) -> Workspace:
-        """Reusable buffers for :meth:`value_and_grad` (2P floats in the compute dtype, on the prior's device)."""
-        return self.gaussian.new_workspace()
-
-    def precision_times_residual(self) -> list[Tensor]:
-        """Σ⁻¹(w−μ) per matched parameter (shaped like it), without autograd."""
-        return self.value_and_grad()[1]

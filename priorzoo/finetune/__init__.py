@@ -36,8 +36,9 @@ from priorzoo.finetune.bayes import (
     bma_predict,
     refresh_batchnorm_,
 )
-from priorzoo.finetune.loop import PriorRegularizer, evaluate, fit, l2sp_prior, predict_proba, train_step
+from priorzoo.finetune.loop import evaluate, fit, l2sp_prior, predict_proba, train_step
 from priorzoo.finetune.metrics import accuracy, classification_metrics, expected_calibration_error, nll
+from priorzoo.finetune.regularizer import PriorRegularizer
 from priorzoo.finetune.scale import ScaleSearchResult, log_grid, split_train_validation, tune_scale
 
 if TYPE_CHECKING:

@@ -35,8 +35,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from priorzoo.bound import BoundPrior
 from priorzoo.gaussian import Workspace
-from priorzoo.prior import BoundPrior
 
 __all__ = ["PrecomputedPenalty", "Prefetched", "weights_signature"]
 

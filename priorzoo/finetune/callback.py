@@ -59,7 +59,7 @@ except ImportError as _err:  # pragma: no cover - exercised only without the ext
         'priorzoo.finetune.PriorCallback needs transformers: pip install "priorzoo[transformers]"'
     ) from _err
 
-from priorzoo.finetune.loop import PriorRegularizer, check_num_train_examples, check_prior_weight, check_scale
+from priorzoo.finetune.regularizer import PriorRegularizer, check_num_train_examples, check_prior_weight, check_scale
 from priorzoo.matching import Patterns
 from priorzoo.prior import PriorModel
 

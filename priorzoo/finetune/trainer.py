@@ -45,7 +45,7 @@ except ImportError as _err:  # pragma: no cover - exercised only without the ext
     ) from _err
 
 from priorzoo.finetune.callback import PriorCallback, _PriorTermLog, check_trainer_setup
-from priorzoo.finetune.loop import PriorRegularizer, check_num_train_examples, check_prior_weight, check_scale
+from priorzoo.finetune.regularizer import PriorRegularizer, check_num_train_examples, check_prior_weight, check_scale
 from priorzoo.matching import Patterns
 from priorzoo.prior import PriorModel
 

@@ -1,0 +1,387 @@
+r"""``PriorRegularizer``: the prior term ρ·½(w−μ)ᵀΣ⁻¹(w−μ)/N of the fine-tuning objective, bound to one model.
+
+The objective (Shwartz-Ziv et al., "Pre-Train Your Loss", NeurIPS 2022, eq. 2) for N training examples is
+
+.. math::
+
+    L(w) = \frac1B\sum_{i \in \text{batch}} \mathrm{CE}(f_w(x_i), y_i)
+         + \frac{\rho}{N}\cdot\tfrac12 (w-\mu)^\top \Sigma^{-1} (w-\mu),
+    \qquad \Sigma = \lambda\,(\operatorname{diag}(v) + F^\top F) + \varepsilon I,
+
+whose prior part adds ρ·Σ⁻¹(w − μ)/N to the data gradient. The regulariser validates N, ρ and λ once
+(:func:`check_num_train_examples`, :func:`check_prior_weight`, :func:`check_scale`), binds the prior
+(:class:`~priorzoo.BoundPrior`) and gives the term as a differentiable loss (``reg()``) or adds its analytic
+gradient straight into ``.grad`` (:meth:`PriorRegularizer.add_to_grad_`). The plain-loop helpers
+(:func:`~priorzoo.finetune.loop.fit`, :func:`~priorzoo.finetune.loop.train_step`) live in
+:mod:`priorzoo.finetune.loop`.
+
+Example:
+    >>> import torch
+    >>> from priorzoo import PriorModel
+    >>> lin = torch.nn.Linear(3, 2)
+    >>> prior = PriorModel.from_tensors({n: torch.zeros_like(p) for n, p in lin.named_parameters()}, variance=1.0)
+    >>> reg = PriorRegularizer(prior, lin, num_train_examples=100)
+    >>> loss = torch.nn.functional.cross_entropy(lin(torch.randn(4, 3)), torch.tensor([0, 1, 0, 1])) + reg()
+    >>> loss.backward()
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from priorzoo.bound import BoundPrior
+from priorzoo.finetune._prefetch import PrecomputedPenalty, Prefetched
+from priorzoo.gaussian import Workspace
+from priorzoo.matching import Patterns
+from priorzoo.prior import PriorModel
+
+__all__ = ["PriorRegularizer", "check_num_train_examples", "check_prior_weight", "check_scale"]
+
+
+# ---------------------------------------------------------------------- validation
+def check_num_train_examples(value: Any) -> int:
+    """N must be a positive integer (the number of training examples); returns it as ``int``.
+
+    Integers of any kind (``int``, NumPy integers) and integral floats (``5e4``) are accepted.
+
+    Example:
+        >>> check_num_train_examples(50000)
+        50000
+    """
+    n = None
+    if not isinstance(value, bool):
+        try:
+            n = operator.index(value)
+        except TypeError:
+            if isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
+                n = int(value)
+    if n is None:
+        raise ValueError(
+            f"`num_train_examples` (N) must be a positive integer, the number of training examples; received {value!r}"
+        )
+    if n <= 0:
+        raise ValueError(
+            f"`num_train_examples` (N) must be > 0: the loss adds penalty / N, N = number of training "
+            f"examples; received {value!r}"
+        )
+    return n
+
+
+def _positive_real(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) and value > 0 else None
+
+
+def check_prior_weight(value: Any) -> float:
+    """ρ must be a finite number > 0 (1 = the Bayesian posterior); returns it as ``float``.
+
+    Example:
+        >>> check_prior_weight(1)
+        1.0
+    """
+    checked = _positive_real(value)
+    if checked is None:
+        raise ValueError(
+            f"`prior_weight` must be a finite number > 0 (1.0 = the posterior; to train without a prior, "
+            f"do not add the term); received {value!r}"
+        )
+    return checked
+
+
+def check_scale(value: Any) -> float:
+    """λ must be a finite number > 0 (it multiplies the prior covariance); returns it as ``float``.
+
+    Example:
+        >>> check_scale(1e4)
+        10000.0
+    """
+    checked = _positive_real(value)
+    if checked is None:
+        raise ValueError(
+            f"the prior scale λ must be a finite number > 0 (it multiplies the covariance: large λ = weak "
+            f"prior); received {value!r}"
+        )
+    return checked
+
+
+def _check_prior_device(prior: PriorModel) -> None:
+    for store_name, store in (("mean", prior.mean), ("variance", prior.variance), ("cov_factor", prior.cov_factor)):
+        for name, t in (store or {}).items():
+            if t.device.type == "meta":
+                raise ValueError(
+                    f"the prior's tensor `{name}.{store_name}` is on the meta device (no data): load the prior "
+                    "with PriorModel.from_pretrained(...) or move it with prior.to('cpu') first"
+                )
+
+
+# ---------------------------------------------------------------------- the prior term
+class PriorRegularizer:
+    r"""The prior term ρ·½(w−μ)ᵀΣ⁻¹(w−μ)/N of the objective, bound to one model (see the module docstring).
+
+    Binding (matching the prior's parameter names onto ``model``, moving its tensors to the model's device,
+    the K×K Cholesky factorisation) happens once here; if the model's parameters are later replaced or
+    moved, the prior is re-bound transparently. The prior's tensors may live on any device and in any
+    floating dtype: they are copied to the parameters' device and the penalty is computed in float32 (or
+    ``dtype``) whatever the parameters' dtype (bf16/fp16 parameters get their gradient cast back).
+
+    Args:
+        prior: the :class:`~priorzoo.PriorModel` (its head is excluded by matching; see
+            :meth:`~priorzoo.PriorModel.match`).
+        model: the model being fine-tuned (also a DDP/``torch.compile`` wrapper: names are matched through
+            the ``module.``/``_orig_mod.`` prefixes).
+        num_train_examples: N > 0, the number of training examples (the whole training set, not a batch,
+            not per process).
+        prior_weight: ρ > 0, multiplies the prior term (1 = posterior; a "temperature" on the prior only).
+        scale: if given, λ > 0 replaces the prior's own scale (``prior.with_scale(scale)``).
+        include, exclude, exclude_head, allow_partial, dtype: forwarded to :meth:`~priorzoo.PriorModel.bind`.
+        overlap: let :meth:`prefetch` compute the term in a background thread, overlapped with the model's
+            forward and backward (CPU; see :mod:`priorzoo.finetune._prefetch`). False makes
+            :meth:`prefetch` a no-op: every use computes the term on the spot.
+
+    Raises:
+        ValueError: N ≤ 0 or not an integer, ρ ≤ 0, λ ≤ 0, a prior or model on the meta device.
+        priorzoo.PriorMatchError: the prior does not match the model (other architecture, shapes).
+
+    Example:
+        >>> import torch
+        >>> from priorzoo import PriorModel
+        >>> lin = torch.nn.Linear(2, 1, bias=False)
+        >>> prior = PriorModel.from_tensors({"weight": torch.zeros(1, 2)}, variance=1.0)
+        >>> with torch.no_grad():
+        ...     _ = lin.weight.fill_(1.0)
+        >>> reg = PriorRegularizer(prior, lin, num_train_examples=4)
+        >>> reg().item()  # ½·(1 + 1)/1 / 4
+        0.25
+        >>> reg.gradient()[0].tolist()  # Σ⁻¹(w − μ)/N
+        [[0.25, 0.25]]
+    """
+
+    def __init__(
+        self,
+        prior: PriorModel,
+        model: torch.nn.Module,
+        *,
+        num_train_examples: int,
+        prior_weight: float = 1.0,
+        scale: float | None = None,
+        include: Patterns = None,
+        exclude: Patterns = None,
+        exclude_head: bool = True,
+        allow_partial: bool = False,
+        dtype: torch.dtype | None = None,
+        overlap: bool = True,
+    ) -> None:
+        if not isinstance(prior, PriorModel):
+            raise TypeError(f"`prior` must be a priorzoo.PriorModel; received {type(prior).__name__}")
+        if not isinstance(overlap, bool):
+            raise TypeError(f"`overlap` must be True or False; received {overlap!r}")
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"`model` must be a torch.nn.Module; received {type(model).__name__}")
+        self.num_train_examples = check_num_train_examples(num_train_examples)
+        self.prior_weight = check_prior_weight(prior_weight)
+        if scale is not None:
+            prior = prior.with_scale(check_scale(scale))
+        _check_prior_device(prior)
+        self.prior = prior
+        self.model = model
+        self._bind_kwargs: dict[str, Any] = {
+            "include": include,
+            "exclude": exclude,
+            "exclude_head": exclude_head,
+            "allow_partial": allow_partial,
+            "dtype": dtype,
+        }
+        self._bound = self._bind()
+        self.overlap = overlap
+        self._pending: Prefetched | None = None
+        self._warned_stale = False
+        self._workspace: Workspace | None = None
+
+    def _bind(self) -> BoundPrior:
+        meta = [n for n, p in self.model.named_parameters() if p.device.type == "meta"]
+        if meta:
+            raise ValueError(
+                f"the model's parameters are on the meta device (e.g. `{meta[0]}`): materialise the model "
+                "(load its weights) before binding a prior to it"
+            )
+        return self.prior.bind(self.model, **self._bind_kwargs)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def bound(self) -> BoundPrior:
+        """The :class:`~priorzoo.BoundPrior` (re-bound if the model's parameters were replaced or moved)."""
+        if not self._bound.is_current():
+            self._bound = self._bind()
+        return self._bound
+
+    @property
+    def coefficient(self) -> float:
+        """ρ / N, the factor in front of the penalty."""
+        return self.prior_weight / self.num_train_examples
+
+    @property
+    def scale(self) -> float:
+        """λ, the prior's covariance scale."""
+        return self.prior.scale
+
+    @property
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """The model parameters the prior covers, in prior order."""
+        return self.bound.parameters
+
+    @property
+    def match(self):  # -> MatchResult
+        """The :class:`~priorzoo.MatchResult` of the binding."""
+        return self.bound.match
+
+    def __repr__(self) -> str:
+        return (
+            f"PriorRegularizer(N={self.num_train_examples}, prior_weight={self.prior_weight:g}, "
+            f"scale={self.scale:g}, matched={len(self.bound.prior_names)} parameters)"
+        )
+
+    # ------------------------------------------------------------------ overlap
+    def prefetch(self) -> bool:
+        """Start computing the prior term for the current weights in a background thread (CPU only).
+
+        Call it when the weights are final for this step (before the forward pass); the next
+        ``reg()``, :meth:`penalty`, :meth:`gradient` or :meth:`add_to_grad_` then waits for that result
+        instead of computing it, so the two passes over the factor (memory-bound) overlap with the
+        model's forward and backward (compute-bound). The result is the same computation on the same
+        weights; it is used only if no covered parameter changed in between (else it is recomputed, with
+        a warning) and only once. :class:`~priorzoo.finetune.PriorCallback`, :class:`~priorzoo.finetune.
+        PriorTrainer` and :func:`fit` call it for you. Returns False, doing nothing, when the parameters
+        are not on the CPU (an accelerator already runs the factor products asynchronously) or
+        ``overlap=False``.
+
+        Example:
+            >>> import torch
+            >>> from priorzoo import PriorModel
+            >>> lin = torch.nn.Linear(2, 1, bias=False)
+            >>> reg = PriorRegularizer(PriorModel.from_tensors({"weight": torch.ones(1, 2)}, variance=1.0),
+            ...                        lin, num_train_examples=10)
+            >>> reg.prefetch()  # then the forward pass, while the prior term is computed
+            True
+            >>> loss = lin(torch.ones(1, 2)).sum() + reg()  # reg() uses the prefetched term
+            >>> loss.backward()
+        """
+        bound = self.bound
+        if not self.overlap or bound.device.type != "cpu":
+            return False
+        if self._pending is None or not self._pending.is_valid_for(bound):
+            self._discard_prefetch()  # a stale one (weights changed since it started): never two at once
+            # always into the reusable workspace: a term that goes into the loss copies its gradients out in
+            # the caller's thread (P-sized allocations in the background thread slowed the step down more)
+            self._pending = Prefetched.start(bound, self._workspace_for(bound))
+        return True
+
+    def _discard_prefetch(self) -> None:
+        """Wait for a pending prefetch and drop it (e.g. at the end of training)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.wait()
+
+    def _workspace_for(self, bound: BoundPrior) -> Workspace:
+        if self._workspace is None or self._workspace.owner is not bound.gaussian:
+            self._workspace = bound.new_workspace()
+        return self._workspace
+
+    def _take_prefetched(self) -> Prefetched | None:
+        """The pending prefetch if still valid for the current weights (else None); consumed either way."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        if pending.is_valid_for(self.bound):
+            return pending
+        pending.wait()  # let it finish reading the old weights; its result is discarded
+        if not self._warned_stale:
+            self._warned_stale = True
+            warnings.warn(
+                "PriorRegularizer: the weights changed between prefetch() and the use of the prior term, so "
+                "the prefetched term was discarded and recomputed (correct, but not overlapped). Call "
+                "prefetch() after the optimiser step, when the weights are final for the next step.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return None
+
+    def _value_and_grad(self, *, own: bool) -> tuple[Tensor, list[Tensor]]:
+        """(penalty, Σ⁻¹(w−μ) per parameter): prefetched if valid, else computed now. With ``own`` the
+        gradients are tensors of the caller's own; without, they may be views of the workspace, valid until
+        the next computation."""
+        pending = self._take_prefetched()
+        if pending is None:
+            return self.bound.value_and_grad(workspace=None if own else self._workspace_for(self.bound))
+        value, grads = pending.result()  # waits, re-raises the thread's error
+        if own and pending.workspace is not None:
+            grads = [g.clone() for g in grads]
+        return value, grads
+
+    # ------------------------------------------------------------------ values
+    def penalty(self) -> Tensor:
+        """½(w−μ)ᵀΣ⁻¹(w−μ), differentiable, computed with autocast disabled (the prefetched one if any)."""
+        if self._pending is None:
+            return self.bound.penalty()
+        value, grads = self._value_and_grad(own=True)
+        return PrecomputedPenalty.apply(value, grads, *self.bound.parameters)
+
+    def __call__(self) -> Tensor:
+        """ρ·penalty/N, differentiable: add it to the mean data loss."""
+        return self.penalty() * self.coefficient
+
+    term = __call__
+
+    def log_prob(self) -> Tensor:
+        """Exact log p(w) of the matched parameters under the (scaled) prior, float64."""
+        return self.bound.log_prob()
+
+    @torch.no_grad()
+    def gradient(self) -> list[Tensor]:
+        """ρ·Σ⁻¹(w−μ)/N for each matched parameter (shaped like it, in the compute dtype), no autograd."""
+        c = self.coefficient
+        return [gi.mul_(c) for gi in self._value_and_grad(own=True)[1]]
+
+    def add_to_grad_(self) -> float:
+        """Add ρ·Σ⁻¹(w−μ)/N into ``.grad`` of each trainable matched parameter; return ρ·penalty/N.
+
+        Value and gradient come from the same two passes over the factor (:meth:`BoundPrior.value_and_grad`,
+        or the result :meth:`prefetch` computed in the background), without autograd, so no ``.grad`` hooks
+        fire: safe with DDP after the gradient all-reduce.
+        Parameters with ``requires_grad=False`` get nothing (their block of Σ⁻¹(w−μ) is still computed
+        with them held fixed, which is the exact conditional gradient for the trainable ones).
+
+        Example:
+            >>> import torch
+            >>> from priorzoo import PriorModel
+            >>> lin = torch.nn.Linear(2, 1, bias=False)
+            >>> with torch.no_grad():
+            ...     _ = lin.weight.fill_(2.0)
+            >>> reg = PriorRegularizer(PriorModel.from_tensors({"weight": torch.zeros(1, 2)}, variance=1.0),
+            ...                        lin, num_train_examples=2)
+            >>> reg.add_to_grad_()  # ½·8/2
+            2.0
+            >>> lin.weight.grad.tolist()
+            [[1.0, 1.0]]
+        """
+        value, grads = self._value_and_grad(own=False)  # used right here: the workspace may hold them
+        c = self.coefficient
+        with torch.no_grad():
+            for p, g in zip(self.bound.parameters, grads):
+                if not p.requires_grad:
+                    continue
+                if p.grad is None:
+                    p.grad = (g * c).to(p.dtype)  # a new tensor, never a view of the workspace
+                elif p.grad.dtype == g.dtype:
+                    p.grad.add_(g, alpha=c)
+                else:
+                    p.grad.add_((g * c).to(p.grad.dtype))
+        return float(value) * c
