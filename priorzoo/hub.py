@@ -55,7 +55,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 
 from priorzoo.errors import PriorFormatError, PriorNotFoundError
-from priorzoo.prior import CARD_NAME, CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, _is_prior_weights
+from priorzoo.files import CARD_NAME, CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, is_prior_weights
 
 __all__ = ["LIBRARY_NAME", "download_prior", "list_priors", "upload_prior"]
 
@@ -472,9 +472,7 @@ def upload_prior(
         if n not in remote or not _same_content(folder / n, remote[n])
     ]
     operations += [
-        CommitOperationDelete(path_in_repo=in_repo(n))
-        for n in sorted(remote)
-        if _is_prior_weights(n) and n not in names
+        CommitOperationDelete(path_in_repo=in_repo(n)) for n in sorted(remote) if is_prior_weights(n) and n not in names
     ]
     if not operations and head is not None:
         return head

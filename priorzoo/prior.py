@@ -21,12 +21,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import re
-import shutil
-import struct
 import tempfile
 import weakref
 from collections.abc import Mapping, Sequence
@@ -37,59 +33,14 @@ import torch
 from torch import Tensor
 
 from priorzoo.bound import BoundPrior
-from priorzoo.config import FORMAT_VERSION, ParameterSpec, PriorConfig, PriorKind
+from priorzoo.config import ParameterSpec, PriorConfig, PriorKind
 from priorzoo.errors import PriorFormatError, PriorNotFoundError
+from priorzoo.files import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
 from priorzoo.gaussian import LowRankGaussian
 from priorzoo.matching import MatchResult, Patterns, match_parameters
+from priorzoo.serialization import load_prior_folder, save_prior
 
 __all__ = ["CONFIG_NAME", "INDEX_NAME", "WEIGHTS_NAME", "BoundPrior", "PriorModel"]
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "prior.safetensors"
-INDEX_NAME = "prior.safetensors.index.json"
-CARD_NAME = "README.md"
-_SHARD_RE = re.compile(r"prior-\d{5}-of-\d{5}\.safetensors")
-_SUFFIXES = ("mean", "variance", "cov_factor")
-_FLOAT_DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-}
-
-
-def _is_prior_weights(name: str) -> bool:
-    """Whether a file name is one of a prior's tensor files: the single file, the shard index or a shard."""
-    return name in (WEIGHTS_NAME, INDEX_NAME) or _SHARD_RE.fullmatch(name) is not None
-
-
-def _parse_size(size: int | str) -> int:
-    """``"2GB"``/``"500MB"``/``"10KB"``/int bytes → bytes (decimal units, as the Hub uses)."""
-    if isinstance(size, int) and not isinstance(size, bool):
-        if size <= 0:
-            raise ValueError(f"`max_shard_size` must be > 0 bytes; received {size}")
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?I?B)\s*", str(size).upper())
-    if not m:
-        raise ValueError(f"`max_shard_size` must be bytes (int) or like '2GB', '500MB'; received {size!r}")
-    unit = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[m[2]]
-    return int(float(m[1]) * unit)
-
-
-def _canonicalize_header(path: Path) -> None:
-    """Rewrite a safetensors header with sorted JSON keys, in place and at the same length.
-
-    safetensors writes ``__metadata__`` keys in an arbitrary order, so two saves of the same prior could
-    differ byte for byte; canonical bytes let re-uploads of an unchanged prior make no new Hub commit.
-    """
-    with open(path, "r+b") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n))
-        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(text) > n:  # cannot happen: same content, no whitespace added
-            return
-        fh.seek(8)
-        fh.write(text.ljust(n))
 
 
 def _check_values(name: str, tensor: Tensor, *, nonneg: bool) -> None:
@@ -484,16 +435,6 @@ class PriorModel:
         return result
 
     # ------------------------------------------------------------------ saving
-    def _tensor_dict(self, factor_dtype: torch.dtype | None, dtype: torch.dtype | None) -> dict[str, Tensor]:
-        out: dict[str, Tensor] = {}
-        for n in self.names:
-            out[f"{n}.mean"] = self.mean[n].detach().to("cpu", dtype=dtype or torch.float32).contiguous()
-            out[f"{n}.variance"] = self.variance[n].detach().to("cpu", dtype=dtype or torch.float32).contiguous()
-            if self.cov_factor is not None:
-                f = self.cov_factor[n].detach().to("cpu")
-                out[f"{n}.cov_factor"] = f.to(factor_dtype or dtype or torch.float32).contiguous()
-        return out
-
     def save_pretrained(
         self,
         save_directory: str | os.PathLike,
@@ -528,80 +469,15 @@ class PriorModel:
             >>> sorted(f.name for f in folder.iterdir())
             ['README.md', 'config.json', 'prior.safetensors']
         """
-        from safetensors.torch import save_file
-
-        factor_dtype = _as_dtype(factor_dtype, "factor_dtype")
-        dtype = _as_dtype(dtype, "dtype")
-        limit = _parse_size(max_shard_size)
-        target = Path(save_directory)
-        if target.exists() and not target.is_dir():
-            raise NotADirectoryError(f"`save_directory` {str(target)!r} exists and is not a directory")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tensors = self._tensor_dict(factor_dtype, dtype)
-
-        # shards: parameters in order, a parameter's tensors kept together
-        shards: list[dict[str, Tensor]] = [{}]
-        size = 0
-        for n in self.names:
-            group = {k: tensors[k] for k in (f"{n}.{s}" for s in _SUFFIXES) if k in tensors}
-            gsize = sum(t.numel() * t.element_size() for t in group.values())
-            if shards[-1] and size + gsize > limit:
-                shards.append({})
-                size = 0
-            shards[-1].update(group)
-            size += gsize
-        metadata = {
-            "format": "pt",
-            "priorzoo_version": self.config.priorzoo_version,
-            "format_version": str(FORMAT_VERSION),
-        }
-
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
-            written: list[str] = []
-            if len(shards) == 1:
-                save_file(shards[0], str(tmp / WEIGHTS_NAME), metadata=metadata)
-                _canonicalize_header(tmp / WEIGHTS_NAME)
-                written.append(WEIGHTS_NAME)
-            else:
-                total = len(shards)
-                weight_map = {}
-                for i, shard in enumerate(shards, start=1):
-                    fname = f"prior-{i:05d}-of-{total:05d}.safetensors"
-                    save_file(shard, str(tmp / fname), metadata=metadata)
-                    _canonicalize_header(tmp / fname)
-                    weight_map.update({k: fname for k in shard})
-                    written.append(fname)
-                index = {
-                    "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                    "weight_map": weight_map,
-                }
-                (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-                written.append(INDEX_NAME)
-            cfg = dataclasses.replace(self.config)
-            from priorzoo import __version__
-
-            cfg.priorzoo_version = __version__
-            (tmp / CONFIG_NAME).write_text(cfg.to_json_string(), encoding="utf-8")
-            written.append(CONFIG_NAME)
-            if card:
-                from priorzoo.cards import render_card
-
-                (tmp / CARD_NAME).write_text(render_card(cfg, repo_id=repo_id), encoding="utf-8")
-                written.append(CARD_NAME)
-
-            if not target.exists():
-                os.replace(tmp, target)
-                return target
-            # existing folder: remove stale prior files, then move the new ones in (config last)
-            stale = [p for p in target.iterdir() if _is_prior_weights(p.name) and p.name not in written]
-            for name in sorted(written, key=lambda n: n == CONFIG_NAME):
-                os.replace(tmp / name, target / name)
-            for p in stale:
-                p.unlink()
-            return target
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        return save_prior(
+            self,
+            save_directory,
+            max_shard_size=max_shard_size,
+            factor_dtype=factor_dtype,
+            dtype=dtype,
+            card=card,
+            repo_id=repo_id,
+        )
 
     @classmethod
     def from_pretrained(
@@ -650,64 +526,7 @@ class PriorModel:
                 local_files_only=local_files_only,
                 subfolder=subfolder,
             )
-        return cls._load_folder(Path(folder), device=device)
-
-    @classmethod
-    def _load_folder(cls, folder: Path, *, device: torch.device | str | None = None) -> PriorModel:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        config_path = folder / CONFIG_NAME
-        if not config_path.is_file():
-            present = sorted(p.name for p in folder.iterdir())[:10] if folder.is_dir() else []
-            raise PriorNotFoundError(
-                f"{str(folder)!r} is not a prior: no {CONFIG_NAME} there (files: {present or 'none'})"
-            )
-        config = PriorConfig.from_json_file(config_path)
-        if (folder / WEIGHTS_NAME).is_file():
-            files = [folder / WEIGHTS_NAME]
-            expected_map = None
-        elif (folder / INDEX_NAME).is_file():
-            try:
-                index = json.loads((folder / INDEX_NAME).read_text())
-                expected_map = dict(index["weight_map"])
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise PriorFormatError(f"{folder / INDEX_NAME}: not a valid shard index ({err})") from None
-            files = [folder / f for f in sorted(set(expected_map.values()))]
-            absent = [f.name for f in files if not f.is_file()]
-            if absent:
-                raise PriorFormatError(f"{folder}: shard(s) listed in {INDEX_NAME} are missing: {absent}")
-        else:
-            raise PriorNotFoundError(
-                f"{str(folder)!r} has a {CONFIG_NAME} but no {WEIGHTS_NAME} or {INDEX_NAME}: not a complete prior"
-            )
-        tensors: dict[str, Tensor] = {}
-        dev = str(device) if device is not None else "cpu"
-        for f in files:
-            try:
-                part = load_file(str(f), device=dev)
-            except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-                raise PriorFormatError(f"{f}: corrupted or truncated safetensors file ({err})") from None
-            if expected_map is not None:
-                wrong = [k for k in part if expected_map.get(k) != f.name]
-                if wrong:
-                    raise PriorFormatError(f"{f}: holds tensors the index assigns elsewhere: {wrong[:5]}")
-            tensors.update(part)
-        store: dict[str, dict[str, Tensor]] = {s: {} for s in _SUFFIXES}
-        unexpected = []
-        for key, t in tensors.items():
-            name, _, suffix = key.rpartition(".")
-            if suffix in store and name:
-                store[suffix][name] = t
-            else:
-                unexpected.append(key)
-        known = set(config.names)
-        unexpected += [f"{n}.{s}" for s in _SUFFIXES for n in store[s] if n not in known]
-        if unexpected:
-            raise PriorFormatError(f"{folder}: tensors not described by {CONFIG_NAME}: {sorted(unexpected)[:5]}")
-        if config.rank == 0 and store["cov_factor"]:
-            raise PriorFormatError(f"{folder}: config rank is 0 but the file holds cov_factor tensors")
-        return cls(config, store["mean"], store["variance"], store["cov_factor"] or None)
+        return cls(*load_prior_folder(folder, device=device))
 
     def push_to_hub(
         self,
@@ -743,13 +562,3 @@ class PriorModel:
                 revision=revision,
                 subfolder=subfolder,
             )
-
-
-def _as_dtype(value: torch.dtype | str | None, what: str) -> torch.dtype | None:
-    if value is None or isinstance(value, torch.dtype):
-        if value is not None and value not in _FLOAT_DTYPES.values():
-            raise ValueError(f"`{what}` must be one of {sorted(_FLOAT_DTYPES)}; received {value}")
-        return value
-    if value not in _FLOAT_DTYPES:
-        raise ValueError(f"`{what}` must be one of {sorted(_FLOAT_DTYPES)}; received {value!r}")
-    return _FLOAT_DTYPES[value]

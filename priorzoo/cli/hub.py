@@ -107,7 +107,7 @@ def _staged(folder: Path, repo_id: str, keep_card: bool) -> Iterator[Path]:
     """
     from priorzoo.cards import render_card
     from priorzoo.config import PriorConfig
-    from priorzoo.prior import CARD_NAME, CONFIG_NAME
+    from priorzoo.files import CARD_NAME, CONFIG_NAME
 
     card = folder / CARD_NAME
     config = PriorConfig.from_json_file(folder / CONFIG_NAME)
@@ -186,7 +186,7 @@ def run_push(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------- pull
 def _copy_prior(src: Path, dest: Path) -> Path:
     """Copy a prior's files (links resolved) into ``dest``, removing tensor files of an older prior there."""
-    from priorzoo.prior import CONFIG_NAME, _is_prior_weights
+    from priorzoo.files import CONFIG_NAME, is_prior_weights
 
     if dest.exists() and not dest.is_dir():
         raise NotADirectoryError(f"`--to` {str(dest)!r} exists and is not a directory")
@@ -198,7 +198,7 @@ def _copy_prior(src: Path, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     names = {p.name for p in src.iterdir() if p.is_file()}
     for old in dest.iterdir():
-        if old.is_file() and _is_prior_weights(old.name) and old.name not in names:
+        if old.is_file() and is_prior_weights(old.name) and old.name not in names:
             old.unlink()
     for name in sorted(names, key=lambda n: n == CONFIG_NAME):  # config last: a reader never sees a mix
         tmp = dest / f".{name}.part"
