@@ -83,6 +83,20 @@ class ParameterSpec:
         return math.prod(self.shape)
 
 
+def _specs(entries: Any, key: str) -> list[ParameterSpec]:
+    if isinstance(entries, (str, Mapping)) or not isinstance(entries, Sequence):
+        raise PriorFormatError(f"`{key}` must be a list of {{name, shape}} objects; received {entries!r:.80}")
+    specs = []
+    for p in entries:
+        if isinstance(p, ParameterSpec):
+            specs.append(p)
+        elif isinstance(p, Mapping) and "name" in p and "shape" in p:
+            specs.append(ParameterSpec(p["name"], tuple(p["shape"])))
+        else:
+            raise PriorFormatError(f"each entry of `{key}` needs `name` and `shape`; received {p!r}")
+    return specs
+
+
 @dataclass
 class PriorConfig:
     """Validated contents of a prior's ``config.json`` (format_version 1).
@@ -102,6 +116,10 @@ class PriorConfig:
         recommended_scale: the λ the authors recommend for fine-tuning, when measured.
         license: SPDX id or Hub license name for the card.
         results: transfer results for the model card (list of dicts: task, dataset, metric, value, ...).
+        buffers: optional non-trainable tensors the prior carries to reproduce the source solution (the
+            running statistics of batch-norm layers, ``"<layer>.running_mean"`` etc.), as
+            :class:`ParameterSpec`; stored as ``<name>.buffer`` tensors. Not part of the density. Default
+            none (priors written before this key load unchanged).
         format_version: the file-format version; a newer one than this library reads is refused.
         priorzoo_version: the library version that wrote the file.
 
@@ -123,6 +141,7 @@ class PriorConfig:
     recommended_scale: float | None = None
     license: str | None = None
     results: list[dict[str, Any]] = field(default_factory=list)
+    buffers: list[ParameterSpec] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
     priorzoo_version: str = field(default_factory=_version)
 
@@ -161,14 +180,7 @@ class PriorConfig:
             if isinstance(rs, bool) or not isinstance(rs, (int, float)) or not (rs > 0 and math.isfinite(rs)):
                 raise PriorFormatError(f"`recommended_scale` must be a finite number > 0; received {rs!r}")
             self.recommended_scale = float(rs)
-        specs = []
-        for p in self.parameters:
-            if isinstance(p, ParameterSpec):
-                specs.append(p)
-            elif isinstance(p, Mapping) and "name" in p and "shape" in p:
-                specs.append(ParameterSpec(p["name"], tuple(p["shape"])))
-            else:
-                raise PriorFormatError(f"each entry of `parameters` needs `name` and `shape`; received {p!r}")
+        specs = _specs(self.parameters, "parameters")
         if not specs:
             raise PriorFormatError("`parameters` is empty: a prior must cover at least one parameter")
         names = [s.name for s in specs]
@@ -176,6 +188,12 @@ class PriorConfig:
             dup = sorted({n for n in names if names.count(n) > 1})
             raise PriorFormatError(f"`parameters` lists these names more than once: {dup}")
         self.parameters = specs
+        self.buffers = _specs(self.buffers, "buffers")
+        bnames = [b.name for b in self.buffers]
+        if len(set(bnames)) != len(bnames):
+            raise PriorFormatError(
+                f"`buffers` lists these names more than once: {sorted({n for n in bnames if bnames.count(n) > 1})}"
+            )
         if isinstance(self.exclude, str) or not isinstance(self.exclude, Sequence):
             raise PriorFormatError(f"`exclude` must be a list of glob patterns; received {self.exclude!r}")
         self.exclude = [str(e) for e in self.exclude]
@@ -205,8 +223,10 @@ class PriorConfig:
             value = getattr(self, f.name)
             if f.name == "kind":
                 value = self.kind.value
-            elif f.name == "parameters":
-                value = [{"name": p.name, "shape": list(p.shape)} for p in self.parameters]
+            elif f.name in ("parameters", "buffers"):
+                if f.name == "buffers" and not value:
+                    continue  # written only when present: a prior without buffers reads in older releases
+                value = [{"name": p.name, "shape": list(p.shape)} for p in value]
             out[f.name] = value
         return out
 

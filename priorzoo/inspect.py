@@ -105,7 +105,10 @@ def summarize(prior: PriorModel, *, scale: float | None = None) -> dict[str, Any
         ``license``, ``backbone``, ``source``, ``learning``, ``exclude``, ``format_version``,
         ``priorzoo_version``), sizes (``num_parameters``, ``num_tensors``, ``dtypes``, ``storage_bytes``),
         global statistics (``variance`` mean/median/min/max over all weights, ``factor_row_norms`` ‖F_k‖,
-        ``prior_std`` = sqrt(mean diag Σ), ``low_rank_fraction`` = share of trace(Σ − eps·I) from FᵀF), the
+        ``prior_std`` = sqrt(mean diag Σ), ``low_rank_fraction`` = share of trace(Σ − eps·I) from FᵀF),
+        ``variance_floor`` (``floor``: ½·``learning.min_var`` of a SWAG prior, and ``fraction``: the share of
+        variances at it — most of them means λ = 1 is a precision of 1/floor per weight; ``None`` when the
+        prior records no floor), ``buffers`` (how many batch-norm statistics tensors it carries), the
         λ used (``evaluated_scale``) and ``layers``: one dict per parameter tensor, in prior order, with
         ``name``, ``shape``, ``numel``, ``variance_mean``/``_median``/``_min``/``_max``,
         ``factor_row_norms``, ``low_rank_diag_mean``, ``prior_std``, ``mean_rms`` and ``relative_std``.
@@ -136,6 +139,13 @@ def summarize(prior: PriorModel, *, scale: float | None = None) -> dict[str, Any
             return None
         return "/".join(sorted({_dtype_name(t) for t in store.values()}))
 
+    floor_info = None
+    min_var = cfg.learning.get("min_var")
+    if prior.kind.value == "swag" and isinstance(min_var, (int, float)) and min_var > 0:
+        from priorzoo.learn._common import variance_floor_fraction
+
+        floor = 0.5 * float(min_var)
+        floor_info = {"floor": floor, "fraction": variance_floor_fraction(prior.variance, floor)}
     stores = [prior.mean, prior.variance, *([prior.cov_factor] if prior.cov_factor is not None else [])]
     storage = sum(t.numel() * t.element_size() for store in stores for t in store.values())
     return {
@@ -169,6 +179,8 @@ def summarize(prior: PriorModel, *, scale: float | None = None) -> dict[str, Any
         "factor_row_norms": row_norms,
         "prior_std": math.sqrt(lam * (var_sum + low_sum) / total + prior.eps) if total else 0.0,
         "low_rank_fraction": low_sum / (var_sum + low_sum) if var_sum + low_sum > 0 else 0.0,
+        "variance_floor": floor_info,
+        "buffers": len(prior.buffers),
         "layers": layers,
     }
 
@@ -222,6 +234,17 @@ def format_summary(summary: Mapping[str, Any], *, max_layers: int | None = 60) -
         f"prior std:       {s['prior_std']:.3e} = sqrt(mean diag Σ) at λ = {s['evaluated_scale']:g} "
         f"(low-rank share of the trace: {100 * s['low_rank_fraction']:.1f}%)",
     ]
+    floor = s.get("variance_floor")
+    if floor:
+        lines.append(
+            f"at the floor:    {100 * floor['fraction']:.1f}% of the variances equal ½·min_var = {floor['floor']:.1e}"
+            f" (precision {1 / floor['floor']:.1e} per weight at λ = 1)"
+        )
+    lines.append(
+        f"batch norm:      {s['buffers']} running-statistics tensors carried"
+        if s.get("buffers")
+        else "batch norm:      no running statistics carried (init_model_ keeps the model's own)"
+    )
     if s["factor_row_norms"]:
         lines.append("factor rows ‖F_k‖: " + ", ".join(f"{x:.3e}" for x in s["factor_row_norms"]))
     lines += [

@@ -38,6 +38,7 @@ from priorzoo.errors import PriorFormatError, PriorNotFoundError
 from priorzoo.files import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
 from priorzoo.gaussian import LowRankGaussian
 from priorzoo.matching import MatchResult, Patterns, match_parameters
+from priorzoo.serialization import BUFFER_SUFFIX as _BUFFER_SUFFIX
 from priorzoo.serialization import load_prior_folder, save_prior
 
 __all__ = ["CONFIG_NAME", "INDEX_NAME", "WEIGHTS_NAME", "BoundPrior", "PriorModel"]
@@ -66,6 +67,8 @@ class PriorModel:
         config: the validated :class:`~priorzoo.config.PriorConfig`.
         mean, variance: ``name -> tensor`` of each parameter's shape.
         cov_factor: ``name -> [K, *shape]`` tensor, or ``None`` when K = 0.
+        buffers: ``name -> tensor`` of the source model's batch-norm running statistics (empty when the
+            prior carries none); :meth:`init_model_` copies them into the model.
 
     Example:
         >>> import torch
@@ -83,13 +86,16 @@ class PriorModel:
         variance: Mapping[str, Tensor],
         cov_factor: Mapping[str, Tensor] | None = None,
         *,
+        buffers: Mapping[str, Tensor] | None = None,
         validate: bool = True,
     ) -> None:
         self.config = config
         self.mean = dict(mean)
         self.variance = dict(variance)
         self.cov_factor = dict(cov_factor) if cov_factor is not None and config.rank > 0 else None
+        self.buffers: dict[str, Tensor] = dict(buffers or {})
         self._bindings: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._scale_chosen = False  # set by with_scale(): resolve_scale() then keeps λ as it is
         if validate:
             self._validate()
 
@@ -111,6 +117,7 @@ class PriorModel:
         recommended_scale: float | None = None,
         license: str | None = None,
         results: list[dict[str, Any]] | None = None,
+        buffers: Mapping[str, Tensor] | None = None,
     ) -> PriorModel:
         """Build a prior from tensors (copied to contiguous CPU-independent storage as given).
 
@@ -122,6 +129,8 @@ class PriorModel:
             kind: defaults to ``swag`` with a factor, ``isotropic`` for a float variance, else ``diagonal``.
             backbone, source, learning, exclude, recommended_scale, license, results: see
                 :class:`~priorzoo.config.PriorConfig`.
+            buffers: ``name -> tensor`` running statistics to carry (batch-norm ``running_mean``,
+                ``running_var``, ``num_batches_tracked`` under the source model's buffer names).
 
         Example:
             >>> import torch
@@ -166,6 +175,7 @@ class PriorModel:
             recommended_scale=recommended_scale,
             license=license,
             results=list(results or []),
+            buffers=[ParameterSpec(n, tuple(b.shape)) for n, b in (buffers or {}).items()],
         )
         cf = {n: cov_factor[n].detach() for n in mean} if cov_factor is not None else None
         return cls(
@@ -173,6 +183,7 @@ class PriorModel:
             {n: m.detach() for n, m in mean.items()},
             {n: variance[n].detach() for n in mean},
             cf,
+            buffers={n: b.detach() for n, b in (buffers or {}).items()},
         )
 
     def _validate(self) -> None:
@@ -202,6 +213,18 @@ class PriorModel:
         extra = sorted(set(self.mean) - set(cfg.names))
         if extra:
             raise PriorFormatError(f"tensors for parameters not listed in the config: {extra[:5]}")
+        listed = {b.name: b.shape for b in cfg.buffers}
+        if set(listed) != set(self.buffers):
+            raise PriorFormatError(
+                f"the config lists buffers {sorted(listed)[:5]} but the tensors hold {sorted(self.buffers)[:5]}"
+            )
+        for name, t in self.buffers.items():
+            if not isinstance(t, Tensor) or tuple(t.shape) != listed[name]:
+                raise PriorFormatError(
+                    f"`{name}.{_BUFFER_SUFFIX}` has shape {tuple(getattr(t, 'shape', ()))}; "
+                    f"the config says {listed[name]}"
+                )
+            _check_values(f"{name}.{_BUFFER_SUFFIX}", t, nonneg=name.endswith("running_var"))
 
     # ------------------------------------------------------------------ properties
     @property
@@ -243,18 +266,44 @@ class PriorModel:
     def with_scale(self, scale: float | None = None, eps: float | None = None) -> PriorModel:
         """A copy with another λ and/or ε, sharing the tensors (no copy, no re-validation).
 
+        ``scale=None`` takes the prior's ``config.recommended_scale`` (the λ its learner measured or its
+        authors recommend) when it has one, else keeps the current λ: ``prior.with_scale()`` is the
+        out-of-the-box fine-tuning prior. :func:`priorzoo.finetune.tune_scale` searches λ on your task.
+
         Example:
             >>> import torch
-            >>> p = PriorModel.from_tensors({"w": torch.zeros(2)}, variance=1.0)
-            >>> p.with_scale(10.0).scale
-            10.0
+            >>> p = PriorModel.from_tensors({"w": torch.zeros(2)}, variance=1.0, recommended_scale=100.0)
+            >>> p.with_scale(10.0).scale, p.with_scale().scale
+            (10.0, 100.0)
         """
-        cfg = dataclasses.replace(
-            self.config,
-            scale=self.scale if scale is None else scale,
-            eps=self.eps if eps is None else eps,
-        )
-        return PriorModel(cfg, self.mean, self.variance, self.cov_factor, validate=False)
+        if scale is None:
+            scale = self.config.recommended_scale if self.config.recommended_scale is not None else self.scale
+        cfg = dataclasses.replace(self.config, scale=scale, eps=self.eps if eps is None else eps)
+        out = PriorModel(cfg, self.mean, self.variance, self.cov_factor, buffers=self.buffers, validate=False)
+        out._scale_chosen = True
+        return out
+
+    def resolve_scale(self, scale: float | None = None) -> PriorModel:
+        """The prior fine-tuning should use: λ = ``scale`` when given; otherwise this prior as it is if its
+        λ was chosen (``with_scale(...)``, or a non-default λ in the file) or it has no
+        ``recommended_scale``; else the prior at its ``recommended_scale``.
+
+        This is the default of ``PriorRegularizer``/``PriorCallback``/``PriorTrainer`` (``scale=None``): a
+        freshly learned prior fine-tunes at the λ its learner recommends, not at λ = 1, whose precision is
+        ~1e6 per weight when most SWAG variances sit at the ``min_var`` floor.
+
+        Example:
+            >>> import torch
+            >>> p = PriorModel.from_tensors({"w": torch.zeros(2)}, variance=1.0, recommended_scale=1e4)
+            >>> p.resolve_scale().scale, p.resolve_scale(5.0).scale, p.with_scale(1.0).resolve_scale().scale
+            (10000.0, 5.0, 1.0)
+        """
+        if scale is not None:
+            return self.with_scale(scale)
+        chosen = self._scale_chosen or self.scale != 1.0
+        if chosen or self.config.recommended_scale is None:
+            return self
+        return self.with_scale(self.config.recommended_scale)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> PriorModel:
         """Move/cast every tensor in place (like ``nn.Module.to``) and return ``self``."""
@@ -266,6 +315,9 @@ class PriorModel:
         self.variance = {n: conv(t) for n, t in self.variance.items()}
         if self.cov_factor is not None:
             self.cov_factor = {n: conv(t) for n, t in self.cov_factor.items()}
+        self.buffers = {
+            n: t.to(device=device, dtype=dtype if t.dtype.is_floating_point else None) for n, t in self.buffers.items()
+        }
         self._bindings = weakref.WeakKeyDictionary()
         return self
 
@@ -415,8 +467,22 @@ class PriorModel:
         return dict(zip(self.names, draws))
 
     @torch.no_grad()
-    def init_model_(self, model: torch.nn.Module, **bind_kwargs: Any) -> MatchResult:
-        """Copy μ into the model's matching parameters, in place; returns the match used.
+    def init_model_(self, model: torch.nn.Module, *, buffers: bool = True, **bind_kwargs: Any) -> MatchResult:
+        """Copy μ into the model's matching parameters and the prior's :attr:`buffers` (batch-norm running
+        statistics) into the model's buffers, in place; returns the match used.
+
+        Weights without their statistics are not the source solution: a batch-norm network given the SWA
+        mean but the fresh model's running statistics predicts badly. A learned prior carries the
+        statistics (recomputed for the SWA mean when the learner had data). When the prior has none
+        (imported or isotropic priors written without them) and the model has batch norm, a warning says so
+        and points to :func:`priorzoo.finetune.refresh_batchnorm_`, which re-estimates them from data.
+
+        Args:
+            model: the model to initialise (prefixes such as ``module.``/``bert.`` are matched as by
+                :meth:`match`).
+            buffers: also copy the buffers (default). Buffers of the model's head, or missing in the model,
+                are skipped (a warning names the missing ones).
+            bind_kwargs: ``include``, ``exclude``, ``exclude_head``, ``allow_partial`` as for :meth:`bind`.
 
         Example:
             >>> import torch
@@ -432,7 +498,43 @@ class PriorModel:
         params = dict(model.named_parameters())
         for pname, mname in result.matched.items():
             params[mname].copy_(self.mean[pname])
+        if buffers:
+            self._init_buffers_(model, result)
         return result
+
+    def _init_buffers_(self, model: torch.nn.Module, result: MatchResult) -> None:
+        import warnings
+
+        model_buffers = dict(model.named_buffers())
+        tracked = [n for n in model_buffers if n.endswith("running_mean")]
+        if not self.buffers:
+            if tracked:
+                warnings.warn(
+                    f"this {self.kind.value} prior carries no batch-norm running statistics, and the model has "
+                    f"{len(tracked)} batch-norm layer(s): they keep the model's own statistics, which do not "
+                    "belong to the prior mean. Re-estimate them with "
+                    "`priorzoo.finetune.refresh_batchnorm_(model, train_loader)` before evaluating.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            return
+        strip, add = result.prior_prefix, result.model_prefix
+        missing = []
+        for name, t in self.buffers.items():
+            target = add + name[len(strip) :] if name.startswith(strip) else name
+            buf = model_buffers.get(target)
+            if buf is None or tuple(buf.shape) != tuple(t.shape):
+                missing.append(name)
+                continue
+            buf.copy_(t.to(buf.dtype))
+        if missing:
+            warnings.warn(
+                f"{len(missing)} buffer(s) of the prior have no buffer of that name and shape in the model and "
+                f"were not copied: {', '.join(f'`{m}`' for m in missing[:5])}"
+                + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""),
+                UserWarning,
+                stacklevel=3,
+            )
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(
@@ -526,7 +628,8 @@ class PriorModel:
                 local_files_only=local_files_only,
                 subfolder=subfolder,
             )
-        return cls(*load_prior_folder(folder, device=device))
+        config, mean, variance, cov_factor, buffers = load_prior_folder(folder, device=device)
+        return cls(config, mean, variance, cov_factor, buffers=buffers)
 
     def push_to_hub(
         self,

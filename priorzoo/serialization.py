@@ -8,7 +8,7 @@ Example:
     >>> import tempfile, torch
     >>> from priorzoo import PriorModel
     >>> folder = save_prior(PriorModel.from_tensors({"w": torch.zeros(2)}, variance=1.0), tempfile.mkdtemp())
-    >>> config, mean, variance, cov_factor = load_prior_folder(folder)
+    >>> config, mean, variance, cov_factor, buffers = load_prior_folder(folder)
     >>> config.kind.value, mean["w"].tolist(), cov_factor
     ('isotropic', [0.0, 0.0], None)
 """
@@ -35,9 +35,11 @@ from priorzoo.files import CARD_NAME, CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, is_
 if TYPE_CHECKING:
     from priorzoo.prior import PriorModel
 
-__all__ = ["FLOAT_DTYPES", "SUFFIXES", "as_dtype", "load_prior_folder", "parse_size", "save_prior"]
+__all__ = ["BUFFER_SUFFIX", "FLOAT_DTYPES", "SUFFIXES", "as_dtype", "load_prior_folder", "parse_size", "save_prior"]
 
 SUFFIXES = ("mean", "variance", "cov_factor")
+BUFFER_SUFFIX = "buffer"
+"""``<buffer name>.buffer``: running statistics a prior carries (``config.buffers``), not part of the density."""
 """The tensors stored per parameter ``name``: ``name.mean``, ``name.variance``, ``name.cov_factor``."""
 FLOAT_DTYPES = {
     "float32": torch.float32,
@@ -106,6 +108,8 @@ def _tensor_dict(prior: PriorModel, factor_dtype: torch.dtype | None, dtype: tor
         if prior.cov_factor is not None:
             f = prior.cov_factor[n].detach().to("cpu")
             out[f"{n}.cov_factor"] = f.to(factor_dtype or dtype or torch.float32).contiguous()
+    for n, b in prior.buffers.items():  # stored as they are: float32 statistics, int64 counters
+        out[f"{n}.{BUFFER_SUFFIX}"] = b.detach().to("cpu").contiguous()
     return out
 
 
@@ -132,11 +136,13 @@ def save_prior(
     target.parent.mkdir(parents=True, exist_ok=True)
     tensors = _tensor_dict(prior, factor_dtype, dtype)
 
-    # shards: parameters in order, a parameter's tensors kept together
+    # shards: parameters (then buffers) in order, a parameter's tensors kept together
     shards: list[dict[str, Tensor]] = [{}]
     size = 0
-    for n in prior.names:
-        group = {k: tensors[k] for k in (f"{n}.{s}" for s in SUFFIXES) if k in tensors}
+    groups = [[f"{n}.{s}" for s in SUFFIXES] for n in prior.names]
+    groups += [[f"{n}.{BUFFER_SUFFIX}"] for n in prior.buffers]
+    for keys in groups:
+        group = {k: tensors[k] for k in keys if k in tensors}
         gsize = sum(t.numel() * t.element_size() for t in group.values())
         if shards[-1] and size + gsize > limit:
             shards.append({})
@@ -199,8 +205,9 @@ def save_prior(
 
 def load_prior_folder(
     folder: str | os.PathLike, *, device: torch.device | str | None = None
-) -> tuple[PriorConfig, dict[str, Tensor], dict[str, Tensor], dict[str, Tensor] | None]:
-    """Read a local prior folder: ``(config, mean, variance, cov_factor or None)``, tensors on ``device``.
+) -> tuple[PriorConfig, dict[str, Tensor], dict[str, Tensor], dict[str, Tensor] | None, dict[str, Tensor]]:
+    """Read a local prior folder: ``(config, mean, variance, cov_factor or None, buffers)``, tensors on
+    ``device`` (``buffers``: ``name -> tensor``, empty for a prior without ``config.buffers``).
 
     The tensors' values are validated by :class:`~priorzoo.prior.PriorModel` (finite, variance ≥ 0,
     shapes as in the config); this checks the files: a config, the tensors (single file or index + shards),
@@ -244,7 +251,7 @@ def load_prior_folder(
             if wrong:
                 raise PriorFormatError(f"{f}: holds tensors the index assigns elsewhere: {wrong[:5]}")
         tensors.update(part)
-    store: dict[str, dict[str, Tensor]] = {s: {} for s in SUFFIXES}
+    store: dict[str, dict[str, Tensor]] = {s: {} for s in (*SUFFIXES, BUFFER_SUFFIX)}
     unexpected = []
     for key, t in tensors.items():
         name, _, suffix = key.rpartition(".")
@@ -254,8 +261,13 @@ def load_prior_folder(
             unexpected.append(key)
     known = set(config.names)
     unexpected += [f"{n}.{s}" for s in SUFFIXES for n in store[s] if n not in known]
+    known_buffers = {b.name for b in config.buffers}
+    unexpected += [f"{n}.{BUFFER_SUFFIX}" for n in store[BUFFER_SUFFIX] if n not in known_buffers]
+    absent = sorted(known_buffers - set(store[BUFFER_SUFFIX]))
+    if absent:
+        raise PriorFormatError(f"{folder}: buffer tensor(s) listed in {CONFIG_NAME} are missing: {absent[:5]}")
     if unexpected:
         raise PriorFormatError(f"{folder}: tensors not described by {CONFIG_NAME}: {sorted(unexpected)[:5]}")
     if config.rank == 0 and store["cov_factor"]:
         raise PriorFormatError(f"{folder}: config rank is 0 but the file holds cov_factor tensors")
-    return config, store["mean"], store["variance"], store["cov_factor"] or None
+    return config, store["mean"], store["variance"], store["cov_factor"] or None, store[BUFFER_SUFFIX]

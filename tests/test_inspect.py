@@ -113,3 +113,27 @@ def test_plot_without_matplotlib_names_the_extra(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # what a missing package looks like to import
     with pytest.raises(ImportError, match=r'pip install "priorzoo\[plot\]"'):
         plot_layer_scales(random_prior(), tmp_path / "x.png")
+
+
+def test_summary_reports_the_fraction_of_variances_at_the_floor_and_the_buffers() -> None:
+    import torch
+
+    from priorzoo import PriorModel
+    from priorzoo.inspect import format_summary, summarize
+
+    var = torch.full((10,), 5e-7)
+    var[:2] = 1e-3  # 8 of 10 at ½·min_var
+    prior = PriorModel.from_tensors(
+        {"w": torch.zeros(10)},
+        {"w": var},
+        {"w": torch.zeros(2, 10)},
+        learning={"method": "swag", "min_var": 1e-6},
+        buffers={"bn.running_mean": torch.zeros(3)},
+    )
+    s = summarize(prior)
+    assert s["variance_floor"] == {"floor": 5e-7, "fraction": 0.8}
+    assert s["buffers"] == 1
+    text = format_summary(s)
+    assert "80.0% of the variances equal ½·min_var = 5.0e-07" in text
+    assert "1 running-statistics tensors carried" in text
+    assert summarize(PriorModel.from_tensors({"w": torch.zeros(2)}, variance=1.0))["variance_floor"] is None

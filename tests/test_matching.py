@@ -155,3 +155,62 @@ def test_frozen_parameters_without_prior_are_not_uncovered(resnet_source):
         p.requires_grad_(name.startswith(("layer4.", "fc.")))
     assert prior.match(target).uncovered == []
     prior.bind(target)
+
+
+# ---------------------------------------------------------------------- the one head rule, plain models
+class _PlainNet(torch.nn.Module):
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
+        self.classifier = torch.nn.Linear(8, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def test_plain_model_with_a_classifier_linear_has_that_head() -> None:
+    assert head_parameter_names(_PlainNet()) == {"classifier.weight", "classifier.bias"}
+    ddp_like = torch.nn.Module()
+    ddp_like.module = _PlainNet()
+    assert head_parameter_names(ddp_like) == {"module.classifier.weight", "module.classifier.bias"}
+
+
+def test_torchvision_heads_are_detected() -> None:
+    tv = pytest.importorskip("torchvision")
+    assert head_parameter_names(tv.models.get_model("resnet18", num_classes=5)) == {"fc.weight", "fc.bias"}
+    assert head_parameter_names(tv.models.get_model("mobilenet_v2", num_classes=5)) == {
+        "classifier.1.weight",
+        "classifier.1.bias",
+    }
+
+
+def test_an_output_layer_not_named_like_a_head_is_not_assumed() -> None:
+    from priorzoo.matching import output_layer
+
+    seq = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    assert output_layer(seq) == "2" and head_parameter_names(seq) == set()
+    ends_in_norm = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    assert output_layer(ends_in_norm) is None
+
+
+def test_learned_priors_leave_the_plain_head_out_and_warn_about_an_unnamed_output_layer() -> None:
+    import warnings
+
+    from priorzoo.finetune import l2sp_prior
+    from priorzoo.learn import SWAGCollector, isotropic_prior
+
+    net = _PlainNet()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the detected head: nothing to warn about
+        assert SWAGCollector(net, rank=2).names == ["features.0.weight", "features.0.bias"]
+        assert isotropic_prior(net).names == ["features.0.weight", "features.0.bias"]
+        assert l2sp_prior(net, 0.1).names == ["features.0.weight", "features.0.bias"]
+
+    seq = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    for build in (lambda **kw: SWAGCollector(seq, rank=2, **kw), lambda **kw: isotropic_prior(seq, **kw)):
+        with pytest.warns(UserWarning, match=r"include `2.weight`, `2.bias`, which look like the model's output"):
+            build()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert build(head="2.*").names == ["0.weight", "0.bias"]  # explicit head
+            assert build(head=[]).names == ["0.weight", "0.bias", "2.weight", "2.bias"]  # kept on purpose

@@ -567,7 +567,7 @@ class _Builder:
             cfg, backbone=backbone, source=source, learning=learning, license=entry.license,
             recommended_scale=recommended, results=results,
         )  # fmt: skip
-        folder = PriorModel(new, prior.mean, prior.variance, prior.cov_factor).save_pretrained(
+        folder = PriorModel(new, prior.mean, prior.variance, prior.cov_factor, buffers=prior.buffers).save_pretrained(
             paths.final,
             factor_dtype=entry.storage.get("factor_dtype"),
             max_shard_size=entry.storage.get("max_shard_size", "2GB"),

@@ -167,7 +167,8 @@ class PriorCallback(TrainerCallback):
         num_train_examples: N > 0, the number of training examples (the whole training set; under DDP
             still the global count, not per process).
         prior_weight: ρ > 0 (default 1: the posterior).
-        scale: if given, λ > 0 replaces the prior's covariance scale.
+        scale: if given, λ > 0 replaces the prior's covariance scale; default:
+            :meth:`PriorModel.resolve_scale` (the ``recommended_scale`` of a learned prior).
         include, exclude, exclude_head, allow_partial, dtype: forwarded to :meth:`~priorzoo.PriorModel.bind`.
         log_key: name of the logged prior term (default ``prior_term``).
         overlap: start computing the prior term in a background thread as soon as the weights are final
@@ -210,7 +211,7 @@ class PriorCallback(TrainerCallback):
             raise TypeError(f"`prior` must be a priorzoo.PriorModel; received {type(prior).__name__}")
         self.num_train_examples = check_num_train_examples(num_train_examples)
         self.prior_weight = check_prior_weight(prior_weight)
-        self.prior = prior.with_scale(check_scale(scale)) if scale is not None else prior
+        self.prior = prior.resolve_scale(check_scale(scale) if scale is not None else None)
         self.log_key = str(log_key)
         if not isinstance(overlap, bool):
             raise TypeError(f"`overlap` must be True or False; received {overlap!r}")

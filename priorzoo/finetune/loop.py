@@ -96,6 +96,7 @@ def l2sp_prior(
     include: Patterns = None,
     exclude: Patterns = None,
     exclude_head: bool = True,
+    head: Patterns = None,
 ) -> PriorModel:
     r"""The L2-SP baseline: an isotropic prior N(w₀, σ²I) centred on the model's current weights w₀.
 
@@ -109,6 +110,7 @@ def l2sp_prior(
         variance: σ² > 0.
         include, exclude: glob patterns / a predicate on the model's parameter names.
         exclude_head: leave the task head out (default).
+        head: the head's parameters explicitly (patterns or a predicate; ``[]``: none).
 
     Example:
         >>> import torch
@@ -124,7 +126,9 @@ def l2sp_prior(
         raise ValueError(f"the L2-SP variance σ² must be a finite number > 0; received {variance!r}")
     from priorzoo.learn.baselines import isotropic_prior
 
-    return isotropic_prior(model, float(variance), include=include, exclude=exclude, exclude_head=exclude_head)
+    return isotropic_prior(
+        model, float(variance), include=include, exclude=exclude, exclude_head=exclude_head, head=head
+    )
 
 
 # ---------------------------------------------------------------------- a plain loop

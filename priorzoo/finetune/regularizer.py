@@ -141,7 +141,8 @@ class PriorRegularizer:
         num_train_examples: N > 0, the number of training examples (the whole training set, not a batch,
             not per process).
         prior_weight: ρ > 0, multiplies the prior term (1 = posterior; a "temperature" on the prior only).
-        scale: if given, λ > 0 replaces the prior's own scale (``prior.with_scale(scale)``).
+        scale: if given, λ > 0 replaces the prior's own scale; default: :meth:`PriorModel.resolve_scale`
+            (a learned prior whose λ was not chosen uses its ``recommended_scale``).
         include, exclude, exclude_head, allow_partial, dtype: forwarded to :meth:`~priorzoo.PriorModel.bind`.
         overlap: let :meth:`prefetch` compute the term in a background thread, overlapped with the model's
             forward and backward (CPU; see :mod:`priorzoo.finetune._prefetch`). False makes
@@ -188,8 +189,7 @@ class PriorRegularizer:
             raise TypeError(f"`model` must be a torch.nn.Module; received {type(model).__name__}")
         self.num_train_examples = check_num_train_examples(num_train_examples)
         self.prior_weight = check_prior_weight(prior_weight)
-        if scale is not None:
-            prior = prior.with_scale(check_scale(scale))
+        prior = prior.resolve_scale(check_scale(scale) if scale is not None else None)
         _check_prior_device(prior)
         self.prior = prior
         self.model = model

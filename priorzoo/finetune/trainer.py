@@ -62,7 +62,8 @@ class PriorTrainerMixin:
         prior: the :class:`~priorzoo.PriorModel`.
         num_train_examples: N > 0; default ``len(train_dataset)``.
         prior_weight: ρ > 0 (default 1).
-        prior_scale: if given, λ > 0 replaces the prior's covariance scale.
+        prior_scale: if given, λ > 0 replaces the prior's covariance scale; default:
+            :meth:`PriorModel.resolve_scale` (the ``recommended_scale`` of a learned prior).
         prior_include, prior_exclude, prior_exclude_head, prior_allow_partial, prior_dtype: forwarded to
             :meth:`~priorzoo.PriorModel.bind` as ``include``, ``exclude``, ...
         prior_overlap: on a CPU, start computing the prior term in a background thread as soon as the
@@ -109,8 +110,7 @@ class PriorTrainerMixin:
         prior_weight = check_prior_weight(prior_weight)
         if not isinstance(prior_overlap, bool):
             raise TypeError(f"`prior_overlap` must be True or False; received {prior_overlap!r}")
-        if prior_scale is not None:
-            prior = prior.with_scale(check_scale(prior_scale))
+        prior = prior.resolve_scale(check_scale(prior_scale) if prior_scale is not None else None)
         super().__init__(*args, **kwargs)
         trainer: Any = self
         check_trainer_setup(trainer.args, where=type(self).__name__, gradient_hook=False)

@@ -16,7 +16,14 @@ from typing import Any
 
 import torch
 
-from priorzoo.matching import Patterns, compile_patterns, pattern_strings
+from priorzoo.matching import (
+    Patterns,
+    compile_patterns,
+    pattern_strings,
+    resolve_head,
+    select_parameters,
+    warn_if_output_layer,
+)
 
 __all__: list[str] = []
 
@@ -116,6 +123,120 @@ def recorded_exclude(model: torch.nn.Module, chosen: Iterable[str], exclude: Pat
         if p.requires_grad and n not in chosen and not (covered is not None and covered(n))
     ]
     return patterns + others
+
+
+def select_prior_parameters(
+    model: torch.nn.Module,
+    *,
+    include: Patterns,
+    exclude: Patterns,
+    exclude_head: bool,
+    head: Patterns,
+    what: str,
+) -> tuple[dict[str, torch.nn.Parameter], list[str]]:
+    """The parameters a learned prior covers and the head it leaves out: ``(name -> parameter, head names)``.
+
+    The head is ``head`` (patterns; ``[]`` for none) or, by default, the one rule of
+    :func:`priorzoo.matching.head_parameter_names`. With the default, a selection that still contains what
+    looks like an output layer triggers a warning naming it (:func:`priorzoo.matching.warn_if_output_layer`).
+    """
+    params = select_parameters(model, include=include, exclude=exclude)
+    head_names = sorted(resolve_head(model, head)) if exclude_head else []
+    if head_names:
+        hs = set(head_names)
+        params = {n: p for n, p in params.items() if n not in hs}
+    if exclude_head and head is None and params:
+        warn_if_output_layer(model, set(params), what)
+    if not params:
+        total = sum(1 for _ in model.named_parameters())
+        raise ValueError(
+            f"{what}: no parameter selected (include={include!r}, exclude={exclude!r}, head "
+            f"{head_names or 'none'}; the model has {total} named parameters, only those with "
+            "requires_grad=True are eligible)"
+        )
+    return params, head_names
+
+
+def norm_buffers(model: torch.nn.Module, skip: Iterable[str] = ()) -> dict[str, torch.nn.Module]:
+    """``module name -> module`` of every normalisation layer that tracks running statistics (BatchNorm,
+    SyncBatchNorm, InstanceNorm with ``track_running_stats``), except modules whose parameters are all in
+    ``skip`` (the head)."""
+    skip = set(skip)
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.track_running_stats:
+            own = [f"{name}.{n}" for n, _ in m.named_parameters()]
+            if own and all(o in skip for o in own):
+                continue
+            if m.running_mean is not None:
+                out[name] = m
+    return out
+
+
+def running_statistics(model: torch.nn.Module, skip: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """CPU copies of the normalisation layers' running statistics, ``"<layer>.running_mean"`` etc. (float32
+    for the statistics, int64 for ``num_batches_tracked``), in model order."""
+    out: dict[str, torch.Tensor] = {}
+    for name, m in norm_buffers(model, skip).items():
+        pre = f"{name}." if name else ""
+        for key in ("running_mean", "running_var", "num_batches_tracked"):
+            t = getattr(m, key, None)
+            if isinstance(t, torch.Tensor):
+                dtype = torch.int64 if not t.dtype.is_floating_point else torch.float32
+                out[pre + key] = t.detach().to("cpu", dtype, copy=True)
+    return out
+
+
+def variance_floor_fraction(variance: Mapping[str, torch.Tensor], floor: float) -> float:
+    """Fraction of the stored variances at (or within 0.1 % above) ``floor`` (0 when ``floor`` is 0)."""
+    if floor <= 0:
+        return 0.0
+    hits = sum(int((v <= floor * 1.001).sum()) for v in variance.values())
+    return hits / max(sum(v.numel() for v in variance.values()), 1)
+
+
+def recommend_scale(
+    mean: Mapping[str, torch.Tensor],
+    variance: Mapping[str, torch.Tensor],
+    cov_factor: Mapping[str, torch.Tensor] | None = None,
+    *,
+    floor: float = 0.0,
+) -> tuple[float, str]:
+    r"""The documented default λ of a learned prior: ``(λ, description of the rule)``.
+
+        A SWAG variance measures how far SGD wandered at the SWA learning rate, not how far a downstream task may
+        move a weight; most variances sit at the ``min_var`` floor (88 % in a real ImageNet prior), so at λ = 1
+        the precision is ~1e6 per weight and fine-tuning is pinned (or SGD diverges). The rule puts the prior's
+        typical standard deviation at the scale of the weights themselves:
+
+        .. math:: \lambda^\star = 10^{\operatorname{round}\log_{10}
+            \left(\sum_i \mu_i^2 ig/ \sum_i \Sigma^{(1)}_{ii}
+    ight)}, \qquad
+            \Sigma^{(1)}_{ii} = v_i + \sum_k F_{ki}^2,
+
+        i.e. the power of ten at which the total prior variance equals the squared norm of the mean, clipped to
+        [1, 1e10] (the paper's search range). It is a starting point, not a tuned value:
+        :func:`priorzoo.finetune.tune_scale` searches λ on the downstream task.
+
+        Example:
+            >>> import torch
+            >>> lam, rule = recommend_scale({"w": torch.full((10,), 0.1)}, {"w": torch.full((10,), 1e-6)})
+            >>> lam
+            10000.0
+    """
+    num = sum(float(m.double().pow(2).sum()) for m in mean.values())
+    den = sum(float(v.double().sum()) for v in variance.values())
+    if cov_factor is not None:
+        den += sum(float(f.double().pow(2).sum()) for f in cov_factor.values())
+    frac = variance_floor_fraction(variance, floor)
+    if num <= 0 or den <= 0:
+        lam = 1.0
+    else:
+        lam = float(10.0 ** min(max(round(math.log10(num / den)), 0), 10))
+    rule = (
+        f"10^round(log10(sum mean^2 / sum diag Sigma(lambda=1))) = {lam:g} ({frac:.0%} of the variances at the floor)"
+    )
+    return lam, rule
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

@@ -42,8 +42,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from priorzoo.learn._common import check_float, describe_backbone, move_to_device, recorded_exclude
-from priorzoo.matching import Patterns, head_parameter_names, select_parameters
+from priorzoo.learn._common import (
+    check_float,
+    describe_backbone,
+    move_to_device,
+    recorded_exclude,
+    running_statistics,
+    select_prior_parameters,
+)
+from priorzoo.matching import Patterns
 
 if TYPE_CHECKING:
     from priorzoo.prior import PriorModel
@@ -51,17 +58,12 @@ if TYPE_CHECKING:
 __all__ = ["empirical_fisher", "fisher_prior", "isotropic_prior"]
 
 
-def _select(model: nn.Module, include: Patterns, exclude: Patterns, exclude_head: bool) -> dict[str, nn.Parameter]:
-    params = select_parameters(model, include=include, exclude=exclude)
-    if exclude_head:
-        head = head_parameter_names(model)
-        params = {n: p for n, p in params.items() if n not in head}
-    if not params:
-        raise ValueError(
-            f"no parameter selected (include={include!r}, exclude={exclude!r}, exclude_head={exclude_head}); "
-            "only parameters with requires_grad=True are eligible"
-        )
-    return params
+def _select(
+    model: nn.Module, include: Patterns, exclude: Patterns, exclude_head: bool, head: Patterns, what: str
+) -> tuple[dict[str, nn.Parameter], list[str]]:
+    return select_prior_parameters(
+        model, include=include, exclude=exclude, exclude_head=exclude_head, head=head, what=what
+    )
 
 
 def isotropic_prior(
@@ -71,6 +73,7 @@ def isotropic_prior(
     include: Patterns = None,
     exclude: Patterns = None,
     exclude_head: bool = True,
+    head: Patterns = None,
     scale: float = 1.0,
     backbone: Mapping[str, Any] | None = None,
     source: Mapping[str, Any] | None = None,
@@ -82,7 +85,9 @@ def isotropic_prior(
         model: the pre-trained backbone (its head is left out unless ``exclude_head=False``).
         variance: σ² > 0; only λσ² matters downstream (L2-SP's α = 1/(Nλσ²)).
         include, exclude: glob patterns / callable choosing the parameters.
-        exclude_head: drop the task head (see :func:`priorzoo.matching.head_parameter_names`).
+        exclude_head: drop the task head (``head``, else :func:`priorzoo.matching.head_parameter_names`;
+            a warning names an output layer the selection would still include).
+        head: the head's parameters explicitly (glob pattern(s) or a predicate; ``[]``: none).
         scale: λ.
         backbone, source, license: provenance for ``config.json`` and the card (backbone detected by
             default).
@@ -97,7 +102,7 @@ def isotropic_prior(
     check_float(variance, "variance", minimum=0.0, strict=True)
     from priorzoo.prior import PriorModel
 
-    params = _select(model, include, exclude, exclude_head)
+    params, head_names = _select(model, include, exclude, exclude_head, head, "isotropic_prior")
     mean = {n: p.detach().to("cpu", torch.float32, copy=True) for n, p in params.items()}
     return PriorModel.from_tensors(
         mean,
@@ -109,6 +114,7 @@ def isotropic_prior(
         learning={"method": "isotropic", "variance": float(variance), "reference": "L2-SP, Li et al. 2018"},
         exclude=recorded_exclude(model, params, exclude),
         license=license,
+        buffers=running_statistics(model, skip=head_names),
     )
 
 
@@ -145,6 +151,7 @@ def empirical_fisher(
     include: Patterns = None,
     exclude: Patterns = None,
     exclude_head: bool = True,
+    head: Patterns = None,
     per_example: bool = True,
     max_batches: int | None = None,
     device: torch.device | str | None = None,
@@ -171,7 +178,7 @@ def empirical_fisher(
         >>> fisher["weight"].tolist(), n  # per-example gradients (-1, 0) and (0, -2): mean squares (0.5, 2)
         ([[0.5, 2.0]], 2)
     """
-    params = _select(model, include, exclude, exclude_head)
+    params, _ = _select(model, include, exclude, exclude_head, head, "empirical_fisher")
     names, tensors = list(params), list(params.values())
     dev = torch.device(device) if device is not None else tensors[0].device
     acc = [torch.zeros(p.shape, dtype=torch.float64, device=p.device) for p in tensors]
@@ -212,6 +219,7 @@ def fisher_prior(
     include: Patterns = None,
     exclude: Patterns = None,
     exclude_head: bool = True,
+    head: Patterns = None,
     per_example: bool = True,
     max_batches: int | None = None,
     scale: float = 1.0,
@@ -240,7 +248,7 @@ def fisher_prior(
     delta = check_float(prior_precision, "prior_precision", minimum=0.0, strict=True)
     from priorzoo.prior import PriorModel
 
-    params = _select(model, include, exclude, exclude_head)
+    params, head_names = _select(model, include, exclude, exclude_head, head, "fisher_prior")
     if fisher is None:
         if loader is None or loss_fn is None:
             raise ValueError("fisher_prior needs `loader` and `loss_fn`, or a precomputed `fisher` with `num_examples`")
@@ -250,6 +258,7 @@ def fisher_prior(
             loss_fn,
             include=list(params),
             exclude_head=False,
+            head=[],
             per_example=per_example,
             max_batches=max_batches,
         )
@@ -287,4 +296,5 @@ def fisher_prior(
         },
         exclude=recorded_exclude(model, params, exclude),
         license=license,
+        buffers=running_statistics(model, skip=head_names),
     )

@@ -219,7 +219,7 @@ def _save_fit_state(
         for k, v in objective.state_dict().items():
             tensors[f"objective.{k}"] = v
     cstate = collector.state_dict()
-    for key in ("mean", "m2", "deviations"):
+    for key in [k for k, v in cstate.items() if isinstance(v, Tensor)]:
         tensors[f"collector.{key}"] = cstate.pop(key)
     meta = {
         "format": "priorzoo.swag_fit",
@@ -250,7 +250,7 @@ def _load_fit_state(
     if isinstance(objective, nn.Module):
         objective.load_state_dict({k[len("objective.") :]: v for k, v in tensors.items() if k.startswith("objective.")})
     collector.load_state_dict(
-        {**meta["collector"], **{k: tensors[f"collector.{k}"] for k in ("mean", "m2", "deviations")}}
+        {**meta["collector"], **{k[len("collector.") :]: v for k, v in tensors.items() if k.startswith("collector.")}}
     )
     optimizer.load_state_dict(unflatten_tree(meta["optimizer"], tensors))
     if scheduler is not None and meta.get("scheduler") is not None:

@@ -73,9 +73,13 @@ from priorzoo.learn._common import (
     check_positive_int,
     describe_backbone,
     load_safetensors_with_meta,
+    norm_buffers,
+    recommend_scale,
     recorded_exclude,
+    running_statistics,
+    select_prior_parameters,
 )
-from priorzoo.matching import Patterns, head_parameter_names, select_parameters
+from priorzoo.matching import Patterns
 
 if TYPE_CHECKING:
     from priorzoo.prior import PriorModel
@@ -101,10 +105,16 @@ class SWAGCollector:
             list of them, or a callable ``name -> bool`` (see :func:`priorzoo.matching.select_parameters`).
             Only parameters with ``requires_grad`` are considered.
         exclude_head: also leave out the model's task head, which is replaced downstream and gets no
-            learned prior: timm's ``pretrained_cfg["classifier"]`` (``fc``, ``head``, …) and, for transformers
-            task models, everything outside ``base_model_prefix`` (see
-            :func:`priorzoo.matching.head_parameter_names`). A plain ``nn.Module`` has no known head: pass
-            ``exclude`` patterns.
+            learned prior: ``head`` when given, else the one rule of
+            :func:`priorzoo.matching.head_parameter_names` (timm's ``pretrained_cfg["classifier"]``, what a
+            transformers task model holds outside ``base_model_prefix``, and a plain/torchvision model's final
+            ``nn.Linear`` named ``fc``/``classifier``/``head``/…). When the selection still holds what looks
+            like an output layer, a warning names it.
+        head: glob pattern(s) or a predicate naming the head's parameters explicitly (``[]``: the model has
+            none; no warning).
+        buffers: carry the batch-norm running statistics (default): the collector averages each layer's
+            ``running_mean``/``running_var`` over the snapshots, and :meth:`to_prior` with ``bn_data``
+            recomputes them for the SWA mean instead (as ``torch.optim.swa_utils.update_bn`` does).
         min_var: floor of the diagonal variance before the ½ (the official "Pre-Train Your Loss" code
             clamps at 1e-6; a weight that never moved would otherwise get an infinite precision).
         moment_dtype: dtype of the running mean and M₂ (default float32, or the parameters' dtype when
@@ -138,6 +148,8 @@ class SWAGCollector:
         include: Patterns = None,
         exclude: Patterns = None,
         exclude_head: bool = True,
+        head: Patterns = None,
+        buffers: bool = True,
         min_var: float = 1e-6,
         moment_dtype: torch.dtype | None = None,
         factor_dtype: torch.dtype = torch.float32,
@@ -156,18 +168,13 @@ class SWAGCollector:
         self.model = model
         self.include = include
         self.exclude = exclude
-        params = select_parameters(model, include=include, exclude=exclude)
-        self.head_names = sorted(head_parameter_names(model)) if exclude_head else []
-        if self.head_names:
-            head = set(self.head_names)
-            params = {n: p for n, p in params.items() if n not in head}
-        if not params:
-            total = sum(1 for _ in model.named_parameters())
-            raise ValueError(
-                f"no parameter selected for SWAG (include={include!r}, exclude={exclude!r}, head "
-                f"{self.head_names or 'none'}; the model has {total} named parameters, only those with "
-                "requires_grad=True are eligible)"
-            )
+        params, self.head_names = select_prior_parameters(
+            model, include=include, exclude=exclude, exclude_head=exclude_head, head=head, what="SWAGCollector"
+        )
+        self.buffer_layers: list[str] = list(norm_buffers(model, skip=self.head_names)) if buffers else []
+        self._buffer_sum: dict[str, Tensor] = {}  # Σ over snapshots of each running_mean / running_var
+        self._buffer_last: dict[str, Tensor] = {}  # the latest num_batches_tracked
+        self._buffer_n = 0
         self.names: list[str] = list(params)
         self.shapes: dict[str, tuple[int, ...]] = {n: tuple(p.shape) for n, p in params.items()}
         self._offsets: dict[str, tuple[int, int]] = {}
@@ -368,6 +375,64 @@ class SWAGCollector:
                     # Welford: M₂ += δ·d with δ = w − w̄_old = d·n/(n−1), i.e. M₂ += n/(n−1)·d² (≥ 0)
                     self._m2[a + s : a + e].addcmul_(dev, dev, value=gain)
         self._n = n
+        self._collect_buffers(self.model if model is None else model)
+
+    def _collect_buffers(self, model: torch.nn.Module) -> None:
+        if not self.buffer_layers:
+            return
+        stats = running_statistics(model, skip=self.head_names)
+        for name, t in stats.items():
+            if t.dtype.is_floating_point:
+                acc = self._buffer_sum.get(name)
+                self._buffer_sum[name] = t.double() if acc is None else acc.add_(t)
+            else:
+                self._buffer_last[name] = t
+        self._buffer_n += 1
+
+    def running_statistics(self) -> dict[str, Tensor]:
+        """The batch-norm running statistics averaged over the snapshots (``num_batches_tracked``: the
+        latest), ``"<layer>.running_mean"`` etc.; empty without batch norm or with ``buffers=False``.
+
+        Example:
+            >>> import torch
+            >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+            >>> c = SWAGCollector(net, rank=2); c.collect()
+            >>> sorted(c.running_statistics())
+            ['1.num_batches_tracked', '1.running_mean', '1.running_var']
+        """
+        if not self._buffer_n:
+            return {}
+        out = {n: (t / self._buffer_n).float() for n, t in self._buffer_sum.items()}
+        out.update({n: t.clone() for n, t in self._buffer_last.items()})
+        order = list(running_statistics(self.model, skip=self.head_names))
+        return {n: out[n] for n in order if n in out}
+
+    @torch.no_grad()
+    def _statistics_of_mean(
+        self, data: Any, forward: Callable[[torch.nn.Module, Any], Any] | None, num_batches: int | None
+    ) -> dict[str, Tensor]:
+        """Recompute the running statistics for the SWA mean: copy w̄ into the model, re-estimate them on
+        ``data`` (:func:`priorzoo.finetune.refresh_batchnorm_`), read them, then put the weights and
+        statistics back."""
+        from priorzoo.finetune.bayes import refresh_batchnorm_
+
+        named = dict(self.model.named_parameters())
+        saved = {n: named[n].detach().clone() for n in self.names}
+        buffers = dict(self.model.named_buffers())
+        saved_buffers = {n: b.detach().clone() for n, b in buffers.items()}
+        try:
+            for n, t in self._unflatten(self._mean).items():
+                named[n].copy_(t.to(named[n].dtype))
+            kwargs: dict[str, Any] = {"num_batches": num_batches}
+            if forward is not None:
+                kwargs["forward"] = forward
+            refresh_batchnorm_(self.model, data, **kwargs)
+            return running_statistics(self.model, skip=self.head_names)
+        finally:
+            for n, t in saved.items():
+                named[n].copy_(t)
+            for n, t in saved_buffers.items():
+                buffers[n].copy_(t)
 
     # ------------------------------------------------------------------ the prior
     def to_prior(
@@ -383,6 +448,9 @@ class SWAGCollector:
         exclude: Sequence[str] | None = None,
         recommended_scale: float | None = None,
         license: str | None = None,
+        bn_data: Any = None,
+        bn_forward: Callable[[torch.nn.Module, Any], Any] | None = None,
+        bn_batches: int | None = None,
     ) -> PriorModel:
         r"""The SWAG Gaussian as a :class:`~priorzoo.PriorModel` (DESIGN §2 convention).
 
@@ -400,7 +468,17 @@ class SWAGCollector:
             learning: extra notes on how it was learned (merged over the collector's own record).
             exclude: patterns recorded as the prior's excluded parameters (default: the collector's string
                 ``exclude`` patterns, else the names of the trainable parameters it skipped, i.e. the head).
-            recommended_scale, license: for the card.
+            recommended_scale: the λ to fine-tune with (``config.recommended_scale``, used by
+                ``with_scale()`` and the fine-tuning defaults); default: the documented rule of
+                :func:`priorzoo.learn.recommend_scale` on this prior. Pass a measured value when you have one.
+            license: for the card.
+            bn_data, bn_forward, bn_batches: with ``bn_data`` (an iterable of source batches), the
+                batch-norm running statistics carried by the prior are recomputed for the SWA mean w̄
+                (``priorzoo.finetune.refresh_batchnorm_``: ``bn_forward(model, batch)`` runs the model,
+                default :func:`priorzoo.finetune.loop.default_forward`; at most ``bn_batches`` batches), as
+                SWA/SWAG practice does (``torch.optim.swa_utils.update_bn``). Without it the prior carries
+                the running statistics averaged over the snapshots. The model's own weights and statistics
+                are left as they were.
 
         Raises:
             RuntimeError: fewer than 2 snapshots collected.
@@ -414,20 +492,33 @@ class SWAGCollector:
             ...     with torch.no_grad():
             ...         _ = lin.weight.fill_(float(v))
             ...     c.collect()
-            >>> p = c.to_prior()
-            >>> p.rank, p.kind.value  # three snapshots so far → K' = 3
-            (3, 'swag')
+            >>> p = c.to_prior(rank=2)  # without rank=: the same, and a warning (2 deviations < K = 5)
+            >>> p.rank, p.kind.value  # the first snapshot's deviation (0) is not a factor row
+            (2, 'swag')
         """
         from priorzoo.prior import PriorModel
 
         self._require(2, "to_prior()")
-        available = self.num_deviations
+        # while T ≤ K the ring still holds d_1 = w_1 − w̄_1 = 0 (a one-snapshot mean): a dead row, never stored
+        available = self.num_deviations - (1 if self._n <= self.rank else 0)
         if rank is None:
-            rank = available
+            rank = available if available >= 2 else 0
+            if rank < self.rank:
+                import warnings
+
+                warnings.warn(
+                    f"SWAGCollector: {self._n} snapshots give {available} non-zero deviation(s), fewer than the "
+                    f"requested rank K = {self.rank}; the prior has rank {rank}"
+                    + (" (diagonal only)" if rank == 0 else "")
+                    + f". Collect at least K + 1 = {self.rank + 1} snapshots for the full rank",
+                    UserWarning,
+                    stacklevel=2,
+                )
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0 or rank == 1 or rank > available:
             raise ValueError(
-                f"`rank` must be 0 (diagonal only) or an integer in [2, {available}] (the deviations stored "
-                f"now: min(snapshots {self._n}, K {self.rank})); received {rank!r}"
+                f"`rank` must be 0 (diagonal only) or an integer in [2, {available}] (the non-zero deviations "
+                f"stored now: min(snapshots {self._n}, K {self.rank}), less the first snapshot's zero "
+                f"deviation while it is stored); received {rank!r}"
             )
         floor = self.min_var if min_var is None else check_float(min_var, "min_var", minimum=0.0)
         var_flat = (self._m2 / self._n).clamp_(min=floor).mul_(0.5).to(torch.float32)
@@ -450,9 +541,20 @@ class SWAGCollector:
             "moments": f"welford-{_dtype_name(self.moment_dtype)}",
             "reference": "Maddox et al. 2019, A Simple Baseline for Bayesian Uncertainty in Deep Learning",
         }
+        buffers: dict[str, Tensor] = {}
+        if self.buffer_layers:
+            if bn_data is not None:
+                buffers = self._statistics_of_mean(bn_data, bn_forward, bn_batches)
+                record["buffers"] = "batch-norm statistics recomputed for the SWA mean (update_bn)"
+            else:
+                buffers = self.running_statistics()
+                record["buffers"] = f"batch-norm running statistics averaged over {self._buffer_n} snapshots"
         record.update(dict(learning or {}))
         if exclude is None:
             exclude = self._default_exclude()
+        if recommended_scale is None:
+            recommended_scale, rule = recommend_scale(mean, variance, cov_factor, floor=0.5 * floor)
+            record["recommended_scale_rule"] = rule
         return PriorModel.from_tensors(
             mean,
             variance,
@@ -466,6 +568,7 @@ class SWAGCollector:
             exclude=list(exclude),
             recommended_scale=recommended_scale,
             license=license,
+            buffers=buffers,
         )
 
     def _default_exclude(self) -> list[str]:
@@ -498,6 +601,9 @@ class SWAGCollector:
             "mean": self._mean.clone(),
             "m2": self._m2.clone(),
             "deviations": self.deviations(),
+            "buffer_snapshots": self._buffer_n,
+            **{f"buffer_sum.{n}": t.clone() for n, t in self._buffer_sum.items()},
+            **{f"buffer_last.{n}": t.clone() for n, t in self._buffer_last.items()},
         }
 
     @torch.no_grad()
@@ -552,6 +658,12 @@ class SWAGCollector:
             j = n - m + 1 + i
             self._ring[(j - 1) % self.rank].copy_(devs[i])
         self._n = n
+        # batch-norm statistics (absent from states written before priorzoo carried them: start afresh)
+        self._buffer_n = int(state.get("buffer_snapshots", 0))
+        self._buffer_sum = {k[len("buffer_sum.") :]: v.clone() for k, v in state.items() if k.startswith("buffer_sum.")}
+        self._buffer_last = {
+            k[len("buffer_last.") :]: v.clone() for k, v in state.items() if k.startswith("buffer_last.")
+        }
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the state to one safetensors file (tensors + a JSON header entry), atomically; no pickle.
@@ -564,7 +676,7 @@ class SWAGCollector:
             1
         """
         state = self.state_dict()
-        tensors = {k: state.pop(k) for k in ("mean", "m2", "deviations")}
+        tensors = {k: state.pop(k) for k in list(state) if isinstance(state[k], Tensor)}
         return atomic_save_safetensors(tensors, path, state)
 
     def load(self, path: str | os.PathLike) -> None:
