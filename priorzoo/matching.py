@@ -262,8 +262,16 @@ class MatchResult:
         uncovered: the part of ``no_prior`` that is neither the model's head, nor frozen
             (``requires_grad=False``), nor named by a pattern (include/exclude, the prior's own ``exclude``):
             trainable backbone weights the prior knows nothing about, e.g. the extra blocks of a deeper
-            architecture.
+            architecture (on a PEFT model: the adapters of layers the prior does not cover; its
+            ``modules_to_save`` copies count as the head).
         prior_prefix / model_prefix: the rewrite applied (``prior_prefix`` stripped, ``model_prefix`` added).
+        frozen: the matched prior names whose model tensor does not train (``requires_grad=False``, or a PEFT
+            model's base weights outside the adapted layers): the prior is conditioned on their values
+            (see :mod:`priorzoo.conditional`).
+        adapted: for a PEFT model, matched prior name → the adapter tensors that move its effective weight
+            W₀ + ΔW (``lora_A``, ``lora_B``, …); ``matched`` maps it to the frozen base weight W₀.
+        adapters: for a PEFT model, every trainable adapter tensor.
+        peft_methods: for a PEFT model, its adapter methods (``["LoRA"]``).
 
     Example:
         >>> r = MatchResult(matched={"w": "w"})
@@ -279,6 +287,15 @@ class MatchResult:
     uncovered: list[str] = field(default_factory=list)
     prior_prefix: str = ""
     model_prefix: str = ""
+    frozen: list[str] = field(default_factory=list)
+    adapted: dict[str, list[str]] = field(default_factory=dict)
+    adapters: list[str] = field(default_factory=list)
+    peft_methods: list[str] = field(default_factory=list)
+
+    @property
+    def absent(self) -> list[str]:
+        """Prior names with no block in the model (the same list as ``missing``)."""
+        return self.missing
 
     @property
     def is_complete(self) -> bool:
@@ -302,6 +319,14 @@ class MatchResult:
             f"model parameters without prior {len(self.no_prior)}: {_short(self.no_prior)}",
             f"of which not the head nor excluded {len(self.uncovered)}: {_short(self.uncovered)}",
         ]
+        if self.frozen:
+            lines.insert(1, f"of which frozen (held at their values) {len(self.frozen)}: {_short(self.frozen)}")
+        if self.peft_methods:
+            lines.insert(
+                1,
+                f"of which adapted ({', '.join(self.peft_methods)}: effective weight W₀ + ΔW) {len(self.adapted)}: "
+                f"{_short(list(self.adapted))}; adapter tensors {len(self.adapters)}: {_short(self.adapters)}",
+            )
         return "\n".join(lines)
 
     def check(self, *, allow_partial: bool = False) -> None:
@@ -326,6 +351,12 @@ class MatchResult:
                 "no prior parameter matches a model parameter: the prior is for another architecture "
                 f"(prior names such as {_short(self.missing, 3)}; model parameters such as "
                 f"{_short(self.no_prior, 3)})"
+            )
+        if (self.adapters or self.peft_methods) and not set(self.matched) - set(self.frozen):
+            raise PriorMatchError(
+                f"none of the {len(self.matched)} prior parameter(s) found in this PEFT model trains: the adapters "
+                f"({_short(self.adapters, 3)}) adapt no layer the prior covers, so the prior would add a constant. "
+                "Target layers of the backbone (e.g. LoraConfig(target_modules=['query', 'value']))"
             )
         if self.uncovered and not allow_partial:
             raise PriorMatchError(
@@ -383,11 +414,41 @@ def match_parameters(
         >>> match_parameters({"weight": (2, 3)}, lin).matched
         {'weight': 'weight'}
     """
+    from priorzoo.peft import peft_view
+
     inc, exc = compile_patterns(include), compile_patterns(exclude)
     pexc = compile_patterns(list(prior_exclude)) if prior_exclude else None
-    model_params = dict(model.named_parameters())
-    model_names = list(model_params)
-    head = head_parameter_names(model) if exclude_head else set()
+    view = peft_view(model)
+    real_params = dict(model.named_parameters())
+    if view is None:
+        head = head_parameter_names(model) if exclude_head else set()
+        return _match_in(prior_shapes, real_params, {n: n for n in real_params}, head, None, inc, exc, pexc)
+    # a PEFT model: match on the adapted model's plain names (a prior over the backbone's W, seen through the
+    # adapters), or on its own names when they fit better (a prior over the adapters themselves, such as the
+    # downstream SWAG posterior of a LoRA run)
+    real_head = {view.prefix + n for n in head_parameter_names(view.inner)} if exclude_head else set()
+    to_plain = {real: plain for plain, real in view.names.items()}
+    plain_head = {to_plain[r] for r in real_head if r in to_plain}
+    through = _match_in(prior_shapes, real_params, dict(view.names), plain_head, view, inc, exc, pexc)
+    own = _match_in(prior_shapes, real_params, {n: n for n in real_params}, real_head, None, inc, exc, pexc)
+    return own if len(own.matched) > len(through.matched) else through
+
+
+def _match_in(
+    prior_shapes: Mapping[str, Sequence[int]],
+    real_params: Mapping[str, torch.nn.Parameter],
+    real_of: dict[str, str],
+    head: set[str],
+    view,
+    inc,
+    exc,
+    pexc,
+) -> MatchResult:
+    """Match in one namespace: ``real_of`` maps its names to the model's parameter names."""
+    model_names = list(real_of)
+    shapes = {n: tuple(real_params[r].shape) for n, r in real_of.items()}
+    adapted = view.adapted if view is not None else {}
+    trainable = {n: adapted[n].trainable if n in adapted else real_params[r].requires_grad for n, r in real_of.items()}
 
     result = MatchResult()
     candidates: list[str] = []
@@ -406,30 +467,36 @@ def match_parameters(
             if hits > best[2] or (hits == best[2] and len(strip) + len(add) < len(best[0]) + len(best[1])):
                 best = (strip, add, hits)
     strip, add, _ = best
-    result.prior_prefix, result.model_prefix = strip, add
+    result.prior_prefix = strip
+    result.model_prefix = (view.prefix if view is not None else "") + add
 
     used: set[str] = set()
     for name in candidates:
         target = add + name[len(strip) :] if name.startswith(strip) else None
-        if target is None or target not in model_params:
+        if target is None or target not in shapes:
             result.missing.append(name)
             continue
         if target in head:
             result.excluded.append(name)
             continue
-        pshape, mshape = tuple(int(s) for s in prior_shapes[name]), tuple(model_params[target].shape)
+        pshape, mshape = tuple(int(s) for s in prior_shapes[name]), shapes[target]
         if pshape != mshape:
-            result.shape_mismatch.append((name, target, pshape, mshape))
+            result.shape_mismatch.append((name, real_of[target], pshape, mshape))
             continue
-        result.matched[name] = target
+        result.matched[name] = real_of[target]
+        if target in adapted:
+            result.adapted[name] = list(adapted[target].tensors)
+        if not trainable[target]:
+            result.frozen.append(name)
         used.add(target)
-    result.no_prior = [n for n in model_names if n not in used]
 
     def intended(model_name: str) -> bool:
         """A model parameter left without prior on purpose: the head, or a pattern names it."""
         if model_name in head or any(hint in model_name for hint in _NEW_LAYER_HINTS):
             return True
-        if not model_params[model_name].requires_grad:  # frozen: it does not train, it needs no prior
+        if view is not None and model_name in view.saved:  # PEFT's modules_to_save: the new head, trained in full
+            return True
+        if not trainable[model_name]:  # frozen: it does not train, it needs no prior
             return True
         pname = strip + model_name[len(add) :] if model_name.startswith(add) else model_name
         return any(
@@ -441,5 +508,18 @@ def match_parameters(
             )
         )
 
-    result.uncovered = [n for n in result.no_prior if not intended(n)]
+    unused = [n for n in model_names if n not in used]
+    result.no_prior = [real_of[n] for n in unused]
+    for n in unused:
+        if intended(n):
+            continue
+        if n in adapted:  # an adapted layer the prior does not cover: its adapters train without a prior
+            layer = adapted[n]
+            result.uncovered += [layer.weight_name] if layer.weight.requires_grad else []
+            result.uncovered += [t for t, p in layer.tensors.items() if p.requires_grad]
+        else:
+            result.uncovered.append(real_of[n])
+    if view is not None:
+        result.adapters = list(view.adapter_tensors)
+        result.peft_methods = list(view.methods)
     return result

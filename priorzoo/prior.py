@@ -352,6 +352,11 @@ class PriorModel:
     ) -> MatchResult:
         """Which prior parameters map onto which of ``model``'s parameters (see :mod:`priorzoo.matching`).
 
+        A PEFT model is matched through its wrappers (:func:`priorzoo.peft.peft_view`): the result says
+        which prior blocks are ``adapted`` (effective weight W₀ + ΔW, with their adapter tensors),
+        ``frozen`` (held at their values) or ``missing`` (absent), and lists the trainable ``adapters``;
+        a ``modules_to_save`` head stays the head.
+
         Example:
             >>> import torch
             >>> lin = torch.nn.Linear(2, 2)
@@ -381,6 +386,12 @@ class PriorModel:
     ) -> BoundPrior:
         """Match the prior onto ``model`` and precompute everything the penalty needs.
 
+        Frozen matched parameters (``requires_grad=False``) are held at their values and a PEFT model's
+        adapted layers enter through their effective weights W₀ + ΔW: then the binding is a
+        :class:`~priorzoo.conditional.ConditionalBoundPrior` (same interface; its ``parameters`` are the
+        tensors that receive the gradient, e.g. ``lora_A``/``lora_B``), which reads the frozen blocks once here
+        so each step costs only the trained blocks (see :mod:`priorzoo.conditional`).
+
         The prior's tensors are moved to the device of the model's parameters (a CUDA model gets a CUDA
         copy), and the penalty is computed in float32 (or ``dtype``) whatever the parameters' dtype.
 
@@ -397,6 +408,11 @@ class PriorModel:
         """
         result = self.match(model, include=include, exclude=exclude, exclude_head=exclude_head)
         result.check(allow_partial=allow_partial)
+        if result.adapted or (result.frozen and len(result.frozen) < len(result.matched)):
+            # frozen blocks held at their values, PEFT layers through their effective weights W₀ + ΔW
+            from priorzoo.conditional import ConditionalBoundPrior
+
+            return ConditionalBoundPrior(self, model, result, dtype=dtype)  # type: ignore[return-value]
         return BoundPrior(self, model, result, dtype=dtype)
 
     def _cached_binding(self, model: torch.nn.Module, kwargs: dict[str, Any]) -> BoundPrior:
@@ -405,10 +421,13 @@ class PriorModel:
         if per_model is None:
             per_model = {}
             self._bindings[model] = per_model
-        bound = per_model.get(key)
-        if bound is None or not bound.is_current():
+        from priorzoo.peft import peft_state
+
+        state = peft_state(model)  # adapters merged, switched or disabled since: re-bind
+        bound, bound_state = per_model.get(key, (None, None))
+        if bound is None or bound_state != state or not bound.is_current():
             bound = self.bind(model, **kwargs)
-            per_model[key] = bound
+            per_model[key] = (bound, state)
         return bound
 
     def penalty(self, model: torch.nn.Module, **bind_kwargs: Any) -> Tensor:
@@ -467,7 +486,9 @@ class PriorModel:
         return dict(zip(self.names, draws))
 
     @torch.no_grad()
-    def init_model_(self, model: torch.nn.Module, *, buffers: bool = True, **bind_kwargs: Any) -> MatchResult:
+    def init_model_(
+        self, model: torch.nn.Module, *, buffers: bool = True, adapted_only: bool = False, **bind_kwargs: Any
+    ) -> MatchResult:
         """Copy μ into the model's matching parameters and the prior's :attr:`buffers` (batch-norm running
         statistics) into the model's buffers, in place; returns the match used.
 
@@ -482,7 +503,13 @@ class PriorModel:
                 :meth:`match`).
             buffers: also copy the buffers (default). Buffers of the model's head, or missing in the model,
                 are skipped (a warning names the missing ones).
+            adapted_only: on a PEFT model, set only the adapted layers' base weights (see below).
             bind_kwargs: ``include``, ``exclude``, ``exclude_head``, ``allow_partial`` as for :meth:`bind`.
+
+        On a PEFT model μ goes into the *base* weights W₀ (``….base_layer.weight``) of the whole adapted
+        model, or only of its adapted layers with ``adapted_only=True``; the adapters keep their
+        initialisation (LoRA's B = 0, so the effective weight starts at μ). A layer with merged adapters is
+        refused (W₀ holds ΔW: unmerge it first).
 
         Example:
             >>> import torch
@@ -495,10 +522,17 @@ class PriorModel:
         allow = {k: v for k, v in bind_kwargs.items() if k in ("include", "exclude", "exclude_head")}
         result = self.match(model, **allow)
         result.check(allow_partial=bool(bind_kwargs.get("allow_partial", False)))
+        if adapted_only and not result.peft_methods:
+            raise ValueError("`adapted_only=True` is for a PEFT model (it names adapted layers); this model has none")
+        from priorzoo.peft import check_unmerged
+
+        check_unmerged(model)
         params = dict(model.named_parameters())
         for pname, mname in result.matched.items():
+            if adapted_only and pname not in result.adapted:
+                continue
             params[mname].copy_(self.mean[pname])
-        if buffers:
+        if buffers and not adapted_only:
             self._init_buffers_(model, result)
         return result
 

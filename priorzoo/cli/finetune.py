@@ -9,6 +9,12 @@ with short early-stopped runs first. Writes ``metrics.json`` (accuracy, NLL, ECE
 data, the λ used and the λ curve), the fine-tuned model in ``model/`` (``priorzoo_finetune.json`` inside
 records the prior and λ), and for ``bma`` the downstream posterior in ``posterior/``.
 
+LoRA (``--lora-r 8 --lora-target query,value``): the backbone is frozen and rank-r adapters are trained
+(with the new head); the prior is evaluated at the adapted layers' effective weights W₀ + ΔW, the other
+covered weights held at their values (:mod:`priorzoo.peft`, :mod:`priorzoo.conditional`). With a prior, W₀
+starts at its mean unless ``--keep-backbone-weights``; ``--l2sp`` is then L2-SP on ΔW. ``model/`` holds
+the adapters in PEFT's format, ``bma`` is SWAG over the adapters and the head.
+
 Initialisation (default ``--init-from-prior`` when a prior is given): the covered weights start at the
 prior mean μ — the source task's SWA solution for a SWAG prior, where the prior is centred — and
 ``--keep-backbone-weights`` starts from the backbone's own weights instead. With ``--l2sp`` and
@@ -17,6 +23,8 @@ prior mean μ — the source task's SWA solution for a SWAG prior, where the pri
 Example:
     $ priorzoo finetune ./all-MiniLM-L6-v2 --prior ./minilm-swag-prior --data train.csv --test-data test.csv \\
         --tune-scale --method map --output-dir runs/minilm
+    $ priorzoo finetune ./all-MiniLM-L6-v2 --prior ./minilm-swag-prior --lora-r 8 --lora-target query,value \\
+        --data train.csv --test-data test.csv --output-dir runs/minilm-lora
     $ priorzoo finetune resnet18 --l2sp 0.01 --data ./images/train --test-data ./images/test --method bma \\
         --output-dir runs/r18-l2sp
 """
@@ -60,6 +68,10 @@ def _positive_float(text: str) -> float:
 
 def _grid(text: str) -> list[float]:
     return [_positive_float(t) for t in text.replace(" ", "").split(",") if t]
+
+
+def _names(text: str) -> list[str]:
+    return [t for t in text.replace(" ", "").split(",") if t]
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -112,6 +124,17 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     )
     g.add_argument("--prior-weight", type=_positive_float, default=1.0, help="ρ multiplying penalty/N")
     g.add_argument("--allow-partial", action="store_true", help="accept a prior that covers part of the backbone")
+
+    lo = p.add_argument_group('LoRA adapters (pip install "priorzoo[peft]")')
+    lo.add_argument(
+        "--lora-r",
+        type=int,
+        default=None,
+        help="train rank-r LoRA adapters (and the head) instead of every weight; the prior acts on W₀ + ΔW",
+    )
+    lo.add_argument("--lora-target", type=_names, default=None, help="modules to adapt, comma-separated: query,value")
+    lo.add_argument("--lora-alpha", type=_positive_float, default=None, help="lora_alpha (default 2·r)")
+    lo.add_argument("--lora-dropout", type=float, default=0.0)
 
     d = p.add_argument_group("data")
     d.add_argument("--data", required=True, help="training data: CSV/TSV/JSON(L)/parquet file or an image folder")
@@ -194,6 +217,16 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"`--max-train-examples` must be ≥ 1; received {args.max_train_examples}")
     if not 0 < args.validation_fraction < 1:
         raise ValueError(f"`--validation-fraction` must be in (0, 1); received {args.validation_fraction}")
+    if (args.lora_r is None) != (args.lora_target is None):
+        raise ValueError("LoRA needs both `--lora-r` (the rank) and `--lora-target` (modules, e.g. query,value)")
+    if args.lora_r is None and (args.lora_alpha is not None or args.lora_dropout):
+        raise ValueError("`--lora-alpha` / `--lora-dropout` need `--lora-r` and `--lora-target`")
+    if args.lora_r is not None and args.lora_r < 1:
+        raise ValueError(f"`--lora-r` must be ≥ 1; received {args.lora_r}")
+    if args.lora_target is not None and not args.lora_target:
+        raise ValueError("`--lora-target` names no module")
+    if not 0 <= args.lora_dropout < 1:
+        raise ValueError(f"`--lora-dropout` must be in [0, 1); received {args.lora_dropout}")
     if args.burn_in_epochs is not None and not 0 <= args.burn_in_epochs < args.epochs:
         raise ValueError(f"`--burn-in-epochs` must be in [0, --epochs); received {args.burn_in_epochs}")
 
@@ -431,6 +464,8 @@ def prepare(args: argparse.Namespace) -> Setup:
         else:  # check the match now (init_model_ does it otherwise), before any training
             prior.match(model).check(allow_partial=args.allow_partial)
         scale = args.scale or prior.config.recommended_scale or prior.scale
+    if args.lora_r is not None:  # after the prior mean went into the backbone: W₀ = μ, adapters at their init
+        model = _with_lora(model, library, args)
     return Setup(
         model=model,
         tokenizer=tokenizer,
@@ -444,6 +479,23 @@ def prepare(args: argparse.Namespace) -> Setup:
         init=init,
         scale=scale,
         device=device,
+    )
+
+
+def _with_lora(model: Any, library: str, args: argparse.Namespace) -> Any:
+    """Wrap the backbone in LoRA adapters; the new head is trained in full (``modules_to_save``)."""
+    from priorzoo.matching import head_parameter_names
+    from priorzoo.peft import lora_model
+
+    heads = sorted({n.rsplit(".", 1)[0] for n in head_parameter_names(model)})
+    return lora_model(
+        model,
+        r=args.lora_r,
+        target_modules=args.lora_target,
+        alpha=args.lora_alpha,
+        dropout=args.lora_dropout,
+        modules_to_save=heads if library == "timm" else None,
+        task_type="SEQ_CLS" if library == "transformers" else None,
     )
 
 
@@ -632,6 +684,17 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
         "label_names": cols.names,
         "splits": {"train": n_train, **{k: len(v.dataset) for k, v in eval_loaders.items()}},
         "scale_search": search.to_dict() if search is not None else None,
+        "lora": (
+            {
+                "r": args.lora_r,
+                "target": args.lora_target,
+                "alpha": args.lora_alpha or 2 * args.lora_r,
+                "dropout": args.lora_dropout,
+                "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            }
+            if args.lora_r is not None
+            else None
+        ),
         "training": history,
         "metrics": metrics,
         "seed": args.seed,
@@ -649,8 +712,10 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _save_model(model: Any, tokenizer: Any, library: str, folder: Path, result: dict[str, Any]) -> None:
+    from priorzoo.peft import is_peft_model
+
     folder.mkdir(parents=True, exist_ok=True)
-    if library == "transformers":
+    if library == "transformers" or is_peft_model(model):  # a LoRA run saves its adapters (PEFT's format)
         model.save_pretrained(folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
