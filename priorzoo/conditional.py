@@ -54,6 +54,8 @@ Example:
 from __future__ import annotations
 
 import math
+import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -171,6 +173,8 @@ class ConditionalBoundPrior:
         self.parameter_names: list[str] = [names.get(id(p), "?") for p in self.parameters]
         self._index = {id(p): i for i, p in enumerate(self.parameters)}
         self._signature = self._current_signature()
+        self._model = weakref.ref(model)
+        self._joint_bound = None
         with torch.no_grad(), _no_autocast(self.device):
             self._bind_frozen_and_condition()
 
@@ -278,16 +282,34 @@ class ConditionalBoundPrior:
         with _no_autocast(self.device):
             return [b.value(self.dtype) for b in self.active]
 
-    def penalty(self) -> Tensor:
+    def _joint(self):
+        """A :class:`~priorzoo.BoundPrior` over every matched block (built on first use; for ``tensors=``)."""
+        if self._joint_bound is None:
+            from priorzoo.bound import BoundPrior
+
+            model = self._model()
+            if model is None:
+                raise RuntimeError("the model this prior was bound to no longer exists")
+            self._joint_bound = BoundPrior(self.prior, model, self.match, dtype=self.dtype)
+        return self._joint_bound
+
+    def penalty(self, tensors: Sequence[Tensor] | None = None) -> Tensor:
         """½ (w−μ)ᵀΣ⁻¹(w−μ) over every matched block (frozen ones at their values), differentiable in
-        :attr:`parameters` (through the adapters' ``get_delta_weight`` for adapted layers)."""
+        :attr:`parameters` (through the adapters' ``get_delta_weight`` for adapted layers).
+
+        ``tensors`` (one per :attr:`prior_names` entry, as for :meth:`BoundPrior.penalty`) evaluates the joint
+        density at those tensors instead (every block, frozen ones included, taken from them)."""
+        if tensors is not None:
+            return self._joint().penalty(tensors)
         value = self.gaussian.half_quad(self._values())
         return (value.double() + self._const).to(self.gaussian.dtype)
 
     __call__ = penalty
 
-    def log_prob(self) -> Tensor:
+    def log_prob(self, tensors: Sequence[Tensor] | None = None) -> Tensor:
         """Exact joint log N(w; μ, Σ) (float64) of every matched block, frozen ones at their values."""
+        if tensors is not None:
+            return self._joint().log_prob(tensors)
         log_cond = self.gaussian.log_prob(self._values())
         return log_cond - self._const - 0.5 * (self._numel_frozen * _LOG_2PI + self._logdet_frozen)
 
@@ -295,11 +317,16 @@ class ConditionalBoundPrior:
         """Reusable buffers for :meth:`value_and_grad` (2·P_trained floats)."""
         return self.gaussian.new_workspace()
 
-    def value_and_grad(self, *, workspace: Workspace | None = None) -> tuple[Tensor, list[Tensor]]:
+    def value_and_grad(
+        self, tensors: Sequence[Tensor] | None = None, *, workspace: Workspace | None = None
+    ) -> tuple[Tensor, list[Tensor]]:
         """(penalty, its gradient for each of :attr:`parameters`), the latter by the chain rule through the
         effective weights: G = Σ_c⁻¹(w_t − μ_c) per trained block (two passes over its factor), then
         ``torch.autograd.grad`` of the effective weights with G as output gradient (for LoRA, s·G·Aᵀ and
-        s·Bᵀ·G). The gradients of plain parameters may be views of ``workspace``."""
+        s·Bᵀ·G). The gradients of plain parameters may be views of ``workspace``. With ``tensors`` (one per
+        :attr:`prior_names` entry): the joint value and Σ⁻¹(w − μ) per tensor, as :meth:`BoundPrior.value_and_grad`."""
+        if tensors is not None:
+            return self._joint().value_and_grad(tensors)
         with torch.enable_grad():
             values = self._values()
         value, grads = self.gaussian.value_and_grad([v.detach() for v in values], workspace=workspace)

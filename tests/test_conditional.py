@@ -102,3 +102,17 @@ def test_regularizer_step_on_a_partly_frozen_model_matches_autograd_of_the_joint
     (prior.gaussian().half_quad(list(net.parameters())) / 7).backward()
     want = [p.grad for p in net.parameters() if p.requires_grad]
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(got, want))
+
+
+def test_evaluating_at_given_tensors_is_the_joint_density():
+    net, prior = _net_and_prior()
+    net[0].requires_grad_(False)
+    bound = prior.bind(net)
+    tensors = [p.detach() + 0.1 for p in net.parameters()]
+    joint = prior.gaussian()
+    assert float(bound.penalty(tensors)) == pytest.approx(float(joint.half_quad(tensors)), rel=1e-6)
+    assert float(bound.log_prob(tensors)) == pytest.approx(float(joint.log_prob(tensors)), rel=1e-9)
+    value, grads = bound.value_and_grad(tensors)
+    assert [tuple(g.shape) for g in grads] == [tuple(t.shape) for t in tensors]
+    with pytest.raises(ValueError, match="one per prior parameter"):
+        bound.penalty(tensors[:2])
