@@ -113,6 +113,7 @@ def test_evaluating_at_given_tensors_is_the_joint_density():
     assert float(bound.penalty(tensors)) == pytest.approx(float(joint.half_quad(tensors)), rel=1e-6)
     assert float(bound.log_prob(tensors)) == pytest.approx(float(joint.log_prob(tensors)), rel=1e-9)
     value, grads = bound.value_and_grad(tensors)
+    assert float(value) == pytest.approx(float(joint.half_quad(tensors)), rel=1e-6)
     assert [tuple(g.shape) for g in grads] == [tuple(t.shape) for t in tensors]
     with pytest.raises(ValueError, match="one per prior parameter"):
         bound.penalty(tensors[:2])
