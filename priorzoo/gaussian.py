@@ -23,11 +23,31 @@ For a residual r = w − μ, with s = A⁻¹r, t = √λ F s and z = C⁻¹t, th
 :math:`q = r^\top\Sigma^{-1} r = r^\top s - t^\top z` and its gradient is
 :math:`\nabla_w \tfrac12 q = \Sigma^{-1} r = s - \sqrt\lambda\,A^{-1}F^\top z`. One evaluation of value and
 gradient therefore streams the factor exactly twice (F·s forward, Fᵀ·z backward), which is the memory
-bandwidth floor; everything else is element-wise. A :class:`Workspace` (2P reusable floats) lets
-:meth:`LowRankGaussian.value_and_grad` write r, s and the gradient in place, without the page faults of
-fresh P-sized allocations (about 30% of the evaluation on a CPU). Since C = I + (PSD), its eigenvalues are ≥ 1, so its
-Cholesky factorisation cannot fail for finite inputs and needs no jitter. Cross-block reductions (rᵀs,
-F·s, log det A, C) accumulate in float64.
+bandwidth floor; everything else is element-wise. Since C = I + (PSD), its eigenvalues are ≥ 1, so its
+Cholesky factorisation cannot fail for finite inputs and needs no jitter; M = λC⁻¹ (K×K, float64) is formed
+once, so that z' = λC⁻¹t is one small product and q = rᵀs − tᵀM t, ∇ = s − A⁻¹Fᵀ(M t) with t = F s.
+
+**Flat buffers, a bounded number of operations.** μ and A⁻¹ are each one flat [P] buffer in the compute
+dtype and F one [K, P] buffer *in its stored dtype* (float16/bfloat16 factors are kept so, never upcast as a
+whole), whatever the number of blocks (the per-block ``mean``/``inv_a``/``factor`` lists are views of them).
+One evaluation copies the blocks into a flat [P] buffer with one ``torch._foreach_copy_``, then runs a fixed
+sequence of about 15 operations on flat tensors (counted in ``tests/test_gaussian_flat.py``), so on an
+accelerator it is a few kernel launches, not ~11 per tensor. A
+float16/bfloat16 factor is multiplied in column chunks upcast into a float32 scratch of at most
+max(P, 2²²) elements, so its products accumulate in float32; this adds 2 operations per chunk and at most K
+chunks. The value stays a 0-dim tensor on the device (no host synchronisation per step).
+
+**IEEE float32 products.** Training stacks often switch TF32 on globally; TF32-rounded factor products lose
+up to ~4 digits of the gradient (DESIGN §7), for no speed gain since they are memory-bound. The products run
+under :func:`ieee_fp32_matmul`, which sets the matmul precision to IEEE and restores the caller's setting
+(whichever of ``torch.backends.cuda.matmul.fp32_precision``, ``allow_tf32`` or
+``torch.set_float32_matmul_precision`` it was made with). Under ``torch.compile`` the guard is a no-op
+(flags are not traceable); the factor products are then matrix–vector products.
+
+**Memory.** A Gaussian holds F once (K·P elements in its stored dtype) plus μ, A⁻¹ (2P in the compute
+dtype); a :class:`Workspace` adds 2P (and the float32 scratch for a half-precision factor). Reductions over
+the P weights (rᵀs, F·s) accumulate in the compute dtype (float32 at least); the K-vector algebra, log det
+and C are float64.
 
 Example:
     >>> import torch
@@ -39,20 +59,23 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 from priorzoo.errors import PriorFormatError
 
-__all__ = ["LowRankGaussian", "Workspace"]
+__all__ = ["LowRankGaussian", "Workspace", "ieee_fp32_matmul"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
 _COND_WARN = 1e12
 _CHUNK = 1 << 16
+_LOWP_SCRATCH = 1 << 22
+_REDUCED = ("tf32", "bf16")
 
 
 def _no_autocast(device: torch.device) -> torch.autocast:
@@ -61,8 +84,68 @@ def _no_autocast(device: torch.device) -> torch.autocast:
     return torch.autocast(device_type=device.type, enabled=False)
 
 
+@contextlib.contextmanager
+def _set_restore(get, put, value) -> Iterator[None]:
+    old = get()
+    put(value)
+    try:
+        yield
+    finally:
+        put(old)
+
+
+def ieee_fp32_matmul() -> contextlib.AbstractContextManager:
+    """A context in which float32 matrix products run in IEEE float32 (no TF32/bf16 emulation); restores the
+    caller's setting on exit, through the same API it was set with (mixing PyTorch's legacy and new TF32
+    APIs makes later reads raise). A no-op inside ``torch.compile`` and when nothing reduces precision.
+
+    Example:
+        >>> import torch
+        >>> torch.backends.cuda.matmul.fp32_precision = "tf32"
+        >>> with ieee_fp32_matmul():
+        ...     torch.backends.cuda.matmul.fp32_precision
+        'ieee'
+        >>> torch.backends.cuda.matmul.fp32_precision
+        'tf32'
+        >>> torch.backends.cuda.matmul.fp32_precision = "none"
+    """
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    try:
+        generic = torch.get_float32_matmul_precision()
+    except RuntimeError:  # set through the backend-specific APIs: handled below
+        generic = None
+    if generic in ("high", "medium"):  # torch.set_float32_matmul_precision (transformers' tf32=True)
+        stack.enter_context(
+            _set_restore(torch.get_float32_matmul_precision, torch.set_float32_matmul_precision, "highest")
+        )
+    else:
+        cuda = torch.backends.cuda.matmul
+        if cuda.fp32_precision in _REDUCED:
+            try:
+                legacy = bool(cuda.allow_tf32)
+            except RuntimeError:  # set with the new API: answer with the new API
+                legacy = None
+            if legacy:
+                stack.enter_context(
+                    _set_restore(lambda: cuda.allow_tf32, lambda v: setattr(cuda, "allow_tf32", v), False)
+                )
+            else:
+                stack.enter_context(
+                    _set_restore(lambda: cuda.fp32_precision, lambda v: setattr(cuda, "fp32_precision", v), "ieee")
+                )
+        mkl = torch.backends.mkldnn.matmul
+        if getattr(mkl, "fp32_precision", "none") in _REDUCED:
+            stack.enter_context(
+                _set_restore(lambda: mkl.fp32_precision, lambda v: setattr(mkl, "fp32_precision", v), "ieee")
+            )
+    return stack
+
+
 class Workspace:
-    """Two reusable flat buffers per block (2P floats) for :meth:`LowRankGaussian.value_and_grad`.
+    """Reusable flat buffers (2P floats, plus a float32 scratch for a half-precision factor) for
+    :meth:`LowRankGaussian.value_and_grad`.
 
     Gradients computed into a workspace are *views of it*: they are overwritten by the next evaluation
     that uses the same workspace, so use them (e.g. add them into ``.grad``) before then, and never run two
@@ -79,24 +162,30 @@ class Workspace:
 
     def __init__(self, gauss: LowRankGaussian) -> None:
         self.owner = gauss
-        # `work` holds r = w − μ in the first pass and the product zᵀF in the second; `grad` holds s = A⁻¹r,
-        # corrected in place into Σ⁻¹r
-        self.work = [torch.empty_like(m) for m in gauss.mean]
-        self.grad = [torch.empty_like(m) for m in gauss.mean]
+        # `work_flat` holds w, then r = w − μ in the first pass and the product zᵀF in the second;
+        # `grad_flat` holds s = A⁻¹r, corrected in place into Σ⁻¹r
+        self.work_flat = torch.empty_like(gauss.mean_flat)
+        self.grad_flat = torch.empty_like(gauss.mean_flat)
+        self.work = gauss._split(self.work_flat)
+        self.grad = gauss._split(self.grad_flat)
+        self.scratch = gauss._new_scratch()
 
 
 class LowRankGaussian:
-    r"""N(μ, λ(diag(v) + FᵀF) + εI) over a list of blocks; precomputes A⁻¹, log det A and chol(C) once.
+    r"""N(μ, λ(diag(v) + FᵀF) + εI) over a list of blocks, held as flat buffers; precomputes A⁻¹, log det A,
+    chol(C) and M = λC⁻¹ once.
 
     Args:
-        mean: per-block means (any shape; flattened internally, views when contiguous).
+        mean: per-block means (any shape, any device; copied into one flat buffer on ``device``).
         variance: per-block diagonal variances v ≥ 0, same shapes as ``mean``.
         cov_factor: per-block factors of shape ``[K, *block.shape]`` (or ``None`` for K = 0).
         scale: λ > 0, multiplies ``diag(v) + FᵀF``.
         eps: ε ≥ 0, added to the diagonal after scaling.
         names: block names, used in error messages.
-        dtype: compute dtype (default: the mean's dtype, at least float32). Factors stored in another dtype
-            (e.g. float16) are converted once here: the only extra K×P copy this class ever keeps.
+        dtype: compute dtype (default: the mean's dtype, at least float32). A factor stored in float16 or
+            bfloat16 stays in that dtype (its products accumulate in float32); any other factor is held in
+            the compute dtype.
+        device: where the buffers live (default: the first mean's device).
 
     Raises:
         PriorFormatError: a block with λv + ε = 0 (a singular covariance), or one that underflows.
@@ -118,6 +207,7 @@ class LowRankGaussian:
         eps: float = 0.0,
         names: Sequence[str] | None = None,
         dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         if not (scale > 0 and math.isfinite(scale)):
             raise PriorFormatError(f"`scale` (λ) must be a finite number > 0; received {scale!r}")
@@ -132,82 +222,130 @@ class LowRankGaussian:
         if dtype is None:
             dtype = torch.promote_types(mean[0].dtype, torch.float32)
         self.dtype = dtype
-        self.device = mean[0].device
+        self.device = torch.device(device) if device is not None else mean[0].device
         self.scale = float(scale)
         self.eps = float(eps)
         self.names = names
         self.shapes = [tuple(m.shape) for m in mean]
-        self.mean = [m.detach().reshape(-1).to(dtype) for m in mean]
-        self.numel = sum(m.numel() for m in self.mean)
+        self.sizes = [m.numel() for m in mean]
+        for name, v, n in zip(names, variance, self.sizes):
+            if v.numel() != n:
+                raise PriorFormatError(f"`{name}`: variance has {v.numel()} elements but the mean has {n}")
+        self.numel = sum(self.sizes)
+        self.mean_flat = self._gather(mean)
+        a = self._gather(variance)
+        a.mul_(self.scale).add_(self.eps)  # A = λv + ε, then A⁻¹ in place: one P-sized buffer
+        self._check_diagonal(a)
+        self.logdet_a = a.log().sum(dtype=torch.float64)
+        self.inv_a_flat = a.reciprocal_()
+        if not bool(torch.isfinite(self.inv_a_flat).all()):
+            bad = self._first_block(lambda blk: not bool(torch.isfinite(blk).all()), self.inv_a_flat)
+            raise PriorFormatError(f"`{bad}`: 1/(λ·variance + eps) overflows {dtype}; raise eps or compute in float64")
+        self.mean = self._split(self.mean_flat)
+        self.inv_a = self._split(self.inv_a_flat)
 
-        self.inv_a: list[Tensor] = []
-        logdet_a = torch.zeros((), dtype=torch.float64, device=self.device)
-        for name, v, m in zip(names, variance, self.mean):
-            if v.numel() != m.numel():
-                raise PriorFormatError(f"`{name}`: variance has {v.numel()} elements but the mean has {m.numel()}")
-            a = v.detach().reshape(-1).to(dtype) * self.scale + self.eps
-            amin = float(a.min()) if a.numel() else 1.0
-            if not amin > 0:
-                raise PriorFormatError(
-                    f"`{name}`: λ·variance + eps has minimum {amin:g}, so the covariance is singular; "
-                    "give the prior eps > 0 (PriorModel.with_scale(eps=...)) or a positive variance"
-                )
-            inv = a.reciprocal()
-            if not torch.isfinite(inv).all():
-                raise PriorFormatError(
-                    f"`{name}`: 1/(λ·variance + eps) overflows {dtype} (min λ·v + eps = {amin:g}); "
-                    "raise eps or compute in float64"
-                )
-            self.inv_a.append(inv)
-            logdet_a += a.log().sum(dtype=torch.float64)
-        self.logdet_a = logdet_a
-
+        self.factor_flat: Tensor | None = None
         self.factor: list[Tensor] | None = None
         self.rank = 0
-        logdet_c = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.logdet_c = torch.zeros((), dtype=torch.float64, device=self.device)
         if cov_factor is not None and len(cov_factor) > 0:
-            if len(cov_factor) != len(self.mean):
-                raise PriorFormatError(f"need one factor per block; got {len(cov_factor)} for {len(mean)}")
-            rank = cov_factor[0].shape[0] if cov_factor[0].dim() > 0 else 0
-            self.factor = []
-            for name, f, m in zip(names, cov_factor, self.mean):
-                if f.dim() == 0 or f.shape[0] != rank or f[0].numel() != m.numel():
-                    raise PriorFormatError(
-                        f"`{name}`: cov_factor has shape {tuple(f.shape)}; expected [K={rank}, {m.numel()} elements]"
-                    )
-                self.factor.append(f.detach().reshape(rank, -1).to(dtype))
-            self.rank = rank
-            if rank > 0:
-                cap = torch.zeros(rank, rank, dtype=torch.float64, device=self.device)
-                with _no_autocast(self.device):
-                    for f, inv in zip(self.factor, self.inv_a):
-                        # G Gᵀ with G = F A^{-1/2}, in the compute dtype over column chunks of at most
-                        # 65,536 (bounded rounding), accumulated across chunks and blocks in float64
-                        for start in range(0, f.shape[1], _CHUNK):
-                            g = f[:, start : start + _CHUNK] * inv[start : start + _CHUNK].sqrt()
-                            cap += (g @ g.T).double()
-                cap = 0.5 * (cap + cap.T)
-                cap = torch.eye(rank, dtype=torch.float64, device=self.device) + self.scale * cap
-                chol, info = torch.linalg.cholesky_ex(cap)
-                if int(info) != 0 or not torch.isfinite(chol).all():
-                    raise PriorFormatError(
-                        "the K×K capacitance matrix I + λ·F A⁻¹ Fᵀ is not finite/positive definite; "
-                        "the factor or the variance holds non-finite or extreme values"
-                    )
-                diag = chol.diagonal()
-                cond = float((diag.max() / diag.min()) ** 2)
-                if cond > _COND_WARN:
-                    warnings.warn(
-                        f"capacitance matrix condition number ≈ {cond:.1e}: the quadratic form loses "
-                        "precision in the directions of the factor; consider eps > 0 or float64",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
-                self.chol = chol
-                logdet_c = 2.0 * diag.log().sum()
-            else:
-                self.factor = None
-        self.logdet_c = logdet_c
+            self._init_factor(cov_factor)
+
+    # ------------------------------------------------------------------ construction helpers
+    def _gather(self, blocks: Sequence[Tensor], rows: int | None = None, dtype: torch.dtype | None = None) -> Tensor:
+        """One flat buffer ([P] or [rows, P]) on the device, filled block by block (no full temporary)."""
+        shape = (self.numel,) if rows is None else (rows, self.numel)
+        out = torch.empty(shape, dtype=dtype or self.dtype, device=self.device)
+        offset = 0
+        for b, n in zip(blocks, self.sizes):
+            src = b.detach().reshape(-1) if rows is None else b.detach().reshape(rows, n)
+            out[..., offset : offset + n].copy_(src)
+            offset += n
+        return out
+
+    def _split(self, flat: Tensor) -> list[Tensor]:
+        """Views of a flat [..., P] buffer, one per block (flattened)."""
+        return list(flat.split(self.sizes, dim=-1))
+
+    def _first_block(self, bad, flat: Tensor) -> str:
+        for name, blk in zip(self.names, self._split(flat)):
+            if blk.numel() and bad(blk):
+                return name
+        return self.names[0]
+
+    def _check_diagonal(self, a: Tensor) -> None:
+        amin = float(a.min()) if a.numel() else 1.0  # one host sync for all blocks
+        if not amin > 0:
+            name = self._first_block(lambda blk: not float(blk.min()) > 0, a)
+            raise PriorFormatError(
+                f"`{name}`: λ·variance + eps has minimum {amin:g}, so the covariance is singular; "
+                "give the prior eps > 0 (PriorModel.with_scale(eps=...)) or a positive variance"
+            )
+
+    def _init_factor(self, cov_factor: Sequence[Tensor]) -> None:
+        if len(cov_factor) != len(self.sizes):
+            raise PriorFormatError(f"need one factor per block; got {len(cov_factor)} for {len(self.sizes)}")
+        rank = cov_factor[0].shape[0] if cov_factor[0].dim() > 0 else 0
+        stored = {f.dtype for f in cov_factor}
+        for name, f, n in zip(self.names, cov_factor, self.sizes):
+            if f.dim() == 0 or f.shape[0] != rank or f[0].numel() != n:
+                raise PriorFormatError(
+                    f"`{name}`: cov_factor has shape {tuple(f.shape)}; expected [K={rank}, {n} elements]"
+                )
+        if rank == 0:
+            return
+        lowp = len(stored) == 1 and next(iter(stored)) in (torch.float16, torch.bfloat16)
+        self.factor_dtype = next(iter(stored)) if lowp and self.dtype == torch.float32 else self.dtype
+        self.factor_flat = self._gather(cov_factor, rows=rank, dtype=self.factor_dtype)
+        self.factor = self._split(self.factor_flat)
+        self.rank = rank
+        # columns per upcast chunk of a half-precision factor: K × chunk float32 ≤ max(P, 2²²) elements
+        self._chunk = max(1, max(self.numel, _LOWP_SCRATCH) // rank) if self._lowp else self.numel
+        cap = torch.zeros(rank, rank, dtype=torch.float64, device=self.device)
+        with _no_autocast(self.device), ieee_fp32_matmul():
+            # G Gᵀ with G = F A^{-1/2}, in the compute dtype over column chunks of at most 65,536 (bounded
+            # rounding), accumulated across chunks in float64
+            for start in range(0, self.numel, _CHUNK):
+                stop = min(start + _CHUNK, self.numel)
+                g = self.factor_flat[:, start:stop].to(self.dtype) * self.inv_a_flat[start:stop].sqrt()
+                cap += (g @ g.T).double()
+        cap = 0.5 * (cap + cap.T)
+        cap = torch.eye(rank, dtype=torch.float64, device=self.device) + self.scale * cap
+        chol, info = torch.linalg.cholesky_ex(cap)
+        diag = chol.diagonal()
+        cond = float((diag.max() / diag.min()) ** 2) if int(info) == 0 else math.inf
+        if int(info) != 0 or not math.isfinite(cond):
+            raise PriorFormatError(
+                "the K×K capacitance matrix I + λ·F A⁻¹ Fᵀ is not finite/positive definite; "
+                "the factor or the variance holds non-finite or extreme values"
+            )
+        if cond > _COND_WARN:
+            warnings.warn(
+                f"capacitance matrix condition number ≈ {cond:.1e}: the quadratic form loses "
+                "precision in the directions of the factor; consider eps > 0 or float64",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        self.chol = chol
+        self.logdet_c = 2.0 * diag.log().sum()
+        self.cap_inv_scaled = self.scale * torch.cholesky_inverse(chol)  # M = λ C⁻¹, float64
+
+    @property
+    def _lowp(self) -> bool:
+        return self.factor_flat is not None and self.factor_flat.dtype != self.dtype
+
+    def _new_scratch(self) -> Tensor | None:
+        if not self._lowp:
+            return None
+        return torch.empty(self.rank, min(self._chunk, self.numel), dtype=self.dtype, device=self.device)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of device memory the Gaussian holds: F once in its stored dtype, μ and A⁻¹ (and K×K)."""
+        total = self.mean_flat.nbytes + self.inv_a_flat.nbytes
+        if self.factor_flat is not None:
+            total += self.factor_flat.nbytes + self.chol.nbytes + self.cap_inv_scaled.nbytes
+        return total
 
     # ------------------------------------------------------------------ densities
     @property
@@ -220,14 +358,30 @@ class LowRankGaussian:
         """½(P·log 2π + log det Σ), so that log p(w) = −½q − log_normalizer."""
         return 0.5 * (self.numel * _LOG_2PI + self.logdet)
 
+    def _check_blocks(self, blocks: Sequence[Tensor]) -> None:
+        if len(blocks) != len(self.sizes):
+            raise PriorFormatError(f"expected {len(self.sizes)} blocks, received {len(blocks)}")
+        for name, b, n in zip(self.names, blocks, self.sizes):
+            if b.numel() != n:
+                raise PriorFormatError(f"`{name}`: received {b.numel()} elements, the prior has {n}")
+
     def half_quad(self, blocks: Sequence[Tensor]) -> Tensor:
-        """½ (w−μ)ᵀΣ⁻¹(w−μ), differentiable in each block (gradient Σ⁻¹(w−μ) by Woodbury)."""
-        if len(blocks) != len(self.mean):
-            raise PriorFormatError(f"expected {len(self.mean)} blocks, received {len(blocks)}")
-        for name, b, m in zip(self.names, blocks, self.mean):
-            if b.numel() != m.numel():
-                raise PriorFormatError(f"`{name}`: received {b.numel()} elements, the prior has {m.numel()}")
-        return _HalfQuad.apply(self, *blocks)
+        """½ (w−μ)ᵀΣ⁻¹(w−μ), differentiable in each block (gradient Σ⁻¹(w−μ) by Woodbury).
+
+        One ``cat`` of the blocks, then a fixed sequence of operations on flat tensors in a small autograd
+        function whose backward is the second pass over F (``torch.compile(fullgraph=True)`` traces it).
+        """
+        self._check_blocks(blocks)
+        with _no_autocast(self.device):
+            w = torch.cat([b.reshape(-1) for b in blocks])
+            if w.dtype != self.dtype:
+                w = w.to(self.dtype)
+            if self.factor_flat is None:
+                r = w - self.mean_flat
+                return (0.5 * torch.dot(r, r * self.inv_a_flat)).to(self.dtype)
+            return _FlatHalfQuad.apply(
+                w, self.mean_flat, self.inv_a_flat, self.factor_flat, self.cap_inv_scaled, self._chunk
+            )
 
     def log_prob(self, blocks: Sequence[Tensor]) -> Tensor:
         """Exact log N(w; μ, Σ), normaliser included (float64 scalar, differentiable)."""
@@ -242,15 +396,49 @@ class LowRankGaussian:
     ) -> tuple[Tensor, list[Tensor]]:
         """(½ (w−μ)ᵀΣ⁻¹(w−μ), Σ⁻¹(w−μ) as flattened blocks) in two passes over the factor, no autograd.
 
-        With a ``workspace`` (from :meth:`new_workspace`) nothing P-sized is allocated and the gradients are
-        views of ``workspace.grad`` (see :class:`Workspace`); without one they are new tensors.
+        A fixed number of operations on flat buffers, whatever the number of blocks; the value is a 0-dim
+        tensor on the device. With a ``workspace`` (from :meth:`new_workspace`) nothing P-sized is allocated
+        and the gradients are views of ``workspace.grad`` (see :class:`Workspace`); without one they are
+        views of one new flat tensor.
         """
         if workspace is not None and workspace.owner is not self:
             raise ValueError("this workspace was made by another LowRankGaussian: use its own new_workspace()")
-        with torch.no_grad(), _no_autocast(self.device):
-            q, s, z = _forward_pass(self, blocks, workspace)
-            grads = s if z is None else self._woodbury_correct(s, z, workspace)
-        return (0.5 * q).to(self.dtype), grads
+        self._check_blocks(blocks)
+        with torch.no_grad(), _no_autocast(self.device), ieee_fp32_matmul():
+            value, grad = self._value_and_grad_flat(blocks, workspace)
+        return value, (workspace.grad if workspace is not None else self._split(grad))
+
+    def _value_and_grad_flat(self, blocks: Sequence[Tensor], workspace: Workspace | None) -> tuple[Tensor, Tensor]:
+        if workspace is None:
+            work = torch.empty_like(self.mean_flat)
+            grad = torch.empty_like(self.mean_flat)
+            work_blocks, scratch = self._split(work), self._new_scratch()
+        else:
+            work, grad, work_blocks, scratch = (
+                workspace.work_flat,
+                workspace.grad_flat,
+                workspace.work,
+                workspace.scratch,
+            )
+        torch._foreach_copy_(work_blocks, [b.detach().reshape(-1) for b in blocks])  # w, one op
+        r = work.sub_(self.mean_flat)
+        s = torch.mul(r, self.inv_a_flat, out=grad)
+        q = torch.dot(r, s)
+        if self.factor_flat is not None:
+            t = self._factor_times(s, scratch).to(torch.float64)
+            u = self.cap_inv_scaled @ t  # λ C⁻¹ F s
+            q = q.to(torch.float64) - torch.dot(t, u)
+            prod = self._factor_transpose_times(u.to(self.dtype), work, scratch)  # Fᵀ u, into `work`
+            s.addcmul_(prod, self.inv_a_flat, value=-1.0)  # Σ⁻¹r = s − A⁻¹Fᵀ(λC⁻¹F s)
+        return (0.5 * q).to(self.dtype), s
+
+    def _factor_times(self, s: Tensor, scratch: Tensor | None = None) -> Tensor:
+        """F s ([K], compute dtype); a half-precision F is upcast chunk by chunk (float32 accumulation)."""
+        return _factor_times(self.factor_flat, s, self._chunk, scratch)
+
+    def _factor_transpose_times(self, u: Tensor, out: Tensor, scratch: Tensor | None = None) -> Tensor:
+        """Fᵀ u ([P]) written into ``out``; chunked like :meth:`_factor_times` for a half-precision F."""
+        return _factor_transpose_times(self.factor_flat, u, out, self._chunk, scratch)
 
     def grad_half_quad(self, blocks: Sequence[Tensor]) -> list[Tensor]:
         """Σ⁻¹(w − μ) for w given as blocks (no autograd); returns flattened blocks."""
@@ -259,92 +447,79 @@ class LowRankGaussian:
     def sample(self, generator: torch.Generator | None = None) -> list[Tensor]:
         """One draw w = μ + √a ⊙ ξ + √λ Fᵀ ζ with ξ ~ N(0, I_P), ζ ~ N(0, I_K); blocks in original shapes."""
         zeta = None
-        if self.factor is not None:
+        if self.factor_flat is not None:
             zeta = torch.randn(self.rank, generator=generator, dtype=self.dtype, device=self.device)
-        out = []
-        for i, (m, inv) in enumerate(zip(self.mean, self.inv_a)):
-            xi = torch.randn(m.shape, generator=generator, dtype=self.dtype, device=self.device)
-            w = m + inv.rsqrt() * xi
-            if zeta is not None:
-                w = w + math.sqrt(self.scale) * (zeta @ self.factor[i])
-            out.append(w.reshape(self.shapes[i]))
-        return out
+        xi = torch.randn(self.numel, generator=generator, dtype=self.dtype, device=self.device)
+        w = self.mean_flat + self.inv_a_flat.rsqrt() * xi
+        if zeta is not None:
+            with ieee_fp32_matmul():
+                w = w + math.sqrt(self.scale) * self._factor_transpose_times(zeta, torch.empty_like(w))
+        return [b.reshape(shape) for b, shape in zip(self._split(w), self.shapes)]
 
     def dense_covariance(self) -> Tensor:
         """Σ as a dense P×P matrix (float64). For tests and tiny priors only (P ≤ 20,000)."""
         if self.numel > 20_000:
             raise ValueError(f"dense_covariance is for small priors; this one has P = {self.numel}")
-        a = torch.cat([inv.double().reciprocal() for inv in self.inv_a])
-        cov = torch.diag(a)
-        if self.factor is not None:
-            f = torch.cat([f.double() for f in self.factor], dim=1)
+        cov = torch.diag(self.inv_a_flat.double().reciprocal())
+        if self.factor_flat is not None:
+            f = self.factor_flat.double()
             cov = cov + self.scale * f.T @ f
         return cov
 
-    # ------------------------------------------------------------------ internals
-    def _solve(self, t: Tensor) -> Tensor:
-        return torch.cholesky_solve(t.unsqueeze(-1), self.chol).squeeze(-1)
 
-    def _woodbury_correct(self, s: list[Tensor], z: Tensor, workspace: Workspace | None = None) -> list[Tensor]:
-        """s ← s − √λ A⁻¹ Fᵀ z, block by block, in place (the second pass over the factor)."""
-        zc = (z * math.sqrt(self.scale)).to(self.dtype).unsqueeze(0)
-        for i, (sb, inv, f) in enumerate(zip(s, self.inv_a, self.factor)):
-            prod = torch.mm(zc, f, out=workspace.work[i].view(1, -1)) if workspace is not None else zc @ f
-            sb.addcmul_(inv, prod.view(-1), value=-1.0)
-        return s
+def _upcast(f: Tensor, start: int, stop: int, dtype: torch.dtype, scratch: Tensor | None) -> Tensor:
+    if scratch is None:
+        return f[:, start:stop].to(dtype)
+    return scratch[:, : stop - start].copy_(f[:, start:stop])
 
 
-def _forward_pass(
-    gauss: LowRankGaussian, blocks: Sequence[Tensor], workspace: Workspace | None = None
-) -> tuple[Tensor, list[Tensor], Tensor | None]:
-    """First pass over the factor: q = rᵀs − tᵀz (float64), s = A⁻¹r per block, z = C⁻¹t (or None)."""
-    rs = torch.zeros((), dtype=torch.float64, device=gauss.device)
-    t = torch.zeros(gauss.rank, dtype=torch.float64, device=gauss.device) if gauss.factor else None
-    s_blocks = []
-    for i, (b, m, inv) in enumerate(zip(blocks, gauss.mean, gauss.inv_a)):
-        w = b.detach().reshape(-1).to(gauss.dtype)
-        if workspace is None:
-            r = w - m
-            s = r * inv
-        else:
-            r = torch.sub(w, m, out=workspace.work[i])
-            s = torch.mul(r, inv, out=workspace.grad[i])
-        rs += torch.dot(r, s).double()
-        if t is not None:
-            t += (gauss.factor[i] @ s).double()
-        s_blocks.append(s)
-    if t is None:
-        return rs, s_blocks, None
-    t = t * math.sqrt(gauss.scale)
-    z = gauss._solve(t)
-    return rs - torch.dot(t, z), s_blocks, z
+def _factor_times(f: Tensor, s: Tensor, chunk: int, scratch: Tensor | None = None) -> Tensor:
+    """F s ([K], in ``s``'s dtype); a factor in a lower precision is upcast ``chunk`` columns at a time."""
+    if f.dtype == s.dtype:
+        return torch.mv(f, s)
+    numel = f.shape[1]
+    t = torch.zeros(f.shape[0], dtype=s.dtype, device=s.device)
+    for start in range(0, numel, chunk):
+        stop = min(start + chunk, numel)
+        t = t + torch.mv(_upcast(f, start, stop, s.dtype, scratch), s[start:stop])
+    return t
 
 
-class _HalfQuad(torch.autograd.Function):
-    """Value ½ rᵀΣ⁻¹r; backward Σ⁻¹r. Keeps s = A⁻¹r (P floats) and z (K floats) between the two passes."""
+def _factor_transpose_times(f: Tensor, u: Tensor, out: Tensor, chunk: int, scratch: Tensor | None = None) -> Tensor:
+    """Fᵀ u ([P]) into ``out``; a factor in a lower precision is upcast ``chunk`` columns at a time."""
+    if f.dtype == u.dtype:
+        return torch.mv(f.T, u, out=out)
+    numel = f.shape[1]
+    for start in range(0, numel, chunk):
+        stop = min(start + chunk, numel)
+        torch.mv(_upcast(f, start, stop, u.dtype, scratch).T, u, out=out[start:stop])
+    return out
+
+
+class _FlatHalfQuad(torch.autograd.Function):
+    """½ rᵀΣ⁻¹r of a flat w with r = w − μ; backward Σ⁻¹r = s − A⁻¹Fᵀu with s = A⁻¹r, u = λC⁻¹F s.
+
+    Forward streams F once (t = F s) and keeps s (P floats) and u (K floats); backward streams it once more.
+    Both run under :func:`ieee_fp32_matmul`. Only tensors and an int cross the boundary, so dynamo traces it.
+    """
 
     @staticmethod
-    def forward(ctx, gauss: LowRankGaussian, *blocks: Tensor) -> Tensor:
-        with _no_autocast(gauss.device):
-            q, s_blocks, z = _forward_pass(gauss, blocks)
-        ctx.gauss = gauss
-        ctx.s_blocks = s_blocks
-        ctx.z = z
-        ctx.in_dtypes = [b.dtype for b in blocks]
-        ctx.in_shapes = [b.shape for b in blocks]
-        return (0.5 * q).to(gauss.dtype)
+    def forward(ctx, w: Tensor, mean: Tensor, inv_a: Tensor, factor: Tensor, m: Tensor, chunk: int) -> Tensor:
+        with ieee_fp32_matmul():
+            r = w - mean
+            s = r * inv_a
+            t = _factor_times(factor, s, chunk).to(torch.float64)
+            u = m @ t
+            q = torch.dot(r, s).to(torch.float64) - torch.dot(t, u)
+        ctx.save_for_backward(s, u, inv_a, factor)
+        ctx.chunk = chunk
+        return (0.5 * q).to(w.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
-        gauss: LowRankGaussian = ctx.gauss
-        s_blocks = ctx.s_blocks
-        with _no_autocast(gauss.device):
-            grads = s_blocks if ctx.z is None else gauss._woodbury_correct(s_blocks, ctx.z)
-        g = float(grad_out)  # one host sync; skips a pass over P when the penalty enters with weight 1
-        out = [
-            (gb if g == 1.0 else gb.mul_(g)).reshape(shape).to(dtype) if ctx.needs_input_grad[i + 1] else None
-            for i, (gb, shape, dtype) in enumerate(zip(grads, ctx.in_shapes, ctx.in_dtypes))
-        ]
-        ctx.s_blocks = None
-        return (None, *out)
+        s, u, inv_a, factor = ctx.saved_tensors
+        with ieee_fp32_matmul():
+            prod = _factor_transpose_times(factor, u.to(s.dtype), torch.empty_like(s), ctx.chunk)
+        grad = torch.addcmul(s, prod, inv_a, value=-1.0).mul_(grad_out)
+        return grad, None, None, None, None, None

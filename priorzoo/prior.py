@@ -334,17 +334,15 @@ class PriorModel:
         names = list(self.names if names is None else names)
         dtype = dtype or torch.promote_types(self.mean[names[0]].dtype, torch.float32)
 
-        def get(store: Mapping[str, Tensor], n: str) -> Tensor:
-            return store[n].to(device=device) if device is not None else store[n]
-
-        return LowRankGaussian(
-            [get(self.mean, n) for n in names],
-            [get(self.variance, n) for n in names],
-            [get(self.cov_factor, n) for n in names] if self.cov_factor is not None else None,
+        return LowRankGaussian(  # copies the blocks straight into flat buffers on `device`
+            [self.mean[n] for n in names],
+            [self.variance[n] for n in names],
+            [self.cov_factor[n] for n in names] if self.cov_factor is not None else None,
             scale=self.scale,
             eps=self.eps,
             names=names,
             dtype=dtype,
+            device=device,
         )
 
     def match(

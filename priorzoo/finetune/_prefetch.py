@@ -107,9 +107,9 @@ class PrecomputedPenalty(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        g = float(grad_out)
+        torch._foreach_mul_(ctx.grads, grad_out)  # no host sync: grad_out stays on the device
         out = [
-            (gr if g == 1.0 else gr.mul_(g)).to(dtype) if ctx.needs_input_grad[i + 2] else None
+            gr.to(dtype) if ctx.needs_input_grad[i + 2] else None
             for i, (gr, dtype) in enumerate(zip(ctx.grads, ctx.dtypes))
         ]
         ctx.grads = None

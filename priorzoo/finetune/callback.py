@@ -136,24 +136,28 @@ class _PriorTermLog:
         self.reset()
 
     def reset(self) -> None:
-        self._since_sum, self._since_count = 0.0, 0
-        self._total_sum, self._total_count = 0.0, 0
+        self._since_sum: Any = 0.0
+        self._total_sum: Any = 0.0
+        self._since_count = self._total_count = 0
 
-    def add(self, value: float) -> None:
-        self._since_sum += value
+    def add(self, value: torch.Tensor | float) -> None:
+        """Accumulate one step's term; a tensor stays on its device (summed there: no host sync per step)."""
+        if isinstance(value, torch.Tensor):
+            value = value.detach().to(torch.float64)
+        self._since_sum = self._since_sum + value
         self._since_count += 1
-        self._total_sum += value
+        self._total_sum = self._total_sum + value
         self._total_count += 1
 
     def entries(self, logs: Mapping[str, Any], key: str) -> dict[str, float]:
-        """What to add to the Trainer's log record ``logs``; a training-loss record restarts the mean since
-        the last log."""
+        """What to add to the Trainer's log record ``logs`` (the only place the sums reach the host); a
+        training-loss record restarts the mean since the last log."""
         added = {}
         if "loss" in logs and self._since_count:
-            added[key] = self._since_sum / self._since_count
+            added[key] = float(self._since_sum) / self._since_count
             self._since_sum, self._since_count = 0.0, 0
         if "train_loss" in logs and self._total_count:
-            added[f"train_{key}"] = self._total_sum / self._total_count
+            added[f"train_{key}"] = float(self._total_sum) / self._total_count
         return added
 
 

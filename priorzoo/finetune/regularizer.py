@@ -31,6 +31,7 @@ import math
 import numbers
 import operator
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -132,6 +133,12 @@ class PriorRegularizer:
     moved, the prior is re-bound transparently. The prior's tensors may live on any device and in any
     floating dtype: they are copied to the parameters' device and the penalty is computed in float32 (or
     ``dtype``) whatever the parameters' dtype (bf16/fp16 parameters get their gradient cast back).
+
+    Which weights the penalty sees: the parameters the optimiser updates. Under autocast and under FSDP2's
+    ``MixedPrecisionPolicy(param_dtype=torch.bfloat16)`` those are the float32 master weights (FSDP2's
+    sharded parameters stay float32; only its transient unsharded copies are bf16), so the penalty is
+    computed on them. A model cast to bf16 as a whole has no float32 copy: its bf16 weights are read into
+    the float32 workspace (one copy per step, no allocation) and the gradient is cast back to bf16.
 
     Args:
         prior: the :class:`~priorzoo.PriorModel` (its head is excluded by matching; see
@@ -347,15 +354,19 @@ class PriorRegularizer:
     @torch.no_grad()
     def gradient(self) -> list[Tensor]:
         """ρ·Σ⁻¹(w−μ)/N for each matched parameter (shaped like it, in the compute dtype), no autograd."""
-        c = self.coefficient
-        return [gi.mul_(c) for gi in self._value_and_grad(own=True)[1]]
+        grads = self._value_and_grad(own=True)[1]
+        torch._foreach_mul_(grads, self.coefficient)
+        return grads
 
-    def add_to_grad_(self) -> float:
+    def add_to_grad_(self) -> Tensor:
         """Add ρ·Σ⁻¹(w−μ)/N into ``.grad`` of each trainable matched parameter; return ρ·penalty/N.
 
         Value and gradient come from the same two passes over the factor (:meth:`BoundPrior.value_and_grad`,
         or the result :meth:`prefetch` computed in the background), without autograd, so no ``.grad`` hooks
-        fire: safe with DDP after the gradient all-reduce.
+        fire: safe with DDP after the gradient all-reduce. The gradients enter with one
+        ``torch._foreach_add_`` (a fixed number of operations whatever the number of parameters) and the
+        returned value is a 0-dim tensor on the prior's device: nothing waits for the device until it is
+        logged (``float(...)``).
         Parameters with ``requires_grad=False`` get nothing (their block of Σ⁻¹(w−μ) is still computed
         with them held fixed, which is the exact conditional gradient for the trainable ones).
 
@@ -367,21 +378,39 @@ class PriorRegularizer:
             ...     _ = lin.weight.fill_(2.0)
             >>> reg = PriorRegularizer(PriorModel.from_tensors({"weight": torch.zeros(1, 2)}, variance=1.0),
             ...                        lin, num_train_examples=2)
-            >>> reg.add_to_grad_()  # ½·8/2
+            >>> float(reg.add_to_grad_())  # ½·8/2
             2.0
             >>> lin.weight.grad.tolist()
             [[1.0, 1.0]]
         """
         value, grads = self._value_and_grad(own=False)  # used right here: the workspace may hold them
-        c = self.coefficient
-        with torch.no_grad():
-            for p, g in zip(self.bound.parameters, grads):
-                if not p.requires_grad:
-                    continue
-                if p.grad is None:
-                    p.grad = (g * c).to(p.dtype)  # a new tensor, never a view of the workspace
-                elif p.grad.dtype == g.dtype:
-                    p.grad.add_(g, alpha=c)
-                else:
-                    p.grad.add_((g * c).to(p.grad.dtype))
-        return float(value) * c
+        add_into_grads_(self.bound.parameters, grads, self.coefficient)
+        return value * self.coefficient
+
+
+@torch.no_grad()
+def add_into_grads_(parameters: Sequence[Tensor], grads: Sequence[Tensor], alpha: float) -> None:
+    """``p.grad += alpha · g`` for each trainable parameter, with one foreach add over those that have a
+    gradient (mixed dtypes are cast by the add) and one foreach multiply creating the missing ones (new
+    tensors, never views of ``grads``). DTensor parameters (FSDP2) get their local shard updated."""
+    have_grad, have_g, fresh, fresh_g = [], [], [], []
+    for p, g in zip(parameters, grads):
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            fresh.append(p)
+            fresh_g.append(g)
+        else:
+            have_grad.append(_local(p.grad))
+            have_g.append(g)
+    if have_grad:
+        torch._foreach_add_(have_grad, have_g, alpha=alpha)
+    if fresh:
+        for p, g in zip(fresh, torch._foreach_mul(fresh_g, alpha)):
+            p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (its in-place updates change the DTensor), else the tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None and type(t).__name__ == "DTensor" else t

@@ -193,7 +193,7 @@ class PriorTrainerMixin:
         term = self._prior_regularizer_for(trainer.model)()
         loss = loss + term.to(loss.device) * self._prior_loss_multiplier(num_items_in_batch)
         self._prior_added_this_step += 1
-        self._prior_log.add(float(term.detach()))
+        self._prior_log.add(term)  # stays on the device until logged
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:

@@ -153,7 +153,7 @@ def test_scale_argument_equals_with_scale_and_gradient_matches_autograd():
     for g_auto, g in zip(auto, a.gradient()):
         torch.testing.assert_close(g_auto, g.reshape(g_auto.shape), rtol=1e-5, atol=1e-8)
     model.zero_grad()
-    value = a.add_to_grad_()
+    value = float(a.add_to_grad_())
     assert value == pytest.approx(float(a().detach()), rel=1e-6)
     for g_auto, p in zip(auto, a.parameters):
         torch.testing.assert_close(p.grad, g_auto, rtol=1e-5, atol=1e-8)

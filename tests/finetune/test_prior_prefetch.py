@@ -71,7 +71,7 @@ def test_prefetched_gradient_and_add_to_grad_match():
     model, prior = _model_and_prior()
     reg = PriorRegularizer(prior, model, num_train_examples=N)
     expected = [g.clone() for g in reg.gradient()]
-    expected_value = reg.add_to_grad_()
+    expected_value = float(reg.add_to_grad_())
     expected_grad = _grads_of(model)
     model.zero_grad(set_to_none=True)
 
@@ -79,7 +79,7 @@ def test_prefetched_gradient_and_add_to_grad_match():
     for got, want in zip(reg.gradient(), expected):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     reg.prefetch()
-    assert reg.add_to_grad_() == pytest.approx(expected_value, rel=1e-12)
+    assert float(reg.add_to_grad_()) == pytest.approx(float(expected_value), rel=1e-12)
     for n, g in _grads_of(model).items():
         torch.testing.assert_close(g, expected_grad[n], rtol=0, atol=0)
 
