@@ -62,7 +62,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -186,6 +186,11 @@ class LowRankGaussian:
             bfloat16 stays in that dtype (its products accumulate in float32); any other factor is held in
             the compute dtype.
         device: where the buffers live (default: the first mean's device).
+        reduce: for a prior sharded across processes (:mod:`priorzoo.sharded`): the blocks are this
+            process's slices, and ``reduce(x)`` returns the sum of ``x`` over all processes (an all-reduce).
+            It is called once here on K·K + 3 float64 numbers (the capacitance, log det A, P and an error
+            flag) and once per evaluation on K + 1 (rᵀs and F s), so the value and each process's slice of
+            the gradient are exact (Woodbury: C = I + λ Σ_r F_r A_r⁻¹ F_rᵀ).
 
     Raises:
         PriorFormatError: a block with λv + ε = 0 (a singular covariance), or one that underflows.
@@ -208,6 +213,7 @@ class LowRankGaussian:
         names: Sequence[str] | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        reduce: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         if not (scale > 0 and math.isfinite(scale)):
             raise PriorFormatError(f"`scale` (λ) must be a finite number > 0; received {scale!r}")
@@ -232,24 +238,54 @@ class LowRankGaussian:
             if v.numel() != n:
                 raise PriorFormatError(f"`{name}`: variance has {v.numel()} elements but the mean has {n}")
         self.numel = sum(self.sizes)
+        self.reduce = reduce
         self.mean_flat = self._gather(mean)
         a = self._gather(variance)
         a.mul_(self.scale).add_(self.eps)  # A = λv + ε, then A⁻¹ in place: one P-sized buffer
-        self._check_diagonal(a)
-        self.logdet_a = a.log().sum(dtype=torch.float64)
+        error: PriorFormatError | None = None
+        try:
+            self._check_diagonal(a)
+        except PriorFormatError as err:  # raised below, after the other processes learnt of it
+            error = err
+        logdet_a = a.log().sum(dtype=torch.float64)
         self.inv_a_flat = a.reciprocal_()
-        if not bool(torch.isfinite(self.inv_a_flat).all()):
+        if error is None and not bool(torch.isfinite(self.inv_a_flat).all()):
             bad = self._first_block(lambda blk: not bool(torch.isfinite(blk).all()), self.inv_a_flat)
-            raise PriorFormatError(f"`{bad}`: 1/(λ·variance + eps) overflows {dtype}; raise eps or compute in float64")
+            error = PriorFormatError(
+                f"`{bad}`: 1/(λ·variance + eps) overflows {dtype}; raise eps or compute in float64"
+            )
         self.mean = self._split(self.mean_flat)
         self.inv_a = self._split(self.inv_a_flat)
 
         self.factor_flat: Tensor | None = None
         self.factor: list[Tensor] | None = None
         self.rank = 0
-        self.logdet_c = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._chunk = self.numel
         if cov_factor is not None and len(cov_factor) > 0:
             self._init_factor(cov_factor)
+        cap = self._capacitance_partial() if error is None else None
+        if cap is None:
+            cap = torch.zeros(self.rank, self.rank, dtype=torch.float64, device=self.device)
+        self.logdet_a = logdet_a
+        self.total_numel = self.numel
+        if reduce is not None:  # one all-reduce: Σ_r λ F_r A_r⁻¹ F_rᵀ, Σ log det A_r, Σ P_r, errors
+            extra = torch.tensor([self.numel, error is not None], dtype=torch.float64, device=self.device)
+            packed = reduce(torch.cat([cap.reshape(-1), logdet_a.reshape(1), extra]))
+            kk = self.rank * self.rank
+            cap = packed[:kk].reshape(self.rank, self.rank)
+            self.logdet_a = packed[kk]
+            self.total_numel = round(float(packed[kk + 1]))
+            if error is None and float(packed[kk + 2]) > 0:
+                error = PriorFormatError(
+                    "another process's slice of the prior is invalid (its error names the parameter); all "
+                    "processes stop here"
+                )
+        if error is not None:
+            raise error
+        self.logdet_c = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.cap_inv_scaled: Tensor | None = None
+        if self.factor_flat is not None:
+            self._finish_capacitance(cap)
 
     # ------------------------------------------------------------------ construction helpers
     def _gather(self, blocks: Sequence[Tensor], rows: int | None = None, dtype: torch.dtype | None = None) -> Tensor:
@@ -301,7 +337,12 @@ class LowRankGaussian:
         self.rank = rank
         # columns per upcast chunk of a half-precision factor: K × chunk float32 ≤ max(P, 2²²) elements
         self._chunk = max(1, max(self.numel, _LOWP_SCRATCH) // rank) if self._lowp else self.numel
-        cap = torch.zeros(rank, rank, dtype=torch.float64, device=self.device)
+
+    def _capacitance_partial(self) -> Tensor | None:
+        """λ F A⁻¹ Fᵀ (K×K, float64) over this Gaussian's blocks, or None without a factor."""
+        if self.factor_flat is None:
+            return None
+        cap = torch.zeros(self.rank, self.rank, dtype=torch.float64, device=self.device)
         with _no_autocast(self.device), ieee_fp32_matmul():
             # G Gᵀ with G = F A^{-1/2}, in the compute dtype over column chunks of at most 65,536 (bounded
             # rounding), accumulated across chunks in float64
@@ -309,8 +350,12 @@ class LowRankGaussian:
                 stop = min(start + _CHUNK, self.numel)
                 g = self.factor_flat[:, start:stop].to(self.dtype) * self.inv_a_flat[start:stop].sqrt()
                 cap += (g @ g.T).double()
-        cap = 0.5 * (cap + cap.T)
-        cap = torch.eye(rank, dtype=torch.float64, device=self.device) + self.scale * cap
+        return self.scale * (0.5 * (cap + cap.T))
+
+    def _finish_capacitance(self, cap: Tensor) -> None:
+        """chol(C), log det C and M = λC⁻¹ from λ F A⁻¹ Fᵀ (summed over all processes when sharded)."""
+        rank = self.rank
+        cap = torch.eye(rank, dtype=torch.float64, device=self.device) + cap
         chol, info = torch.linalg.cholesky_ex(cap)
         diag = chol.diagonal()
         cond = float((diag.max() / diag.min()) ** 2) if int(info) == 0 else math.inf
@@ -356,7 +401,7 @@ class LowRankGaussian:
     @property
     def log_normalizer(self) -> Tensor:
         """½(P·log 2π + log det Σ), so that log p(w) = −½q − log_normalizer."""
-        return 0.5 * (self.numel * _LOG_2PI + self.logdet)
+        return 0.5 * (self.total_numel * _LOG_2PI + self.logdet)
 
     def _check_blocks(self, blocks: Sequence[Tensor]) -> None:
         if len(blocks) != len(self.sizes):
@@ -376,11 +421,11 @@ class LowRankGaussian:
             w = torch.cat([b.reshape(-1) for b in blocks])
             if w.dtype != self.dtype:
                 w = w.to(self.dtype)
-            if self.factor_flat is None:
+            if self.factor_flat is None and self.reduce is None:
                 r = w - self.mean_flat
                 return (0.5 * torch.dot(r, r * self.inv_a_flat)).to(self.dtype)
             return _FlatHalfQuad.apply(
-                w, self.mean_flat, self.inv_a_flat, self.factor_flat, self.cap_inv_scaled, self._chunk
+                w, self.mean_flat, self.inv_a_flat, self.factor_flat, self.cap_inv_scaled, self._chunk, self.reduce
             )
 
     def log_prob(self, blocks: Sequence[Tensor]) -> Tensor:
@@ -424,10 +469,12 @@ class LowRankGaussian:
         r = work.sub_(self.mean_flat)
         s = torch.mul(r, self.inv_a_flat, out=grad)
         q = torch.dot(r, s)
-        if self.factor_flat is not None:
-            t = self._factor_times(s, scratch).to(torch.float64)
+        if self.factor_flat is None:
+            q, _ = self._reduced(q, None)
+        else:
+            q, t = self._reduced(q, self._factor_times(s, scratch).to(torch.float64))
             u = self.cap_inv_scaled @ t  # λ C⁻¹ F s
-            q = q.to(torch.float64) - torch.dot(t, u)
+            q = q - torch.dot(t, u)
             prod = self._factor_transpose_times(u.to(self.dtype), work, scratch)  # Fᵀ u, into `work`
             s.addcmul_(prod, self.inv_a_flat, value=-1.0)  # Σ⁻¹r = s − A⁻¹Fᵀ(λC⁻¹F s)
         return (0.5 * q).to(self.dtype), s
@@ -435,6 +482,15 @@ class LowRankGaussian:
     def _factor_times(self, s: Tensor, scratch: Tensor | None = None) -> Tensor:
         """F s ([K], compute dtype); a half-precision F is upcast chunk by chunk (float32 accumulation)."""
         return _factor_times(self.factor_flat, s, self._chunk, scratch)
+
+    def _reduced(self, q: Tensor, t: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """(rᵀs, F s) summed over the processes (one all-reduce of K + 1 float64) when sharded."""
+        q = q.to(torch.float64)
+        if self.reduce is None:
+            return q, t
+        packed = q.reshape(1) if t is None else torch.cat([q.reshape(1), t])
+        packed = self.reduce(packed)
+        return packed[0], (None if t is None else packed[1:])
 
     def _factor_transpose_times(self, u: Tensor, out: Tensor, scratch: Tensor | None = None) -> Tensor:
         """Fᵀ u ([P]) written into ``out``; chunked like :meth:`_factor_times` for a half-precision F."""
@@ -504,22 +560,42 @@ class _FlatHalfQuad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, w: Tensor, mean: Tensor, inv_a: Tensor, factor: Tensor, m: Tensor, chunk: int) -> Tensor:
+    def forward(
+        ctx,
+        w: Tensor,
+        mean: Tensor,
+        inv_a: Tensor,
+        factor: Tensor | None,
+        m: Tensor | None,
+        chunk: int,
+        reduce: Callable[[Tensor], Tensor] | None = None,
+    ) -> Tensor:
         with ieee_fp32_matmul():
             r = w - mean
             s = r * inv_a
-            t = _factor_times(factor, s, chunk).to(torch.float64)
-            u = m @ t
-            q = torch.dot(r, s).to(torch.float64) - torch.dot(t, u)
-        ctx.save_for_backward(s, u, inv_a, factor)
+            q = torch.dot(r, s).to(torch.float64)
+            t = None if factor is None else _factor_times(factor, s, chunk).to(torch.float64)
+            if reduce is not None:  # sharded: Σ over processes of rᵀs and F s, one all-reduce of K + 1
+                packed = reduce(q.reshape(1) if t is None else torch.cat([q.reshape(1), t]))
+                q, t = packed[0], (None if t is None else packed[1:])
+            if t is not None:
+                u = m @ t
+                q = q - torch.dot(t, u)
+        if t is None:
+            ctx.save_for_backward(s)
+        else:
+            ctx.save_for_backward(s, u, inv_a, factor)
         ctx.chunk = chunk
         return (0.5 * q).to(w.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
-        s, u, inv_a, factor = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        if len(saved) == 1:
+            return saved[0] * grad_out, None, None, None, None, None, None
+        s, u, inv_a, factor = saved
         with ieee_fp32_matmul():
             prod = _factor_transpose_times(factor, u.to(s.dtype), torch.empty_like(s), ctx.chunk)
         grad = torch.addcmul(s, prod, inv_a, value=-1.0).mul_(grad_out)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None

@@ -404,8 +404,14 @@ class PriorModel:
             >>> bound = p.bind(lin)
             >>> bound.penalty().backward()  # gradient Σ⁻¹(w − μ) lands in lin.weight.grad
         """
+        from priorzoo.sharded import ShardedBoundPrior, check_parameters, is_sharded
+
+        check_parameters(model, where="PriorModel.bind")  # FSDP1 / DeepSpeed ZeRO-3: refused
         result = self.match(model, include=include, exclude=exclude, exclude_head=exclude_head)
         result.check(allow_partial=allow_partial)
+        params = dict(model.named_parameters())
+        if is_sharded([params[m] for m in result.matched.values() if m in params]):  # FSDP2: local slices
+            return ShardedBoundPrior(self, model, result, dtype=dtype)
         if result.adapted or (result.frozen and len(result.frozen) < len(result.matched)):
             # frozen blocks held at their values, PEFT layers through their effective weights W₀ + ΔW
             from priorzoo.conditional import ConditionalBoundPrior

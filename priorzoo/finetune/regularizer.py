@@ -42,6 +42,7 @@ from priorzoo.finetune._prefetch import PrecomputedPenalty, Prefetched
 from priorzoo.gaussian import Workspace
 from priorzoo.matching import Patterns
 from priorzoo.prior import PriorModel
+from priorzoo.sharded import ShardedBoundPrior
 
 __all__ = ["PriorRegularizer", "check_num_train_examples", "check_prior_weight", "check_scale"]
 
@@ -282,8 +283,8 @@ class PriorRegularizer:
             >>> loss.backward()
         """
         bound = self.bound
-        if not self.overlap or bound.device.type != "cpu":
-            return False
+        if not self.overlap or bound.device.type != "cpu" or isinstance(bound, ShardedBoundPrior):
+            return False  # (a sharded term is collective: never from a background thread)
         if self._pending is None or not self._pending.is_valid_for(bound):
             self._discard_prefetch()  # a stale one (weights changed since it started): never two at once
             # always into the reusable workspace: a term that goes into the loss copies its gradients out in
@@ -407,10 +408,16 @@ def add_into_grads_(parameters: Sequence[Tensor], grads: Sequence[Tensor], alpha
         torch._foreach_add_(have_grad, have_g, alpha=alpha)
     if fresh:
         for p, g in zip(fresh, torch._foreach_mul(fresh_g, alpha)):
-            p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
+            g = g if g.dtype == p.dtype else g.to(p.dtype)
+            if type(p).__name__ == "DTensor":  # FSDP2: the local shard becomes a DTensor gradient
+                from torch.distributed.tensor import DTensor
+
+                g = DTensor.from_local(
+                    g, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+                )
+            p.grad = g
 
 
 def _local(t: Tensor) -> Tensor:
     """The local shard of a DTensor (its in-place updates change the DTensor), else the tensor itself."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if to_local is not None and type(t).__name__ == "DTensor" else t
+    return t.to_local() if type(t).__name__ == "DTensor" else t

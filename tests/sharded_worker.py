@@ -1,0 +1,177 @@
+"""Worker for test_sharded.py: `torchrun --standalone --nproc_per_node=W sharded_worker.py OUT CASE...`.
+
+Each case builds the same seeded model and prior on every process, shards the model with FSDP2
+(``fully_shard`` on a CPU mesh, gloo) and rank 0 writes what the test compares with one process to
+OUT/<case>.safetensors (full tensors gathered with ``DTensor.full_tensor()``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+N = 10
+LR = 0.1
+
+
+def model_and_prior(seed: int = 0, k: int = 3, factor_dtype=torch.float32):
+    """A model with an uneven shard (7 rows on 2 processes: 4 and 3), empty shards (1 row on 2 processes)
+    and a parameter the sharded cases put in Shard(1) (shape (4, 6)); the prior covers all but the head."""
+    from priorzoo import PriorModel
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 4),  # 0.weight (4, 6): Shard(1) in the sharded cases
+        torch.nn.Tanh(),
+        torch.nn.Linear(4, 7),  # 2.weight (7, 4): 4 + 3 rows
+        torch.nn.Tanh(),
+        torch.nn.Linear(7, 1),  # 4.weight (1, 7), 4.bias (1,): one row, the second process holds none
+        torch.nn.Tanh(),
+        torch.nn.Linear(1, 3),  # 6.*: the head, no prior
+    )
+    gen = torch.Generator().manual_seed(seed + 1)
+    params = {n: p for n, p in model.named_parameters() if not n.startswith("6.")}
+    mean = {n: p.detach() + 0.2 * torch.randn(p.shape, generator=gen) for n, p in params.items()}
+    var = {n: torch.rand(p.shape, generator=gen) + 0.3 for n, p in params.items()}
+    fac = {n: (0.5 * torch.randn(k, *p.shape, generator=gen)).to(factor_dtype) for n, p in params.items()}
+    return model, PriorModel.from_tensors(mean, var, fac, scale=1.5, exclude=["6.*"])
+
+
+def batch(seed: int = 2):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+
+
+def shard(model, world: int):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    mesh = init_device_mesh("cpu", (world,))
+
+    def placement(p):
+        return Shard(1) if tuple(p.shape) == (4, 6) else None
+
+    for layer in model:
+        if any(True for _ in layer.parameters()):
+            fully_shard(layer, mesh=mesh, shard_placement_fn=placement)
+    fully_shard(model, mesh=mesh, shard_placement_fn=placement)
+    return model
+
+
+def check_placements(model, world: int) -> None:
+    """The cases the comparison is about really occur: Shard(1), an uneven and an empty shard."""
+    from torch.distributed.tensor import Shard
+
+    params = dict(model.named_parameters())
+    rank = torch.distributed.get_rank()
+    assert params["0.weight"].placements == (Shard(1),), params["0.weight"].placements
+    assert params["2.weight"].placements == (Shard(0),)
+    if world == 2:
+        assert tuple(params["2.weight"].to_local().shape) == ((4, 4) if rank == 0 else (3, 4))
+        assert tuple(params["4.weight"].to_local().shape) == ((1, 7) if rank == 0 else (0, 7))
+
+
+def full(t):
+    return t.full_tensor() if type(t).__name__ == "DTensor" else t
+
+
+def case_value_and_grad(world: int, source=None) -> dict[str, torch.Tensor]:
+    """Value, log-density and gradient of the prior term on the sharded model: add_to_grad_ and the loss
+    path."""
+    from priorzoo.finetune import PriorRegularizer
+
+    model, prior = model_and_prior()
+    if world > 1:
+        shard(model, world)
+        check_placements(model, world)
+    read = []
+    if source is not None:
+        from priorzoo.sharded import LazyTensor, open_prior
+
+        prior = open_prior(source)
+        original = LazyTensor.__getitem__
+
+        def counting(self, index):
+            t = original(self, index)
+            read.append(t.numel())
+            return t
+
+        LazyTensor.__getitem__ = counting
+    reg = PriorRegularizer(prior, model, num_train_examples=N)
+    out = {"value": reg().detach().reshape(1), "log_prob": reg.log_prob().detach().reshape(1)}
+    if source is not None:
+        out["elements_read"] = torch.tensor([sum(read)], dtype=torch.float64)
+    reg().backward()
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            out[f"loss_grad.{n}"] = full(p.grad).detach().clone()
+    model.zero_grad(set_to_none=True)
+    out["add_value"] = reg.add_to_grad_().detach().reshape(1)  # creates the gradients
+    reg.add_to_grad_()  # accumulates into them
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            out[f"add_grad.{n}"] = full(p.grad).detach().clone()
+    return out
+
+
+def case_plain_loop(world: int, rank: int) -> dict[str, torch.Tensor]:
+    """Two SGD steps on mean CE(local half of the batch) + PriorRegularizer() (the loss path), then two on
+    mean CE + add_to_grad_() after backward (the callback's path)."""
+    from priorzoo.finetune import PriorRegularizer
+
+    model, prior = model_and_prior()
+    if world > 1:
+        shard(model, world)
+    x, y = batch()
+    per = 8 // world
+    x, y = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
+    reg = PriorRegularizer(prior, model, num_train_examples=N)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    for step in range(4):
+        opt.zero_grad(set_to_none=True)
+        data = torch.nn.functional.cross_entropy(model(x), y)
+        if step < 2:
+            (data + reg()).backward()
+        else:
+            data.backward()
+            reg.add_to_grad_()
+        opt.step()
+    return {n: full(p).detach().clone() for n, p in model.named_parameters()}
+
+
+CASES = {"value_and_grad": case_value_and_grad, "plain_loop": case_plain_loop}
+
+
+def run(case: str, world: int, rank: int, source=None):
+    if case == "plain_loop":
+        return case_plain_loop(world, rank)
+    return case_value_and_grad(world, source)
+
+
+def main() -> None:
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    torch.set_num_threads(1)
+    out = Path(sys.argv[1])
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    dist.init_process_group("gloo")
+    for case in sys.argv[2:]:
+        name, _, source = case.partition("=")
+        result = run(name, world, rank, source or None)
+        if rank == 0:
+            target = out / f"{name}{'_lazy' if source else ''}.safetensors"
+            save_file({k: v.contiguous() for k, v in result.items()}, str(target))
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
