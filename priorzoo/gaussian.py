@@ -45,9 +45,8 @@ under :func:`ieee_fp32_matmul`, which sets the matmul precision to IEEE and rest
 (flags are not traceable); the factor products are then matrix–vector products.
 
 **Memory.** A Gaussian holds F once (K·P elements in its stored dtype) plus μ, A⁻¹ (2P in the compute
-dtype); a :class:`Workspace` adds 2P (and the float32 scratch for a half-precision factor). Reductions over
-the P weights (rᵀs, F·s) accumulate in the compute dtype (float32 at least); the K-vector algebra, log det
-and C are float64.
+dtype); a :class:`Workspace` adds 2P (and the float32 scratch for a half-precision factor). rᵀs accumulates in
+float64, F·s in the compute dtype (float32 at least); the K-vector algebra, log det and C are float64.
 
 Example:
     >>> import torch
@@ -421,9 +420,6 @@ class LowRankGaussian:
             w = torch.cat([b.reshape(-1) for b in blocks])
             if w.dtype != self.dtype:
                 w = w.to(self.dtype)
-            if self.factor_flat is None and self.reduce is None:
-                r = w - self.mean_flat
-                return (0.5 * torch.dot(r, r * self.inv_a_flat)).to(self.dtype)
             return _FlatHalfQuad.apply(
                 w, self.mean_flat, self.inv_a_flat, self.factor_flat, self.cap_inv_scaled, self._chunk, self.reduce
             )
@@ -468,7 +464,7 @@ class LowRankGaussian:
         torch._foreach_copy_(work_blocks, [b.detach().reshape(-1) for b in blocks])  # w, one op
         r = work.sub_(self.mean_flat)
         s = torch.mul(r, self.inv_a_flat, out=grad)
-        q = torch.dot(r, s)
+        q = r.mul_(s).sum(dtype=torch.float64)  # rᵀs accumulated in float64 (r is not needed after)
         if self.factor_flat is None:
             q, _ = self._reduced(q, None)
         else:
@@ -573,7 +569,7 @@ class _FlatHalfQuad(torch.autograd.Function):
         with ieee_fp32_matmul():
             r = w - mean
             s = r * inv_a
-            q = torch.dot(r, s).to(torch.float64)
+            q = (r * s).sum(dtype=torch.float64)  # accumulated in float64
             t = None if factor is None else _factor_times(factor, s, chunk).to(torch.float64)
             if reduce is not None:  # sharded: Σ over processes of rᵀs and F s, one all-reduce of K + 1
                 packed = reduce(q.reshape(1) if t is None else torch.cat([q.reshape(1), t]))
