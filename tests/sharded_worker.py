@@ -145,12 +145,40 @@ def case_plain_loop(world: int, rank: int) -> dict[str, torch.Tensor]:
     return {n: full(p).detach().clone() for n, p in model.named_parameters()}
 
 
-CASES = {"value_and_grad": case_value_and_grad, "plain_loop": case_plain_loop}
+def case_callback(world: int, rank: int) -> dict[str, torch.Tensor]:
+    """PriorCallback's events driven by hand around a plain FSDP2 loop, as a Trainer with FSDP2 calls them:
+    on_init_end with fsdp set (matches, binds nothing), on_train_begin after sharding (binds the shards),
+    on_pre_optimizer_step after backward (adds into the local gradient shards), two steps."""
+    from types import SimpleNamespace
+
+    from priorzoo.finetune import PriorCallback
+
+    model, prior = model_and_prior()
+    args = SimpleNamespace(deepspeed=None, fsdp=world > 1, optim="sgd")
+    cb = PriorCallback(prior, N, exclude=["6.*"])
+    cb.on_init_end(args, None, None, model=model)
+    assert (cb.regularizer is None) == (world > 1)
+    if world > 1:
+        shard(model, world)
+    cb.on_train_begin(args, None, None, model=model)
+    x, y = batch()
+    per = 8 // world
+    x, y = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    for step in range(2):
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        cb.on_pre_optimizer_step(args, None, None, model=model, optimizer=opt)
+        opt.step()
+        cb.on_step_end(args, SimpleNamespace(global_step=step + 1), None)
+    return {n: full(p).detach().clone() for n, p in model.named_parameters()}
 
 
 def run(case: str, world: int, rank: int, source=None):
     if case == "plain_loop":
         return case_plain_loop(world, rank)
+    if case == "callback":
+        return case_callback(world, rank)
     return case_value_and_grad(world, source)
 
 

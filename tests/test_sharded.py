@@ -42,7 +42,7 @@ def test_sharded_prior_equals_one_process(tmp_path):
     from safetensors.torch import load_file
 
     folder = worker.model_and_prior()[1].save_pretrained(tmp_path / "prior")
-    _torchrun(tmp_path, "value_and_grad", "plain_loop", f"value_and_grad={folder}")
+    _torchrun(tmp_path, "value_and_grad", "plain_loop", "callback", f"value_and_grad={folder}")
 
     one = worker.run("value_and_grad", 1, 0)
     for name in ("value_and_grad", "value_and_grad_lazy"):
@@ -56,11 +56,12 @@ def test_sharded_prior_equals_one_process(tmp_path):
     p_rank0 = 4 * 3 + 2 + 4 * 4 + 4 + 1 * 7 + 1  # 0.weight cols 0-2, 0.bias 0-1, 2.* rows 0-3, 4.* all
     assert float(read) == (3 + 2) * p_rank0 < (3 + 2) * p_total
 
-    steps = load_file(str(tmp_path / "plain_loop.safetensors"))
-    ref = worker.run("plain_loop", 1, 0)
-    assert steps.keys() == ref.keys()
-    for key in ref:
-        assert float((steps[key] - ref[key]).abs().max()) <= 1e-6, key
+    for case in ("plain_loop", "callback"):  # plain FSDP2 loop; PriorCallback's events on an FSDP2 model
+        steps = load_file(str(tmp_path / f"{case}.safetensors"))
+        ref = worker.run(case, 1, 0)
+        assert steps.keys() == ref.keys()
+        for key in ref:
+            assert float((steps[key] - ref[key]).abs().max()) <= 1e-6, (case, key)
     # the comparison is sharp: the prior's gradient moved the weights
     model, _ = worker.model_and_prior()
     assert float((ref["2.weight"] - dict(model.named_parameters())["2.weight"].detach()).abs().max()) > 1e-3

@@ -46,7 +46,6 @@ Example:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -62,10 +61,9 @@ except ImportError as _err:  # pragma: no cover - exercised only without the ext
 from priorzoo.finetune.regularizer import PriorRegularizer, check_num_train_examples, check_prior_weight, check_scale
 from priorzoo.matching import Patterns
 from priorzoo.prior import PriorModel
+from priorzoo.sharded import check_parameters
 
 __all__ = ["PriorCallback", "check_trainer_setup"]
-
-_TRUE = ("1", "true", "yes")
 
 
 def check_trainer_setup(args: Any, *, where: str, gradient_hook: bool) -> None:
@@ -77,9 +75,15 @@ def check_trainer_setup(args: Any, *, where: str, gradient_hook: bool) -> None:
         gradient_hook: the prior gradient is added at ``on_pre_optimizer_step`` (the callback), so
             optimisers that step inside ``backward`` are refused as well.
 
+    FSDP is accepted: the prior is bound once the Trainer has sharded the model (``on_train_begin``) and
+    what is refused there — FSDP1's flattened parameters, DeepSpeed ZeRO-3 partitions — is decided from the
+    parameters themselves (:func:`priorzoo.sharded.check_parameters`). Nothing here reads environment
+    variables: the Trainer's arguments and accelerate's live state decide.
+
     Raises:
-        RuntimeError: DeepSpeed, FSDP, tensor/model parallelism, or (``gradient_hook``) LOMO/AdaLOMO and
-            layer-wise optimisers.
+        RuntimeError: DeepSpeed (unverified with priorzoo; under it the engine steps inside ``backward``),
+            Megatron/tensor/context parallelism, or (``gradient_hook``) LOMO/AdaLOMO and layer-wise
+            optimisers.
 
     Example:
         >>> from types import SimpleNamespace
@@ -87,25 +91,19 @@ def check_trainer_setup(args: Any, *, where: str, gradient_hook: bool) -> None:
         ...                     gradient_hook=True)
     """
     reasons = []
-    if getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in _TRUE:
+    if getattr(args, "deepspeed", None):
         reasons.append(
-            "DeepSpeed is enabled: ZeRO partitions gradients and parameters and the engine steps inside "
-            "backward(), so the prior gradient can be neither added at the right place nor computed on "
-            "full parameters"
-        )
-    fsdp = getattr(args, "fsdp", None)
-    if fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in _TRUE:
-        reasons.append(
-            "FSDP is enabled: parameters are flattened and sharded across processes, so the prior's parameter "
-            "names and shapes do not apply"
+            "DeepSpeed is enabled: accelerate's engine steps inside backward(), so a callback never sees the "
+            "gradients, ZeRO-3 partitions the parameters, and no DeepSpeed stage has been verified with priorzoo "
+            "(use FSDP2: fsdp=True, fsdp_config={'fsdp_version': 2})"
         )
     try:
         from accelerate.state import AcceleratorState, is_initialized
 
         if is_initialized():
             kind = str(AcceleratorState().distributed_type).rsplit(".", 1)[-1].upper()
-            if kind in ("DEEPSPEED", "FSDP", "MEGATRON_LM") and not reasons:
-                reasons.append(f"accelerate runs with distributed_type {kind}, which shards the parameters")
+            if kind in ("DEEPSPEED", "MEGATRON_LM") and not reasons:
+                reasons.append(f"accelerate runs with distributed_type {kind}, which priorzoo does not support")
     except ImportError:  # accelerate is a dependency of the Trainer; without it nothing to inspect
         pass
     pc = getattr(args, "parallelism_config", None)
@@ -124,8 +122,25 @@ def check_trainer_setup(args: Any, *, where: str, gradient_hook: bool) -> None:
         raise RuntimeError(
             f"{where} refuses this Trainer configuration rather than train with a wrong prior term: "
             + "; ".join(reasons)
-            + ". Supported: single process, DDP (multi-GPU or CPU/gloo), gradient accumulation, fp16/bf16."
+            + ". Supported: single process, DDP (multi-GPU or CPU/gloo), FSDP2, gradient accumulation, fp16/bf16."
         )
+
+
+def shards_late(args: Any) -> bool:
+    """Whether the Trainer will shard the model when training starts (FSDP in its arguments or accelerate's
+    live state), so that the prior is bound to the shards at ``on_train_begin`` rather than at init."""
+    if getattr(args, "fsdp", None):
+        return True
+    try:
+        from accelerate.state import AcceleratorState, is_initialized
+
+        return is_initialized() and str(AcceleratorState().distributed_type).rsplit(".", 1)[-1].upper() == "FSDP"
+    except ImportError:  # pragma: no cover - accelerate is a dependency of the Trainer
+        return False
+
+
+def _match_kwargs(bind_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: bind_kwargs[k] for k in ("include", "exclude", "exclude_head")}
 
 
 class _PriorTermLog:
@@ -253,12 +268,20 @@ class PriorCallback(TrainerCallback):
     # ------------------------------------------------------------------ events
     def on_init_end(self, args, state, control, model=None, **kwargs):
         check_trainer_setup(args, where="PriorCallback", gradient_hook=True)
-        if model is not None:  # bind now, so that a mismatched prior fails when the Trainer is built
+        if model is None:
+            return
+        if shards_late(args):  # FSDP: the Trainer shards at train(); match now, bind the shards then
+            self.prior.match(model, **_match_kwargs(self._bind_kwargs)).check(
+                allow_partial=bool(self._bind_kwargs["allow_partial"])
+            )
+        else:  # bind now, so that a mismatched prior fails when the Trainer is built
             self._regularizer_for(model)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         check_trainer_setup(args, where="PriorCallback", gradient_hook=True)
-        self._regularizer_for(model)  # model_init may have built a new model
+        if model is not None:
+            check_parameters(model, where="PriorCallback")  # FSDP1 / ZeRO-3, from the parameters
+        self._regularizer_for(model)  # model_init may have built a new model; FSDP2 sharded it by now
         self._log.reset()
         self._applied = 0
 

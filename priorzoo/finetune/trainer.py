@@ -17,8 +17,9 @@ divide by G and by 1 otherwise; the parameters do not change between micro-batch
 exactly ρ·Σ⁻¹(w−μ)/N. Under DDP every process adds the same term and the all-reduce averages it, so it
 also enters once; ``average_tokens_across_devices`` rescales only the data term, inside the base
 ``compute_loss``, before the prior term is added. The prior term is added only while the model is
-training with gradients enabled (evaluation losses are pure data losses). DeepSpeed, FSDP and tensor
-parallelism are refused (see :func:`~priorzoo.finetune.callback.check_trainer_setup`).
+training with gradients enabled (evaluation losses are pure data losses). FSDP2 is supported (the prior binds
+to the shards when training starts); DeepSpeed, FSDP1 and tensor parallelism are refused (see
+:func:`~priorzoo.finetune.callback.check_trainer_setup`).
 
 The logs gain ``prior_term`` (mean ρ·penalty/N over the steps since the last log) and, at the end,
 ``train_prior_term``.
@@ -44,10 +45,11 @@ except ImportError as _err:  # pragma: no cover - exercised only without the ext
         'priorzoo.finetune.PriorTrainer needs transformers: pip install "priorzoo[transformers]"'
     ) from _err
 
-from priorzoo.finetune.callback import PriorCallback, _PriorTermLog, check_trainer_setup
+from priorzoo.finetune.callback import PriorCallback, _PriorTermLog, check_trainer_setup, shards_late
 from priorzoo.finetune.regularizer import PriorRegularizer, check_num_train_examples, check_prior_weight, check_scale
 from priorzoo.matching import Patterns
 from priorzoo.prior import PriorModel
+from priorzoo.sharded import check_parameters
 
 __all__ = ["PriorTrainer", "PriorTrainerMixin"]
 
@@ -141,7 +143,12 @@ class PriorTrainerMixin:
         }
         self.prior_regularizer: PriorRegularizer | None = None
         if trainer.model is not None:
-            self._prior_regularizer_for(trainer.model)
+            if shards_late(trainer.args):  # FSDP shards at train(): match now, bind the shards then
+                prior.match(
+                    trainer.model, include=prior_include, exclude=prior_exclude, exclude_head=prior_exclude_head
+                ).check(allow_partial=prior_allow_partial)
+            else:
+                self._prior_regularizer_for(trainer.model)
         self._prior_log = _PriorTermLog()
         self._prior_added_this_step = 0
         trainer.add_callback(_PriorStepCheck(self))
@@ -210,7 +217,9 @@ class _PriorStepCheck(TrainerCallback):
     def __init__(self, trainer: PriorTrainerMixin) -> None:
         self.trainer = trainer
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            check_parameters(model, where=type(self.trainer).__name__)  # FSDP1 / ZeRO-3, from the parameters
         self.trainer._prior_added_this_step = 0
         self.trainer._prior_log.reset()  # a second train() must not average in the first run's terms
 
