@@ -34,7 +34,9 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
+import shlex
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -348,6 +350,10 @@ def render_card(
     env = jinja2.Environment(
         undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False, trim_blocks=True
     )
+    # strings from a config reach the card's code snippets: quote them as literals, never paste them raw
+    env.filters["py_str"] = lambda value: json.dumps(str(value), ensure_ascii=False)  # a valid Python literal
+    env.filters["sh"] = lambda value: shlex.quote(str(value))
+    env.filters["one_line"] = lambda value: " ".join(str(value).split())  # stays inside a `#` comment
     repo = repo_id or config.learning.get("repo_id") or "path/to/this-prior"
     meta = card_metadata(config, repo_id=repo_id or config.learning.get("repo_id"))
     bb = config.backbone

@@ -19,7 +19,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import operator
 import warnings
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -28,12 +30,13 @@ from typing import Any
 
 from priorzoo.errors import PriorFormatError
 
-__all__ = ["FORMAT_VERSION", "ParameterSpec", "PriorConfig", "PriorKind"]
+__all__ = ["FORMAT_VERSION", "REQUIRED_KEYS", "ParameterSpec", "PriorConfig", "PriorKind"]
 
 FORMAT_VERSION = 1
 """The file-format version this release writes and the newest it reads."""
 
-_REQUIRED_KEYS = ("format_version", "kind", "rank", "parameters")
+REQUIRED_KEYS = ("format_version", "kind", "rank", "parameters")
+"""The keys every prior's ``config.json`` has (a folder whose config lacks them is not a prior)."""
 
 
 class PriorKind(str, Enum):
@@ -68,8 +71,10 @@ class ParameterSpec:
         if not isinstance(self.name, str) or not self.name:
             raise PriorFormatError(f"parameter `name` must be a non-empty string, received {self.name!r}")
         try:
-            shape = tuple(int(s) for s in self.shape)
-        except (TypeError, ValueError):
+            if isinstance(self.shape, (str, bytes)) or any(isinstance(s, bool) for s in self.shape):
+                raise TypeError
+            shape = tuple(operator.index(s) for s in self.shape)  # no float is truncated, no string split
+        except TypeError:
             raise PriorFormatError(
                 f"parameter `{self.name}` has shape {self.shape!r}; expected a list of non-negative integers"
             ) from None
@@ -91,7 +96,7 @@ def _specs(entries: Any, key: str) -> list[ParameterSpec]:
         if isinstance(p, ParameterSpec):
             specs.append(p)
         elif isinstance(p, Mapping) and "name" in p and "shape" in p:
-            specs.append(ParameterSpec(p["name"], tuple(p["shape"])))
+            specs.append(ParameterSpec(p["name"], p["shape"]))
         else:
             raise PriorFormatError(f"each entry of `{key}` needs `name` and `shape`; received {p!r}")
     return specs
@@ -157,7 +162,7 @@ class PriorConfig:
             raise PriorFormatError(f"`format_version` must be ≥ 1; received {self.format_version}")
         try:
             self.kind = PriorKind(self.kind)
-        except ValueError:
+        except (ValueError, TypeError):
             valid = ", ".join(k.value for k in PriorKind)
             raise PriorFormatError(f"`kind` must be one of {valid}; received {self.kind!r}") from None
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
@@ -183,26 +188,34 @@ class PriorConfig:
         specs = _specs(self.parameters, "parameters")
         if not specs:
             raise PriorFormatError("`parameters` is empty: a prior must cover at least one parameter")
-        names = [s.name for s in specs]
-        if len(set(names)) != len(names):
-            dup = sorted({n for n in names if names.count(n) > 1})
-            raise PriorFormatError(f"`parameters` lists these names more than once: {dup}")
+        counts = Counter(s.name for s in specs)  # linear: a config may list 100k parameters
+        if len(counts) != len(specs):
+            dup = sorted(n for n, c in counts.items() if c > 1)
+            raise PriorFormatError(f"`parameters` lists these names more than once: {dup[:10]}")
         self.parameters = specs
         self.buffers = _specs(self.buffers, "buffers")
-        bnames = [b.name for b in self.buffers]
-        if len(set(bnames)) != len(bnames):
+        bcounts = Counter(b.name for b in self.buffers)
+        if len(bcounts) != len(self.buffers):
             raise PriorFormatError(
-                f"`buffers` lists these names more than once: {sorted({n for n in bnames if bnames.count(n) > 1})}"
+                f"`buffers` lists these names more than once: {sorted(n for n, c in bcounts.items() if c > 1)[:10]}"
             )
         if isinstance(self.exclude, str) or not isinstance(self.exclude, Sequence):
             raise PriorFormatError(f"`exclude` must be a list of glob patterns; received {self.exclude!r}")
-        self.exclude = [str(e) for e in self.exclude]
+        bad = [e for e in self.exclude if not isinstance(e, str)]
+        if bad:
+            raise PriorFormatError(f"`exclude` must be a list of glob pattern strings; received {bad[:3]!r} in it")
+        self.exclude = list(self.exclude)
+        for key in ("license", "priorzoo_version"):
+            value = getattr(self, key)
+            if not (isinstance(value, str) or (value is None and key == "license")):
+                valid = "a string or null" if key == "license" else "a string"
+                raise PriorFormatError(f"`{key}` must be {valid}; received {value!r}")
         for key in ("backbone", "source", "learning"):
             if not isinstance(getattr(self, key), Mapping):
                 raise PriorFormatError(f"`{key}` must be a JSON object; received {getattr(self, key)!r}")
             setattr(self, key, dict(getattr(self, key)))
         if not isinstance(self.results, list):
-            raise PriorFormatError(f"`results` must be a list of objects; received {self.results!r}")
+            raise PriorFormatError(f"`results` must be a list of objects; received {self.results!r:.200}")
 
     # ------------------------------------------------------------------ derived
     @property
@@ -239,10 +252,10 @@ class PriorConfig:
         """
         if not isinstance(data, Mapping):
             raise PriorFormatError(f"{source}: expected a JSON object, received {type(data).__name__}")
-        missing = [k for k in _REQUIRED_KEYS if k not in data]
+        missing = [k for k in REQUIRED_KEYS if k not in data]
         if missing:
             raise PriorFormatError(
-                f"{source}: missing required key(s) {missing}; a prior config needs {list(_REQUIRED_KEYS)}"
+                f"{source}: missing required key(s) {missing}; a prior config needs {list(REQUIRED_KEYS)}"
             )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
@@ -268,6 +281,8 @@ class PriorConfig:
         path = Path(path)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise PriorFormatError(f"{path}: not valid JSON ({err})") from None
+        except RecursionError:
+            raise PriorFormatError(f"{path}: not a prior config (JSON nested too deeply to read)") from None
         return cls.from_dict(data, source=str(path))

@@ -65,11 +65,25 @@ def _load(path: str | os.PathLike, what: str) -> Any:
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise PriorFormatError(
-            f"{path}: refused to load ({what}) — it needs objects that `torch.load(weights_only=True)` does not "
-            f"allow, and priorzoo never unpickles arbitrary code. Re-save plain tensors/state dicts. ({err})"
+            f"{path}: refused to load ({what}) — it is not a torch file of plain tensors/state dicts that "
+            f"`torch.load(weights_only=True)` reads, and priorzoo never unpickles arbitrary code "
+            f"({_torch_detail(err)}). Re-save plain tensors/state dicts with torch.save"
         ) from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise PriorFormatError(f"{path}: not a readable torch file ({what}): {err}") from None
+    except Exception as err:  # a file that is not a torch file at all fails anywhere in the unpickler
+        raise PriorFormatError(
+            f"{path}: not a readable torch file ({what}): {type(err).__name__}: {_torch_detail(err)}"
+        ) from None
+
+
+def _torch_detail(err: BaseException) -> str:
+    """The part of a ``torch.load`` error that says what is wrong, without torch's advice to retry with
+    ``weights_only=False`` (that would run the file's code: priorzoo never suggests it)."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        text = text.rpartition("WeightsUnpickler error:")[2].split("Check the documentation")[0]
+    elif "weights_only" in text:
+        text = "the file needs objects beyond plain tensors"
+    return " ".join(text.split()) or "no detail"
 
 
 def _tensor(obj: Any, path: str, dims: int) -> Tensor:

@@ -27,7 +27,6 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from collections.abc import Callable
@@ -54,8 +53,18 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
-from priorzoo.errors import PriorFormatError, PriorNotFoundError
-from priorzoo.files import CARD_NAME, CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, is_prior_weights
+from priorzoo._network import HubTimeoutError, bounded
+from priorzoo.errors import PriorNotFoundError
+from priorzoo.files import (
+    CARD_NAME,
+    CONFIG_NAME,
+    INDEX_NAME,
+    WEIGHTS_NAME,
+    clean_subfolder,
+    is_prior_weights,
+    prior_files,
+    read_shard_index,
+)
 
 __all__ = ["LIBRARY_NAME", "download_prior", "list_priors", "upload_prior"]
 
@@ -72,18 +81,6 @@ def _version() -> str:
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _clean_subfolder(subfolder: str | None) -> str | None:
-    """``"a/b/"`` → ``"a/b"``; ``""``/``None`` → ``None``; refuse absolute paths and ``..``."""
-    if subfolder is None:
-        return None
-    if not isinstance(subfolder, str):
-        raise TypeError(f"`subfolder` must be a string, received {type(subfolder).__name__}")
-    parts = [p for p in subfolder.replace("\\", "/").split("/") if p not in ("", ".")]
-    if subfolder.startswith("/") or ".." in parts:
-        raise ValueError(f"`subfolder` must be a relative path inside the repo, received {subfolder!r}")
-    return "/".join(parts) or None
-
-
 def _where(pretrained: str, revision: str | None, subfolder: str | None) -> str:
     extra = [f"revision {revision!r}"] if revision else []
     extra += [f"subfolder {subfolder!r}"] if subfolder else []
@@ -122,70 +119,22 @@ def _same_content(local: Path, remote: Any) -> bool:
     return remote.blob_id == git_oid
 
 
-def _read_index(index_path: Path) -> list[str]:
-    """The shard file names a ``prior.safetensors.index.json`` refers to, validated."""
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-        weight_map = index["weight_map"]
-        shards = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise PriorFormatError(
-            f"`{index_path}` is not a valid shard index: expected JSON with a `weight_map` of tensor name → "
-            f"shard file ({type(err).__name__}: {err})"
-        ) from None
-    bad = [s for s in shards if not isinstance(s, str) or PurePosixPath(s).name != s or s in ("", ".", "..")]
-    if bad or not shards:
-        raise PriorFormatError(
-            f"`{index_path}` names invalid shard files {bad or '(none)'}: expected plain file names in the "
-            "same folder, e.g. 'prior-00001-of-00002.safetensors'"
-        )
-    return shards
-
-
-def _prior_files(folder: Path) -> list[str]:
-    """The names of a local prior folder's files, in upload order; raise if it is not a complete prior."""
+def _prior_files(folder: Path) -> dict[str, Path]:
+    """A local prior folder's files to upload (name -> path); raise if it is not a complete prior or a file
+    resolves outside it."""
     if not folder.is_dir():
         raise PriorNotFoundError(f"Can't upload {str(folder)!r}: it is not a directory")
-    present = sorted(p.name for p in folder.iterdir() if p.is_file())
-    if CONFIG_NAME not in present:
-        raise PriorNotFoundError(
-            f"Can't upload {str(folder)!r}: it is not a prior folder (no '{CONFIG_NAME}'; files present: "
-            f"{present[:10] or 'none'}). Write one with `PriorModel.save_pretrained`."
-        )
-    if WEIGHTS_NAME in present:
-        weights = [WEIGHTS_NAME]
-    elif INDEX_NAME in present:
-        shards = _read_index(folder / INDEX_NAME)
-        missing = [s for s in shards if s not in present]
-        if missing:
-            raise PriorFormatError(
-                f"Can't upload {str(folder)!r}: shard(s) {missing} listed in '{INDEX_NAME}' are missing"
-            )
-        weights = [INDEX_NAME, *shards]
-    else:
-        raise PriorNotFoundError(
-            f"Can't upload {str(folder)!r}: it has a '{CONFIG_NAME}' but neither '{WEIGHTS_NAME}' nor "
-            f"'{INDEX_NAME}' (files present: {present[:10]})"
-        )
-    return [CONFIG_NAME, *weights, *([CARD_NAME] if CARD_NAME in present else [])]
+    return prior_files(folder, where=f"Can't upload {str(folder)!r}: it", upload=True)
 
 
 # --------------------------------------------------------------------------------------------- download
 def _check_local(folder: Path, pretrained: str, subfolder: str | None) -> Path:
-    where = _where(pretrained, None, subfolder)
+    where = f"local folder {_where(pretrained, None, subfolder)}"
     if not folder.is_dir():
-        raise PriorNotFoundError(f"Can't find '{CONFIG_NAME}' at local folder {where}: no such subfolder")
-    present = sorted(p.name for p in folder.iterdir())
-    if CONFIG_NAME not in present:
-        raise PriorNotFoundError(
-            f"Can't find '{CONFIG_NAME}' at local folder {where}: it is not a prior folder "
-            f"(files present: {present[:10] or 'none'})"
-        )
-    if WEIGHTS_NAME not in present and INDEX_NAME not in present:
-        raise PriorNotFoundError(
-            f"Can't find '{WEIGHTS_NAME}' or '{INDEX_NAME}' at local folder {where}: it has a "
-            f"'{CONFIG_NAME}' but no tensors (files present: {present[:10]})"
-        )
+        raise PriorNotFoundError(f"Can't find '{CONFIG_NAME}' at {where}: no such subfolder")
+    if subfolder and not folder.resolve().is_relative_to(Path(pretrained).resolve()):
+        raise ValueError(f"`subfolder` {subfolder!r} leads outside the folder {pretrained!r} (a link)")
+    prior_files(folder, where=where)
     return folder
 
 
@@ -226,6 +175,11 @@ def _reason(
 ) -> str:
     """Why a download failed, in one clause, from huggingface_hub's exception."""
     cache = _cache(cache_dir)
+    if isinstance(err, HubTimeoutError):
+        return (
+            f"the Hub at {constants.ENDPOINT} could not be reached in time ({err}) and it is not in the cache "
+            f"(cache_dir {cache!r}); set PRIORZOO_HUB_DEADLINE / PRIORZOO_HUB_READ_TIMEOUT for a slow link"
+        )
     if isinstance(err, GatedRepoError):
         return "the repository is gated: accept its conditions on the Hub and pass a `token`"
     if isinstance(err, RepositoryNotFoundError):
@@ -295,7 +249,7 @@ def download_prior(
         >>> sorted(p.name for p in folder.iterdir())  # doctest: +SKIP
         ['README.md', 'config.json', 'prior.safetensors']
     """
-    sub = _clean_subfolder(subfolder)
+    sub = clean_subfolder(subfolder)
     name = os.fspath(pretrained)
     if not isinstance(name, str):
         raise TypeError(f"`pretrained` must be a folder path or a Hub repo id, received {pretrained!r}")
@@ -311,6 +265,29 @@ def download_prior(
         ) from None
 
     offline = _offline(local_files_only)
+    try:
+        with bounded():
+            return _download(name, sub, revision=revision, token=token, cache_dir=cache_dir, offline=offline)
+    except PriorNotFoundError as err:
+        if offline is not None or not isinstance(err.__cause__, HubTimeoutError):
+            raise
+        try:  # the Hub did not answer in time: a cached copy is what huggingface_hub would fall back to
+            return _download(name, sub, revision=revision, token=token, cache_dir=cache_dir, offline="unreachable")
+        except PriorNotFoundError:
+            pass
+        raise
+
+
+def _download(
+    name: str,
+    sub: str | None,
+    *,
+    revision: str | None,
+    token: str | bool | None,
+    cache_dir: str | Path | None,
+    offline: str | None,
+) -> Path:
+    """:func:`download_prior` for a repo id (``offline``: why the network must not be used, or ``None``)."""
     common: dict[str, Any] = dict(
         repo_id=name,
         subfolder=sub,
@@ -374,7 +351,7 @@ def download_prior(
             raise PriorNotFoundError(
                 f"Can't find '{WEIGHTS_NAME}' or '{INDEX_NAME}' at {_where(name, revision, sub)}: {why}"
             )
-        for shard in _read_index(index_path):
+        for shard in sorted(set(read_shard_index(index_path).values())):
             if fetch(shard) is None:
                 raise PriorNotFoundError(
                     f"Can't find shard '{shard}' listed in '{INDEX_NAME}' at {_where(name, revision, sub)}: "
@@ -439,7 +416,22 @@ def upload_prior(
     names = _prior_files(folder)
     validate_repo_id(repo_id)
     _refuse_offline(f"upload to {repo_id!r}")
-    sub = _clean_subfolder(subfolder)
+    with bounded():
+        return _upload(folder, names, repo_id, private, token, commit_message, revision, subfolder, create_pr)
+
+
+def _upload(
+    folder: Path,
+    names: dict[str, Path],
+    repo_id: str,
+    private: bool | None,
+    token: str | bool | None,
+    commit_message: str | None,
+    revision: str | None,
+    subfolder: str | None,
+    create_pr: bool,
+) -> str:
+    sub = clean_subfolder(subfolder)
     api = HfApi(token=token, library_name=LIBRARY_NAME, library_version=_version())
     api.create_repo(repo_id, private=private, exist_ok=True)
 
@@ -467,9 +459,9 @@ def upload_prior(
         return f"{sub}/{name}" if sub else name
 
     operations: list[CommitOperationAdd | CommitOperationDelete] = [
-        CommitOperationAdd(path_in_repo=in_repo(n), path_or_fileobj=folder / n)
-        for n in names
-        if n not in remote or not _same_content(folder / n, remote[n])
+        CommitOperationAdd(path_in_repo=in_repo(n), path_or_fileobj=path)
+        for n, path in names.items()
+        if n not in remote or not _same_content(path, remote[n])
     ]
     operations += [
         CommitOperationDelete(path_in_repo=in_repo(n)) for n in sorted(remote) if is_prior_weights(n) and n not in names
@@ -516,5 +508,6 @@ def list_priors(
     """
     _refuse_offline("list the priors on the Hub")
     api = HfApi(token=token, library_name=LIBRARY_NAME, library_version=_version())
-    infos = api.list_models(filter=LIBRARY_NAME, search=search, author=author, limit=limit, cardData=True)
-    return [i for i in infos if i.library_name == LIBRARY_NAME or LIBRARY_NAME in (i.tags or [])]
+    with bounded():
+        infos = api.list_models(filter=LIBRARY_NAME, search=search, author=author, limit=limit, cardData=True)
+        return [i for i in infos if i.library_name == LIBRARY_NAME or LIBRARY_NAME in (i.tags or [])]

@@ -35,13 +35,22 @@ from torch import Tensor
 from priorzoo.bound import BoundPrior
 from priorzoo.config import ParameterSpec, PriorConfig, PriorKind
 from priorzoo.errors import PriorFormatError, PriorNotFoundError
-from priorzoo.files import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
+from priorzoo.files import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, clean_subfolder
 from priorzoo.gaussian import LowRankGaussian
 from priorzoo.matching import MatchResult, Patterns, match_parameters
 from priorzoo.serialization import BUFFER_SUFFIX as _BUFFER_SUFFIX
-from priorzoo.serialization import load_prior_folder, save_prior
+from priorzoo.serialization import FLOAT_DTYPES, load_prior_folder, save_prior
 
 __all__ = ["CONFIG_NAME", "INDEX_NAME", "WEIGHTS_NAME", "BoundPrior", "PriorModel"]
+
+
+def _check_dtype(name: str, tensor: Tensor) -> None:
+    """A prior's tensors are float16, bfloat16, float32 or float64 (``docs/format.md``), nothing else."""
+    if tensor.dtype not in FLOAT_DTYPES.values():
+        raise PriorFormatError(
+            f"`{name}` has dtype {str(tensor.dtype).removeprefix('torch.')}; a prior's tensors are one of "
+            f"{sorted(FLOAT_DTYPES)}"
+        )
 
 
 def _check_values(name: str, tensor: Tensor, *, nonneg: bool) -> None:
@@ -113,7 +122,7 @@ class PriorModel:
         backbone: Mapping[str, Any] | None = None,
         source: Mapping[str, Any] | None = None,
         learning: Mapping[str, Any] | None = None,
-        exclude: Sequence[str] = (),
+        exclude: str | Sequence[str] = (),
         recommended_scale: float | None = None,
         license: str | None = None,
         results: list[dict[str, Any]] | None = None,
@@ -171,7 +180,7 @@ class PriorModel:
             backbone=dict(backbone or {}),
             source=dict(source or {}),
             learning=dict(learning or {}),
-            exclude=list(exclude),
+            exclude=[exclude] if isinstance(exclude, str) else list(exclude),
             recommended_scale=recommended_scale,
             license=license,
             results=list(results or []),
@@ -197,8 +206,7 @@ class PriorModel:
                     raise PriorFormatError(
                         f"`{spec.name}.{suffix}` has shape {tuple(t.shape)}; the config says {spec.shape}"
                     )
-                if not t.dtype.is_floating_point:
-                    raise PriorFormatError(f"`{spec.name}.{suffix}` must be floating point; it is {t.dtype}")
+                _check_dtype(f"{spec.name}.{suffix}", t)
                 _check_values(f"{spec.name}.{suffix}", t, nonneg=suffix == "variance")
             if cfg.rank > 0:
                 f = (self.cov_factor or {}).get(spec.name)
@@ -209,6 +217,7 @@ class PriorModel:
                         f"`{spec.name}.cov_factor` has shape {tuple(f.shape)}; expected "
                         f"{(cfg.rank, *spec.shape)} (K = {cfg.rank} rows of the parameter's shape)"
                     )
+                _check_dtype(f"{spec.name}.cov_factor", f)
                 _check_values(f"{spec.name}.cov_factor", f, nonneg=False)
         extra = sorted(set(self.mean) - set(cfg.names))
         if extra:
@@ -651,10 +660,15 @@ class PriorModel:
             'isotropic'
         """
         path = Path(pretrained)
+        if os.fspath(pretrained) == "":
+            raise PriorNotFoundError("`pretrained` is empty: pass a prior folder or a Hub repo id ('org/name')")
         if path.is_dir():
-            folder = path / subfolder if subfolder else path
+            sub = clean_subfolder(subfolder)
+            folder = path / sub if sub else path
             if not folder.is_dir():
                 raise PriorNotFoundError(f"no subfolder {subfolder!r} in the prior folder {str(path)!r}")
+            if sub and not folder.resolve().is_relative_to(path.resolve()):
+                raise ValueError(f"`subfolder` {subfolder!r} leads outside the folder {str(path)!r} (a link)")
         else:
             from priorzoo.hub import download_prior
 

@@ -22,20 +22,42 @@ import re
 import shutil
 import struct
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from priorzoo.config import FORMAT_VERSION, PriorConfig
-from priorzoo.errors import PriorFormatError, PriorNotFoundError
-from priorzoo.files import CARD_NAME, CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, is_prior_weights
+from priorzoo.config import FORMAT_VERSION, REQUIRED_KEYS, PriorConfig
+from priorzoo.errors import PriorFormatError
+from priorzoo.files import (
+    CARD_NAME,
+    COMMIT_DIR,
+    CONFIG_NAME,
+    INDEX_NAME,
+    MANIFEST_NAME,
+    STAGING_PREFIX,
+    WEIGHTS_NAME,
+    is_prior_weights,
+    prior_files,
+)
 
 if TYPE_CHECKING:
     from priorzoo.prior import PriorModel
 
-__all__ = ["BUFFER_SUFFIX", "FLOAT_DTYPES", "SUFFIXES", "as_dtype", "load_prior_folder", "parse_size", "save_prior"]
+__all__ = [
+    "BUFFER_SUFFIX",
+    "FLOAT_DTYPES",
+    "SUFFIXES",
+    "as_dtype",
+    "check_target",
+    "finish_pending",
+    "load_prior_folder",
+    "parse_size",
+    "replace_prior_files",
+    "save_prior",
+]
 
 SUFFIXES = ("mean", "variance", "cov_factor")
 BUFFER_SUFFIX = "buffer"
@@ -100,17 +122,132 @@ def _canonicalize_header(path: Path) -> None:
         fh.write(text.ljust(n))
 
 
+def _cast(name: str, tensor: Tensor, dtype: torch.dtype, *, variance: bool) -> Tensor:
+    """``tensor`` on the CPU in ``dtype``, refusing a cast that would make the file unloadable or singular."""
+    out = tensor.detach().to("cpu", dtype=dtype).contiguous()
+    if dtype.itemsize >= tensor.element_size() or out.numel() == 0:
+        return out
+    finfo = torch.finfo(dtype)
+    dname = str(dtype).removeprefix("torch.")
+    if not bool(torch.isfinite(out).all()):
+        top = float(tensor.detach().abs().max())
+        raise PriorFormatError(
+            f"`{name}` holds values up to {top:g} in absolute value, above {dname}'s largest finite value "
+            f"{finfo.max:g}: stored as {dname} they would become inf and the prior would not load. Store it as "
+            "bfloat16 (same size, float32's range) or float32"
+        )
+    if variance:
+        flushed = (tensor.detach().cpu() > 0) & (out == 0)
+        if bool(flushed.any()):
+            low = float(tensor.detach().cpu()[flushed].min())
+            raise PriorFormatError(
+                f"`{name}` has {int(flushed.sum())} positive value(s) (the smallest {low:g}) below {dname}'s "
+                f"smallest subnormal {finfo.smallest_normal * finfo.eps:g}: stored as {dname} they would become 0 "
+                "and make the prior singular. Keep the variance in float32 (the default `dtype`)"
+            )
+    return out
+
+
 def _tensor_dict(prior: PriorModel, factor_dtype: torch.dtype | None, dtype: torch.dtype | None) -> dict[str, Tensor]:
+    """The tensors to write, cast (and range-checked) before anything is written."""
     out: dict[str, Tensor] = {}
     for n in prior.names:
-        out[f"{n}.mean"] = prior.mean[n].detach().to("cpu", dtype=dtype or torch.float32).contiguous()
-        out[f"{n}.variance"] = prior.variance[n].detach().to("cpu", dtype=dtype or torch.float32).contiguous()
+        out[f"{n}.mean"] = _cast(f"{n}.mean", prior.mean[n], dtype or torch.float32, variance=False)
+        out[f"{n}.variance"] = _cast(f"{n}.variance", prior.variance[n], dtype or torch.float32, variance=True)
         if prior.cov_factor is not None:
-            f = prior.cov_factor[n].detach().to("cpu")
-            out[f"{n}.cov_factor"] = f.to(factor_dtype or dtype or torch.float32).contiguous()
+            fdt = factor_dtype or dtype or torch.float32
+            out[f"{n}.cov_factor"] = _cast(f"{n}.cov_factor", prior.cov_factor[n], fdt, variance=False)
     for n, b in prior.buffers.items():  # stored as they are: float32 statistics, int64 counters
         out[f"{n}.{BUFFER_SUFFIX}"] = b.detach().to("cpu").contiguous()
     return out
+
+
+# --------------------------------------------------------------------------------------------- atomic folders
+def check_target(target: str | os.PathLike, what: str) -> Path:
+    """Refuse a target folder a prior must not be written into; return it as a ``Path``.
+
+    Refused: an empty path (it would mean the current folder), a path that is a file, and a folder whose
+    ``config.json`` is not a priorzoo prior's (a model folder: its config and card would be replaced).
+    """
+    if not isinstance(target, (str, os.PathLike)):
+        raise TypeError(f"`{what}` must be a folder path; received {type(target).__name__}")
+    if os.fspath(target) == "":
+        raise ValueError(f"`{what}` is empty: pass a folder path ('.' for the current folder)")
+    path = Path(target)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"`{what}` {str(path)!r} exists and is not a directory")
+    config = path / CONFIG_NAME
+    if config.is_file():
+        try:
+            data = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            data = None
+        if not (isinstance(data, dict) and all(k in data for k in REQUIRED_KEYS)):
+            keys = sorted(data)[:6] if isinstance(data, dict) else "unreadable JSON"
+            raise FileExistsError(
+                f"`{what}` {str(path)!r} holds a {CONFIG_NAME} that is not a priorzoo prior's (keys: {keys}; a prior's "
+                f"has {list(REQUIRED_KEYS)}), e.g. a model folder: refusing to replace its files. Write the prior into "
+                f"a new or empty folder, or delete {str(config)!r} first if the folder is yours to overwrite"
+            )
+    return path
+
+
+def finish_pending(target: Path) -> None:
+    """Complete a save into ``target`` that was interrupted after its commit, and remove staging folders of
+    saves interrupted before it (they hold nothing committed)."""
+    for p in target.glob(f"{STAGING_PREFIX}*"):
+        shutil.rmtree(p, ignore_errors=True)
+    commit = target / COMMIT_DIR
+    if not commit.exists():
+        return
+    manifest = commit / MANIFEST_NAME
+    try:
+        names = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        names = None  # no manifest: every file was moved in already (the folder was being removed)
+    if names is not None:
+        for name in names:
+            if (commit / name).exists():
+                os.replace(commit / name, target / name)
+        for p in target.iterdir():
+            if p.is_file() and is_prior_weights(p.name) and p.name not in names:
+                p.unlink()
+        manifest.unlink()
+    shutil.rmtree(commit, ignore_errors=True)
+
+
+def replace_prior_files(target: str | os.PathLike, write: Callable[[Path], None], *, what: str) -> Path:
+    """Replace the prior in ``target`` (created if needed) by the files ``write(staging)`` writes, as a whole.
+
+    ``write`` fills a staging folder created inside ``target`` (so no rename crosses a device, even when
+    ``target`` is a mount point). The staging folder gets a manifest of its files and is renamed to
+    ``.priorzoo-commit`` — the commit point — after which its files are moved into place and stale tensor
+    files of the old prior (say its shards, after an unsharded save) are removed. A kill at any moment leaves
+    a folder that loads as the old prior (before the commit) or the new one (after it: the loader reads a
+    pending commit, see :func:`priorzoo.files.prior_files`); the next save finishes or discards what was left.
+    Files get the mode of a newly created file (the umask), like ``config.json``.
+    """
+    path = check_target(target, what)
+    path.mkdir(parents=True, exist_ok=True)
+    finish_pending(path)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=path))
+    try:
+        write(staging)
+        names = sorted(p.name for p in staging.iterdir())
+        probe = staging / MANIFEST_NAME
+        probe.touch()
+        mode = probe.stat().st_mode & 0o777  # what the umask gives a new file
+        for name in names:
+            os.chmod(staging / name, mode)
+            with open(staging / name, "rb") as fh:
+                os.fsync(fh.fileno())
+        probe.write_text(json.dumps({"files": names}) + "\n", encoding="utf-8")
+        os.replace(staging, path / COMMIT_DIR)  # the commit point
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finish_pending(path)
+    return path
 
 
 def save_prior(
@@ -130,10 +267,7 @@ def save_prior(
     factor_dtype = as_dtype(factor_dtype, "factor_dtype")
     dtype = as_dtype(dtype, "dtype")
     limit = parse_size(max_shard_size)
-    target = Path(save_directory)
-    if target.exists() and not target.is_dir():
-        raise NotADirectoryError(f"`save_directory` {str(target)!r} exists and is not a directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    check_target(save_directory, "save_directory")
     tensors = _tensor_dict(prior, factor_dtype, dtype)
 
     # shards: parameters (then buffers) in order, a parameter's tensors kept together
@@ -154,14 +288,15 @@ def save_prior(
         "priorzoo_version": prior.config.priorzoo_version,
         "format_version": str(FORMAT_VERSION),
     }
+    cfg = dataclasses.replace(prior.config)
+    from priorzoo import __version__
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        written: list[str] = []
+    cfg.priorzoo_version = __version__
+
+    def write(tmp: Path) -> None:
         if len(shards) == 1:
             save_file(shards[0], str(tmp / WEIGHTS_NAME), metadata=metadata)
             _canonicalize_header(tmp / WEIGHTS_NAME)
-            written.append(WEIGHTS_NAME)
         else:
             total = len(shards)
             weight_map = {}
@@ -170,37 +305,18 @@ def save_prior(
                 save_file(shard, str(tmp / fname), metadata=metadata)
                 _canonicalize_header(tmp / fname)
                 weight_map.update({k: fname for k in shard})
-                written.append(fname)
             index = {
                 "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                 "weight_map": weight_map,
             }
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-            written.append(INDEX_NAME)
-        cfg = dataclasses.replace(prior.config)
-        from priorzoo import __version__
-
-        cfg.priorzoo_version = __version__
         (tmp / CONFIG_NAME).write_text(cfg.to_json_string(), encoding="utf-8")
-        written.append(CONFIG_NAME)
         if card:
             from priorzoo.cards import render_card
 
             (tmp / CARD_NAME).write_text(render_card(cfg, repo_id=repo_id), encoding="utf-8")
-            written.append(CARD_NAME)
 
-        if not target.exists():
-            os.replace(tmp, target)
-            return target
-        # existing folder: remove stale prior files, then move the new ones in (config last)
-        stale = [p for p in target.iterdir() if is_prior_weights(p.name) and p.name not in written]
-        for name in sorted(written, key=lambda n: n == CONFIG_NAME):
-            os.replace(tmp / name, target / name)
-        for p in stale:
-            p.unlink()
-        return target
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return replace_prior_files(save_directory, write, what="save_directory")
 
 
 def load_prior_folder(
@@ -217,28 +333,16 @@ def load_prior_folder(
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    config_path = folder / CONFIG_NAME
-    if not config_path.is_file():
-        present = sorted(p.name for p in folder.iterdir())[:10] if folder.is_dir() else []
-        raise PriorNotFoundError(f"{str(folder)!r} is not a prior: no {CONFIG_NAME} there (files: {present or 'none'})")
-    config = PriorConfig.from_json_file(config_path)
-    if (folder / WEIGHTS_NAME).is_file():
-        files = [folder / WEIGHTS_NAME]
+    paths = prior_files(folder)
+    config = PriorConfig.from_json_file(paths[CONFIG_NAME])
+    if WEIGHTS_NAME in paths:
+        files = [paths[WEIGHTS_NAME]]
         expected_map = None
-    elif (folder / INDEX_NAME).is_file():
-        try:
-            index = json.loads((folder / INDEX_NAME).read_text())
-            expected_map = dict(index["weight_map"])
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise PriorFormatError(f"{folder / INDEX_NAME}: not a valid shard index ({err})") from None
-        files = [folder / f for f in sorted(set(expected_map.values()))]
-        absent = [f.name for f in files if not f.is_file()]
-        if absent:
-            raise PriorFormatError(f"{folder}: shard(s) listed in {INDEX_NAME} are missing: {absent}")
     else:
-        raise PriorNotFoundError(
-            f"{str(folder)!r} has a {CONFIG_NAME} but no {WEIGHTS_NAME} or {INDEX_NAME}: not a complete prior"
-        )
+        from priorzoo.files import read_shard_index
+
+        expected_map = read_shard_index(paths[INDEX_NAME])
+        files = [paths[f] for f in sorted(set(expected_map.values()))]
     tensors: dict[str, Tensor] = {}
     dev = str(device) if device is not None else "cpu"
     for f in files:

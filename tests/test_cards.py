@@ -218,3 +218,26 @@ def test_save_pretrained_writes_a_card_that_parses(tmp_path: Path) -> None:
     assert card.data.library_name == "priorzoo"
     assert card.data.license == "mit"
     assert card.data.eval_results[0].metric_value == 0.5
+
+
+@pytest.mark.parametrize("library", ["timm", "transformers", "torch"])
+def test_config_strings_cannot_break_out_of_the_usage_snippets(library):
+    evil = 'x", pretrained=True)\nimport os; os.system("echo pwned")  # '
+    cfg = PriorConfig(
+        kind="swag",
+        rank=2,
+        parameters=[ParameterSpec("w", (2,))],
+        backbone={"library": library, "name": evil, "architecture": evil},
+        learning={"repo_id": "org/p'; rm -rf ~; echo '"},
+    )
+    card = render_card(cfg)
+    blocks = re.findall(r"```python\n(.*?)```", card, flags=re.S)
+    assert blocks
+    for code in blocks:
+        tree = ast.parse(code)  # still valid Python
+        names = {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+        assert "os" not in names
+        calls = [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "system"]
+        assert not calls
+    shell = re.findall(r"```bash\n(.*?)```", card, flags=re.S)[0]
+    assert "priorzoo pull 'org/p'\"'\"'; rm -rf ~; echo '\"'\"''" in shell

@@ -5,6 +5,9 @@ Each subcommand lives in its own module under :mod:`priorzoo.cli` and exposes
 ``argparse.Namespace`` and returning an exit code). Modules are imported only when listed, so a missing
 optional extra only breaks the subcommand that needs it.
 
+Every failure prints one line, ``priorzoo COMMAND: error: …``, and exits with status 2 (130 on Ctrl-C);
+set ``PRIORZOO_DEBUG=1`` to see the traceback of an unexpected error instead.
+
 Example:
     $ priorzoo --help
     $ priorzoo inspect ./my-prior
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -50,7 +54,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"priorzoo {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # every failure is one line; PRIORZOO_DEBUG=1 shows the traceback
+        if os.environ.get("PRIORZOO_DEBUG"):
+            raise
+        from priorzoo.cli._common import fail
+
+        return fail(args.command, err)
 
 
 if __name__ == "__main__":

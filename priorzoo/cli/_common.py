@@ -21,8 +21,26 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def fail(command: str, err: BaseException) -> int:
-    """Report ``err`` as ``priorzoo COMMAND: error: …`` on stderr; return the exit status 2."""
-    print(f"priorzoo {command}: error: {err}", file=sys.stderr)
+    r"""Report ``err`` as one line ``priorzoo COMMAND: error: …`` on stderr; return the exit status 2.
+
+    Errors priorzoo raises say what went wrong in their message; any other exception (a protocol or
+    recursion error from a library) is named by its type too.
+
+    Example:
+        >>> import contextlib, io
+        >>> with contextlib.redirect_stderr(io.StringIO()) as err:
+        ...     fail("pull", RecursionError("maximum recursion depth exceeded\nwhile decoding"))
+        2
+        >>> err.getvalue()
+        'priorzoo pull: error: RecursionError: maximum recursion depth exceeded while decoding\n'
+    """
+    from priorzoo.errors import PriorFormatError, PriorMatchError, PriorNotFoundError
+
+    own = (PriorFormatError, PriorMatchError, PriorNotFoundError, ValueError, FileNotFoundError, FileExistsError)
+    text = " ".join(str(err).split()) or "(no message)"
+    if not isinstance(err, own) or type(err).__module__.split(".")[0] not in ("builtins", "priorzoo"):
+        text = f"{type(err).__name__}: {text}"
+    print(f"priorzoo {command}: error: {text}", file=sys.stderr)
     return 2
 
 

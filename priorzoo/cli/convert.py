@@ -93,12 +93,14 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Execute ``priorzoo convert``; returns the exit code."""
     from priorzoo.errors import PriorFormatError
+    from priorzoo.serialization import check_target
 
     try:
+        check_target(args.output, "OUT")  # before converting: never after minutes of work
         prior = _convert(args)
-    except (ValueError, ImportError, FileNotFoundError, PriorFormatError) as err:
+        folder = prior.save_pretrained(args.output)
+    except (ValueError, ImportError, OSError, PriorFormatError) as err:
         return fail("convert", err)
-    folder = prior.save_pretrained(args.output)
     print(f"wrote {prior!r} to {folder}")
     return 0
 

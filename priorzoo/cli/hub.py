@@ -107,22 +107,23 @@ def _staged(folder: Path, repo_id: str, keep_card: bool) -> Iterator[Path]:
     """
     from priorzoo.cards import render_card
     from priorzoo.config import PriorConfig
-    from priorzoo.files import CARD_NAME, CONFIG_NAME
+    from priorzoo.files import CARD_NAME, CONFIG_NAME, prior_files
 
-    card = folder / CARD_NAME
-    config = PriorConfig.from_json_file(folder / CONFIG_NAME)
+    files = prior_files(folder, where=f"Can't upload {str(folder)!r}: it", upload=True)
+    card = files.get(CARD_NAME)
+    config = PriorConfig.from_json_file(files[CONFIG_NAME])
     generated = render_card(config)
-    if keep_card or (card.is_file() and card.read_text(encoding="utf-8") != generated):
+    if keep_card or (card is not None and card.read_text(encoding="utf-8") != generated):
         yield folder
         return
     with tempfile.TemporaryDirectory(prefix="priorzoo-push-") as tmp:
         stage = Path(tmp)
-        for path in sorted(folder.iterdir()):
-            if path.is_file() and path.name != CARD_NAME:
+        for name, path in files.items():
+            if name != CARD_NAME:
                 try:
-                    os.symlink(path.resolve(), stage / path.name)
-                except OSError:  # no symlinks (e.g. Windows without privileges): copy
-                    shutil.copy2(path, stage / path.name)
+                    os.link(path.resolve(), stage / name)  # a second name for the same regular file
+                except OSError:  # another device, or no hard links: copy
+                    shutil.copyfile(path, stage / name)
         (stage / CARD_NAME).write_text(render_card(config, repo_id=repo_id), encoding="utf-8")
         yield stage
 
@@ -184,27 +185,28 @@ def run_push(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- pull
-def _copy_prior(src: Path, dest: Path) -> Path:
-    """Copy a prior's files (links resolved) into ``dest``, removing tensor files of an older prior there."""
-    from priorzoo.files import CONFIG_NAME, is_prior_weights
+def _copy_prior(src: Path, to: str) -> Path:
+    """Copy a prior's files (links resolved) into ``to``, replacing an older prior there as a whole."""
+    from priorzoo.files import prior_files
+    from priorzoo.serialization import check_target, replace_prior_files
 
-    if dest.exists() and not dest.is_dir():
-        raise NotADirectoryError(f"`--to` {str(dest)!r} exists and is not a directory")
-    if dest.is_dir() and any(dest.iterdir()) and not (dest / CONFIG_NAME).is_file():
+    dest = check_target(to, "--to")
+    if (
+        dest.is_dir()
+        and any(p for p in dest.iterdir() if not p.name.startswith(".priorzoo-"))
+        and not any((dest / n).is_file() for n in ("config.json", ".priorzoo-commit/manifest.json"))
+    ):
         raise FileExistsError(
             f"`--to` {str(dest)!r} is a non-empty folder that holds no prior; pass an empty or new folder "
             "(or one holding a prior, which is replaced)"
         )
-    dest.mkdir(parents=True, exist_ok=True)
-    names = {p.name for p in src.iterdir() if p.is_file()}
-    for old in dest.iterdir():
-        if old.is_file() and is_prior_weights(old.name) and old.name not in names:
-            old.unlink()
-    for name in sorted(names, key=lambda n: n == CONFIG_NAME):  # config last: a reader never sees a mix
-        tmp = dest / f".{name}.part"
-        shutil.copyfile(src / name, tmp)
-        os.replace(tmp, dest / name)
-    return dest
+    files = prior_files(src)
+
+    def write(staging: Path) -> None:
+        for name, path in files.items():
+            shutil.copyfile(path, staging / name)
+
+    return replace_prior_files(dest, write, what="--to")
 
 
 def run_pull(args: argparse.Namespace) -> int:
@@ -221,7 +223,7 @@ def run_pull(args: argparse.Namespace) -> int:
 
         folder = download_prior(args.repo_id, **download_kwargs(args))
         prior = PriorModel.from_pretrained(folder)  # reads and validates every tensor
-        target = _copy_prior(folder, Path(args.to)) if args.to else None
+        target = _copy_prior(folder, args.to) if args.to is not None else None
     except hub_errors(OSError) as err:
         return fail("pull", err)
     snapshot = folder  # in the cache: …/snapshots/<commit>/<subfolder>
