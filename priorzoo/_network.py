@@ -7,7 +7,8 @@ huggingface_hub's shared client is limited:
 
 - ``PRIORZOO_HUB_CONNECT_TIMEOUT`` (default 10 s): to open a connection;
 - ``PRIORZOO_HUB_READ_TIMEOUT`` (default 30 s): the longest wait for the next bytes, and the window of the
-  stall rule: a connection that delivers less than 1 KiB in that long (a byte every 2 s) is given up;
+  stall rule: an answer trickling in (under 1 KiB in that long, in 8 reads or more: a byte every 2 s)
+  is given up;
 - ``PRIORZOO_HUB_DEADLINE`` (default 600 s): the whole operation (all requests, and huggingface_hub's
   retries, which count against it: once it is spent no retry starts).
 
@@ -32,7 +33,8 @@ from typing import Any
 
 __all__ = ["HubLimits", "HubTimeoutError", "bounded", "limits_from_env"]
 
-_MIN_PROGRESS = 1024  # bytes per read window below which a connection counts as stalled
+_MIN_PROGRESS = 1024  # bytes per read window below which a connection counts as stalled ...
+_MIN_READS = 8  # ... when they came in this many reads or more (a trickle, not one late answer)
 
 
 class HubTimeoutError(TimeoutError):
@@ -99,7 +101,7 @@ class _Stream:
     def __init__(self, inner: Any) -> None:
         self._inner = inner
         self._window_start = time.monotonic()
-        self._window_bytes = 0
+        self._window_bytes = self._window_reads = 0
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         active = _ACTIVE.get()
@@ -119,13 +121,15 @@ class _Stream:
             raise
         now = time.monotonic()
         self._window_bytes += len(data)
+        self._window_reads += 1
         if now - self._window_start >= active.limits.read:
-            if self._window_bytes < _MIN_PROGRESS:
+            # trickling: many small reads adding up to little (one long wait is the read timeout's business)
+            if self._window_bytes < _MIN_PROGRESS and self._window_reads >= _MIN_READS:
                 raise HubTimeoutError(
                     f"stalled: {self._window_bytes} bytes in {now - self._window_start:.0f} s, under "
                     f"{_MIN_PROGRESS} bytes per {active.limits.read:g} s (limits: {active.limits.describe()})"
                 )
-            self._window_start, self._window_bytes = now, 0
+            self._window_start, self._window_bytes, self._window_reads = now, 0, 0
         return data
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
@@ -133,6 +137,8 @@ class _Stream:
         if active is not None:
             timeout = active.cap(timeout, active.limits.read, "sending")
         self._inner.write(buffer, timeout)
+        self._window_start = time.monotonic()  # a new request: its answer gets a fresh window
+        self._window_bytes = self._window_reads = 0
 
     def close(self) -> None:
         self._inner.close()
