@@ -76,3 +76,17 @@ def test_one_string_is_one_pattern():
     assert prior.config.exclude == ["1.*"]
     match = prior.match(model)
     assert sorted(match.matched) == ["0.bias", "0.weight"] and match.uncovered == []
+
+
+def test_one_string_is_one_pattern_when_a_learner_records_exclude():
+    from priorzoo.learn import SWAGCollector
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    collector = SWAGCollector(model, rank=2, exclude_head=False)
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        collector.collect()
+    assert collector.to_prior(exclude="1.*").config.exclude == ["1.*"]
