@@ -83,6 +83,9 @@ TEXT = {
     "bma_rank": 5,
     "bma_samples": 8,
 }
+# called on every text-pair target model after its initialisation (benchmarks/bench_peft_transfer.py wraps it in
+# LoRA adapters); None: the model as built
+TEXT_MODEL_HOOK: Any = None
 
 
 def _epochs_for(n: int, batch_size: int, target_steps: int) -> int:
@@ -304,7 +307,7 @@ def text_pair(seeds: list[int], record: Any) -> None:
                 torch.manual_seed(seed)
                 m = TopEncoder(copy.deepcopy(top), 384, 3)
                 prior.init_model_(m)
-                return m
+                return m if TEXT_MODEL_HOOK is None else TEXT_MODEL_HOOK(m)
 
             t = time.perf_counter()
             rows = compare_methods(make_model, prior, train, val, test, settings)

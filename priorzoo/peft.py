@@ -55,6 +55,7 @@ __all__ = [
     "PeftView",
     "UnsupportedAdapterError",
     "check_unmerged",
+    "effective_weights",
     "is_peft_model",
     "lora_model",
     "peft_state",
@@ -364,6 +365,66 @@ def peft_state(model: torch.nn.Module) -> tuple:
         for name, m in model.named_modules()
         if _is_peft_module(m) and hasattr(m, "merged_adapters") and hasattr(m, "active_adapters")
     )
+
+
+@torch.no_grad()
+def effective_weights(
+    model: torch.nn.Module,
+    *,
+    include=None,
+    exclude=None,
+    exclude_head: bool = True,
+    head=None,
+) -> dict[str, Tensor]:
+    """``plain name -> `` a detached copy of every *trainable* block of a PEFT model: W₀ + ΔW for an adapted
+    layer, the tensor itself for a trainable plain parameter; frozen weights and the head left out.
+
+    What an L2-SP prior N(W, σ²I) on a LoRA model is centred on (:func:`priorzoo.finetune.l2sp_prior`): its
+    penalty is then ‖ΔW − ΔW_now‖²/(2σ²) over the adapted layers (‖ΔW‖²/(2σ²) at the adapters' init).
+
+    Args:
+        model: a PEFT model.
+        include, exclude: patterns on the plain names.
+        exclude_head: leave out the head (the ``modules_to_save`` copies, and the task head of the adapted
+            model) unless False.
+        head: patterns naming the head instead (plain names).
+
+    Example:
+        >>> from peft import LoraConfig, get_peft_model
+        >>> net = get_peft_model(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)),
+        ...                      LoraConfig(r=1, target_modules=["0"], modules_to_save=["1"]))
+        >>> sorted(effective_weights(net))
+        ['0.weight']
+    """
+    from priorzoo.matching import compile_patterns, head_parameter_names
+
+    view = peft_view(model)
+    if view is None:
+        raise ValueError("`model` holds no PEFT adapter layer (use the model's own parameters)")
+    inc, exc = compile_patterns(include), compile_patterns(exclude)
+    params = dict(model.named_parameters())
+    heads: set[str] = set()
+    if exclude_head:
+        if head is not None:
+            is_head = compile_patterns(head)
+            heads = {n for n in view.names if is_head(n)}
+        else:
+            to_plain = {real: plain for plain, real in view.names.items()}
+            heads = {to_plain[view.prefix + n] for n in head_parameter_names(view.inner) if view.prefix + n in to_plain}
+            heads |= set(view.saved)
+    out: dict[str, Tensor] = {}
+    for plain, real in view.names.items():
+        if plain in heads or (inc is not None and not inc(plain)) or (exc is not None and exc(plain)):
+            continue
+        layer = view.adapted.get(plain)
+        if layer is not None:
+            if layer.trainable:
+                out[plain] = layer.effective_weight().detach().clone()
+        elif params[real].requires_grad:
+            out[plain] = params[real].detach().clone()
+    if not out:
+        raise ValueError(f"no trainable adapted layer or parameter selected (include={include!r}, exclude={exclude!r})")
+    return out
 
 
 def check_unmerged(model: torch.nn.Module) -> None:

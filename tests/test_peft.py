@@ -359,3 +359,21 @@ def test_downstream_swag_over_a_lora_run_samples_the_adapters():
     after = dict(model.named_parameters())
     assert all(not torch.equal(after[n], before[n]) for n in trainable)
     assert all(torch.equal(after[n], before[n]) for n in before if n not in trainable)  # W₀ untouched
+
+
+def test_l2sp_on_a_lora_model_is_the_squared_norm_of_delta_w():
+    from priorzoo.finetune import l2sp_prior
+
+    base = tiny_bert()
+    model = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query", "value"]))
+    prior = l2sp_prior(model, 0.5)
+    assert sorted(prior.names) == sorted(peft_view(model).adapted)  # the adapted layers, no head, no frozen
+    assert float(prior.penalty(model)) == 0.0  # B = 0: ΔW = 0
+    perturb_adapters(model)
+    view = peft_view(model)
+    want = sum(float((layer.effective_weight() - layer.weight).pow(2).sum()) for layer in view.adapted.values()) / (
+        2 * 0.5
+    )
+    assert float(prior.penalty(model).detach()) == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ValueError, match="no trainable adapted layer"):
+        l2sp_prior(model, 0.5, include="embeddings.*")

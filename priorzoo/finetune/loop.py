@@ -124,6 +124,11 @@ def l2sp_prior(
         or not (math.isfinite(variance) and variance > 0)
     ):
         raise ValueError(f"the L2-SP variance σ² must be a finite number > 0; received {variance!r}")
+    from priorzoo.peft import effective_weights, is_peft_model
+
+    if is_peft_model(model):  # centred on the effective weights W₀ + ΔW: L2-SP on ΔW (see priorzoo.peft)
+        centre = effective_weights(model, include=include, exclude=exclude, exclude_head=exclude_head, head=head)
+        return PriorModel.from_tensors(centre, variance=float(variance), source={"objective": "l2sp"})
     from priorzoo.learn.baselines import isotropic_prior
 
     return isotropic_prior(
