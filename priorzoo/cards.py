@@ -129,17 +129,18 @@ def _hub_id(value: Any) -> str | None:
 def _base_model(backbone: Mapping[str, Any]) -> str | None:
     """The Hub id of the weights the prior was learned from, when it can be told for sure.
 
-    An explicit ``hub_id`` (or ``base_model``) wins. A backbone trained from scratch (``pretrained: false``)
-    has none. A timm name with a pretrained tag (``resnet50.a1_in1k``) maps to ``timm/<name>``; a bare
+    A backbone without loaded pre-trained weights (``pretrained: false``: a random init, whatever
+    ``hub_id`` timm's ``pretrained_cfg`` names) has none; otherwise an explicit ``hub_id`` (or
+    ``base_model``) wins. A timm name with a pretrained tag (``resnet50.a1_in1k``) maps to ``timm/<name>``; a bare
     timm name (``resnet50``) is ambiguous (which weights?) and is left out. A transformers name that is a
     Hub id (not a local folder) is used as it is.
     """
+    if backbone.get("pretrained") is False:
+        return None
     for key in ("hub_id", "base_model"):
         explicit = _hub_id(backbone.get(key))
         if explicit:
             return explicit
-    if backbone.get("pretrained") is False:
-        return None
     name = backbone.get("name")
     if not isinstance(name, str):
         return None
@@ -275,8 +276,8 @@ def model_index(config: PriorConfig, *, name: str) -> list[dict[str, Any]]:
 def card_metadata(config: PriorConfig, *, repo_id: str | None = None) -> dict[str, Any]:
     """The card's YAML front matter as a dict (what the Hub indexes and ``ModelCard.data`` holds).
 
-    Keys: ``library_name`` (``priorzoo``), ``license`` (``config.license`` lower-cased, ``other`` when
-    not recorded), ``tags``, and when known ``base_model``, ``datasets`` and ``model-index`` (named
+    Keys: ``library_name`` (``priorzoo``), ``license`` (``config.license`` lower-cased; left out when not
+    recorded), ``tags``, and when known ``base_model``, ``datasets`` and ``model-index`` (named
     ``repo_id``, else ``priorzoo-<kind>-prior``).
 
     Example:
@@ -291,13 +292,16 @@ def card_metadata(config: PriorConfig, *, repo_id: str | None = None) -> dict[st
         tags.append(str(library))
     meta: dict[str, Any] = {
         "library_name": "priorzoo",
-        "license": str(config.license).lower() if config.license else "other",
         "tags": tags,
     }
+    if config.license:  # unknown: no `license: other`, which the Hub requires to name (license_name/link)
+        meta["license"] = str(config.license).lower()
     base = _base_model(config.backbone)
     if base:
         meta["base_model"] = base
-    dataset = _hub_id(config.source.get("hub_id")) or _hub_id(config.source.get("dataset"))
+    dataset = _hub_id(config.source.get("hub_id"))
+    if dataset is None and not config.source.get("local"):  # a local folder's name is no Hub dataset
+        dataset = _hub_id(config.source.get("dataset"))
     if dataset:
         meta["datasets"] = [dataset]
     index = model_index(config, name=repo_id or f"priorzoo-{config.kind.value}-prior")
@@ -394,6 +398,6 @@ def render_card(
         objective=config.source.get("objective") or "not recorded",
         learning_items=_learning_items(config.learning),
         results=result_rows(config),
-        license=meta["license"],
+        license=meta.get("license", "not recorded"),
         bibtex=_BIBTEX,
     )

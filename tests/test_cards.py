@@ -95,9 +95,8 @@ def test_card_without_results_or_provenance_is_valid() -> None:
     meta = front_matter(text)
     assert meta == {
         "library_name": "priorzoo",
-        "license": "other",
         "tags": ["priorzoo", "bayesian-prior", "diagonal", "transfer-learning"],
-    }
+    }  # no `license: other` without a license_name: an unknown license is left out
     card = ModelCard(text)
     assert card.data.eval_results is None
     assert "No transfer results were recorded" in text
@@ -241,3 +240,15 @@ def test_config_strings_cannot_break_out_of_the_usage_snippets(library):
         assert not calls
     shell = re.findall(r"```bash\n(.*?)```", card, flags=re.S)[0]
     assert "priorzoo pull 'org/p'\"'\"'; rm -rf ~; echo '\"'\"''" in shell
+
+
+def test_random_init_and_local_data_claim_no_hub_provenance() -> None:
+    cfg = PriorConfig(
+        kind="swag",
+        rank=0,
+        parameters=[ParameterSpec("w", (3,))],
+        backbone={"library": "timm", "name": "resnet18", "hub_id": "timm/resnet18.a1_in1k", "pretrained": False},
+        source={"dataset": "images", "local": True},
+    )
+    meta = card_metadata(cfg)
+    assert "base_model" not in meta and "datasets" not in meta and "license" not in meta

@@ -384,3 +384,17 @@ def test_saving_twice_gives_identical_bytes(tmp_path):
     b = prior.save_pretrained(tmp_path / "b", max_shard_size="10GB")
     for name in ("prior.safetensors", "config.json", "README.md"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_saved_files_follow_the_umask(tmp_path) -> None:
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        folder = PriorModel.from_tensors({"w": torch.zeros(2)}, variance=1.0).save_pretrained(tmp_path / "p")
+    finally:
+        os.umask(old)
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in folder.iterdir()}
+    assert modes == {"README.md": 0o640, "config.json": 0o640, "prior.safetensors": 0o640}
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o750

@@ -129,7 +129,7 @@ def image_tensors(images: Any, size: int) -> Any:
     import torch
     from PIL import Image
 
-    from priorzoo.cli._common import image_tensor
+    from priorzoo.datasets import image_tensor
 
     pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8)
     out = []
@@ -150,7 +150,7 @@ def _batches(x: Any, y: Any, batch_size: int, *, shuffle: bool) -> Any:
 def _mnist_lowdata(prior: Any, backbone: Mapping[str, Any], settings: Mapping[str, Any], image_size: int) -> dict:
     import torch
 
-    from priorzoo.cli.learn import build_backbone
+    from priorzoo.backbones import load_backbone
     from priorzoo.data import load_mnist_5k, sample_per_class
     from priorzoo.finetune import PriorRegularizer, evaluate, fit, tune_scale
 
@@ -183,7 +183,7 @@ def _mnist_lowdata(prior: Any, backbone: Mapping[str, Any], settings: Mapping[st
 
     def make_model() -> torch.nn.Module:
         torch.manual_seed(seed)  # the same new head every time
-        model, _, _ = build_backbone(str(backbone["name"]), library="timm", pretrained=False, num_classes=classes)
+        model = load_backbone(str(backbone["name"]), library="timm", pretrained=False, num_classes=classes).model
         prior.init_model_(model)  # start from the prior mean μ
         return model
 

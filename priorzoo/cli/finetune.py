@@ -41,15 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from priorzoo.cli._common import (
-    DATA_FORMATS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    check_at_least,
-    default_device,
-    fail,
-    image_tensor,
-)
+from priorzoo.cli._common import check_at_least, default_device, fail
+from priorzoo.datasets import DATA_FORMATS, IMAGENET_MEAN, IMAGENET_STD, Columns, image_tensor
 
 __all__ = ["Setup", "check_args", "finetune", "prepare", "register", "run"]
 
@@ -82,14 +75,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         description=__doc__.split("\n\nExample:")[0].replace("``", ""),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("backbone", help="transformers model folder / Hub id, or a timm model name")
-    p.add_argument("--library", choices=("auto", "timm", "transformers"), default="auto")
+    from priorzoo.cli.learn import add_backbone_arguments
+
     p.add_argument(
-        "--pretrained",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="load the backbone's pre-trained weights (--no-pretrained: random init, e.g. offline timm)",
+        "backbone", help="transformers folder / Hub id, timm name / hf-hub: id / folder, or a torchvision name"
     )
+    add_backbone_arguments(p)
 
     g = p.add_argument_group("prior (choose one)")
     which = g.add_mutually_exclusive_group(required=True)
@@ -107,7 +98,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     )
     g.add_argument("--tune-scale", action="store_true", help="choose λ on a validation split first")
     g.add_argument("--scale-grid", type=_grid, default=None, help="λ values, comma-separated (default 1,10,…,1e10)")
-    g.add_argument("--tune-epochs", type=int, default=1, help="epochs of each λ run")
+    g.add_argument("--tune-epochs", type=int, default=None, help="epochs of each λ run (default: --epochs)")
     g.add_argument("--tune-patience", type=int, default=2, help="evaluations without improvement before stopping")
     g.add_argument("--tune-eval-every", type=int, default=None, help="steps between evaluations (default: epoch)")
     g.add_argument("--tune-metric", choices=("nll", "accuracy", "ece"), default="nll")
@@ -208,11 +199,12 @@ def check_args(args: argparse.Namespace) -> None:
             ("num_samples", 1),
             ("swag_rank", 2),
             ("swag_epochs", 1),
-            ("tune_epochs", 1),
             ("tune_patience", 1),
             ("max_length", 1),
         ),
     )
+    if args.tune_epochs is not None and args.tune_epochs < 1:
+        raise ValueError(f"`--tune-epochs` must be ≥ 1; received {args.tune_epochs}")
     if args.max_train_examples is not None and args.max_train_examples < 1:
         raise ValueError(f"`--max-train-examples` must be ≥ 1; received {args.max_train_examples}")
     if not 0 < args.validation_fraction < 1:
@@ -232,68 +224,24 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- data
-class Columns:
-    """Which columns hold the inputs and labels, and how labels map to class ids (shared by all splits)."""
-
-    def __init__(self, ds: Any, args: argparse.Namespace, others: Sequence[Any] = ()) -> None:
-        import datasets
-
-        feats = ds.features
-        self.image = args.image_column or next((k for k, f in feats.items() if isinstance(f, datasets.Image)), None)
-        self.text = args.text_column
-        if self.image is None and self.text is None:
-            strings = [k for k, f in feats.items() if getattr(f, "dtype", None) in ("string", "large_string")]
-            strings = [k for k in strings if k != args.label_column and k not in ("label", "labels")]
-            self.text = "text" if "text" in strings else (strings[0] if strings else None)
-        self.text_pair = args.text_pair_column
-        self.label = args.label_column or next((k for k in ("label", "labels") if k in feats), None)
-        for flag, col in (
-            ("--image-column", self.image),
-            ("--text-column", self.text),
-            ("--text-pair-column", self.text_pair),
-            ("--label-column", self.label),
-        ):
-            if col is not None and col not in feats:
-                raise ValueError(f"`{flag}` {col!r} is not a column of the training data; columns: {sorted(feats)}")
-        if self.image is None and self.text is None:
-            raise ValueError(f"no image or text column in {sorted(feats)}; pass --image-column / --text-column")
-        if self.label is None:
-            raise ValueError(f"no label column in {sorted(feats)} (looked for `label`, `labels`); pass --label-column")
-        feat = feats[self.label]
-        if isinstance(feat, datasets.ClassLabel):
-            self.names = [str(n) for n in feat.names]
-            self._index = None
-        else:
-            values = set(ds[self.label])
-            for other in others:
-                if self.label not in other.features:
-                    raise ValueError(f"the label column `{self.label}` is missing in an evaluation split")
-                values |= set(other[self.label])
-            if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-                if min(values) < 0:
-                    raise ValueError(f"integer labels must be ≥ 0; found {min(values)}")
-                self.names = [str(i) for i in range(max(values) + 1)]
-                self._index = None
-            else:
-                ordered = sorted(values, key=str)
-                self.names = [str(v) for v in ordered]
-                self._index = {v: i for i, v in enumerate(ordered)}
-        self.modality = "image" if self.image is not None else "text"
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.names)
-
-    def label_id(self, value: Any) -> int:
-        return int(value) if self._index is None else self._index[value]
+def _columns(ds: Any, args: argparse.Namespace, others: Sequence[Any] = ()) -> Columns:
+    """The columns and label mapping of the ``--*-column`` options (:class:`priorzoo.datasets.Columns`)."""
+    return Columns(
+        ds,
+        image=args.image_column,
+        text=args.text_column,
+        text_pair=args.text_pair_column,
+        label=args.label_column,
+        others=others,
+    )
 
 
 def _load_split(path: str | None, args: argparse.Namespace) -> Any:
     if path is None:
         return None
-    from priorzoo.cli.learn import load_local_dataset
+    from priorzoo.datasets import load_data
 
-    ds = load_local_dataset(path, data_format=args.data_format, split="train")
+    ds = load_data(path, data_format=args.data_format, split="train")
     if len(ds) == 0:
         raise ValueError(f"the data {path!r} is empty")
     return ds
@@ -312,7 +260,7 @@ def make_collate(cols: Columns, library: str, tokenizer: Any, args: argparse.Nam
         def collate_images(rows: list[dict[str, Any]]) -> Any:
             x = torch.stack([image_tensor(r[cols.image], size, mean, std) for r in rows])
             y = torch.tensor([cols.label_id(r[cols.label]) for r in rows], dtype=torch.long)
-            if library == "timm":
+            if library in ("timm", "torchvision"):
                 return x, y
             return {"pixel_values": x, "labels": y}
 
@@ -339,8 +287,10 @@ def run(args: argparse.Namespace) -> int:
         check_args(args)
         finetune(args)
         return 0
-    except (ValueError, ImportError, FileNotFoundError, RuntimeError, OSError) as err:
+    except (ValueError, ImportError, FileNotFoundError, RuntimeError, OSError, ArithmeticError) as err:
         return fail("finetune", err)
+    except KeyboardInterrupt:
+        return fail("finetune", KeyboardInterrupt("interrupted; metrics.json records what was done"))
 
 
 def _log(args: argparse.Namespace, msg: str) -> None:
@@ -399,7 +349,7 @@ def prepare(args: argparse.Namespace) -> Setup:
     import torch
 
     from priorzoo import PriorModel
-    from priorzoo.cli.learn import build_backbone
+    from priorzoo.backbones import freeze_, init_head_, load_backbone
     from priorzoo.finetune.loop import l2sp_prior
     from priorzoo.finetune.scale import split_train_validation
 
@@ -408,9 +358,8 @@ def prepare(args: argparse.Namespace) -> Setup:
     train_ds = _load_split(args.data, args)
     val_ds = _load_split(args.validation_data, args)
     test_ds = _load_split(args.test_data, args)
-    cols = Columns(train_ds, args, [d for d in (val_ds, test_ds) if d is not None])
-    if cols.num_labels < 2:
-        raise ValueError(f"the training data has {cols.num_labels} class(es); classification needs at least 2")
+    cols = _columns(train_ds, args, [d for d in (val_ds, test_ds) if d is not None])
+    cols.check_classification(len(train_ds))
     train_part: Any = train_ds
     if val_ds is None and args.tune_scale:
         train_part, val_ds = split_train_validation(train_ds, float(args.validation_fraction), seed=args.seed)
@@ -419,14 +368,21 @@ def prepare(args: argparse.Namespace) -> Setup:
         keep = torch.randperm(len(train_part), generator=gen)[: args.max_train_examples].tolist()
         train_part = torch.utils.data.Subset(train_part, sorted(keep))
 
-    model, tokenizer, library = build_backbone(
+    bb = load_backbone(
         args.backbone,
         library=args.library,
         pretrained=args.pretrained,
+        checkpoint=args.checkpoint,
         objective="supervised",
         num_classes=cols.num_labels,
         modality=cols.modality,
     )
+    model, tokenizer, library = bb.model, bb.tokenizer, bb.library
+    if not init_head_(model):  # the library's own head init can swamp pre-trained features (see init_head_)
+        _log(args, "warning: no task head detected; the new classifier keeps its library initialisation")
+    if args.freeze or args.trainable_layers is not None:
+        frozen = freeze_(model, freeze=args.freeze, trainable_layers=args.trainable_layers)
+        _log(args, f"froze {len(frozen)} parameter tensors")
     if library == "transformers" and getattr(model, "config", None) is not None:
         model.config.id2label = dict(enumerate(cols.names))
         model.config.label2id = {n: i for i, n in enumerate(cols.names)}
@@ -464,6 +420,8 @@ def prepare(args: argparse.Namespace) -> Setup:
         else:  # check the match now (init_model_ does it otherwise), before any training
             prior.match(model).check(allow_partial=args.allow_partial)
         scale = args.scale or prior.config.recommended_scale or prior.scale
+        if args.scale is None and args.optimizer == "sgd":
+            scale = _stable_scale(prior, scale, lr=args.lr, weight=args.prior_weight, n=len(train_part), args=args)
     if args.lora_r is not None:  # after the prior mean went into the backbone: W₀ = μ, adapters at their init
         model = _with_lora(model, library, args)
     return Setup(
@@ -499,8 +457,31 @@ def _with_lora(model: Any, library: str, args: argparse.Namespace) -> Any:
     )
 
 
+def _stable_scale(prior: Any, scale: float, *, lr: float, weight: float, n: int, args: argparse.Namespace) -> float:
+    """λ raised (by powers of ten) until plain SGD is stable on the prior term: its stiffest direction has
+    curvature ρ/(N·λ·v_min) (v_min the smallest variance), and a step stays stable while lr times that is
+    ≤ 1 (momentum amplifies it; half the classical bound of 2)."""
+    v_min = min(float(v.min()) for v in prior.variance.values())
+    if v_min <= 0:
+        return scale
+    needed = lr * weight / (n * v_min)
+    if scale >= needed:
+        return scale
+    raised = float(10.0 ** math.ceil(math.log10(needed)))
+    _log(
+        args,
+        f"λ = {scale:g} would make SGD unstable on the prior term (lr·ρ/(N·λ·v_min) = {needed / scale:.3g} > 1 with "
+        f"N = {n}, v_min = {v_min:.2e}); using λ = {raised:g} (pass --scale or --tune-scale to choose it)",
+    )
+    return raised
+
+
 def finetune(args: argparse.Namespace) -> dict[str, Any]:
     """The whole run; returns the metrics dict it also writes to ``<output-dir>/metrics.json``.
+
+    A failure at any point (a diverging run, bad data, an interrupt) still writes ``metrics.json`` with
+    ``"status": "failed"``, the error and what was done (the λ search, the final runs' epochs) before the
+    error propagates.
 
     Example:
         >>> from priorzoo.cli import build_parser
@@ -509,6 +490,95 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
         >>> sorted(finetune(args)["metrics"]["test"])  # doctest: +SKIP
         ['accuracy', 'ece', 'nll', 'num_examples']
     """
+    progress: dict[str, Any] = {
+        "status": "running",
+        "arguments": {k: v for k, v in vars(args).items() if k not in ("func", "command")},
+    }
+    try:
+        return _finetune(args, progress)
+    except BaseException as err:
+        progress["status"] = "failed"
+        progress["error"] = f"{type(err).__name__}: {err}"
+        out_dir = Path(args.output_dir)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            text = json.dumps(progress, indent=2, default=_json_default) + "\n"
+            (out_dir / "metrics.json").write_text(text, encoding="utf-8")
+        except OSError:
+            pass
+        raise
+
+
+def _json_default(value: Any) -> Any:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _ranked(search: Any) -> list[Any]:
+    """The λ points of a search that did not diverge, best first (its metric; ties: smaller λ)."""
+    higher = search.metric == "accuracy"
+    points = [p for p in search.curve if not p.diverged and search.metric in p.metrics]
+    return sorted(points, key=lambda p: ((-1 if higher else 1) * p.metrics[search.metric], p.scale))
+
+
+def _fit_by_epoch(
+    model: Any,
+    loader: Any,
+    optimizer: Any,
+    args: argparse.Namespace,
+    val_loader: Any,
+    num_labels: int,
+    epochs_log: list[dict[str, Any]],
+    fit: Callable,
+    fit_kwargs: dict[str, Any],
+) -> Any:
+    """``fit`` one epoch at a time (the same run: one optimizer, the loader reshuffled each epoch), printing a
+    train/validation line per epoch and warning when the loss explodes or validation stays at chance."""
+    total = None
+    first_loss = None
+    chance = 1.0 / num_labels
+    for epoch in range(1, args.epochs + 1):
+        res = fit(model, loader, optimizer, epochs=1, val_loader=val_loader, restore_best=False, **fit_kwargs)
+        entry = dict(res.history[-1]) if res.history else {}
+        entry["epoch"] = epoch
+        epochs_log.append(entry)
+        if total is None:
+            total = res
+        else:
+            total.steps += res.steps
+            total.seconds += res.seconds
+            total.history += res.history
+        line = f"epoch {epoch}/{args.epochs}: train loss {entry.get('train_loss', float('nan')):.4f}"
+        if entry.get("prior_term"):
+            line += f" (prior term {entry['prior_term']:.4g})"
+        if "val_accuracy" in entry:
+            line += f", validation accuracy {entry['val_accuracy']:.4f} nll {entry['val_nll']:.4f}"
+        _log(args, line)
+        loss = entry.get("train_loss")
+        if loss is not None:
+            if first_loss is None:
+                first_loss = loss
+            elif loss > 1e3 * max(first_loss, math.log(num_labels)):
+                raise FloatingPointError(
+                    f"the training loss exploded from {first_loss:.3g} to {loss:.3g} in epoch {epoch} (prior term "
+                    f"{entry.get('prior_term', 0.0):.3g}): lower --lr or raise the prior scale λ"
+                )
+            elif loss > 3 * first_loss and loss > 2 * math.log(num_labels):
+                _log(args, f"warning: the training loss exploded ({first_loss:.3g} → {loss:.3g}): lower --lr")
+    last = epochs_log[-1] if epochs_log else {}
+    if "val_accuracy" in last and args.epochs >= 2 and last["val_accuracy"] <= chance + 0.02:
+        _log(
+            args,
+            f"warning: validation accuracy {last['val_accuracy']:.3f} is at chance (1/{num_labels} = {chance:.3f}) "
+            "after training: check --lr, the labels, and that the backbone's weights loaded",
+        )
+    assert total is not None
+    return total
+
+
+def _finetune(args: argparse.Namespace, progress: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from priorzoo import __version__
@@ -541,7 +611,7 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
             num_train_examples=n_train,
             grid=grid,
             make_optimizer=lambda m: _make_optimizer(m, args),
-            epochs=args.tune_epochs,
+            epochs=args.tune_epochs or args.epochs,
             eval_every=args.tune_eval_every,
             patience=args.tune_patience,
             metric=args.tune_metric,
@@ -552,20 +622,35 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
             verbose=not args.quiet,
         )
         scale = search.best_scale
+        progress["scale_search"] = search.to_dict()
         _log(args, search.table())
         del template
 
-    regularizer = None
-    if prior is not None:
-        regularizer = PriorRegularizer(
+    # λ candidates for the final run: the chosen one, then (after a search) the others best first, so that a λ
+    # whose full-length run diverges is recorded and the next best is used
+    candidates: list[float | None] = [scale]
+    if search is not None:
+        candidates += [p.scale for p in _ranked(search) if p.scale != scale]
+    initial_state = copy.deepcopy(model.state_dict()) if len(candidates) > 1 else None
+    progress["final_runs"] = final_runs = []
+
+    def make_regularizer(lam: float | None) -> Any:
+        if prior is None:
+            return None
+        reg = PriorRegularizer(
             prior,
             model,
             num_train_examples=n_train,
             prior_weight=args.prior_weight,
-            scale=scale,
+            scale=lam,
             allow_partial=args.allow_partial,
         )
-        prior_info["matched_parameters"] = len(regularizer.match.matched)
+        prior_info["matched_parameters"] = len(reg.match.matched)
+        return reg
+
+    regularizer = make_regularizer(scale)
+    if regularizer is not None:
+        scale = regularizer.scale
     _log(
         args,
         f"fine-tuning {args.backbone} ({library}) on {n_train} examples, {cols.num_labels} classes, method "
@@ -579,19 +664,36 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
         "max_grad_norm": args.max_grad_norm,
         "autocast_dtype": autocast,
     }
-    history: dict[str, Any] = {}
+    progress["training"] = history = {}
     predictions: dict[str, Any] = {}
     posterior = None
     if args.method in ("map", "bma"):
-        res = fit(
-            model,
-            train_loader,
-            _make_optimizer(model, args),
-            epochs=args.epochs,
-            val_loader=eval_loaders.get("validation"),
-            restore_best=False,
-            **fit_kwargs,
-        )
+        for k, lam in enumerate(candidates):
+            if k > 0:
+                assert initial_state is not None
+                model.load_state_dict(initial_state)
+                fit_kwargs["regularizer"] = regularizer = make_regularizer(lam)
+                scale = regularizer.scale if regularizer is not None else lam
+                _log(args, f"retrying with the next best λ = {scale:g}")
+            torch.manual_seed(args.seed)
+            run_record: dict[str, Any] = {"scale": scale, "epochs": []}
+            final_runs.append(run_record)
+            try:
+                res = _fit_by_epoch(
+                    model, train_loader, _make_optimizer(model, args), args, eval_loaders.get("validation"),
+                    cols.num_labels, run_record["epochs"], fit, fit_kwargs,
+                )  # fmt: skip
+            except FloatingPointError as err:
+                run_record["diverged"] = str(err)
+                _log(args, f"{'no prior' if scale is None else f'λ = {scale:g}'}: the final run diverged: {err}")
+                if k + 1 < len(candidates):
+                    continue
+                raise FloatingPointError(
+                    f"the final run diverged ({err})"
+                    + (f"; so did every other λ of the search ({len(candidates)} tried)" if k else "")
+                ) from None
+            break
+        progress["scale"] = scale
         history["map"] = {"steps": res.steps, "seconds": res.seconds, "history": res.history}
         if args.method == "map":
             for name, ld in eval_loaders.items():
@@ -669,6 +771,7 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
 
     # ---- outputs
     result: dict[str, Any] = {
+        "status": "ok",
         "priorzoo_version": __version__,
         "arguments": {k: v for k, v in vars(args).items() if k not in ("func", "command")},
         "backbone": {"name": args.backbone, "library": library, "pretrained": bool(args.pretrained)},
@@ -695,6 +798,7 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
             if args.lora_r is not None
             else None
         ),
+        "final_runs": final_runs,
         "training": history,
         "metrics": metrics,
         "seed": args.seed,
@@ -719,10 +823,16 @@ def _save_model(model: Any, tokenizer: Any, library: str, folder: Path, result: 
         model.save_pretrained(folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
-    else:
+    elif library == "timm":
         from timm.models import save_for_hf
 
         save_for_hf(model, str(folder), safe_serialization=True)
+    else:  # torchvision: the state dict, loadable with load_state_dict (or --checkpoint)
+        from safetensors.torch import save_file
+
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors")
+        )
     summary = {k: result[k] for k in ("method", "prior", "num_train_examples", "label_names", "backbone")}
     if result.get("scale_search") is not None:
         summary["scale_search"] = {k: result["scale_search"][k] for k in ("best_scale", "metric")}

@@ -14,17 +14,37 @@ Example:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from priorzoo.cli._common import DATA_FORMATS, check_at_least, default_device, fail, image_tensor
+from priorzoo.cli._common import check_at_least, default_device, fail
+from priorzoo.datasets import DATA_FORMATS
 
-__all__ = ["build_backbone", "load_local_dataset", "register", "run"]
+__all__ = ["add_backbone_arguments", "build_backbone", "load_local_dataset", "register", "run"]
 
-_FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+_RUN_SETTINGS = "learn_settings.json"
+"""Inside ``--checkpoint-dir``: the settings of the run whose state is stored there."""
+
+
+def add_backbone_arguments(p: argparse.ArgumentParser) -> None:
+    """``--library``, ``--pretrained``, ``--checkpoint``, ``--freeze``, ``--trainable-layers`` (learn and finetune)."""
+    from priorzoo.backbones import LIBRARIES
+
+    p.add_argument("--library", choices=LIBRARIES, default="auto", help="torchvision must be named")
+    p.add_argument(
+        "--pretrained",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="start from pre-trained weights (--no-pretrained: random init, no download)",
+    )
+    p.add_argument("--checkpoint", default=None, help="state-dict file to load into the backbone (a new head stays)")
+    p.add_argument("--freeze", action="append", default=None, help="glob of parameters to freeze (repeatable)")
+    p.add_argument(
+        "--trainable-layers", type=int, default=None, help="train only the last N blocks of the backbone + the head"
+    )
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -36,14 +56,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         + " Writes a prior folder loadable with PriorModel.from_pretrained.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("backbone", help="timm model name, transformers model name/Hub id, or local transformers folder")
-    p.add_argument("--library", choices=("auto", "timm", "transformers"), default="auto")
     p.add_argument(
-        "--pretrained",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="start from pre-trained weights (--no-pretrained: random init, no download)",
+        "backbone",
+        help="timm name / hf-hub: id / folder, transformers id or folder, or torchvision name (--library torchvision)",
     )
+    add_backbone_arguments(p)
     p.add_argument("--data", required=True, help="local folder/CSV/JSON/parquet, or a Hub dataset id (online)")
     p.add_argument("--data-format", choices=DATA_FORMATS, default="auto")
     p.add_argument("--split", default="train")
@@ -52,6 +69,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--label-column", default=None, help="default: `label` or `labels`")
     p.add_argument("--objective", choices=("supervised", "simclr", "mlm"), default="supervised")
     p.add_argument("--output", required=True, help="folder to write the prior into")
+    p.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=0.1,
+        help="supervised: hold out this share to report the prior mean's source accuracy in the card (0: none)",
+    )
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--warmup-epochs", type=int, default=0, help="epochs of training before the first snapshot")
     p.add_argument("--batch-size", type=int, default=32)
@@ -83,113 +106,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-# ---------------------------------------------------------------------------------------------- data
-def _is_local(path: str) -> bool:
-    return Path(path).exists()
-
-
+# ---------------------------------------------------------------------------------------------- data, models
 def load_local_dataset(data: str, *, data_format: str = "auto", split: str = "train") -> Any:
-    """Load a ``datasets.Dataset`` from a local folder/file (or a Hub id with ``data_format="hub"``/auto).
+    """:func:`priorzoo.datasets.load_data` (kept under its old name for scripts that import it)."""
+    from priorzoo.datasets import load_data
 
-    Example:
-        >>> ds = load_local_dataset("reviews.csv")  # doctest: +SKIP
-    """
-    from priorzoo.learn._common import require
-
-    datasets = require("datasets", what="reading training data")
-    path = Path(data)
-    fmt = data_format
-    if fmt == "auto":
-        if path.is_dir():
-            fmt = (
-                "disk"
-                if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
-                else "imagefolder"
-            )
-        elif path.is_file():
-            fmt = _FILE_BUILDERS.get(path.suffix.lower(), "")
-            if not fmt:
-                raise ValueError(
-                    f"`--data` {data!r}: cannot tell the format of `{path.suffix}` files; valid: "
-                    f"{sorted(_FILE_BUILDERS)} or a folder (pass --data-format)"
-                )
-        else:
-            fmt = "hub"
-    if fmt == "disk":
-        ds = datasets.load_from_disk(str(path))
-    elif fmt == "imagefolder":
-        ds = datasets.load_dataset("imagefolder", data_dir=str(path))
-    elif fmt == "hub":
-        try:
-            ds = datasets.load_dataset(data)
-        except Exception as err:  # wrap whatever the Hub/network raised
-            raise ValueError(
-                f"`--data` {data!r} is not a local file or folder, and loading it as a Hub dataset failed ({err}); "
-                "offline, pass a local folder / CSV / JSON / parquet file"
-            ) from None
-    else:
-        kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
-        ds = datasets.load_dataset(fmt, data_files=str(path), **kwargs)
-    if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            raise ValueError(f"the dataset has no split {split!r}; splits: {sorted(ds)} (pass --split)")
-        ds = ds[split]
-    return ds
-
-
-def _columns(ds: Any, args: argparse.Namespace) -> tuple[str | None, str | None, str | None]:
-    import datasets
-
-    feats = ds.features
-    image = args.image_column or next((k for k, f in feats.items() if isinstance(f, datasets.Image)), None)
-    text = args.text_column
-    label = args.label_column or next((k for k in ("label", "labels") if k in feats), None)
-    if image is None and text is None:
-        strings = [
-            k for k, f in feats.items() if getattr(f, "dtype", None) in ("string", "large_string") and k != label
-        ]
-        text = "text" if "text" in strings else (strings[0] if strings else None)
-    for name, col in (("--image-column", image), ("--text-column", text), ("--label-column", label)):
-        if col is not None and col not in feats:
-            raise ValueError(f"`{name}` {col!r} is not a column of the dataset; columns: {sorted(feats)}")
-    if image is None and text is None:
-        raise ValueError(
-            f"found neither an image nor a text column in {sorted(feats)}; pass --image-column/--text-column"
-        )
-    return image, text, label
-
-
-def _label_mapping(ds: Any, label: str) -> tuple[int, Callable[[Any], int]]:
-    import datasets
-
-    feat = ds.features[label]
-    if isinstance(feat, datasets.ClassLabel):
-        return feat.num_classes, int
-    values = sorted(set(ds[label]), key=lambda v: (str(type(v)), v))
-    index = {v: i for i, v in enumerate(values)}
-    return len(values), index.__getitem__
-
-
-# ---------------------------------------------------------------------------------------------- models
-def _pick_library(name: str, library: str) -> str:
-    if library != "auto":
-        return library
-    path = Path(name)
-    if path.is_dir():
-        cfg = path / "config.json"
-        if cfg.is_file():
-            data = json.loads(cfg.read_text())
-            if "architecture" in data and "model_type" not in data:
-                return "timm"
-        return "transformers"
-    try:
-        import timm
-
-        if timm.is_model(name):
-            return "timm"
-    except ImportError:
-        pass
-    return "transformers"
+    return load_data(data, data_format=data_format, split=split)
 
 
 def build_backbone(
@@ -202,57 +124,19 @@ def build_backbone(
     modality: str = "image",
     load_tokenizer: bool = True,
 ) -> tuple[Any, Any, str]:
-    """Create ``(model, tokenizer_or_None, library)`` for ``learn``/``convert``.
+    """``(model, tokenizer_or_None, library)`` of :func:`priorzoo.backbones.load_backbone` (old name)."""
+    from priorzoo.backbones import load_backbone
 
-    timm: ``timm.create_model(name, pretrained, num_classes)`` (0 classes: a feature extractor).
-    transformers: ``Auto*`` classes from ``name`` (a local folder works offline), the head chosen by the
-    objective (sequence / image classification, masked LM, or the bare ``AutoModel``); with
-    ``pretrained=False`` the architecture comes from the config and the weights are random.
-
-    Example:
-        >>> model, tok, lib = build_backbone("resnet18", pretrained=False, num_classes=10)  # doctest: +SKIP
-    """
-    from priorzoo.learn._common import require
-
-    lib = _pick_library(name, library)
-    if lib == "timm":
-        timm = require("timm", what=f"the timm backbone {name!r}")
-        try:
-            model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
-        except RuntimeError as err:
-            raise ValueError(f"cannot create timm model {name!r} (pretrained={pretrained}): {err}") from None
-        return model, None, lib
-    transformers = require("transformers", what=f"the transformers backbone {name!r}")
-    try:
-        config = transformers.AutoConfig.from_pretrained(name)
-    except OSError as err:
-        raise ValueError(
-            f"cannot load the transformers config of {name!r} ({err}); offline, pass a local model folder"
-        ) from None
-    if objective == "mlm":
-        auto = transformers.AutoModelForMaskedLM
-    elif objective == "supervised" and modality == "text":
-        auto = transformers.AutoModelForSequenceClassification
-        config.num_labels = num_classes
-    elif objective == "supervised":
-        auto = transformers.AutoModelForImageClassification
-        config.num_labels = num_classes
-    else:
-        auto = transformers.AutoModel
-    if pretrained:
-        kwargs = {"num_labels": num_classes} if objective == "supervised" else {}
-        model = auto.from_pretrained(name, **kwargs, ignore_mismatched_sizes=objective == "supervised")
-    else:
-        model = auto.from_config(config)
-    tokenizer = None
-    if modality == "text" and load_tokenizer:
-        try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(name)
-        except (OSError, ValueError) as err:
-            raise ValueError(
-                f"cannot load a tokenizer for {name!r} ({err}); text needs the model's tokenizer"
-            ) from None
-    return model, tokenizer, lib
+    b = load_backbone(
+        name,
+        library=library,
+        pretrained=pretrained,
+        objective=objective,
+        num_classes=num_classes,
+        modality=modality,
+        load_tokenizer=load_tokenizer,
+    )
+    return b.model, b.tokenizer, b.library
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -272,8 +156,67 @@ def run(args: argparse.Namespace) -> int:
     """Execute ``priorzoo learn`` (see ``priorzoo learn --help``); returns the exit code."""
     try:
         return _run(args)
-    except (ValueError, ImportError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, ImportError, FileNotFoundError, RuntimeError, OSError, ArithmeticError) as err:
         return fail("learn", err)
+
+
+def _check_output(output: str) -> None:
+    """Refuse an ``--output`` that cannot hold a prior before any training starts."""
+    path = Path(output)
+    if not output:
+        raise ValueError("`--output` is empty; name the folder to write the prior into")
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"`--output` {output!r} exists and is a file, not a folder: name a new or prior folder")
+    config = path / "config.json"
+    if config.is_file():
+        try:
+            data = json.loads(config.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            data = None
+        if not isinstance(data, dict) or "format_version" not in data or "parameters" not in data:
+            raise ValueError(
+                f"`--output` {output!r} holds a config.json that is not a priorzoo prior's (a model folder?); "
+                "writing the prior there would replace it: name another folder"
+            )
+
+
+def _fingerprint(ds: Any) -> str:
+    fp = getattr(ds, "_fingerprint", None)
+    if fp:
+        return f"{len(ds)}:{fp}"
+    return f"{len(ds)}:" + hashlib.sha256(repr(ds[: min(len(ds), 64)]).encode()).hexdigest()[:16]
+
+
+def _check_run_settings(checkpoint_dir: str | None, settings: dict[str, Any]) -> None:
+    """With ``--checkpoint-dir``: record this run's settings there, or refuse to resume another run's state."""
+    if checkpoint_dir is None:
+        return
+    folder = Path(checkpoint_dir)
+    path = folder / _RUN_SETTINGS
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            saved = None
+        if not isinstance(saved, dict):
+            raise ValueError(f"`--checkpoint-dir` {checkpoint_dir!r}: {_RUN_SETTINGS} is corrupt; use a new folder")
+        diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+        if diff:
+            shown = "; ".join(f"{k}: stored {saved.get(k)!r}, now {settings.get(k)!r}" for k in diff[:4])
+            raise ValueError(
+                f"`--checkpoint-dir` {checkpoint_dir!r} holds the state of another run ({shown}); resuming it "
+                "would return that run's prior. Use a new folder, or the same data and settings to resume"
+            )
+        return
+    from priorzoo.learn.callbacks import FIT_STATE_NAME
+
+    if (folder / FIT_STATE_NAME).is_file():
+        raise ValueError(
+            f"`--checkpoint-dir` {checkpoint_dir!r} holds a swag_fit state without {_RUN_SETTINGS} (written by "
+            "another tool or an older priorzoo): its settings cannot be checked. Use a new folder"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -281,6 +224,9 @@ def _run(args: argparse.Namespace) -> int:
     # folder are all read from disk: nothing here reaches the network unless the user names a Hub id.
     import torch
 
+    from priorzoo.backbones import freeze_, load_backbone
+    from priorzoo.datasets import Columns, image_tensor, load_data
+    from priorzoo.finetune.scale import split_train_validation
     from priorzoo.learn import (
         CrossEntropyObjective,
         CyclicCosineSchedule,
@@ -290,46 +236,81 @@ def _run(args: argparse.Namespace) -> int:
     )
 
     check_at_least(args, (("epochs", 1), ("batch_size", 1), ("rank", 2)))
+    if not 0 <= args.validation_fraction < 1:
+        raise ValueError(f"`--validation-fraction` must be in [0, 1); received {args.validation_fraction}")
     collect_every = _collect_every(str(args.collect_every))
+    _check_output(args.output)
     torch.manual_seed(args.seed)
-    ds = load_local_dataset(args.data, data_format=args.data_format, split=args.split)
+    ds = load_data(args.data, data_format=args.data_format, split=args.split)
     if args.max_examples is not None:
         ds = ds.select(range(min(args.max_examples, len(ds))))
     if len(ds) == 0:
         raise ValueError(f"the dataset {args.data!r} (split {args.split!r}) is empty")
-    image_col, text_col, label_col = _columns(ds, args)
-    modality = "image" if image_col is not None else "text"
     objective_name = args.objective
+    cols = Columns(
+        ds,
+        image=args.image_column,
+        text=args.text_column,
+        label=args.label_column,
+        need_label=objective_name == "supervised",
+    )
+    modality = cols.modality
     if objective_name == "simclr" and modality != "image":
         raise ValueError("`--objective simclr` needs an image column; for text use `mlm` or `supervised`")
     if objective_name == "mlm" and modality != "text":
         raise ValueError("`--objective mlm` needs a text column; for images use `simclr` or `supervised`")
-    num_classes, to_id = 0, int
+    num_classes = 0
     if objective_name == "supervised":
-        if label_col is None:
-            raise ValueError("`--objective supervised` needs a label column (pass --label-column), or use simclr / mlm")
-        num_classes, to_id = _label_mapping(ds, label_col)
+        cols.check_classification(len(ds), what=f"the dataset {args.data!r}")
+        num_classes = cols.num_labels
+    elif len(ds) < 2:
+        raise ValueError(f"the dataset {args.data!r} has {len(ds)} example; learning a prior needs at least 2")
+    train_ds, val_ds = ds, None
+    if objective_name == "supervised" and args.validation_fraction > 0 and len(ds) >= 10:
+        train_ds, val_ds = split_train_validation(ds, float(args.validation_fraction), seed=args.seed)
+    _check_run_settings(
+        args.checkpoint_dir,
+        {
+            "data": str(Path(args.data).resolve()) if Path(args.data).exists() else args.data,
+            "data_fingerprint": _fingerprint(ds),
+            **{
+                k: getattr(args, k)
+                for k in (
+                    "backbone", "library", "pretrained", "checkpoint", "freeze", "trainable_layers", "split",
+                    "image_column", "text_column", "label_column", "objective", "warmup_epochs", "batch_size",
+                    "lr", "momentum", "weight_decay", "schedule", "cycle_steps", "collect_every", "rank",
+                    "min_var", "include", "exclude", "image_size", "max_length", "max_examples", "temperature",
+                    "seed", "validation_fraction",
+                )
+            },
+        },
+    )  # fmt: skip
 
-    model, tokenizer, library = build_backbone(
+    bb = load_backbone(
         args.backbone,
         library=args.library,
         pretrained=args.pretrained,
+        checkpoint=args.checkpoint,
         objective=objective_name,
         num_classes=num_classes,
         modality=modality,
     )
+    model, tokenizer, library = bb.model, bb.tokenizer, bb.library
+    if args.freeze or args.trainable_layers is not None:
+        freeze_(model, freeze=args.freeze, trainable_layers=args.trainable_layers)
     image_size = args.image_size
     if modality == "image" and image_size is None:
         cfg = getattr(model, "pretrained_cfg", None) or {}
         image_size = int(cfg.get("input_size", (3, 224, 224))[-1]) if library == "timm" else 224
+    plain_input = library in ("timm", "torchvision")
 
     def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if modality == "image":
-            out["pixel_values"] = torch.stack([image_tensor(r[image_col], image_size) for r in rows])
+            out["pixel_values"] = torch.stack([image_tensor(r[cols.image], image_size) for r in rows])
         else:
             enc = tokenizer(
-                [str(r[text_col]) for r in rows],
+                [str(r[cols.text]) for r in rows],
                 padding=True,
                 truncation=True,
                 max_length=args.max_length,
@@ -337,18 +318,26 @@ def _run(args: argparse.Namespace) -> int:
             )
             out.update(dict(enc))
         if objective_name == "supervised":
-            out["labels"] = torch.tensor([to_id(r[label_col]) for r in rows], dtype=torch.long)
+            out["labels"] = torch.tensor([cols.label_id(r[cols.label]) for r in rows], dtype=torch.long)
         return out
 
-    loader = torch.utils.data.DataLoader(
-        ds, batch_size=args.batch_size, shuffle=True, collate_fn=collate, num_workers=args.num_workers
-    )
+    def make_loader(part: Any, shuffle: bool) -> Any:
+        return torch.utils.data.DataLoader(
+            part, batch_size=args.batch_size, shuffle=shuffle, collate_fn=collate, num_workers=args.num_workers
+        )
+
+    loader = make_loader(train_ds, True)
     if objective_name == "supervised":
-        objective: Any = CrossEntropyObjective(input_key="pixel_values" if library == "timm" else None)
+        objective: Any = CrossEntropyObjective(input_key="pixel_values" if plain_input else None)
     elif objective_name == "simclr":
         objective = SimCLRObjective.for_model(model, temperature=args.temperature, input_key="pixel_values")
     else:
         objective = MaskedLMObjective.from_tokenizer(tokenizer)
+
+    def forward(m: Any, batch: Any) -> Any:
+        if plain_input:
+            return m(batch["pixel_values"])
+        return m(**{k: v for k, v in batch.items() if k != "labels"})
 
     schedule = None
     if args.schedule == "cyclic":
@@ -382,22 +371,20 @@ def _run(args: argparse.Namespace) -> int:
             f"only {collector.num_collected} snapshot(s) were collected; a prior needs at least 2 — raise --epochs "
             "or lower --collect-every"
         )
-    backbone: dict[str, Any] = {
-        "library": library,
-        "name": args.backbone,
-        "pretrained": bool(args.pretrained),
-        "architecture": type(model).__name__,
+    local = Path(args.data).exists()
+    source: dict[str, Any] = {
+        "dataset": Path(args.data).name if local else args.data,
+        "split": args.split,
+        "objective": objective_name,
+        "num_examples": len(train_ds),
     }
-    if library == "transformers" and getattr(model, "config", None) is not None:
-        backbone["model_type"] = str(model.config.model_type)
+    if local:
+        source["local"] = True  # a folder name is no Hub dataset id: the card claims no `datasets:`
+    else:
+        source["hub_id"] = args.data
     prior = collector.to_prior(
-        backbone=backbone,
-        source={
-            "dataset": args.data if not _is_local(args.data) else Path(args.data).name,
-            "split": args.split,
-            "objective": objective_name,
-            "num_examples": len(ds),
-        },
+        backbone=bb.describe(),
+        source=source,
         learning={
             "epochs": args.epochs,
             "warmup_epochs": args.warmup_epochs,
@@ -411,7 +398,43 @@ def _run(args: argparse.Namespace) -> int:
             **({"image_size": image_size} if modality == "image" else {"max_length": args.max_length}),
         },
         license=args.license,
+        bn_data=loader,
+        bn_forward=forward,
     )
+    if val_ds is not None:
+        accuracy = _source_accuracy(prior, model, make_loader(val_ds, False), forward, device)
+        prior.config.results.append(
+            {
+                "task": "source",
+                "dataset": source["dataset"],
+                "split": f"held-out {args.validation_fraction:.0%} of {args.split}",
+                "method": "prior mean (SWA) + source head",
+                "metric": "accuracy",
+                "value": round(accuracy, 4),
+                "num_train_examples": len(train_ds),
+            }
+        )
+        print(f"source accuracy of the prior mean on {len(val_ds)} held-out examples: {accuracy:.4f}")
     folder = prior.save_pretrained(args.output)
     print(f"wrote {prior!r} to {folder} ({collector.num_collected} snapshots)")
     return 0
+
+
+def _source_accuracy(prior: Any, model: Any, loader: Any, forward: Any, device: str) -> float:
+    """Validation accuracy of the prior mean (weights + batch-norm statistics) with the source head."""
+    import copy
+
+    import torch
+
+    probe = copy.deepcopy(model).to(device)
+    prior.init_model_(probe, allow_partial=True)
+    probe.eval()
+    right = total = 0
+    with torch.no_grad():
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = forward(probe, batch)
+            logits = out if isinstance(out, torch.Tensor) else out.logits
+            right += int((logits.argmax(-1) == batch["labels"]).sum())
+            total += int(batch["labels"].numel())
+    return right / max(total, 1)

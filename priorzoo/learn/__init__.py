@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from priorzoo.learn._common import recommend_scale
 from priorzoo.learn.baselines import empirical_fisher, fisher_prior, isotropic_prior
 from priorzoo.learn.callbacks import swag_fit
 from priorzoo.learn.objectives import (
@@ -53,6 +54,7 @@ __all__ = [
     "isotropic_prior",
     "mask_tokens",
     "nt_xent_loss",
+    "recommend_scale",
     "swag_fit",
 ]
 

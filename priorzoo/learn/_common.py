@@ -54,7 +54,8 @@ def require(module: str, extra: str | None = None, *, what: str = "") -> Any:
 def describe_backbone(model: torch.nn.Module) -> dict[str, Any]:
     """Provenance of a backbone for ``config.json``: library, name, architecture (best effort).
 
-    timm models carry ``pretrained_cfg`` (``architecture``); transformers models carry ``config``
+    timm models carry ``pretrained_cfg`` (``architecture``; its ``hf_hub_id`` is kept as ``default_weights``,
+    not ``hub_id``, since timm sets it for a random init too); transformers models carry ``config``
     (``_name_or_path``, ``model_type``); anything else is described by its class.
     """
     inner = getattr(model, "module", model) if isinstance(getattr(model, "module", None), torch.nn.Module) else model
@@ -68,7 +69,9 @@ def describe_backbone(model: torch.nn.Module) -> dict[str, Any]:
         if cfg.get("tag"):
             out["tag"] = str(cfg["tag"])
         if cfg.get("hf_hub_id"):
-            out["hub_id"] = str(cfg["hf_hub_id"])
+            # timm names its default weights even for a random init: recorded, never claimed as `hub_id`
+            # (the card's base_model); say where the weights came from with backbone={"hub_id": …, "pretrained": True}
+            out["default_weights"] = str(cfg["hf_hub_id"])
         return out
     hf_cfg = getattr(inner, "config", None)
     if hf_cfg is not None and hasattr(hf_cfg, "model_type"):
@@ -206,17 +209,18 @@ def recommend_scale(
 
         A SWAG variance measures how far SGD wandered at the SWA learning rate, not how far a downstream task may
         move a weight; most variances sit at the ``min_var`` floor (88 % in a real ImageNet prior), so at λ = 1
-        the precision is ~1e6 per weight and fine-tuning is pinned (or SGD diverges). The rule puts the prior's
-        typical standard deviation at the scale of the weights themselves:
+        the precision is ~1e6 per weight: fine-tuning is pinned, or SGD diverges along the stiffest directions
+        (a step of lr·1/(Nλv) per unit of displacement). The rule puts the prior standard deviation of the
+        *typical* (median) weight at the root-mean-square size of the weights:
 
         .. math:: \lambda^\star = 10^{\operatorname{round}\log_{10}
-            \left(\sum_i \mu_i^2 ig/ \sum_i \Sigma^{(1)}_{ii}
+            \left(\operatorname{mean}_i \mu_i^2 ig/ \operatorname{median}_i \Sigma^{(1)}_{ii}
     ight)}, \qquad
             \Sigma^{(1)}_{ii} = v_i + \sum_k F_{ki}^2,
 
-        i.e. the power of ten at which the total prior variance equals the squared norm of the mean, clipped to
-        [1, 1e10] (the paper's search range). It is a starting point, not a tuned value:
-        :func:`priorzoo.finetune.tune_scale` searches λ on the downstream task.
+        clipped to [1, 1e10] (the paper's search range). The median (not the mean) of the variances, because the
+        few weights SGD moved a lot would otherwise hide the floor where most weights sit. It is a starting
+        point, not a tuned value: :func:`priorzoo.finetune.tune_scale` searches λ on the downstream task.
 
         Example:
             >>> import torch
@@ -225,16 +229,25 @@ def recommend_scale(
             10000.0
     """
     num = sum(float(m.double().pow(2).sum()) for m in mean.values())
-    den = sum(float(v.double().sum()) for v in variance.values())
-    if cov_factor is not None:
-        den += sum(float(f.double().pow(2).sum()) for f in cov_factor.values())
+    count = sum(m.numel() for m in mean.values())
+    diag = []
+    for n, v in variance.items():
+        d = v.detach().reshape(-1).double()
+        if cov_factor is not None:
+            d = d + cov_factor[n].detach().double().reshape(cov_factor[n].shape[0], -1).pow(2).sum(0)
+        diag.append(d)
+    flat = torch.cat(diag) if diag else torch.zeros(0, dtype=torch.float64)
+    if flat.numel() > 1_000_000:  # the median of an even stride is exact enough and O(1e6)
+        flat = flat[:: flat.numel() // 1_000_000 + 1]
+    typical = float(flat.median()) if flat.numel() else 0.0
     frac = variance_floor_fraction(variance, floor)
-    if num <= 0 or den <= 0:
+    if num <= 0 or typical <= 0 or not count:
         lam = 1.0
     else:
-        lam = float(10.0 ** min(max(round(math.log10(num / den)), 0), 10))
+        lam = float(10.0 ** min(max(round(math.log10(num / count / typical)), 0), 10))
     rule = (
-        f"10^round(log10(sum mean^2 / sum diag Sigma(lambda=1))) = {lam:g} ({frac:.0%} of the variances at the floor)"
+        f"10^round(log10(mean mean^2 / median diag Sigma(lambda=1))) = {lam:g} "
+        f"({frac:.0%} of the variances at the floor)"
     )
     return lam, rule
 

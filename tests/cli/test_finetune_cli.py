@@ -157,7 +157,8 @@ def test_init_from_prior_is_the_default_and_can_be_turned_off(bert_folder, bert_
         assert setup.init == init
         w = setup.model.bert.encoder.layer[0].attention.self.query.weight.detach()
         assert torch.equal(w, mu) is (init == "prior_mean")
-        assert setup.scale == prior.scale
+        # λ = 1 raised for SGD stability: lr·ρ/(N·λ·v_min) = 0.01 / (8 · 1 · 1e-3) = 1.25 > 1 → λ = 10
+        assert prior.scale == 1.0 and setup.scale == 10.0
 
 
 def test_timm_image_folder_l2sp_bma(tmp_path):
@@ -269,3 +270,91 @@ def test_prior_for_another_model_is_a_clean_error(bert_folder, tmp_path, capsys)
     )
     assert code == 2
     assert "no prior parameter matches" in capsys.readouterr().err
+
+
+def test_a_diverging_run_fails_in_one_line_and_keeps_metrics_json(bert_folder, tmp_path, capsys):
+    train = _text_csv(tmp_path / "train.csv", 12, 0)
+    out = tmp_path / "run"
+    code = main(
+        _args(
+            str(bert_folder),
+            "--no-prior",
+            "--data",
+            str(train),
+            "--epochs",
+            "2",
+            "--lr",
+            "1e12",
+            "--output-dir",
+            str(out),
+        )
+    )
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("priorzoo finetune: error: the final run diverged") and "Traceback" not in "\n".join(err)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and "FloatingPointError" in metrics["error"]
+    assert "diverged" in metrics["final_runs"][0] and metrics["arguments"]["lr"] == 1e12
+
+
+def test_tune_scale_skips_a_scale_that_diverges_in_the_final_run(bert_folder, bert_prior_folder, tmp_path, monkeypatch):
+    import priorzoo.cli.finetune as cli_finetune
+
+    real = cli_finetune._fit_by_epoch
+    calls = []
+
+    def first_run_diverges(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise FloatingPointError("the training loss became nan at step 3")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli_finetune, "_fit_by_epoch", first_run_diverges)
+    train = _text_csv(tmp_path / "train.csv", 16, 0)
+    metrics = _finetune(
+        tmp_path / "run", str(bert_folder), "--prior", str(bert_prior_folder), "--data", str(train),
+        "--tune-scale", "--scale-grid", "1,1000", "--epochs", "1", "--lr", "0.05",
+    )  # fmt: skip
+    search = metrics["scale_search"]
+    assert search["settings"]["epochs"] == 1  # tuning runs are as long as the final run by default
+    first, second = metrics["final_runs"]
+    assert first["scale"] == search["best_scale"] and "nan" in first["diverged"]
+    assert second["scale"] != first["scale"] and "diverged" not in second
+    assert metrics["prior"]["scale"] == second["scale"] and metrics["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_torchvision_resnet18_learn_then_finetune_end_to_end(tmp_path, capsys):
+    pytest.importorskip("torchvision")
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 6), ("test", 2)):
+        for cls, base in (("cat", 40), ("dog", 200)):
+            d = tmp_path / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                arr = (base + 30 * torch.rand(32, 32, 3, generator=g)).clamp(0, 255).to(torch.uint8).numpy()
+                Image.fromarray(arr).save(d / f"{i}.png")
+    tv = ["resnet18", "--library", "torchvision", "--no-pretrained", "--image-size", "32"]
+    learn = ["learn", *tv, "--data", str(tmp_path / "train"), "--epochs", "3", "--batch-size", "4"]
+    assert main([*learn, "--rank", "2", "--output", str(tmp_path / "prior"), "--no-progress"]) == 0
+    out = tmp_path / "run"
+    code = main(
+        ["finetune", *tv, "--prior", str(tmp_path / "prior"), "--data", str(tmp_path / "train"), "--test-data",
+         str(tmp_path / "test"), "--epochs", "2", "--batch-size", "4", "--lr", "0.01", "--output-dir", str(out)]
+    )  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "epoch 1/2: train loss" in printed and "epoch 2/2: train loss" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "ok" and metrics["prior"]["init"] == "prior_mean"
+    recommended = PriorModel.from_pretrained(tmp_path / "prior").config.recommended_scale
+    assert metrics["prior"]["scale"] >= recommended  # the recommended λ, raised when SGD would be unstable
+    assert [e["epoch"] for e in metrics["final_runs"][0]["epochs"]] == [1, 2]
+    assert metrics["metrics"]["test"]["num_examples"] == 4
+    import torchvision
+    from safetensors.torch import load_file
+
+    fresh = torchvision.models.get_model("resnet18", num_classes=2)
+    fresh.load_state_dict(load_file(str(out / "model" / "model.safetensors")))

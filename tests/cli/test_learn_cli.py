@@ -86,7 +86,15 @@ def test_learn_timm_supervised_on_an_image_folder(image_folder, tmp_path) -> Non
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["backbone"]["library"] == "timm" and cfg["backbone"]["name"] == "test_resnet"
     assert cfg["backbone"]["pretrained"] is False
-    assert cfg["source"] == {"dataset": "images", "split": "train", "objective": "supervised", "num_examples": 8}
+    assert cfg["source"] == {
+        "dataset": "images",
+        "split": "train",
+        "objective": "supervised",
+        "num_examples": 8,
+        "local": True,
+    }
+    card = (out / "README.md").read_text()
+    assert "\ndatasets:" not in card and "base_model:" not in card  # local data, random init: no Hub claims
     assert cfg["learning"]["snapshots"] == 4 and cfg["learning"]["image_size"] == 32
     assert (out / "README.md").read_text().startswith("---")
     assert (tmp_path / "ckpt" / "swag_fit_state.safetensors").is_file()
@@ -210,12 +218,95 @@ def test_learn_input_errors_are_reported(image_folder, tmp_path, capsys) -> None
 
 
 def test_string_label_column_is_not_taken_for_the_text():
-    import argparse
-
     import datasets
 
-    from priorzoo.cli.learn import _columns
+    from priorzoo.datasets import Columns
 
     ds = datasets.Dataset.from_dict({"label": ["pos", "neg"], "sentence": ["good", "bad"]})
-    args = argparse.Namespace(image_column=None, text_column=None, label_column=None)
-    assert _columns(ds, args) == (None, "sentence", "label")
+    cols = Columns(ds)
+    assert (cols.image, cols.text, cols.label) == (None, "sentence", "label")
+
+
+def _csv(path, text: str):
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("text,label\na,0\nb,0\nc,0\n", r"has 1 class \(`label`: \['0'\]\); classification needs at least 2"),
+        ("text,label\na,0\n", r"has 1 example\(s\); training needs at least 2"),
+        ("text,label\na,0\nb,1,2\nc,1\n", r"`d.csv` line 3 has 3 fields, but the header \(text, label\) has 2"),
+        (
+            "text,label\na,0\nb,\nc,1\n",
+            r"the label column `label` has 1 empty cell\(s\) in the training data \(rows 1\)",
+        ),
+        ("text,stars\na,0\nb,1\n", r"no label column in \['stars', 'text'\]"),
+    ],
+    ids=["one-class", "one-example", "uneven-rows", "empty-label", "no-label-column"],
+)
+def test_learn_refuses_unusable_data_before_training(tiny_bert, tmp_path, capsys, content, message) -> None:
+    import re
+
+    data = _csv(tmp_path / "d.csv", content)
+    code = main(
+        ["learn", str(tiny_bert), "--no-pretrained", "--data", data, "--output", str(tmp_path / "o"), "--no-progress"]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert err.strip().splitlines()[-1].startswith("priorzoo learn: error: ") and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_learn_checks_the_output_before_training(image_folder, tmp_path, capsys) -> None:
+    (tmp_path / "taken").write_text("a file")
+    base = ["learn", "test_resnet", "--no-pretrained", "--data", str(image_folder), "--no-progress"]
+    assert main([*base, "--output", str(tmp_path / "taken"), "--epochs", "1000"]) == 2  # fails at once
+    assert "exists and is a file, not a folder" in capsys.readouterr().err
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text('{"model_type": "bert"}')
+    assert main([*base, "--output", str(model_dir), "--epochs", "1000"]) == 2
+    assert "is not a priorzoo prior's" in capsys.readouterr().err
+    assert (model_dir / "config.json").read_text() == '{"model_type": "bert"}'
+
+
+def test_reusing_a_checkpoint_dir_with_other_settings_is_refused(image_folder, tmp_path, capsys) -> None:
+    base = ["learn", "test_resnet", "--no-pretrained", "--data", str(image_folder), "--no-progress"]
+    common = ["--epochs", "2", "--batch-size", "4", "--collect-every", "1", "--rank", "2", "--image-size", "32"]
+    ckpt = ["--checkpoint-dir", str(tmp_path / "ckpt")]
+    assert main([*base, *common, *ckpt, "--output", str(tmp_path / "a")]) == 0
+    assert main([*base, *common, *ckpt, "--output", str(tmp_path / "b"), "--lr", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "holds the state of another run (lr: stored 0.01, now 0.5)" in err
+    assert not (tmp_path / "b").exists()
+    other = tmp_path / "other"
+    import shutil
+
+    shutil.copytree(image_folder, other)
+    shutil.rmtree(other / "dog")
+    (other / "bird").mkdir()
+    for i, f in enumerate(sorted((image_folder / "dog").iterdir())):
+        shutil.copy(f, other / "bird" / f"{i}.png")
+    assert (
+        main(
+            [
+                "learn",
+                "test_resnet",
+                "--no-pretrained",
+                "--data",
+                str(other),
+                "--no-progress",
+                *common,
+                *ckpt,
+                "--output",
+                str(tmp_path / "c"),
+            ]
+        )
+        == 2
+    )
+    assert "holds the state of another run (data:" in capsys.readouterr().err
+    # the same data and settings resume (more epochs continue the run)
+    assert main([*base, *common, *ckpt, "--output", str(tmp_path / "a2")]) == 0

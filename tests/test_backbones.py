@@ -1,0 +1,118 @@
+"""priorzoo.backbones: torchvision / timm / checkpoints, provenance, freezing; the one head rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from priorzoo import PriorModel
+from priorzoo.backbones import Backbone, freeze_, load_backbone, load_checkpoint_
+
+tv = pytest.importorskip("torchvision")
+
+
+def test_torchvision_random_init_claims_no_weights_and_has_the_head() -> None:
+    b = load_backbone("resnet18", library="torchvision", pretrained=False, num_classes=4)
+    assert (b.library, b.pretrained, b.weights) == ("torchvision", False, None)
+    assert b.model.fc.out_features == 4
+    assert b.describe() == {"library": "torchvision", "name": "resnet18", "architecture": "ResNet", "pretrained": False}
+
+
+def test_checkpoint_file_loads_the_backbone_and_skips_the_old_head(tmp_path) -> None:
+    torch.manual_seed(0)
+    source = tv.models.get_model("resnet18", num_classes=10)
+    path = tmp_path / "r18.pth"
+    torch.save(source.state_dict(), path)  # a plain tensor state dict: readable with weights_only=True
+    b = load_backbone("resnet18", library="torchvision", pretrained=False, checkpoint=path, num_classes=3)
+    assert b.pretrained and b.weights == str(path) and sorted(b.skipped) == ["fc.bias", "fc.weight"]
+    assert torch.equal(b.model.conv1.weight, source.conv1.weight)
+    assert b.model.fc.out_features == 3
+    assert b.describe()["weights"] == str(path) and "hub_id" not in b.describe()
+
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"is not a readable state dict"):
+        load_checkpoint_(b.model, tmp_path / "junk.pth")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_checkpoint_(b.model, tmp_path / "missing.pth")
+    other = tv.models.get_model("mobilenet_v2", num_classes=3)
+    with pytest.raises(ValueError, match=r"does not fit the model|other shapes"):
+        load_checkpoint_(other, path)
+
+
+@pytest.mark.slow
+def test_a_torchvision_learned_prior_matches_a_fresh_model_with_a_new_head() -> None:
+    from priorzoo.learn import SWAGCollector
+
+    torch.manual_seed(0)
+    source = tv.models.get_model("resnet18", num_classes=10)
+    collector = SWAGCollector(source, rank=2)
+    assert collector.head_names == ["fc.bias", "fc.weight"]
+    for _ in range(4):
+        source(torch.randn(4, 3, 32, 32))  # moves the BN statistics
+        with torch.no_grad():
+            source.conv1.weight.add_(0.01 * torch.randn_like(source.conv1.weight))
+        collector.collect()
+    prior = collector.to_prior()
+    fresh = load_backbone("resnet18", library="torchvision", pretrained=False, num_classes=3).model
+    match = prior.match(fresh)
+    assert match.is_complete and match.no_prior == ["fc.weight", "fc.bias"]
+    prior.init_model_(fresh)
+    assert torch.equal(fresh.conv1.weight, prior.mean["conv1.weight"])
+    assert torch.equal(fresh.bn1.running_mean, prior.buffers["bn1.running_mean"])
+    assert torch.isfinite(prior.with_scale().penalty(fresh))
+
+
+def test_freeze_patterns_and_trainable_layers() -> None:
+    model = tv.models.get_model("resnet18", num_classes=3)
+    frozen = freeze_(model, trainable_layers=1)
+    trainable = {n.split(".")[0] + "." + n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"layer4.1", "fc.weight", "fc.bias"}
+    assert "conv1.weight" in frozen and "fc.weight" not in frozen
+    with pytest.raises(ValueError, match=r"`--freeze` 'nothing\*' matches no parameter"):
+        freeze_(model, freeze="nothing*")
+    with pytest.raises(ValueError, match=r"`--trainable-layers` must be an integer ≥ 0"):
+        freeze_(model, trainable_layers=-1)
+
+
+def test_unknown_library_and_model_are_clear_errors() -> None:
+    with pytest.raises(ValueError, match=r"`library` must be one of auto, timm, transformers, torchvision"):
+        load_backbone("resnet18", library="keras")
+    with pytest.raises(ValueError, match="cannot create torchvision model 'no_such_net'"):
+        load_backbone("no_such_net", library="torchvision", pretrained=False)
+
+
+def test_backbone_is_a_plain_record() -> None:
+    b = Backbone(torch.nn.Linear(2, 2), None, "timm", "resnet18", pretrained=True, weights="timm/resnet18.a1_in1k")
+    assert b.describe()["hub_id"] == "timm/resnet18.a1_in1k"
+
+
+@pytest.mark.slow
+def test_learn_torchvision_resnet18_end_to_end(tmp_path) -> None:
+    image = pytest.importorskip("PIL.Image")
+    from priorzoo.cli import main
+
+    gen = torch.Generator().manual_seed(0)
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(4):
+            pixels = (torch.rand(32, 32, 3, generator=gen) * 255).to(torch.uint8).numpy()
+            image.fromarray(pixels).save(tmp_path / "imgs" / cls / f"{i}.png")
+    out = tmp_path / "prior"
+    code = main(
+        ["learn", "resnet18", "--library", "torchvision", "--no-pretrained", "--data", str(tmp_path / "imgs"),
+         "--epochs", "2", "--batch-size", "4", "--collect-every", "1", "--rank", "3", "--image-size", "32",
+         "--output", str(out), "--no-progress", "--trainable-layers", "2"]
+    )  # fmt: skip
+    assert code == 0
+    prior = PriorModel.from_pretrained(out)
+    assert prior.config.backbone == {
+        "library": "torchvision",
+        "name": "resnet18",
+        "architecture": "ResNet",
+        "pretrained": False,
+    }
+    assert prior.names and all(n.startswith("layer4.") for n in prior.names)  # frozen layers have no prior
+    assert "fc.weight" not in prior.names and prior.buffers
+    fresh = load_backbone("resnet18", library="torchvision", pretrained=False, num_classes=5).model
+    freeze_(fresh, trainable_layers=2)
+    assert prior.match(fresh).is_complete
