@@ -116,3 +116,23 @@ def test_learn_torchvision_resnet18_end_to_end(tmp_path) -> None:
     fresh = load_backbone("resnet18", library="torchvision", pretrained=False, num_classes=5).model
     freeze_(fresh, trainable_layers=2)
     assert prior.match(fresh).is_complete
+
+
+def test_a_new_timm_efficientnet_family_head_is_zeroed_by_init_head() -> None:
+    """The cause of "fine-tuning a pre-trained mobilenetv2 sits at chance": timm draws the new classifier
+    uniformly in ±1/√classes, far too large over 1280 pre-trained features; finetune zeroes it."""
+    import math
+
+    timm = pytest.importorskip("timm")
+    from priorzoo.backbones import init_head_
+
+    model = timm.create_model("mobilenetv2_100", num_classes=10, pretrained=False)
+    bound = float(model.classifier.weight.abs().max())
+    assert 0.9 / math.sqrt(10) < bound <= 1 / math.sqrt(10) and model.classifier.in_features == 1280
+    assert init_head_(model) == ["classifier.weight", "classifier.bias"]
+    assert float(model.classifier.weight.abs().sum()) == 0.0
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    logits = model(x)
+    loss = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1]))
+    assert torch.allclose(loss, torch.tensor(math.log(10)))  # every class starts equal: loss log C

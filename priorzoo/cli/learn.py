@@ -405,13 +405,14 @@ def _run(args: argparse.Namespace) -> int:
         accuracy = _source_accuracy(prior, model, make_loader(val_ds, False), forward, device)
         prior.config.results.append(
             {
-                "task": "source",
+                "task_name": "source task",
                 "dataset": source["dataset"],
                 "split": f"held-out {args.validation_fraction:.0%} of {args.split}",
                 "method": "prior mean (SWA) + source head",
                 "metric": "accuracy",
                 "value": round(accuracy, 4),
                 "num_train_examples": len(train_ds),
+                "notes": "source solution: the prior mean with batch-norm statistics and the source head",
             }
         )
         print(f"source accuracy of the prior mean on {len(val_ds)} held-out examples: {accuracy:.4f}")

@@ -349,7 +349,11 @@ def test_torchvision_resnet18_learn_then_finetune_end_to_end(tmp_path, capsys):
     assert "epoch 1/2: train loss" in printed and "epoch 2/2: train loss" in printed
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["status"] == "ok" and metrics["prior"]["init"] == "prior_mean"
-    recommended = PriorModel.from_pretrained(tmp_path / "prior").config.recommended_scale
+    learned = PriorModel.from_pretrained(tmp_path / "prior")
+    (source,) = learned.config.results  # the source solution's held-out accuracy, for the card
+    assert source["task_name"] == "source task" and source["metric"] == "accuracy" and 0 <= source["value"] <= 1
+    assert "source task" in (tmp_path / "prior" / "README.md").read_text()
+    recommended = learned.config.recommended_scale
     assert metrics["prior"]["scale"] >= recommended  # the recommended λ, raised when SGD would be unstable
     assert [e["epoch"] for e in metrics["final_runs"][0]["epochs"]] == [1, 2]
     assert metrics["metrics"]["test"]["num_examples"] == 4
