@@ -291,7 +291,8 @@ def test_a_diverging_run_fails_in_one_line_and_keeps_metrics_json(bert_folder, t
     )
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("priorzoo finetune: error: the final run diverged") and "Traceback" not in "\n".join(err)
+    assert err[-1].startswith("priorzoo finetune: error: ") and "the final run diverged" in err[-1]
+    assert "Traceback" not in "\n".join(err)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["status"] == "failed" and "FloatingPointError" in metrics["error"]
     assert "diverged" in metrics["final_runs"][0] and metrics["arguments"]["lr"] == 1e12
