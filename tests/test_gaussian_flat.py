@@ -135,3 +135,16 @@ def test_ieee_guard_is_a_no_op_when_nothing_reduces_precision():
     before = torch.backends.cuda.matmul.fp32_precision
     with ieee_fp32_matmul():
         assert torch.backends.cuda.matmul.fp32_precision == before
+
+
+def test_the_given_factor_tensors_share_the_flat_buffer_so_f_is_held_once():
+    mean, var, fac, w = _blocks(5, 3)
+    before = [f.clone() for f in fac]
+    g = LowRankGaussian(mean, var, fac)
+    storage = g.factor_flat.untyped_storage().data_ptr()
+    for f, b in zip(fac, before):
+        assert f.untyped_storage().data_ptr() == storage  # the caller's tensors now live in the flat buffer
+        assert torch.equal(f, b)  # with the same values
+    value, grads = g.value_and_grad(w)
+    ref = LowRankGaussian(mean, var, before).value_and_grad(w)
+    assert torch.equal(value, ref[0]) and all(torch.equal(a, b) for a, b in zip(grads, ref[1]))
