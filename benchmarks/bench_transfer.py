@@ -201,15 +201,8 @@ def text_pair(seeds: list[int], record: Any) -> None:
     """Non-airline tweets (source) → airline tweets (target) with all-MiniLM-L6-v2."""
     from priorzoo import PriorModel
     from priorzoo.data import load_tweets, sample_per_class
-    from priorzoo.demo import (
-        TopEncoder,
-        _CachedTextDataset,
-        _encode,
-        _load_backbone,
-        _loader,
-        _split_trunk,
-        compare_methods,
-    )
+    from priorzoo.demo import CachedTextDataset, TopEncoder, compare_methods, encode_texts, load_minilm, split_trunk
+    from priorzoo.finetune import seeded_loader
     from priorzoo.learn import CrossEntropyObjective, swag_fit
 
     spec = TEXT
@@ -237,12 +230,12 @@ def text_pair(seeds: list[int], record: Any) -> None:
     position = {r: i for i, r in enumerate(target_rel)}
 
     t = time.perf_counter()
-    tokenizer, trunk = _load_backbone()
-    top, num_bottom = _split_trunk(trunk, spec["trainable_layers"])
-    hs, ms = _encode(
+    tokenizer, trunk = load_minilm()
+    top, num_bottom = split_trunk(trunk, spec["trainable_layers"])
+    hs, ms = encode_texts(
         tokenizer, trunk, [texts[i] for i in src_idx], max_length=spec["max_length"], batch_size=64, progress=None
     )
-    ht, mt = _encode(
+    ht, mt = encode_texts(
         tokenizer,
         trunk,
         [texts[airline[r]] for r in target_rel],
@@ -258,7 +251,7 @@ def text_pair(seeds: list[int], record: Any) -> None:
     src_model = TopEncoder(copy.deepcopy(top), 384, 3)
     collector = swag_fit(
         src_model,
-        _loader(_CachedTextDataset(hs, ms, labels[src_idx]), spec["source_batch_size"], shuffle=True, seed=0),
+        seeded_loader(CachedTextDataset(hs, ms, labels[src_idx]), spec["source_batch_size"], shuffle=True, seed=0),
         CrossEntropyObjective(),
         epochs=spec["source_epochs"],
         warmup_epochs=spec["source_epochs"] - spec["source_swag_epochs"],
@@ -294,7 +287,7 @@ def text_pair(seeds: list[int], record: Any) -> None:
 
     def subset(rel: list[int]) -> Any:
         pos = torch.tensor([position[r] for r in rel], dtype=torch.long)
-        return _CachedTextDataset(ht[pos], mt[pos], y_air[torch.tensor(rel, dtype=torch.long)])
+        return CachedTextDataset(ht[pos], mt[pos], y_air[torch.tensor(rel, dtype=torch.long)])
 
     for seed in seeds:
         plan = plans[seed]

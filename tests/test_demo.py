@@ -135,11 +135,11 @@ def test_top_encoder_matches_the_full_backbone() -> None:
 
     import torch
 
-    from priorzoo.demo import TopEncoder, _load_backbone, _split_trunk
+    from priorzoo.demo import TopEncoder, load_minilm, split_trunk
 
-    tokenizer, full = _load_backbone()
+    tokenizer, full = load_minilm()
     trunk = copy.deepcopy(full)
-    top, bottom = _split_trunk(trunk, 2)
+    top, bottom = split_trunk(trunk, 2)
     assert bottom == 4 and sorted(top) == [4, 5]
     enc = tokenizer(["the flight was late again", "thanks, great crew!"], padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -158,7 +158,7 @@ def test_top_encoder_matches_the_full_backbone() -> None:
 
 def test_user_csv_target_splits(tmp_path) -> None:
     from priorzoo.data import load_text_classification
-    from priorzoo.demo import DemoConfig, _load_splits
+    from priorzoo.demo import DemoConfig, load_splits
 
     rows = ["text,label"] + [
         f"review number {i} is {'good' if i % 2 else 'bad'},{'pos' if i % 2 else 'neg'}" for i in range(40)
@@ -177,7 +177,7 @@ def test_user_csv_target_splits(tmp_path) -> None:
         test_per_class=10,
         source_per_class=20,
     )
-    splits = _load_splits(cfg)
+    splits = load_splits(cfg)
     assert splits["target_classes"] == ["neg", "pos"]
     assert [len(splits[k][1]) for k in ("train", "val", "test")] == [10, 10, 20]
     assert len(splits["source"][1]) == 40
@@ -186,7 +186,7 @@ def test_user_csv_target_splits(tmp_path) -> None:
 
     too_big = DemoConfig(target_data=str(path), source_data=str(path), train_per_class=30)
     with pytest.raises(ValueError, match="too small"):
-        _load_splits(too_big)
+        load_splits(too_big)
 
 
 def test_cli_builds_the_embedded_default_and_quick_configs() -> None:

@@ -7,7 +7,7 @@ Writes ``<output>/prior/``, ``<output>/results.json`` and ``<output>/results.md`
 
 Example:
     $ HF_HUB_OFFLINE=1 priorzoo demo
-    $ priorzoo demo --quick --output /tmp/demo
+    $ priorzoo demo --quick --output-dir /tmp/demo
     $ priorzoo demo --data my_reviews.csv --text-column review --label-column stars --train-per-class 16
 """
 
@@ -27,7 +27,7 @@ sentiment), save it as a zoo entry (safetensors + card), reload it with PriorMod
 on a low-data target task (airline tweets, 20 per class) with plain fine-tuning, L2-SP, the learned prior
 (λ selected on validation) and the learned prior + BMA, and print a table of test accuracy, NLL and ECE.
 
-Writes OUTPUT/prior/, OUTPUT/results.json and OUTPUT/results.md. Point it at your own data with --data
+Writes OUTPUT_DIR/prior/, OUTPUT_DIR/results.json and OUTPUT_DIR/results.md. Point it at your own data with --data
 (and --source-data): a CSV/TSV/JSON(L)/parquet file with text and label columns, or a folder with one
 sub-folder of .txt files per class."""
 
@@ -49,10 +49,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
+        "--output-dir",
         "--output",
         "-o",
+        dest="output_dir",
         default="priorzoo-demo",
-        help="folder for prior/, results.json, results.md (default: priorzoo-demo)",
+        help="folder for prior/, results.json, results.md (default: priorzoo-demo; --output is an alias)",
     )
     p.add_argument(
         "--quick",
@@ -94,7 +96,7 @@ def build_config(args: argparse.Namespace) -> Any:
 
     Example:
         >>> import argparse
-        >>> ns = argparse.Namespace(output="o", quick=True, seed=1, data=None, source_data=None, text_column="text",
+        >>> ns = argparse.Namespace(output_dir="o", quick=True, seed=1, data=None, source_data=None, text_column="text",
         ...                         label_column="label", train_per_class=8, val_per_class=None,
         ...                         test_per_class=None, source_per_class=None, trainable_layers=None,
         ...                         progress=False)
@@ -105,7 +107,7 @@ def build_config(args: argparse.Namespace) -> Any:
     from priorzoo.demo import DemoConfig
 
     overrides: dict[str, Any] = {
-        "output_dir": args.output,
+        "output_dir": args.output_dir,
         "seed": args.seed,
         "source_data": args.source_data,
         "target_data": args.data,

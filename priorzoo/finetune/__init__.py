@@ -39,6 +39,7 @@ from priorzoo.finetune.bayes import (
 from priorzoo.finetune.loop import evaluate, fit, l2sp_prior, predict_proba, train_step
 from priorzoo.finetune.metrics import accuracy, classification_metrics, expected_calibration_error, nll
 from priorzoo.finetune.regularizer import PriorRegularizer
+from priorzoo.finetune.runners import seeded_loader
 from priorzoo.finetune.scale import ScaleSearchResult, log_grid, split_train_validation, tune_scale
 
 if TYPE_CHECKING:
@@ -66,6 +67,7 @@ __all__ = [
     "nll",
     "predict_proba",
     "refresh_batchnorm_",
+    "seeded_loader",
     "split_train_validation",
     "train_step",
     "tune_scale",

@@ -1,0 +1,296 @@
+r"""The comparison of the demo: plain fine-tuning, L2-SP, the learned prior and the learned prior + BMA.
+
+:func:`compare_methods` gives each method the same budget (grid size, epochs, batch size, seed) and selects
+each one's knob on validation; see :class:`~priorzoo.demo.config.FinetuneSettings`.
+
+Example:
+    >>> from priorzoo.demo.comparison import count_units
+    >>> from priorzoo.demo.config import FinetuneSettings
+    >>> count_units(FinetuneSettings(epochs=1, lr_grid=(0.1,), l2sp_variances=(1.0,), bma_epochs=2,
+    ...                              bma_samples=1, batch_size=4), 8)
+    11
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from priorzoo.demo._progress import CountingLoader
+from priorzoo.demo.config import _HIGHER_IS_BETTER, METHODS, FinetuneSettings
+from priorzoo.demo.results import MethodResult
+from priorzoo.finetune.runners import seeded_loader
+
+__all__ = ["average_variance", "compare_methods", "count_units"]
+
+
+def count_units(settings: FinetuneSettings, num_train: int) -> int:
+    """Progress-bar units :func:`compare_methods` will report for ``num_train`` training examples.
+
+    Example:
+        >>> count_units(FinetuneSettings(lr_grid=(0.1,), l2sp_variances=(1.0,), epochs=2, bma_epochs=2,
+        ...                              bma_samples=3, batch_size=10), 20)
+        19
+    """
+    steps_per_epoch = math.ceil(num_train / settings.batch_size)
+    runs = 3 * settings.grid_size
+    return runs * settings.epochs * steps_per_epoch + settings.bma_epochs * steps_per_epoch + settings.bma_samples
+
+
+def average_variance(prior: Any) -> float:
+    """tr(Σ)/P at the prior's own scale: the mean marginal variance, λ·(Σᵢ vᵢ + ‖F‖²_F)/P + ε.
+
+    Example:
+        >>> import torch
+        >>> from priorzoo import PriorModel
+        >>> average_variance(PriorModel.from_tensors({"w": torch.zeros(4)}, variance=0.5, scale=2.0))
+        1.0
+    """
+    total = sum(float(v.double().sum()) for v in prior.variance.values())
+    if prior.cov_factor is not None:
+        total += sum(float(f.double().pow(2).sum()) for f in prior.cov_factor.values())
+    return prior.scale * total / prior.num_parameters + prior.eps
+
+
+def _optimizer(model: nn.Module, lr: float, s: FinetuneSettings) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if s.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=s.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=s.momentum, weight_decay=s.weight_decay)
+
+
+def compare_methods(
+    make_model: Callable[[], nn.Module],
+    prior: Any,
+    train: torch.utils.data.Dataset,
+    val: torch.utils.data.Dataset,
+    test: torch.utils.data.Dataset,
+    settings: FinetuneSettings,
+    *,
+    include: Any = None,
+    exclude: Any = None,
+    forward: Callable[[nn.Module, Any], tuple[Tensor, Tensor]] | None = None,
+    progress: Any = None,
+) -> list[MethodResult]:
+    """Fine-tune with the four methods of :data:`METHODS` under the same budget; test metrics per method.
+
+    Plain fine-tuning tunes its learning rate over ``settings.lr_grid``; L2-SP its σ² over
+    ``settings.l2sp_variances`` (an isotropic prior centred on the prior mean μ); the learned prior its λ
+    over ``settings.scales`` (default: matched to the σ² grid by the average variance). Each run starts
+    from ``make_model()`` (which must return the same starting weights every call, e.g. μ and a seeded
+    head), trains ``settings.epochs`` epochs of SGD on ``mean CE + penalty/N`` and keeps its best epoch on
+    ``val``; the run with the best validation ``select_metric`` is the method's model. BMA continues the
+    selected learned-prior run at a constant learning rate for ``bma_epochs`` epochs, collects a SWAG
+    snapshot after every step over every trainable parameter, and averages the predictive of ``bma_samples``
+    posterior samples (batch-norm statistics refreshed on the training data for each sample).
+
+    Args:
+        make_model: returns a fresh model initialised at μ with a new head.
+        prior: the learned :class:`~priorzoo.PriorModel` (its ``exclude`` patterns keep the head out).
+        train, val, test: map-style datasets yielding batches ``default_forward`` understands (a mapping
+            with ``labels`` or a pair ``(inputs, labels)``), or use ``forward``.
+        settings: the :class:`FinetuneSettings`.
+        include, exclude: which model parameters the priors cover (default: the learned prior's names).
+        forward: ``forward(model, batch) -> (logits, labels)``
+            (default :func:`priorzoo.finetune.loop.default_forward`).
+        progress: an object with ``update(n)`` and ``stage(text)`` (the demo's bar), or ``None``.
+
+    Returns:
+        One :class:`MethodResult` per method, in :data:`METHODS` order.
+
+    Example:
+        >>> import copy
+        >>> import torch
+        >>> from priorzoo import PriorModel
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> base = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        >>> mean = {n: p.detach().clone() for n, p in base.named_parameters() if n.startswith("0.")}
+        >>> prior = PriorModel.from_tensors(mean, {n: torch.full_like(m, 1e-2) for n, m in mean.items()},
+        ...                                 {n: 0.05 * torch.randn(2, *m.shape) for n, m in mean.items()},
+        ...                                 exclude=["2.*"])
+        >>> x = torch.randn(60, 4); y = (x[:, 0] > 0).long()
+        >>> data = torch.utils.data.TensorDataset(x, y)
+        >>> parts = torch.utils.data.random_split(data, [20, 20, 20], torch.Generator().manual_seed(0))
+        >>> s = FinetuneSettings(epochs=2, lr_grid=(0.1,), l2sp_variances=(1e-2,), bma_epochs=2,
+        ...                      bma_rank=2, bma_samples=2)
+        >>> rows = compare_methods(lambda: copy.deepcopy(base), prior, *parts, s)
+        >>> [r.method for r in rows]
+        ['fine-tuning', 'L2-SP', 'learned prior', 'learned prior + BMA']
+    """
+    from priorzoo.finetune import DownstreamSWAG, PriorRegularizer, evaluate, fit, l2sp_prior
+    from priorzoo.finetune.loop import default_forward
+
+    s = settings
+    base_forward = forward or default_forward
+
+    def forward(model: nn.Module, batch: Any) -> tuple[Tensor, Tensor]:
+        logits, labels = base_forward(model, batch)
+        if not bool(torch.isfinite(logits).all()):
+            raise FloatingPointError("non-finite logits: the run diverged (learning rate too high for this prior)")
+        return logits, labels
+
+    include = list(prior.names) if include is None and exclude is None else include
+    n_train = len(train)  # type: ignore[arg-type]
+    val_loader = seeded_loader(val, s.eval_batch_size, shuffle=False, seed=s.seed)
+    test_loader = seeded_loader(test, s.eval_batch_size, shuffle=False, seed=s.seed)
+    avg_var = average_variance(prior.with_scale(1.0))
+    scales = s.scales if s.scales is not None else tuple(v / avg_var for v in s.l2sp_variances)
+    higher = _HIGHER_IS_BETTER[s.select_metric]
+
+    def train_loader() -> CountingLoader:
+        return CountingLoader(seeded_loader(train, s.batch_size, shuffle=True, seed=s.seed), progress)
+
+    def run(lr: float, reg_prior: Any | None) -> tuple[nn.Module, dict[str, float], int | None]:
+        torch.manual_seed(s.seed)
+        model = make_model()
+        reg = None
+        if reg_prior is not None:
+            reg = PriorRegularizer(reg_prior, model, num_train_examples=n_train, include=include, exclude=exclude)
+        res = fit(
+            model,
+            train_loader(),
+            _optimizer(model, lr, s),
+            regularizer=reg,
+            epochs=s.epochs,
+            val_loader=val_loader,
+            metric=s.select_metric,
+            restore_best=True,
+            forward=forward,
+            max_grad_norm=s.max_grad_norm,
+        )
+        steps_per_epoch = math.ceil(n_train / s.batch_size)
+        best_epoch = None if res.best_step is None else math.ceil(res.best_step / steps_per_epoch)
+        return model, dict(res.best_metrics or {}), best_epoch
+
+    def tune(name: str, knob: str, values: Sequence[float], build: Callable[[float], tuple[float, Any]]):
+        start = time.perf_counter()
+        best: tuple[tuple[float, float], float, nn.Module, dict[str, float]] | None = None
+        curve = []
+        for i, v in enumerate(values):
+            if progress is not None:
+                progress.stage(f"{name} {i + 1}/{len(values)}")
+            lr, reg_prior = build(v)
+            try:
+                model, metrics, best_epoch = run(lr, reg_prior)
+            except FloatingPointError as err:  # SGD diverged: the grid point fails, the search goes on
+                curve.append(
+                    {
+                        "value": v,
+                        "val_accuracy": math.nan,
+                        "val_nll": math.nan,
+                        "val_ece": math.nan,
+                        "best_epoch": None,
+                        "diverged": str(err),
+                    }
+                )
+                continue
+            curve.append(
+                {
+                    "value": v,
+                    "val_accuracy": metrics.get("accuracy", math.nan),
+                    "val_nll": metrics.get("nll", math.nan),
+                    "val_ece": metrics.get("ece", math.nan),
+                    "best_epoch": best_epoch,
+                }
+            )
+            score = metrics.get(s.select_metric, math.nan)
+            # the selection metric first; ties (frequent for accuracy on a small split) go to the lower NLL
+            key = (-score if higher else score, metrics.get("nll", math.nan))
+            if not all(math.isfinite(k) for k in key):
+                key = (math.inf, math.inf)
+            if best is None or key < best[0]:
+                best = (key, v, model, metrics)
+            else:
+                del model
+        if best is None:
+            raise FloatingPointError(f"every {name} run diverged ({knob} grid {list(values)}); lower the learning rate")
+        _, value, model, metrics = best
+        test_metrics = evaluate(model, test_loader, forward=forward)
+        row = MethodResult(
+            method=name,
+            accuracy=test_metrics["accuracy"],
+            nll=test_metrics["nll"],
+            ece=test_metrics["ece"],
+            hyperparameter=knob,
+            value=value,
+            validation={k: metrics[k] for k in ("accuracy", "nll", "ece") if k in metrics},
+            curve=curve,
+            seconds=time.perf_counter() - start,
+        )
+        return row, model
+
+    ft_row, ft_model = tune("fine-tuning", "lr", s.lr_grid, lambda lr: (lr, None))
+    del ft_model
+    # N(μ, σ²I) centred on the starting weights: σ² = 1 at scale σ², so one prior serves the whole grid
+    l2sp_base = l2sp_prior(make_model(), 1.0, include=include, exclude=exclude, exclude_head=False)
+    l2sp_row, l2sp_model = tune("L2-SP", "variance", s.l2sp_variances, lambda var: (s.lr, l2sp_base.with_scale(var)))
+    del l2sp_model
+    lp_row, lp_model = tune("learned prior", "scale", scales, lambda lam: (s.lr, prior.with_scale(lam)))
+    lp_row.extra["scale_grid"] = list(scales)
+    lp_row.extra["average_variance_at_scale_1"] = avg_var
+
+    # ---- BMA: SWAG over the downstream run at the selected λ, then the averaged predictive
+    if progress is not None:
+        progress.stage("learned prior + BMA")
+    start = time.perf_counter()
+    torch.manual_seed(s.seed + 1)
+    swag = DownstreamSWAG(lp_model, rank=s.bma_rank, exclude_head=False)  # the head is part of the posterior
+    reg = PriorRegularizer(
+        prior.with_scale(lp_row.value), lp_model, num_train_examples=n_train, include=include, exclude=exclude
+    )
+
+    def on_step(step: int) -> None:
+        swag.collect()
+
+    class _SampleCounter:
+        def __init__(self, loader: Any) -> None:
+            self.loader = loader
+
+        def __iter__(self) -> Iterator[Any]:
+            yield from self.loader
+            if progress is not None:
+                progress.update()
+
+    extra: dict[str, Any] = {"num_samples": s.bma_samples, "swag_epochs": s.bma_epochs, "lr": s.lr}
+    try:
+        fit(
+            lp_model,
+            train_loader(),
+            _optimizer(lp_model, s.lr, s),
+            regularizer=reg,
+            epochs=s.bma_epochs,
+            restore_best=False,
+            forward=forward,
+            max_grad_norm=s.max_grad_norm,
+            on_step=on_step,
+        )
+        averager = swag.predict(
+            {"test": _SampleCounter(test_loader)},
+            num_samples=s.bma_samples,
+            bn_loader=seeded_loader(train, s.eval_batch_size, shuffle=False, seed=s.seed),
+            forward=forward,
+            generator=torch.Generator().manual_seed(s.seed),
+        )
+        m = averager.metrics("test")
+    except FloatingPointError as err:  # the SWAG phase diverged: reported as such, never hidden
+        m = {"accuracy": math.nan, "nll": math.nan, "ece": math.nan}
+        extra["diverged"] = str(err)
+    extra.update({"snapshots": swag.num_collected, "rank": min(swag.num_collected, s.bma_rank)})
+    bma_row = MethodResult(
+        method=METHODS[3],
+        accuracy=m["accuracy"],
+        nll=m["nll"],
+        ece=m["ece"],
+        hyperparameter="scale",
+        value=lp_row.value,
+        validation=dict(lp_row.validation),
+        seconds=time.perf_counter() - start,
+        extra=extra,
+    )
+    return [ft_row, l2sp_row, lp_row, bma_row]
