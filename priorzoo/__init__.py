@@ -14,8 +14,7 @@ Example:
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from priorzoo._version import __version__
 from priorzoo.bound import BoundPrior
 from priorzoo.config import PriorConfig, PriorKind
 from priorzoo.errors import PriorFormatError, PriorMatchError, PriorNotFoundError

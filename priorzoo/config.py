@@ -55,7 +55,7 @@ class PriorKind(str, Enum):
 
 
 def _version() -> str:
-    from priorzoo import __version__
+    from priorzoo._version import __version__
 
     return __version__
 

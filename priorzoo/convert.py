@@ -43,6 +43,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from priorzoo._deprecation import UNSET, renamed_keyword, warn_deprecated
+from priorzoo.enums import Convention
 from priorzoo.errors import PriorFormatError
 from priorzoo.matching import Patterns, compile_patterns, pattern_strings, select_parameters
 from priorzoo.prior import PriorModel
@@ -54,6 +56,28 @@ OFFICIAL_SUFFIXES = ("_model.pt", "_mean.pt", "_variance.pt", "_covmat.pt")
 
 _BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 _OFFICIAL_DEFAULTS = {"prior_scale": 1e10, "prior_eps": 0.1, "number_of_samples_prior": 5, "scale_low_rank": True}
+
+
+def _input_and_source(value: Any, source: Any, source_task: Any, where: str, name: str) -> tuple[Any, Any]:
+    """``(input, source-task description)`` of an importer call, accepting the names used before 0.2.
+
+    Before 0.2 the input was the keyword ``source=`` and the source task ``source_task=``; now ``source=`` is the
+    source task everywhere (as in :func:`from_pretrain_your_loss` and ``SWAGCollector.to_prior``).
+    """
+    if value is UNSET:
+        if source is None or (isinstance(source, Mapping) and source_task is UNSET and not _has_tensors(source)):
+            raise TypeError(f"{where}() missing its first argument `{name}`")
+        warn_deprecated(
+            f"`{where}(source=<{name}>)` is deprecated and will be removed in priorzoo 0.3: pass the {name} as "
+            "the first argument; `source=` now describes the source task",
+            stacklevel=3,
+        )
+        value, source = source, None
+    return value, renamed_keyword(source, source_task, new="source", old="source_task", where=where, stacklevel=3)
+
+
+def _has_tensors(mapping: Mapping[str, Any]) -> bool:
+    return any(isinstance(v, Tensor) for v in mapping.values())
 
 
 def _load(path: str | os.PathLike, what: str) -> Any:
@@ -146,8 +170,7 @@ def from_pretrain_your_loss(
         >>> prior.match(timm.create_model("resnet50", num_classes=10)).no_prior  # doctest: +SKIP
         ['fc.weight', 'fc.bias']
     """
-    if convention not in ("official", "swag"):
-        raise ValueError(f"`convention` must be 'official' or 'swag'; received {convention!r}")
+    convention = Convention.check(convention).value
     prefix = str(prefix)
     paths = {s: prefix + s for s in OFFICIAL_SUFFIXES}
     missing = [p for p in paths.values() if not Path(p).is_file()]
@@ -240,7 +263,7 @@ def from_pretrain_your_loss(
 
 # ---------------------------------------------------------------------------------------------- swa_gaussian
 def from_swa_gaussian(
-    source: str | os.PathLike | Mapping[str, Tensor],
+    checkpoint: str | os.PathLike | Mapping[str, Tensor] = UNSET,
     *,
     prefix: str = "base.",
     exclude: Patterns = None,
@@ -250,8 +273,9 @@ def from_swa_gaussian(
     scale: float = 1.0,
     eps: float = 0.0,
     backbone: Mapping[str, Any] | None = None,
-    source_task: Mapping[str, Any] | None = None,
+    source: Mapping[str, Any] | None = None,
     license: str | None = None,
+    source_task: Any = UNSET,
 ) -> PriorModel:
     r"""Convert a swa_gaussian ``SWAG(...).state_dict()`` (or a checkpoint ``{"state_dict": ...}``).
 
@@ -265,16 +289,21 @@ def from_swa_gaussian(
     ``max_num_models`` if given, else the number of stored rows (equal once n_models ≥ max_num_models).
 
     Args:
-        source: a path to a ``torch.save``\ d state dict / checkpoint, or the mapping itself.
+        checkpoint: a path to a ``torch.save``\ d state dict / checkpoint, or the mapping itself.
         prefix: prefix of the wrapped model in the keys (``"base."`` in swa_gaussian), stripped from names.
         exclude: parameters to leave out of the prior (exact marginal), e.g. the head ``"fc.*"``.
         swag_scale, var_clamp, max_num_models: see above.
         scale, eps: λ and ε of the prior.
+        backbone, source, license: provenance for the config and card (``source``: the source task, e.g.
+            ``{"dataset": "cifar10", "objective": "supervised"}``; ``source_task``: its deprecated name).
 
     Example:
         >>> prior = from_swa_gaussian("swag-300.pt", exclude="linear.*")  # doctest: +SKIP
     """
-    state: Any = _load(source, "swa_gaussian SWAG state dict") if not isinstance(source, Mapping) else source
+    checkpoint, source = _input_and_source(checkpoint, source, source_task, "from_swa_gaussian", "checkpoint")
+    state: Any = (
+        _load(checkpoint, "swa_gaussian SWAG state dict") if not isinstance(checkpoint, Mapping) else checkpoint
+    )
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping):
@@ -335,7 +364,7 @@ def from_swa_gaussian(
         eps=eps,
         kind="swag",
         backbone=dict(backbone or {"library": "torch"}),
-        source=source_task,
+        source=source,
         learning={
             "method": "swag",
             "imported_from": "swa_gaussian",
@@ -381,16 +410,17 @@ def _last_layer_names(model: nn.Module) -> list[str]:
 
 
 def from_laplace_torch(
-    source: Any,
-    model: nn.Module,
+    posterior: Any = UNSET,
+    model: nn.Module | None = None,
     *,
     include: Patterns = None,
     exclude: Patterns = None,
     scale: float = 1.0,
     eps: float = 0.0,
     backbone: Mapping[str, Any] | None = None,
-    source_task: Mapping[str, Any] | None = None,
+    source: Mapping[str, Any] | None = None,
     license: str | None = None,
+    source_task: Any = UNSET,
 ) -> PriorModel:
     r"""Convert a laplace-torch diagonal Laplace posterior N(θ_MAP, P⁻¹) into a prior (kind ``laplace``).
 
@@ -402,12 +432,14 @@ def from_laplace_torch(
     one per weight). The prior's variance is 1/P.
 
     Args:
-        source: a fitted ``DiagLaplace``/``DiagLLLaplace`` object, its ``state_dict()``, or a path to a
+        posterior: a fitted ``DiagLaplace``/``DiagLLLaplace`` object, its ``state_dict()``, or a path to a
             ``torch.save(la.state_dict(), path)`` file.
         model: the network the Laplace was fitted on (gives the names and shapes of the flat vectors).
         include, exclude: pick the Laplace's parameters among ``model``'s (default: all trainable ones, or
             the last module with parameters for ``DiagLLLaplace``) — they must cover the vector exactly.
         scale, eps: λ and ε of the prior.
+        backbone, source, license: provenance for the config and card (``source``: the source task;
+            ``source_task``: its deprecated name).
 
     Raises:
         PriorFormatError: not a diagonal Laplace (full/Kron/low-rank precisions are not diagonal), or the
@@ -418,16 +450,19 @@ def from_laplace_torch(
         >>> la.fit(train_loader)  # doctest: +SKIP
         >>> prior = from_laplace_torch(la, model, exclude="fc.*")  # doctest: +SKIP
     """
-    if isinstance(source, (str, os.PathLike)):
-        state = _load(source, "laplace-torch state dict")
-    elif isinstance(source, Mapping):
-        state = source
-    elif hasattr(source, "state_dict") and callable(source.state_dict):
-        state = source.state_dict()
+    posterior, source = _input_and_source(posterior, source, source_task, "from_laplace_torch", "posterior")
+    if model is None:
+        raise TypeError("from_laplace_torch() needs `model`, the network the Laplace was fitted on")
+    if isinstance(posterior, (str, os.PathLike)):
+        state = _load(posterior, "laplace-torch state dict")
+    elif isinstance(posterior, Mapping):
+        state = posterior
+    elif hasattr(posterior, "state_dict") and callable(posterior.state_dict):
+        state = posterior.state_dict()
     else:
         raise TypeError(
-            "`source` must be a laplace-torch Laplace object, its state_dict() or a path; "
-            f"received {type(source).__name__}"
+            "`posterior` must be a laplace-torch Laplace object, its state_dict() or a path; "
+            f"received {type(posterior).__name__}"
         )
     if not isinstance(state, Mapping) or "mean" not in state or "H" not in state:
         raise PriorFormatError("not a laplace-torch state dict (it needs `mean`, `H`, `prior_precision`, `cls_name`)")
@@ -478,7 +513,7 @@ def from_laplace_torch(
         scale=scale,
         eps=eps,
         backbone=dict(backbone) if backbone is not None else _describe(model),
-        source=source_task,
+        source=source,
         learning={
             "method": "laplace",
             "imported_from": "laplace-torch",

@@ -75,7 +75,7 @@ _COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 
 
 def _version() -> str:
-    from priorzoo import __version__
+    from priorzoo._version import __version__
 
     return __version__
 

@@ -289,7 +289,7 @@ def save_prior(
         "format_version": str(FORMAT_VERSION),
     }
     cfg = dataclasses.replace(prior.config)
-    from priorzoo import __version__
+    from priorzoo._version import __version__
 
     cfg.priorzoo_version = __version__
 

@@ -152,7 +152,7 @@ def _mnist_lowdata(prior: Any, backbone: Mapping[str, Any], settings: Mapping[st
 
     from priorzoo.backbones import load_backbone
     from priorzoo.data import load_mnist_5k, sample_per_class
-    from priorzoo.finetune import PriorRegularizer, evaluate, fit, tune_scale
+    from priorzoo.finetune import evaluate, fit_fresh, make_optimizer, tune_scale
 
     if backbone.get("library") != "timm":
         raise ValueError(
@@ -188,7 +188,7 @@ def _mnist_lowdata(prior: Any, backbone: Mapping[str, Any], settings: Mapping[st
         return model
 
     def sgd(model: torch.nn.Module) -> torch.optim.Optimizer:
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+        return make_optimizer(model, "sgd", lr=lr, momentum=0.9)
 
     search = tune_scale(
         prior, make_model, train, val, num_train_examples=n, grid=grid, make_optimizer=sgd, epochs=epochs,
@@ -196,10 +196,18 @@ def _mnist_lowdata(prior: Any, backbone: Mapping[str, Any], settings: Mapping[st
     )  # fmt: skip
 
     def final(regularized: bool) -> dict[str, float]:
-        torch.manual_seed(seed)
-        model = make_model()
-        reg = PriorRegularizer(prior, model, num_train_examples=n, scale=search.best_scale) if regularized else None
-        fit(model, train, sgd(model), regularizer=reg, epochs=epochs, val_loader=val, metric="nll", restore_best=True)
+        model, _ = fit_fresh(
+            make_model,
+            train,
+            sgd,
+            prior=prior.with_scale(search.best_scale) if regularized else None,
+            num_train_examples=n,
+            seed=seed,
+            epochs=epochs,
+            val_loader=val,
+            metric="nll",
+            restore_best=True,
+        )
         return evaluate(model, test)
 
     baseline, with_prior = final(False), final(True)

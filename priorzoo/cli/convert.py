@@ -128,7 +128,7 @@ def _convert(args: argparse.Namespace) -> Any:
             max_num_models=args.max_num_models,
             scale=args.scale,
             eps=args.eps,
-            source_task=source,
+            source=source,
             license=args.license,
         )
     from priorzoo.cli.learn import build_backbone
@@ -149,6 +149,6 @@ def _convert(args: argparse.Namespace) -> Any:
         exclude=args.exclude,
         scale=args.scale,
         eps=args.eps,
-        source_task=source,
+        source=source,
         license=args.license,
     )

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from priorzoo.demo._progress import CountingLoader
-from priorzoo.demo.config import _HIGHER_IS_BETTER, METHODS, FinetuneSettings
+from priorzoo.demo.config import METHODS, FinetuneSettings
 from priorzoo.demo.results import MethodResult
 from priorzoo.finetune.runners import seeded_loader
 
@@ -55,13 +55,6 @@ def average_variance(prior: Any) -> float:
     if prior.cov_factor is not None:
         total += sum(float(f.double().pow(2).sum()) for f in prior.cov_factor.values())
     return prior.scale * total / prior.num_parameters + prior.eps
-
-
-def _optimizer(model: nn.Module, lr: float, s: FinetuneSettings) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if s.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=s.weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=s.momentum, weight_decay=s.weight_decay)
 
 
 def compare_methods(
@@ -123,7 +116,17 @@ def compare_methods(
         >>> [r.method for r in rows]
         ['fine-tuning', 'L2-SP', 'learned prior', 'learned prior + BMA']
     """
-    from priorzoo.finetune import DownstreamSWAG, PriorRegularizer, evaluate, fit, l2sp_prior
+    from priorzoo.finetune import (
+        BindOptions,
+        DownstreamSWAG,
+        PriorRegularizer,
+        evaluate,
+        fit_fresh,
+        fit_swag_posterior,
+        grid_search,
+        l2sp_prior,
+        make_optimizer,
+    )
     from priorzoo.finetune.loop import default_forward
 
     s = settings
@@ -136,81 +139,73 @@ def compare_methods(
         return logits, labels
 
     include = list(prior.names) if include is None and exclude is None else include
+    bind = BindOptions(include=include, exclude=exclude)
     n_train = len(train)  # type: ignore[arg-type]
+    steps_per_epoch = math.ceil(n_train / s.batch_size)
     val_loader = seeded_loader(val, s.eval_batch_size, shuffle=False, seed=s.seed)
     test_loader = seeded_loader(test, s.eval_batch_size, shuffle=False, seed=s.seed)
     avg_var = average_variance(prior.with_scale(1.0))
     scales = s.scales if s.scales is not None else tuple(v / avg_var for v in s.l2sp_variances)
-    higher = _HIGHER_IS_BETTER[s.select_metric]
 
     def train_loader() -> CountingLoader:
         return CountingLoader(seeded_loader(train, s.batch_size, shuffle=True, seed=s.seed), progress)
 
-    def run(lr: float, reg_prior: Any | None) -> tuple[nn.Module, dict[str, float], int | None]:
-        torch.manual_seed(s.seed)
-        model = make_model()
-        reg = None
-        if reg_prior is not None:
-            reg = PriorRegularizer(reg_prior, model, num_train_examples=n_train, include=include, exclude=exclude)
-        res = fit(
-            model,
-            train_loader(),
-            _optimizer(model, lr, s),
-            regularizer=reg,
-            epochs=s.epochs,
-            val_loader=val_loader,
-            metric=s.select_metric,
-            restore_best=True,
-            forward=forward,
-            max_grad_norm=s.max_grad_norm,
-        )
-        steps_per_epoch = math.ceil(n_train / s.batch_size)
-        best_epoch = None if res.best_step is None else math.ceil(res.best_step / steps_per_epoch)
-        return model, dict(res.best_metrics or {}), best_epoch
+    def optimizer(lr: float) -> Callable[[nn.Module], torch.optim.Optimizer]:
+        return lambda m: make_optimizer(m, s.optimizer, lr=lr, momentum=s.momentum, weight_decay=s.weight_decay)
 
     def tune(name: str, knob: str, values: Sequence[float], build: Callable[[float], tuple[float, Any]]):
         start = time.perf_counter()
-        best: tuple[tuple[float, float], float, nn.Module, dict[str, float]] | None = None
-        curve = []
-        for i, v in enumerate(values):
+
+        def run(v: float) -> tuple[nn.Module, Any]:
+            lr, reg_prior = build(v)
+            return fit_fresh(
+                make_model,
+                train_loader(),
+                optimizer(lr),
+                prior=reg_prior,
+                num_train_examples=n_train,
+                bind=bind,
+                seed=s.seed,
+                epochs=s.epochs,
+                val_loader=val_loader,
+                metric=s.select_metric,
+                restore_best=True,
+                forward=forward,
+                max_grad_norm=s.max_grad_norm,
+            )
+
+        def stage(i: int, v: float) -> None:
             if progress is not None:
                 progress.stage(f"{name} {i + 1}/{len(values)}")
-            lr, reg_prior = build(v)
-            try:
-                model, metrics, best_epoch = run(lr, reg_prior)
-            except FloatingPointError as err:  # SGD diverged: the grid point fails, the search goes on
-                curve.append(
-                    {
-                        "value": v,
-                        "val_accuracy": math.nan,
-                        "val_nll": math.nan,
-                        "val_ece": math.nan,
-                        "best_epoch": None,
-                        "diverged": str(err),
-                    }
-                )
-                continue
-            curve.append(
-                {
-                    "value": v,
-                    "val_accuracy": metrics.get("accuracy", math.nan),
-                    "val_nll": metrics.get("nll", math.nan),
-                    "val_ece": metrics.get("ece", math.nan),
-                    "best_epoch": best_epoch,
-                }
+
+        try:  # the selection metric first; ties (frequent for accuracy on a small split) go to the lower NLL
+            search = grid_search(
+                values,
+                run,
+                metric=s.select_metric,
+                tie_break=lambda p: p.metrics.get("nll", math.nan),
+                keep_model=True,
+                on_start=stage,
+                what=knob,
             )
-            score = metrics.get(s.select_metric, math.nan)
-            # the selection metric first; ties (frequent for accuracy on a small split) go to the lower NLL
-            key = (-score if higher else score, metrics.get("nll", math.nan))
-            if not all(math.isfinite(k) for k in key):
-                key = (math.inf, math.inf)
-            if best is None or key < best[0]:
-                best = (key, v, model, metrics)
-            else:
-                del model
-        if best is None:
-            raise FloatingPointError(f"every {name} run diverged ({knob} grid {list(values)}); lower the learning rate")
-        _, value, model, metrics = best
+        except FloatingPointError:
+            raise FloatingPointError(
+                f"every {name} run diverged ({knob} grid {list(values)}); lower the learning rate"
+            ) from None
+        curve = []
+        for p in search.points:
+            entry: dict[str, Any] = {
+                "value": p.value,
+                "val_accuracy": p.metrics.get("accuracy", math.nan),
+                "val_nll": p.metrics.get("nll", math.nan),
+                "val_ece": p.metrics.get("ece", math.nan),
+                "best_epoch": None if p.best_step is None else math.ceil(p.best_step / steps_per_epoch),
+            }
+            if p.diverged:
+                entry["diverged"] = p.error
+            curve.append(entry)
+        model, metrics = search.model, search.best.metrics
+        assert model is not None
         test_metrics = evaluate(model, test_loader, forward=forward)
         row = MethodResult(
             method=name,
@@ -218,7 +213,7 @@ def compare_methods(
             nll=test_metrics["nll"],
             ece=test_metrics["ece"],
             hyperparameter=knob,
-            value=value,
+            value=search.best.value,
             validation={k: metrics[k] for k in ("accuracy", "nll", "ece") if k in metrics},
             curve=curve,
             seconds=time.perf_counter() - start,
@@ -241,12 +236,7 @@ def compare_methods(
     start = time.perf_counter()
     torch.manual_seed(s.seed + 1)
     swag = DownstreamSWAG(lp_model, rank=s.bma_rank, exclude_head=False)  # the head is part of the posterior
-    reg = PriorRegularizer(
-        prior.with_scale(lp_row.value), lp_model, num_train_examples=n_train, include=include, exclude=exclude
-    )
-
-    def on_step(step: int) -> None:
-        swag.collect()
+    reg = PriorRegularizer(prior.with_scale(lp_row.value), lp_model, num_train_examples=n_train, **bind.as_kwargs())
 
     class _SampleCounter:
         def __init__(self, loader: Any) -> None:
@@ -259,16 +249,16 @@ def compare_methods(
 
     extra: dict[str, Any] = {"num_samples": s.bma_samples, "swag_epochs": s.bma_epochs, "lr": s.lr}
     try:
-        fit(
+        fit_swag_posterior(
             lp_model,
             train_loader(),
-            _optimizer(lp_model, s.lr, s),
-            regularizer=reg,
+            optimizer(s.lr)(lp_model),
+            rank=s.bma_rank,
             epochs=s.bma_epochs,
-            restore_best=False,
+            regularizer=reg,
+            swag=swag,
             forward=forward,
             max_grad_norm=s.max_grad_norm,
-            on_step=on_step,
         )
         averager = swag.predict(
             {"test": _SampleCounter(test_loader)},

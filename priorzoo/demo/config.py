@@ -14,11 +14,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from priorzoo._validation import check_positive_int
+from priorzoo.enums import Metric, OptimizerKind
+
 __all__ = ["METHODS", "DemoConfig", "FinetuneSettings"]
 
 METHODS = ("fine-tuning", "L2-SP", "learned prior", "learned prior + BMA")
 """The four methods of the comparison, in table order."""
-_HIGHER_IS_BETTER = {"accuracy": True, "nll": False, "ece": False}
 
 
 @dataclass
@@ -71,11 +73,8 @@ class FinetuneSettings:
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "bma_epochs", "bma_samples", "eval_batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be an integer ≥ 1; received {value!r}")
-        if isinstance(self.bma_rank, bool) or not isinstance(self.bma_rank, int) or self.bma_rank < 2:
-            raise ValueError(f"`bma_rank` must be an integer ≥ 2 (SWAG's K); received {self.bma_rank!r}")
+            check_positive_int(getattr(self, name), name)
+        check_positive_int(self.bma_rank, "bma_rank", minimum=2, hint="SWAG's K")
         if self.bma_epochs < 2:
             raise ValueError(f"`bma_epochs` must be ≥ 2 (a SWAG posterior needs two snapshots); got {self.bma_epochs}")
         self.lr_grid = tuple(float(v) for v in self.lr_grid)
@@ -95,12 +94,8 @@ class FinetuneSettings:
             )
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"`lr` must be a finite number > 0; received {self.lr!r}")
-        if self.optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"`optimizer` must be 'sgd' or 'adamw'; received {self.optimizer!r}")
-        if self.select_metric not in _HIGHER_IS_BETTER:
-            raise ValueError(
-                f"`select_metric` must be one of {sorted(_HIGHER_IS_BETTER)}; received {self.select_metric!r}"
-            )
+        OptimizerKind.check(self.optimizer)
+        Metric.check(self.select_metric, what="select_metric")
 
     @property
     def grid_size(self) -> int:
@@ -173,15 +168,12 @@ class DemoConfig:
             "val_per_class",
             "test_per_class",
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be an integer ≥ 1; received {value!r}")
+            check_positive_int(getattr(self, name), name)
         if self.source_swag_epochs > self.source_epochs:
             raise ValueError(
                 f"`source_swag_epochs` ({self.source_swag_epochs}) must be ≤ `source_epochs` ({self.source_epochs})"
             )
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 2:
-            raise ValueError(f"`rank` (K) must be an integer ≥ 2; received {self.rank!r}")
+        check_positive_int(self.rank, "rank", minimum=2, hint="K, the SWAG prior's number of deviation rows")
         if not (math.isfinite(self.source_lr) and self.source_lr > 0):
             raise ValueError(f"`source_lr` must be a finite number > 0; received {self.source_lr!r}")
 

@@ -7,7 +7,10 @@ The objective for N training examples is ``mean CE + ρ·penalty/N`` with penalt
 - transformers: :class:`PriorCallback` (adds the analytic gradient before each optimiser step) or
   :class:`PriorTrainer` / :class:`PriorTrainerMixin` (adds the term inside ``compute_loss``);
 - λ selection: :func:`tune_scale`; Bayesian inference: :class:`DownstreamSWAG`, :func:`bma_predict`,
-  :class:`SGLD`; metrics: :func:`classification_metrics`.
+  :class:`SGLD`; metrics: :func:`classification_metrics`;
+- running methods (:mod:`priorzoo.finetune.runners`): :func:`make_optimizer`, :func:`seeded_loader`,
+  :func:`fit_fresh`, :func:`grid_search`, :func:`fit_swag_posterior`, :func:`run_sgld`, with the bind options
+  as one :class:`BindOptions`.
 
 ``PriorCallback``, ``PriorTrainer`` and ``PriorTrainerMixin`` import transformers on first access only
 (``pip install "priorzoo[transformers]"``); everything else needs only torch.
@@ -26,20 +29,22 @@ Example:
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import TYPE_CHECKING, Any
 
-from priorzoo.finetune.bayes import (
-    SGLD,
-    DownstreamSWAG,
-    PredictiveAverager,
-    average_predictive,
-    bma_predict,
-    refresh_batchnorm_,
-)
-from priorzoo.finetune.loop import evaluate, fit, l2sp_prior, predict_proba, train_step
-from priorzoo.finetune.metrics import accuracy, classification_metrics, expected_calibration_error, nll
+from priorzoo.finetune.bayes import SGLD, DownstreamSWAG, bma_predict, refresh_batchnorm_
+from priorzoo.finetune.loop import evaluate, fit, l2sp_prior, train_step
+from priorzoo.finetune.metrics import classification_metrics
+from priorzoo.finetune.options import BindOptions
 from priorzoo.finetune.regularizer import PriorRegularizer
-from priorzoo.finetune.runners import seeded_loader
+from priorzoo.finetune.runners import (
+    fit_fresh,
+    fit_swag_posterior,
+    grid_search,
+    make_optimizer,
+    run_sgld,
+    seeded_loader,
+)
 from priorzoo.finetune.scale import ScaleSearchResult, log_grid, split_train_validation, tune_scale
 
 if TYPE_CHECKING:
@@ -48,25 +53,25 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SGLD",
+    "BindOptions",
     "DownstreamSWAG",
-    "PredictiveAverager",
     "PriorCallback",
     "PriorRegularizer",
     "PriorTrainer",
     "PriorTrainerMixin",
     "ScaleSearchResult",
-    "accuracy",
-    "average_predictive",
     "bma_predict",
     "classification_metrics",
     "evaluate",
-    "expected_calibration_error",
     "fit",
+    "fit_fresh",
+    "fit_swag_posterior",
+    "grid_search",
     "l2sp_prior",
     "log_grid",
-    "nll",
-    "predict_proba",
+    "make_optimizer",
     "refresh_batchnorm_",
+    "run_sgld",
     "seeded_loader",
     "split_train_validation",
     "train_step",
@@ -79,6 +84,16 @@ _LAZY = {
     "PriorTrainerMixin": "priorzoo.finetune.trainer",
 }
 
+# names this package exported before 0.2; they still work (from their modules) with a DeprecationWarning
+_MOVED = {
+    "PredictiveAverager": "priorzoo.finetune.bayes",
+    "accuracy": "priorzoo.finetune.metrics",
+    "average_predictive": "priorzoo.finetune.bayes",
+    "expected_calibration_error": "priorzoo.finetune.metrics",
+    "nll": "priorzoo.finetune.metrics",
+    "predict_proba": "priorzoo.finetune.loop",
+}
+
 
 def __getattr__(name: str) -> Any:
     """Import the transformers integrations on first access (they need ``priorzoo[transformers]``)."""
@@ -86,6 +101,14 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
+    if name in _MOVED:
+        warnings.warn(
+            f"`priorzoo.finetune.{name}` is deprecated and will be removed in priorzoo 0.3; import it from "
+            f"`{_MOVED[name]}`",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(_MOVED[name]), name)
     raise AttributeError(f"module 'priorzoo.finetune' has no attribute {name!r}")
 
 

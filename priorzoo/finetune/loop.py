@@ -61,9 +61,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from priorzoo._validation import check_num_train_examples, check_positive_int, check_prior_weight, check_scale
+from priorzoo.enums import Metric
 from priorzoo.finetune.metrics import classification_metrics, probabilities
-from priorzoo.finetune.regularizer import PriorRegularizer, check_num_train_examples, check_prior_weight, check_scale
-from priorzoo.learn._common import check_positive_int
+from priorzoo.finetune.regularizer import PriorRegularizer
 from priorzoo.learn._common import move_to_device as _move_batch
 from priorzoo.matching import Patterns
 from priorzoo.prior import PriorModel
@@ -291,16 +292,6 @@ def evaluate(
     return classification_metrics(probs, labels, num_bins=num_bins)
 
 
-_HIGHER_IS_BETTER = {"accuracy": True, "nll": False, "ece": False}
-
-
-def _higher_is_better(metric: str) -> bool:
-    """Whether a larger value of the selection ``metric`` is better; refuses an unknown metric."""
-    if metric not in _HIGHER_IS_BETTER:
-        raise ValueError(f"`metric` must be one of {sorted(_HIGHER_IS_BETTER)}; received {metric!r}")
-    return _HIGHER_IS_BETTER[metric]
-
-
 @dataclass
 class FitResult:
     """What :func:`fit` did.
@@ -357,7 +348,7 @@ def fit(
         >>> res.steps, len(res.history)
         (6, 2)
     """
-    higher = _higher_is_better(metric)
+    higher = Metric.check(metric).higher_is_better
     check_positive_int(epochs, "epochs")
     for name, value in (("max_steps", max_steps), ("eval_every", eval_every), ("patience", patience)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):

@@ -27,9 +27,6 @@ Example:
 
 from __future__ import annotations
 
-import math
-import numbers
-import operator
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -37,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from priorzoo._validation import check_num_train_examples, check_prior_weight, check_scale
 from priorzoo.bound import BoundPrior
 from priorzoo.finetune._prefetch import PrecomputedPenalty, Prefetched
 from priorzoo.gaussian import Workspace
@@ -48,73 +46,6 @@ __all__ = ["PriorRegularizer", "check_num_train_examples", "check_prior_weight",
 
 
 # ---------------------------------------------------------------------- validation
-def check_num_train_examples(value: Any) -> int:
-    """N must be a positive integer (the number of training examples); returns it as ``int``.
-
-    Integers of any kind (``int``, NumPy integers) and integral floats (``5e4``) are accepted.
-
-    Example:
-        >>> check_num_train_examples(50000)
-        50000
-    """
-    n = None
-    if not isinstance(value, bool):
-        try:
-            n = operator.index(value)
-        except TypeError:
-            if isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
-                n = int(value)
-    if n is None:
-        raise ValueError(
-            f"`num_train_examples` (N) must be a positive integer, the number of training examples; received {value!r}"
-        )
-    if n <= 0:
-        raise ValueError(
-            f"`num_train_examples` (N) must be > 0: the loss adds penalty / N, N = number of training "
-            f"examples; received {value!r}"
-        )
-    return n
-
-
-def _positive_real(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return None
-    value = float(value)
-    return value if math.isfinite(value) and value > 0 else None
-
-
-def check_prior_weight(value: Any) -> float:
-    """ρ must be a finite number > 0 (1 = the Bayesian posterior); returns it as ``float``.
-
-    Example:
-        >>> check_prior_weight(1)
-        1.0
-    """
-    checked = _positive_real(value)
-    if checked is None:
-        raise ValueError(
-            f"`prior_weight` must be a finite number > 0 (1.0 = the posterior; to train without a prior, "
-            f"do not add the term); received {value!r}"
-        )
-    return checked
-
-
-def check_scale(value: Any) -> float:
-    """λ must be a finite number > 0 (it multiplies the prior covariance); returns it as ``float``.
-
-    Example:
-        >>> check_scale(1e4)
-        10000.0
-    """
-    checked = _positive_real(value)
-    if checked is None:
-        raise ValueError(
-            f"the prior scale λ must be a finite number > 0 (it multiplies the covariance: large λ = weak "
-            f"prior); received {value!r}"
-        )
-    return checked
-
-
 def _check_prior_device(prior: PriorModel) -> None:
     for store_name, store in (("mean", prior.mean), ("variance", prior.variance), ("cov_factor", prior.cov_factor)):
         for name, t in (store or {}).items():

@@ -17,23 +17,18 @@ Example:
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from priorzoo.finetune.loop import (
-    ForwardFn,
-    PriorRegularizer,
-    _higher_is_better,
-    check_num_train_examples,
-    check_scale,
-    default_forward,
-    fit,
-)
-from priorzoo.learn._common import check_positive_int
+from priorzoo._validation import check_num_train_examples, check_positive_int, check_scale
+from priorzoo.enums import Metric, OptimizerKind
+from priorzoo.finetune.loop import ForwardFn, default_forward
+from priorzoo.finetune.options import BindOptions
+from priorzoo.finetune.runners import GridPoint, fit_fresh, grid_search
+from priorzoo.finetune.runners import make_optimizer as _make_optimizer
 from priorzoo.matching import Patterns
 from priorzoo.prior import PriorModel
 
@@ -213,7 +208,7 @@ def tune_scale(
         >>> [p.scale for p in res.curve], res.best_scale in (1.0, 100.0)
         ([1.0, 100.0], True)
     """
-    higher = _higher_is_better(metric)
+    Metric.check(metric)
     n = check_num_train_examples(num_train_examples)
     grid = list(log_grid(1.0, 1e10) if grid is None else grid)
     if not grid:
@@ -221,77 +216,54 @@ def tune_scale(
     grid = [check_scale(s) for s in grid]
     if len(set(grid)) != len(grid):
         raise ValueError(f"the λ grid has duplicates: {grid}")
-    curve: list[ScalePoint] = []
-    for scale in grid:
-        torch.manual_seed(seed)
-        model = make_model()
-        reg = PriorRegularizer(
-            prior,
-            model,
+    bind = BindOptions(include=include, exclude=exclude, allow_partial=allow_partial)
+    build_optimizer = make_optimizer or (lambda m: _make_optimizer(m, OptimizerKind.SGD, lr=lr))
+
+    def run(scale: float) -> tuple[torch.nn.Module, Any]:
+        return fit_fresh(
+            make_model,
+            train_loader,
+            build_optimizer,
+            prior=prior.with_scale(scale),
             num_train_examples=n,
             prior_weight=prior_weight,
-            scale=scale,
-            include=include,
-            exclude=exclude,
-            allow_partial=allow_partial,
+            bind=bind,
+            seed=seed,
+            epochs=epochs,
+            max_steps=max_steps,
+            val_loader=val_loader,
+            eval_every=eval_every,
+            patience=patience,
+            metric=metric,
+            restore_best=False,
+            forward=forward,
+            autocast_dtype=autocast_dtype,
         )
-        optimizer = (
-            make_optimizer(model)
-            if make_optimizer is not None
-            else torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-        )
-        start = time.perf_counter()
-        try:
-            res = fit(
-                model,
-                train_loader,
-                optimizer,
-                regularizer=reg,
-                epochs=epochs,
-                max_steps=max_steps,
-                val_loader=val_loader,
-                eval_every=eval_every,
-                patience=patience,
-                metric=metric,
-                restore_best=False,
-                forward=forward,
-                autocast_dtype=autocast_dtype,
-            )
-        except FloatingPointError as err:
-            curve.append(ScalePoint(scale, {}, None, 0, False, time.perf_counter() - start, diverged=True))
-            if verbose:
-                print(f"λ = {scale:<10.3g} diverged ({err})", flush=True)
-            del model, reg, optimizer
-            continue
-        point = ScalePoint(
-            scale=scale,
-            metrics=dict(res.best_metrics or {}),
-            best_step=res.best_step,
-            steps=res.steps,
-            stopped_early=res.stopped_early,
-            seconds=time.perf_counter() - start,
-        )
-        curve.append(point)
-        if verbose:
-            m = point.metrics
-            print(
-                f"λ = {scale:<10.3g} val nll {m.get('nll', math.nan):.4f}  acc {m.get('accuracy', math.nan):.4f}  "
-                f"({point.steps} steps, best at {point.best_step})",
-                flush=True,
-            )
-        del model, reg, optimizer
 
-    def key(p: ScalePoint) -> tuple[float, float]:
-        v = p.metrics.get(metric, math.nan)
-        if not math.isfinite(v):
-            return (math.inf, p.scale)
-        return (-v if higher else v, p.scale)
+    def report(p: GridPoint) -> None:
+        if not verbose:
+            return
+        if p.diverged:
+            print(f"λ = {p.value:<10.3g} diverged ({p.error})", flush=True)
+            return
+        m = p.metrics
+        print(
+            f"λ = {p.value:<10.3g} val nll {m.get('nll', math.nan):.4f}  acc {m.get('accuracy', math.nan):.4f}  "
+            f"({p.steps} steps, best at {p.best_step})",
+            flush=True,
+        )
 
-    if all(p.diverged for p in curve):
+    try:
+        search = grid_search(grid, run, metric=metric, on_point=report, what="λ")
+    except FloatingPointError:
         raise FloatingPointError(
             f"every λ in the grid {grid} diverged: lower the learning rate or search larger λ (weaker priors)"
-        )
-    best = min(curve, key=key)
+        ) from None
+    curve = [
+        ScalePoint(p.value, p.metrics, p.best_step, p.steps, p.stopped_early, p.seconds, diverged=p.diverged)
+        for p in search.points
+    ]
+    best = search.best
     settings = {
         "num_train_examples": n,
         "epochs": epochs,
@@ -302,4 +274,4 @@ def tune_scale(
         "seed": seed,
         "grid": grid,
     }
-    return ScaleSearchResult(best_scale=best.scale, metric=metric, curve=curve, settings=settings)
+    return ScaleSearchResult(best_scale=best.value, metric=str(metric), curve=curve, settings=settings)

@@ -45,6 +45,7 @@ except ImportError as _err:  # pragma: no cover - exercised only without the ext
         'priorzoo.finetune.PriorTrainer needs transformers: pip install "priorzoo[transformers]"'
     ) from _err
 
+from priorzoo._deprecation import UNSET, renamed_keyword
 from priorzoo.finetune.callback import PriorCallback, _PriorTermLog, check_trainer_setup, shards_late
 from priorzoo.finetune.regularizer import PriorRegularizer, check_num_train_examples, check_prior_weight, check_scale
 from priorzoo.matching import Patterns
@@ -64,8 +65,8 @@ class PriorTrainerMixin:
         prior: the :class:`~priorzoo.PriorModel`.
         num_train_examples: N > 0; default ``len(train_dataset)``.
         prior_weight: ρ > 0 (default 1).
-        prior_scale: if given, λ > 0 replaces the prior's covariance scale; default:
-            :meth:`PriorModel.resolve_scale` (the ``recommended_scale`` of a learned prior).
+        scale: if given, λ > 0 replaces the prior's covariance scale (``prior_scale``: its deprecated name);
+            default: :meth:`PriorModel.resolve_scale` (the ``recommended_scale`` of a learned prior).
         prior_include, prior_exclude, prior_exclude_head, prior_allow_partial, prior_dtype: forwarded to
             :meth:`~priorzoo.PriorModel.bind` as ``include``, ``exclude``, ...
         prior_overlap: on a CPU, start computing the prior term in a background thread as soon as the
@@ -95,15 +96,17 @@ class PriorTrainerMixin:
         prior: PriorModel,
         num_train_examples: int | None = None,
         prior_weight: float = 1.0,
-        prior_scale: float | None = None,
+        scale: float | None = None,
         prior_include: Patterns = None,
         prior_exclude: Patterns = None,
         prior_exclude_head: bool = True,
         prior_allow_partial: bool = False,
         prior_dtype: torch.dtype | None = None,
         prior_overlap: bool = True,
+        prior_scale: Any = UNSET,
         **kwargs: Any,
     ) -> None:
+        scale = renamed_keyword(scale, prior_scale, new="scale", old="prior_scale", where=type(self).__name__)
         if not isinstance(prior, PriorModel):
             raise TypeError(f"`prior` must be a priorzoo.PriorModel; received {type(prior).__name__}")
         # validate before the (slow) Trainer construction
@@ -112,7 +115,7 @@ class PriorTrainerMixin:
         prior_weight = check_prior_weight(prior_weight)
         if not isinstance(prior_overlap, bool):
             raise TypeError(f"`prior_overlap` must be True or False; received {prior_overlap!r}")
-        prior = prior.resolve_scale(check_scale(prior_scale) if prior_scale is not None else None)
+        prior = prior.resolve_scale(check_scale(scale) if scale is not None else None)
         super().__init__(*args, **kwargs)
         trainer: Any = self
         check_trainer_setup(trainer.args, where=type(self).__name__, gradient_hook=False)

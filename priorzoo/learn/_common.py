@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from priorzoo._validation import check_float, check_positive_int  # noqa: F401 (the learners import them here)
 from priorzoo.matching import (
     Patterns,
     compile_patterns,
@@ -81,24 +82,6 @@ def describe_backbone(model: torch.nn.Module) -> dict[str, Any]:
             out["name"] = str(name)
         return out
     return {"library": "torch", "architecture": type(inner).__name__}
-
-
-def check_positive_int(value: Any, what: str, *, minimum: int = 1, hint: str = "") -> int:
-    """``value`` as an int ≥ ``minimum``, else a ValueError naming ``what``, the value and what is valid."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(
-            f"`{what}` must be an integer ≥ {minimum}; received {value!r}" + (f" ({hint})" if hint else "")
-        )
-    return value
-
-
-def check_float(value: Any, what: str, *, minimum: float = 0.0, strict: bool = False) -> float:
-    """``value`` as a finite float ≥ (or > when ``strict``) ``minimum``, else a clear ValueError."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or (value <= minimum if strict else value < minimum):
-        cmp = ">" if strict else "≥"
-        raise ValueError(f"`{what}` must be a finite number {cmp} {minimum:g}; received {value!r}")
-    return float(value)
 
 
 def move_to_device(batch: Any, device: torch.device | str | None, *, non_blocking: bool = False) -> Any:

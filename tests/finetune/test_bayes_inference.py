@@ -11,8 +11,14 @@ import torch
 from finetune_helpers import tiny_timm
 
 from priorzoo import PriorModel
-from priorzoo.finetune import SGLD, DownstreamSWAG, PredictiveAverager, average_predictive, bma_predict
-from priorzoo.finetune.bayes import has_batchnorm, refresh_batchnorm_, sample_into_
+from priorzoo.finetune import SGLD, DownstreamSWAG, bma_predict
+from priorzoo.finetune.bayes import (
+    PredictiveAverager,
+    average_predictive,
+    has_batchnorm,
+    refresh_batchnorm_,
+    sample_into_,
+)
 from priorzoo.finetune.loop import train_step
 
 
