@@ -32,7 +32,8 @@ import importlib
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from priorzoo.finetune.bayes import SGLD, DownstreamSWAG, bma_predict, refresh_batchnorm_
+from priorzoo.finetune.batchnorm import refresh_batchnorm_
+from priorzoo.finetune.bayes import SGLD, DownstreamSWAG, bma_predict
 from priorzoo.finetune.loop import evaluate, fit, l2sp_prior, train_step
 from priorzoo.finetune.metrics import classification_metrics
 from priorzoo.finetune.options import BindOptions

@@ -44,11 +44,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from priorzoo.finetune.batchnorm import has_batchnorm, refresh_batchnorm_
 from priorzoo.finetune.loop import (
     ForwardFn,
     check_num_train_examples,
     default_forward,
-    move_to_device,
     predict_proba,
 )
 from priorzoo.finetune.metrics import classification_metrics
@@ -79,65 +79,6 @@ def average_predictive(probs: Sequence[Tensor] | Tensor) -> Tensor:
     if stacked is None or stacked.dim() != 3 or stacked.shape[0] == 0:
         raise ValueError("`probs` must be S ≥ 1 tensors of shape [n, C] (or one [S, n, C] tensor)")
     return stacked.mean(dim=0)
-
-
-def has_batchnorm(model: torch.nn.Module) -> bool:
-    """Whether the model holds batch-norm layers with running statistics.
-
-    Example:
-        >>> import torch
-        >>> has_batchnorm(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)))
-        True
-    """
-    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules())
-
-
-@torch.no_grad()
-def refresh_batchnorm_(
-    model: torch.nn.Module,
-    loader: Iterable[Any],
-    *,
-    forward: ForwardFn = default_forward,
-    num_batches: int | None = None,
-) -> bool:
-    """Recompute the running mean/variance of every batch-norm layer for the current weights.
-
-    The statistics are reset and re-estimated as the cumulative average over the batches of ``loader``
-    (``momentum=None``), with the batch-norm layers in train mode and every other layer in eval mode (no
-    dropout). Returns ``False`` (and does nothing) for a model without batch norm.
-
-    Example:
-        >>> import torch
-        >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
-        >>> refresh_batchnorm_(m, [(torch.randn(8, 2), torch.zeros(8).long())])
-        True
-    """
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not bns:
-        return False
-    was_training = {m: m.training for m in model.modules()}
-    momenta = {m: m.momentum for m in bns}
-    device = next(model.parameters()).device
-    try:
-        model.eval()
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None
-            m.train()
-        seen = 0
-        for i, batch in enumerate(loader):
-            if num_batches is not None and i >= num_batches:
-                break
-            forward(model, move_to_device(batch, device))
-            seen += 1
-        if seen == 0:
-            raise ValueError("the batch-norm loader yielded no batch")
-    finally:
-        for m, mom in momenta.items():
-            m.momentum = mom
-        for m, t in was_training.items():
-            m.train(t)
-    return True
 
 
 @torch.no_grad()

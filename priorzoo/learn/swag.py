@@ -414,7 +414,7 @@ class SWAGCollector:
         """Recompute the running statistics for the SWA mean: copy w̄ into the model, re-estimate them on
         ``data`` (:func:`priorzoo.finetune.refresh_batchnorm_`), read them, then put the weights and
         statistics back."""
-        from priorzoo.finetune.bayes import refresh_batchnorm_
+        from priorzoo.finetune.batchnorm import refresh_batchnorm_
 
         named = dict(self.model.named_parameters())
         saved = {n: named[n].detach().clone() for n in self.names}
