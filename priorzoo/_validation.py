@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "check_prior_weight",
     "check_scale",
     "positive_real",
+    "short_list",
 ]
 
 
@@ -125,3 +127,17 @@ def check_scale(value: Any) -> float:
             f"prior); received {value!r}"
         )
     return checked
+
+
+def short_list(items: Sequence[str], n: int = 4) -> str:
+    """The first ``n`` items in backticks, then how many more: the way error messages list names.
+
+    Example:
+        >>> short_list(["a", "b", "c"], 2)
+        '`a`, `b`, … (+1 more)'
+    """
+    items = list(items)
+    if not items:
+        return "none"
+    shown = ", ".join(f"`{i}`" for i in items[:n])
+    return shown + (f", … (+{len(items) - n} more)" if len(items) > n else "")

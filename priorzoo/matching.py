@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from priorzoo._validation import short_list as _short
 from priorzoo.errors import PriorMatchError
 
 __all__ = [
@@ -370,14 +371,6 @@ class MatchResult:
                 "Pass allow_partial=True to use the prior's marginal over the matched parameters, or "
                 "exclude=[...] to drop them."
             )
-
-
-def _short(items: Sequence[str], n: int = 4) -> str:
-    items = list(items)
-    if not items:
-        return "none"
-    shown = ", ".join(f"`{i}`" for i in items[:n])
-    return shown + (f", … (+{len(items) - n} more)" if len(items) > n else "")
 
 
 def _prefixes(names: Sequence[str], depth: int = 2) -> set[str]:

@@ -433,7 +433,7 @@ def check_unmerged(model: torch.nn.Module) -> None:
     Example:
         >>> check_unmerged(torch.nn.Linear(2, 2))
     """
-    from priorzoo.matching import _short
+    from priorzoo._validation import short_list as _short
 
     merged = [n for n, m in model.named_modules() if _is_peft_module(m) and getattr(m, "merged_adapters", None)]
     if merged:
