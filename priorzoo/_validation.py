@@ -104,13 +104,11 @@ def check_prior_weight(value: Any) -> float:
         >>> check_prior_weight(1)
         1.0
     """
-    checked = positive_real(value)
-    if checked is None:
-        raise ValueError(
-            f"`prior_weight` must be a finite number > 0 (1.0 = the posterior; to train without a prior, "
-            f"do not add the term); received {value!r}"
-        )
-    return checked
+    return _check_positive(
+        value,
+        "`prior_weight` must be a finite number > 0 (1.0 = the posterior; to train without a prior, "
+        "do not add the term)",
+    )
 
 
 def check_scale(value: Any) -> float:
@@ -120,12 +118,16 @@ def check_scale(value: Any) -> float:
         >>> check_scale(1e4)
         10000.0
     """
+    return _check_positive(
+        value,
+        "the prior scale λ must be a finite number > 0 (it multiplies the covariance: large λ = weak prior)",
+    )
+
+
+def _check_positive(value: Any, message: str) -> float:
     checked = positive_real(value)
     if checked is None:
-        raise ValueError(
-            f"the prior scale λ must be a finite number > 0 (it multiplies the covariance: large λ = weak "
-            f"prior); received {value!r}"
-        )
+        raise ValueError(f"{message}; received {value!r}")
     return checked
 
 

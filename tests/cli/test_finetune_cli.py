@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _models import tiny_bert_config
 
 from priorzoo import PriorModel
 from priorzoo.cli import main
@@ -29,21 +30,14 @@ def _env(monkeypatch):
 @pytest.fixture(scope="module")
 def bert_folder(tmp_path_factory) -> Path:
     """A random-init 2-layer BertModel (width 32) saved with a word-level tokenizer."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from transformers import BertModel, BertTokenizerFast
 
     folder = tmp_path_factory.mktemp("tiny-bert")
     vocab = folder / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
     BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(folder)
     torch.manual_seed(0)
-    cfg = BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        vocab_size=5 + len(WORDS),
-        max_position_embeddings=32,
-    )
+    cfg = tiny_bert_config(vocab_size=5 + len(WORDS))
     BertModel(cfg).save_pretrained(folder)
     return folder
 

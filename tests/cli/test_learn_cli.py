@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from _models import tiny_bert_config
 
 from priorzoo import PriorModel
 from priorzoo.cli import main
@@ -37,14 +38,7 @@ def tiny_bert(tmp_path):
     tokenizer = transformers.BertTokenizerFast(vocab=vocab)
     tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        max_position_embeddings=32,
-    )
+    config = tiny_bert_config(vocab_size=len(tokenizer))
     transformers.BertForMaskedLM(config).save_pretrained(folder)
     return folder
 

@@ -14,17 +14,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/_models.py
 
-from finetune_helpers import (
-    TimmClassifier,
-    bert_prior,
-    image_examples,
-    one_step_args,
-    params_of,
-    text_examples,
-    timm_prior,
-    tiny_bert,
-)
+from _models import TimmClassifier, bert_prior, timm_prior, tiny_bert
+from finetune_helpers import image_examples, one_step_args, params_of, text_examples
 
 N = 10
 LR = 0.1

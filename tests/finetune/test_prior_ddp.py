@@ -43,7 +43,7 @@ def test_two_processes_equal_one_process(tmp_path):
         assert max_abs_diff(ddp, params) < 1e-6, name
 
     # the comparison is sharp: counting the prior once per process (twice) would move these weights
-    from finetune_helpers import bert_prior, tiny_bert
+    from _models import bert_prior, tiny_bert
 
     from priorzoo.finetune import PriorRegularizer
 

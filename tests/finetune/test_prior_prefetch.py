@@ -9,7 +9,8 @@ import warnings
 
 import pytest
 import torch
-from finetune_helpers import bert_prior, one_step_args, random_prior, text_examples, tiny_bert
+from _models import bert_prior, random_prior, tiny_bert
+from finetune_helpers import one_step_args, text_examples
 
 from priorzoo.finetune import PriorRegularizer, train_step
 from priorzoo.finetune import _prefetch as prefetch_mod

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _models import tiny_bert_config
 from torch import nn
 
 from priorzoo.learn import (
@@ -136,14 +137,7 @@ def test_mask_tokens_always_asks_for_one_prediction() -> None:
 def test_masked_lm_objective_on_a_tiny_bert() -> None:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        vocab_size=100,
-        max_position_embeddings=32,
-    )
+    cfg = tiny_bert_config()
     model = transformers.BertForMaskedLM(cfg)
     objective = MaskedLMObjective(
         mask_token_id=4, vocab_size=100, special_token_ids=(0, 1, 2, 3), generator=torch.Generator().manual_seed(0)

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from _models import tiny_bert_config
 
 from priorzoo import PriorModel
 from priorzoo.learn import CrossEntropyObjective, SimCLRObjective, swag_fit
@@ -72,16 +73,8 @@ def test_timm_simclr_prior_excludes_the_projection_head() -> None:
 
 
 def _bert_config(**kwargs):
-    transformers = pytest.importorskip("transformers")
-    return transformers.BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        vocab_size=100,
-        max_position_embeddings=32,
-        **kwargs,
-    )
+    pytest.importorskip("transformers")
+    return tiny_bert_config(**kwargs)
 
 
 class _MLMData(torch.utils.data.Dataset):

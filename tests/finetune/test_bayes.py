@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from finetune_helpers import tiny_timm
+from _models import tiny_timm
 
 from priorzoo import PriorModel
 from priorzoo.finetune import SGLD, DownstreamSWAG, bma_predict

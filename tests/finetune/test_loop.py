@@ -9,16 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from finetune_helpers import (
-    bert_prior,
-    max_abs_diff,
-    params_of,
-    random_prior,
-    text_examples,
-    timm_prior,
-    tiny_bert,
-    tiny_timm,
-)
+from _models import bert_prior, random_prior, timm_prior, tiny_bert, tiny_bert_config, tiny_timm
+from finetune_helpers import max_abs_diff, params_of, text_examples
 
 from priorzoo import PriorMatchError, PriorModel
 from priorzoo.errors import PriorFormatError
@@ -229,18 +221,9 @@ def test_prior_for_another_model_is_refused():
     with pytest.raises(PriorMatchError, match="no prior parameter matches"):
         PriorRegularizer(bert_prior(bert), resnet, num_train_examples=10)
     # same architecture, another width: a shape mismatch, named
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertForSequenceClassification
 
-    wider = BertForSequenceClassification(
-        BertConfig(
-            hidden_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=37,
-            vocab_size=100,
-            max_position_embeddings=32,
-        )
-    )
+    wider = BertForSequenceClassification(tiny_bert_config(hidden_size=48))
     with pytest.raises(PriorMatchError, match="another shape"):
         PriorRegularizer(bert_prior(bert), wider, num_train_examples=10)
 
@@ -248,7 +231,7 @@ def test_prior_for_another_model_is_refused():
 def test_prior_for_another_model_fails_when_the_trainer_is_built(tmp_path):
     pytest.importorskip("timm")
     transformers = pytest.importorskip("transformers")
-    from finetune_helpers import TimmClassifier
+    from _models import TimmClassifier
 
     from priorzoo.finetune import PriorCallback, PriorTrainer
 
