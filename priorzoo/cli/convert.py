@@ -23,7 +23,7 @@ from typing import Any
 
 from priorzoo.cli._common import fail
 
-__all__ = ["register", "run"]
+__all__ = ["register"]
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -36,7 +36,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="source_format", metavar="SOURCE", required=True)
 
     def common(q: argparse.ArgumentParser) -> None:
-        q.add_argument("output", help="folder to write the prior into")
+        q.add_argument("output", nargs="?", default=None, help="folder to write the prior into (or --output-dir)")
+        q.add_argument("--output-dir", default=None, help="folder to write the prior into")
         q.add_argument("--scale", type=float, default=1.0, help="λ stored in the prior")
         q.add_argument("--eps", type=float, default=0.0, help="ε stored in the prior")
         q.add_argument("--license", default=None)
@@ -95,10 +96,14 @@ def run(args: argparse.Namespace) -> int:
     from priorzoo.errors import PriorFormatError
     from priorzoo.serialization import check_target
 
+    if (args.output is None) == (args.output_dir is None):
+        return fail("convert", ValueError("give the output folder once: as OUTPUT or as `--output-dir`"))
+    output = args.output or args.output_dir
     try:
-        check_target(args.output, "OUT")  # before converting: never after minutes of work
+        # before converting: never after minutes of work
+        check_target(output, "OUT" if args.output else "--output-dir")
         prior = _convert(args)
-        folder = prior.save_pretrained(args.output)
+        folder = prior.save_pretrained(output)
     except (ValueError, ImportError, OSError, PriorFormatError) as err:
         return fail("convert", err)
     print(f"wrote {prior!r} to {folder}")

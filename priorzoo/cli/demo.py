@@ -19,7 +19,7 @@ import os
 import sys
 from typing import Any
 
-__all__ = ["build_config", "register", "run"]
+__all__ = ["register"]
 
 _DESCRIPTION = """\
 Offline, in one command: learn a SWAG prior for the bundled all-MiniLM-L6-v2 on a source task (tweet

@@ -34,7 +34,7 @@ from typing import Any
 
 from priorzoo.cli._common import add_download_arguments, download_kwargs, fail, hub_errors
 
-__all__ = ["register", "run_list", "run_pull", "run_push"]
+__all__ = ["register"]
 
 
 def register(subparsers: Any) -> list[argparse.ArgumentParser]:
@@ -68,7 +68,14 @@ def register(subparsers: Any) -> list[argparse.ArgumentParser]:
     )
     pull.add_argument("repo_id", metavar="REPO_ID", help='Hub repo id "org/name" (a local prior folder works too)')
     add_download_arguments(pull)
-    pull.add_argument("--to", default=None, metavar="FOLDER", help="also copy the prior's files into FOLDER")
+    pull.add_argument(
+        "--output-dir",
+        "--to",
+        dest="to",
+        default=None,
+        metavar="FOLDER",
+        help="also copy the prior's files into FOLDER (--to is an alias)",
+    )
     pull.set_defaults(func=run_pull)
 
     lst = subparsers.add_parser(
@@ -214,7 +221,7 @@ def run_pull(args: argparse.Namespace) -> int:
 
     Example:
         >>> from priorzoo.cli import main
-        >>> main(["pull", "me/resnet18-cifar10-swag", "--to", "./r18-prior"])  # doctest: +SKIP
+        >>> main(["pull", "me/resnet18-cifar10-swag", "--output-dir", "./r18-prior"])  # doctest: +SKIP
         0
     """
     try:

@@ -23,7 +23,7 @@ from typing import Any
 
 from priorzoo.cli._common import add_download_arguments, download_kwargs, fail, hub_errors
 
-__all__ = ["register", "run"]
+__all__ = ["register"]
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:

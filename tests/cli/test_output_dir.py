@@ -1,0 +1,31 @@
+"""`--output-dir` is the one spelling of the output folder across the CLI (old flags stay as aliases)."""
+
+from __future__ import annotations
+
+import pytest
+
+from priorzoo.cli import build_parser, main
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["demo", "--output-dir", "out"],
+        ["demo", "--output", "out"],
+        ["demo", "-o", "out"],
+        ["pull", "me/prior", "--output-dir", "out"],
+        ["pull", "me/prior", "--to", "out"],
+        ["finetune", "bert", "--no-prior", "--data", "d.csv", "--output-dir", "out"],
+    ],
+)
+def test_output_folder_flags(argv: list[str]) -> None:
+    args = build_parser().parse_args(argv)
+    assert (getattr(args, "output_dir", None) or getattr(args, "to", None)) == "out"
+
+
+def test_convert_takes_the_output_folder_once(tmp_path, capsys) -> None:
+    args = build_parser().parse_args(["convert", "official", "prefix", "--output-dir", "out"])
+    assert (args.output, args.output_dir) == (None, "out")
+    assert main(["convert", "official", str(tmp_path / "p"), str(tmp_path / "a"), "--output-dir", "b"]) == 2
+    assert "give the output folder once" in capsys.readouterr().err
+    assert main(["convert", "official", str(tmp_path / "p")]) == 2
