@@ -22,6 +22,7 @@ def tiny_bert_config(
     vocab_size: int = BERT_VOCAB,
     hidden_size: int = 32,
     intermediate_size: int = 37,
+    max_position_embeddings: int = 32,
     dropout: float | None = None,
     **kwargs: Any,
 ):
@@ -38,7 +39,7 @@ def tiny_bert_config(
         num_attention_heads=2,
         intermediate_size=intermediate_size,
         vocab_size=vocab_size,
-        max_position_embeddings=32,
+        max_position_embeddings=max_position_embeddings,
         **kwargs,
     )
 

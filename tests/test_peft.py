@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from _models import tiny_bert_config
 
 from priorzoo import PriorMatchError, PriorModel
 from priorzoo.peft import UnsupportedAdapterError, is_peft_model, lora_model, peft_view
@@ -32,15 +33,7 @@ REL = 1e-6
 
 def tiny_bert(seed: int = 0):
     torch.manual_seed(seed)
-    cfg = transformers.BertConfig(
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=24,
-        vocab_size=50,
-        max_position_embeddings=16,
-        num_labels=3,
-    )
+    cfg = tiny_bert_config(3, hidden_size=16, intermediate_size=24, vocab_size=50, max_position_embeddings=16)
     return transformers.BertForSequenceClassification(cfg)
 
 

@@ -8,17 +8,8 @@ import copy
 
 import pytest
 import torch
-from finetune_helpers import (
-    TimmClassifier,
-    bert_prior,
-    image_examples,
-    max_abs_diff,
-    one_step_args,
-    params_of,
-    text_examples,
-    timm_prior,
-    tiny_bert,
-)
+from _models import TimmClassifier, bert_prior, timm_prior, tiny_bert
+from finetune_helpers import image_examples, max_abs_diff, one_step_args, params_of, text_examples
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
