@@ -98,10 +98,10 @@ def run(args: argparse.Namespace) -> int:
 
     if (args.output is None) == (args.output_dir is None):
         return fail("convert", ValueError("give the output folder once: as OUTPUT or as `--output-dir`"))
-    output = args.output or args.output_dir
+    output = args.output if args.output is not None else args.output_dir
     try:
         # before converting: never after minutes of work
-        check_target(output, "OUT" if args.output else "--output-dir")
+        check_target(output, "OUT" if args.output is not None else "--output-dir")
         prior = _convert(args)
         folder = prior.save_pretrained(output)
     except (ValueError, ImportError, OSError, PriorFormatError) as err:

@@ -43,8 +43,9 @@ from typing import Any
 
 from priorzoo.cli._common import check_at_least, default_device, fail
 from priorzoo.datasets import DATA_FORMATS, IMAGENET_MEAN, IMAGENET_STD, Columns, image_tensor
+from priorzoo.enums import Method, Metric, OptimizerKind
 
-__all__ = ["Setup", "check_args", "finetune", "prepare", "register", "run"]
+__all__ = ["register"]
 
 _RESULT_NAME = "priorzoo_finetune.json"
 
@@ -101,7 +102,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--tune-epochs", type=int, default=None, help="epochs of each λ run (default: --epochs)")
     g.add_argument("--tune-patience", type=int, default=2, help="evaluations without improvement before stopping")
     g.add_argument("--tune-eval-every", type=int, default=None, help="steps between evaluations (default: epoch)")
-    g.add_argument("--tune-metric", choices=("nll", "accuracy", "ece"), default="nll")
+    g.add_argument("--tune-metric", choices=Metric.values(), default="nll")
     init = g.add_mutually_exclusive_group()
     init.add_argument(
         "--init-from-prior",
@@ -142,11 +143,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     d.add_argument("--image-size", type=int, default=None, help="default: the timm model's input size")
 
     t = p.add_argument_group("training")
-    t.add_argument("--method", choices=("map", "bma", "sgld"), default="map")
+    t.add_argument("--method", choices=Method.values(), default="map")
     t.add_argument("--epochs", type=int, default=3)
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--eval-batch-size", type=int, default=64)
-    t.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd", help="for map and the MAP phase of bma")
+    t.add_argument(
+        "--optimizer", choices=OptimizerKind.values(), default="sgd", help="for map and the MAP phase of bma"
+    )
     t.add_argument("--lr", type=_positive_float, default=1e-2)
     t.add_argument("--momentum", type=float, default=0.9)
     t.add_argument("--weight-decay", type=float, default=0.0, help="decoupled decay toward 0, on top of the prior")
@@ -299,14 +302,15 @@ def _log(args: argparse.Namespace, msg: str) -> None:
 
 
 def _make_optimizer(model: Any, args: argparse.Namespace, *, lr: float | None = None, kind: str | None = None) -> Any:
-    import torch
+    from priorzoo.finetune import make_optimizer
 
-    lr = args.lr if lr is None else lr
-    kind = kind or args.optimizer
-    params = [p for p in model.parameters() if p.requires_grad]
-    if kind == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    return make_optimizer(
+        model,
+        kind or args.optimizer,
+        lr=args.lr if lr is None else lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+    )
 
 
 @dataclass
@@ -582,7 +586,7 @@ def _finetune(args: argparse.Namespace, progress: dict[str, Any]) -> dict[str, A
     import torch
 
     from priorzoo import __version__
-    from priorzoo.finetune.bayes import SGLD, DownstreamSWAG, PredictiveAverager, bma_predict, refresh_batchnorm_
+    from priorzoo.finetune import bma_predict, fit_swag_posterior, refresh_batchnorm_, run_sgld
     from priorzoo.finetune.loop import PriorRegularizer, fit, predict_proba
     from priorzoo.finetune.metrics import classification_metrics
     from priorzoo.finetune.scale import log_grid, tune_scale
@@ -699,16 +703,18 @@ def _finetune(args: argparse.Namespace, progress: dict[str, Any]) -> dict[str, A
             for name, ld in eval_loaders.items():
                 predictions[name] = predict_proba(model, ld)
         else:
-            swag = DownstreamSWAG(model, rank=args.swag_rank)
             steps = args.swag_epochs * len(train_loader)
             every = max(1, steps // (args.swag_rank + 1))
             swag_opt = _make_optimizer(model, args, lr=args.swag_lr or args.lr, kind="sgd")
-
-            def collect(step: int) -> None:
-                if step % every == 0:
-                    swag.collect()
-
-            res = fit(model, train_loader, swag_opt, epochs=args.swag_epochs, on_step=collect, **fit_kwargs)
+            swag, res = fit_swag_posterior(
+                model,
+                train_loader,
+                swag_opt,
+                rank=args.swag_rank,
+                epochs=args.swag_epochs,
+                collect_every=every,
+                **fit_kwargs,
+            )
             history["swag"] = {
                 "steps": res.steps,
                 "seconds": res.seconds,
@@ -732,31 +738,26 @@ def _finetune(args: argparse.Namespace, progress: dict[str, Any]) -> dict[str, A
             posterior.init_model_(model, exclude_head=False, allow_partial=True)
             refresh_batchnorm_(model, train_loader)
     else:  # sgld
-        sgld = SGLD(
-            [p for p in model.parameters() if p.requires_grad],
+        chain = run_sgld(
+            model,
+            train_loader,
             lr=args.lr,
             num_train_examples=n_train,
+            epochs=args.epochs,
+            num_samples=args.num_samples,
+            eval_loaders=eval_loaders or None,
+            burn_in_epochs=args.burn_in_epochs,
             temperature=args.temperature,
             generator=torch.Generator(device=device).manual_seed(args.seed),
+            **fit_kwargs,
         )
-        burn = args.burn_in_epochs if args.burn_in_epochs is not None else args.epochs // 2
-        steps_per_epoch = len(train_loader)
-        sampling_steps = (args.epochs - burn) * steps_per_epoch
-        every = max(1, sampling_steps // args.num_samples)
-        averager = PredictiveAverager(eval_loaders, bn_loader=train_loader) if eval_loaders else None
-
-        def sample(step: int) -> None:
-            k = step - burn * steps_per_epoch
-            if averager is not None and k > 0 and k % every == 0 and averager.num_samples < args.num_samples:
-                averager.add(model)
-
-        res = fit(model, train_loader, sgld, epochs=args.epochs, on_step=sample, **fit_kwargs)
+        res, averager = chain.fit, chain.averager
         history["sgld"] = {
             "steps": res.steps,
             "seconds": res.seconds,
-            "burn_in_epochs": burn,
-            "sample_every": every,
-            "samples": averager.num_samples if averager else 0,
+            "burn_in_epochs": chain.burn_in_epochs,
+            "sample_every": chain.sample_every,
+            "samples": chain.num_samples,
         }
         if averager is not None:
             if averager.num_samples == 0:
