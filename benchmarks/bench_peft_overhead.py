@@ -44,7 +44,7 @@ PRIORS = ("adapted", "whole")
 KINDS = ("in_loss", "in_loss_overlap", "grad_hook_overlap")
 
 
-def build(rank: int):
+def build(rank: int, *, whole: bool = True):
     from peft import LoraConfig, get_peft_model
 
     from priorzoo import PriorModel
@@ -52,20 +52,32 @@ def build(rank: int):
 
     torch.manual_seed(0)
     model = MiniLMClassifier(Path(minilm_path()))
-    whole = make_prior(model.encoder, rank)
-    keep = [n for n in whole.names if ".attention.self.query." in n or ".attention.self.value." in n]
-    adapted = PriorModel.from_tensors(
-        {n: whole.mean[n] for n in keep},
-        {n: whole.variance[n] for n in keep},
-        {n: whole.cov_factor[n] for n in keep},
-    )
+    keep = [
+        n for n, _ in model.encoder.named_parameters() if ".attention.self.query." in n or ".attention.self.value." in n
+    ]
+    if whole:
+        full = make_prior(model.encoder, rank)
+        adapted = PriorModel.from_tensors(
+            {n: full.mean[n] for n in keep}, {n: full.variance[n] for n in keep}, {n: full.cov_factor[n] for n in keep}
+        )
+    else:  # the same construction over the adapted layers only (no 22.7M × K factor to generate)
+        only = torch.nn.Module()
+        for i, n in enumerate(keep):
+            only.register_parameter(f"p{i}", dict(model.encoder.named_parameters())[n])
+        small = make_prior(only, rank)
+        adapted = PriorModel.from_tensors(
+            {n: small.mean[f"p{i}"] for i, n in enumerate(keep)},
+            {n: small.variance[f"p{i}"] for i, n in enumerate(keep)},
+            {n: small.cov_factor[f"p{i}"] for i, n in enumerate(keep)},
+        )
+        full = None
     config = LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], modules_to_save=["classifier"])
     lora = get_peft_model(model, config)
     with torch.no_grad():  # a trained-looking LoRA: B ≠ 0
         for n, p in lora.named_parameters():
             if "lora_B" in n:
                 p.normal_(0.0, 1e-3)
-    return lora, {"adapted": adapted, "whole": whole}
+    return lora, {"adapted": adapted, "whole": full}
 
 
 def main() -> None:
@@ -73,11 +85,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rank", type=int, default=20)
+    parser.add_argument("--priors", nargs="+", choices=PRIORS, default=list(PRIORS))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from priorzoo.finetune import PriorRegularizer
 
-    lora, priors = build(args.rank)
+    lora, priors = build(args.rank, whole="whole" in args.priors)
+    priors = {k: v for k, v in priors.items() if k in args.priors}
     n_train = 10_000
     regs, bind_seconds = {}, {}
     for name, prior in priors.items():
@@ -124,7 +138,11 @@ def main() -> None:
             prior_alone[name].append(time.perf_counter() - t)
             opt.zero_grad(set_to_none=True)
         print(f"round {rnd + 1}/{args.rounds}: " + ", ".join(f"{a} {wall[a][-1]:.3f}s" for a in arms), flush=True)
+        save(args, lora, priors, regs, bind_seconds, wall, prior_alone, rnd + 1)
 
+
+def save(args, lora, priors, regs, bind_seconds, wall, prior_alone, rounds_done: int) -> None:
+    """Write the JSON and Markdown (after every round: an interrupted run keeps what it measured)."""
     summary = summarize(wall, "no_prior")
     bound = {name: regs[f"{name}:in_loss"].bound for name in priors}
     result = {
@@ -139,7 +157,8 @@ def main() -> None:
             "model": "all-MiniLM-L6-v2 + linear head, peft LoRA r=8 alpha=16 on query/value, head in modules_to_save",
             "batch": [16, 128],
             "rank": args.rank,
-            "rounds": args.rounds,
+            "rounds": rounds_done,
+            "rounds_planned": args.rounds,
             "trainable_parameters": sum(p.numel() for p in lora.parameters() if p.requires_grad),
             "priors": {
                 name: {

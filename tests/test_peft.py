@@ -370,3 +370,30 @@ def test_l2sp_on_a_lora_model_is_the_squared_norm_of_delta_w():
     assert float(prior.penalty(model).detach()) == pytest.approx(want, rel=1e-5)
     with pytest.raises(ValueError, match="no trainable adapted layer"):
         l2sp_prior(model, 0.5, include="embeddings.*")
+
+
+def test_a_lora_step_is_host_sync_free_and_its_op_count_does_not_grow_with_the_frozen_blocks():
+    """The per-step work is the adapted blocks': a prior over the whole backbone (the rest frozen, read once at
+    bind) launches exactly the ops of a prior over the adapted layers alone, and never waits for the host."""
+    from opcount import OpCounter
+
+    from priorzoo.finetune import PriorRegularizer
+
+    model, whole, _ = _build("bert-lora")
+    adapted = [n.removeprefix("bert.") for n in peft_view(model).adapted]
+    only = PriorModel.from_tensors(
+        {n: whole.mean[n] for n in adapted},
+        {n: whole.variance[n] for n in adapted},
+        {n: whole.cov_factor[n] for n in adapted},
+    )
+    counts = {}
+    for name, prior in (("whole", whole), ("adapted", only)):
+        reg = PriorRegularizer(prior, model, num_train_examples=10, overlap=False)
+        reg.add_to_grad_()  # warm-up (lazy state)
+        with OpCounter() as grad_path:
+            reg.add_to_grad_()
+        with OpCounter() as loss_path:
+            reg().backward()
+        assert grad_path.syncs == [] and loss_path.syncs == [], name
+        counts[name] = (len(grad_path.ops), len(loss_path.ops))
+    assert counts["whole"] == counts["adapted"]
