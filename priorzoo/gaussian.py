@@ -62,15 +62,15 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from priorzoo.errors import PriorFormatError
+from priorzoo.precision import ieee_fp32_matmul, no_autocast
 
 __all__ = ["LowRankGaussian", "Workspace", "ieee_fp32_matmul"]
 
@@ -78,72 +78,6 @@ _LOG_2PI = math.log(2.0 * math.pi)
 _COND_WARN = 1e12
 _CHUNK = 1 << 16
 _LOWP_SCRATCH = 1 << 22
-_REDUCED = ("tf32", "bf16")
-
-
-def _no_autocast(device: torch.device) -> torch.autocast:
-    """The penalty is always computed in its own dtype: an enclosing bf16/fp16 autocast region would
-    round the factor products (the gradient by ~1e-3 relative in bf16)."""
-    return torch.autocast(device_type=device.type, enabled=False)
-
-
-@contextlib.contextmanager
-def _set_restore(get, put, value) -> Iterator[None]:
-    old = get()
-    put(value)
-    try:
-        yield
-    finally:
-        put(old)
-
-
-def ieee_fp32_matmul() -> contextlib.AbstractContextManager:
-    """A context in which float32 matrix products run in IEEE float32 (no TF32/bf16 emulation); restores the
-    caller's setting on exit, through the same API it was set with (mixing PyTorch's legacy and new TF32
-    APIs makes later reads raise). A no-op inside ``torch.compile`` and when nothing reduces precision.
-
-    Example:
-        >>> import torch
-        >>> torch.backends.cuda.matmul.fp32_precision = "tf32"
-        >>> with ieee_fp32_matmul():
-        ...     torch.backends.cuda.matmul.fp32_precision
-        'ieee'
-        >>> torch.backends.cuda.matmul.fp32_precision
-        'tf32'
-        >>> torch.backends.cuda.matmul.fp32_precision = "none"
-    """
-    if torch.compiler.is_compiling():
-        return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    try:
-        generic = torch.get_float32_matmul_precision()
-    except RuntimeError:  # set through the backend-specific APIs: handled below
-        generic = None
-    if generic in ("high", "medium"):  # torch.set_float32_matmul_precision (transformers' tf32=True)
-        stack.enter_context(
-            _set_restore(torch.get_float32_matmul_precision, torch.set_float32_matmul_precision, "highest")
-        )
-    else:
-        cuda = torch.backends.cuda.matmul
-        if cuda.fp32_precision in _REDUCED:
-            try:
-                legacy = bool(cuda.allow_tf32)
-            except RuntimeError:  # set with the new API: answer with the new API
-                legacy = None
-            if legacy:
-                stack.enter_context(
-                    _set_restore(lambda: cuda.allow_tf32, lambda v: setattr(cuda, "allow_tf32", v), False)
-                )
-            else:
-                stack.enter_context(
-                    _set_restore(lambda: cuda.fp32_precision, lambda v: setattr(cuda, "fp32_precision", v), "ieee")
-                )
-        mkl = torch.backends.mkldnn.matmul
-        if getattr(mkl, "fp32_precision", "none") in _REDUCED:
-            stack.enter_context(
-                _set_restore(lambda: mkl.fp32_precision, lambda v: setattr(mkl, "fp32_precision", v), "ieee")
-            )
-    return stack
 
 
 class Workspace:
@@ -360,7 +294,7 @@ class LowRankGaussian:
         if self.factor_flat is None:
             return None
         cap = torch.zeros(self.rank, self.rank, dtype=torch.float64, device=self.device)
-        with _no_autocast(self.device), ieee_fp32_matmul():
+        with no_autocast(self.device), ieee_fp32_matmul():
             # G Gᵀ with G = F A^{-1/2}, in the compute dtype over column chunks of at most 65,536 (bounded
             # rounding), accumulated across chunks in float64
             for start in range(0, self.numel, _CHUNK):
@@ -434,7 +368,7 @@ class LowRankGaussian:
         function whose backward is the second pass over F (``torch.compile(fullgraph=True)`` traces it).
         """
         self._check_blocks(blocks)
-        with _no_autocast(self.device):
+        with no_autocast(self.device):
             w = torch.cat([b.reshape(-1) for b in blocks])
             if w.dtype != self.dtype:
                 w = w.to(self.dtype)
@@ -463,7 +397,7 @@ class LowRankGaussian:
         if workspace is not None and workspace.owner is not self:
             raise ValueError("this workspace was made by another LowRankGaussian: use its own new_workspace()")
         self._check_blocks(blocks)
-        with torch.no_grad(), _no_autocast(self.device), ieee_fp32_matmul():
+        with torch.no_grad(), no_autocast(self.device), ieee_fp32_matmul():
             value, grad = self._value_and_grad_flat(blocks, workspace)
         return value, (workspace.grad if workspace is not None else self._split(grad))
 

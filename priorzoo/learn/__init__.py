@@ -36,7 +36,8 @@ from priorzoo.learn.objectives import (
     mask_tokens,
     nt_xent_loss,
 )
-from priorzoo.learn.swag import ConstantLRSchedule, CyclicCosineSchedule, SWAGCollector
+from priorzoo.learn.schedules import ConstantLRSchedule, CyclicCosineSchedule
+from priorzoo.learn.swag import SWAGCollector
 
 __all__ = [
     "ConstantLRSchedule",

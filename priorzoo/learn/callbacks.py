@@ -44,7 +44,8 @@ from priorzoo.learn._common import (
     require,
     unflatten_tree,
 )
-from priorzoo.learn.swag import SWAGCollector, _Schedule
+from priorzoo.learn.schedules import _Schedule
+from priorzoo.learn.swag import SWAGCollector
 from priorzoo.matching import Patterns
 
 __all__ = ["COLLECTOR_STATE_NAME", "FIT_STATE_NAME", "SWAGCallback", "swag_fit"]
