@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+from priorzoo import sharded as _sharded  # noqa: F401 (registers the FSDP2 binding with PriorModel.bind)
 from priorzoo._version import __version__
 from priorzoo.bound import BoundPrior
 from priorzoo.config import PriorConfig, PriorKind

@@ -21,7 +21,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -33,7 +33,43 @@ from priorzoo.matching import MatchResult
 if TYPE_CHECKING:
     from priorzoo.prior import PriorModel
 
-__all__ = ["BoundPrior"]
+__all__ = ["BoundPrior", "register_binding"]
+
+# bindings for models a plain BoundPrior cannot serve, registered by the modules that implement them
+# (priorzoo.sharded: FSDP2 DTensors), so that PriorModel.bind dispatches to them without importing them
+_BINDINGS: list[tuple[Callable[[Sequence[Tensor]], bool], type[BoundPrior]]] = []
+_MODEL_CHECKS: list[Callable[..., None]] = []
+
+
+def register_binding(
+    cls: type[BoundPrior],
+    *,
+    claims: Callable[[Sequence[Tensor]], bool],
+    check: Callable[..., None] | None = None,
+) -> None:
+    """Make :meth:`~priorzoo.PriorModel.bind` return ``cls(prior, model, match, dtype=...)`` when
+    ``claims(matched parameters)`` is true; ``check(model, where=...)`` runs on every model first (it
+    raises for models no binding can serve).
+
+    Example:
+        >>> from priorzoo.sharded import ShardedBoundPrior
+        >>> any(c is ShardedBoundPrior for _, c in _BINDINGS)  # registered by priorzoo.sharded
+        True
+    """
+    _BINDINGS.append((claims, cls))
+    if check is not None:
+        _MODEL_CHECKS.append(check)
+
+
+def check_model(model: torch.nn.Module, *, where: str) -> None:
+    """Run every registered model check (e.g. FSDP1 / DeepSpeed ZeRO-3 refused by priorzoo.sharded)."""
+    for check in _MODEL_CHECKS:
+        check(model, where=where)
+
+
+def registered_binding(parameters: Sequence[Tensor]) -> type[BoundPrior] | None:
+    """The registered binding class that claims these matched parameters, or ``None`` (a plain one)."""
+    return next((cls for claims, cls in _BINDINGS if claims(parameters)), None)
 
 
 class BoundPrior:

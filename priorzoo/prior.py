@@ -21,7 +21,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import tempfile
 import weakref
@@ -32,37 +31,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from priorzoo.bound import BoundPrior
+from priorzoo._prior_checks import check_named_tensors, check_prior_tensors, check_tensor_inputs
+from priorzoo.bound import BoundPrior, check_model, registered_binding
+from priorzoo.buffers import copy_buffers_
 from priorzoo.config import ParameterSpec, PriorConfig, PriorKind
-from priorzoo.errors import PriorFormatError, PriorNotFoundError
+from priorzoo.errors import PriorNotFoundError
 from priorzoo.files import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, clean_subfolder
 from priorzoo.gaussian import LowRankGaussian
 from priorzoo.matching import MatchResult, Patterns, match_parameters
-from priorzoo.serialization import BUFFER_SUFFIX as _BUFFER_SUFFIX
-from priorzoo.serialization import FLOAT_DTYPES, load_prior_folder, save_prior
+from priorzoo.serialization import load_prior_folder, save_prior
 
 __all__ = ["CONFIG_NAME", "INDEX_NAME", "WEIGHTS_NAME", "BoundPrior", "PriorModel"]
-
-
-def _check_dtype(name: str, tensor: Tensor) -> None:
-    """A prior's tensors are float16, bfloat16, float32 or float64 (``docs/format.md``), nothing else."""
-    if tensor.dtype not in FLOAT_DTYPES.values():
-        raise PriorFormatError(
-            f"`{name}` has dtype {str(tensor.dtype).removeprefix('torch.')}; a prior's tensors are one of "
-            f"{sorted(FLOAT_DTYPES)}"
-        )
-
-
-def _check_values(name: str, tensor: Tensor, *, nonneg: bool) -> None:
-    """One read of the tensor (aminmax) proves it finite (and ≥ 0 for a variance); NaN propagates."""
-    if tensor.numel() == 0:
-        return
-    lo, hi = torch.aminmax(tensor.detach() if tensor.dtype.is_floating_point else tensor.float())
-    lo, hi = float(lo), float(hi)
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise PriorFormatError(f"`{name}` holds non-finite values (NaN or ±inf; min {lo}, max {hi})")
-    if nonneg and lo < 0:
-        raise PriorFormatError(f"`{name}` must be ≥ 0 everywhere (it is a variance); its minimum is {lo:g}")
 
 
 class PriorModel:
@@ -147,28 +126,7 @@ class PriorModel:
             >>> p.kind.value, p.variance["b"].tolist()
             ('isotropic', [4.0, 4.0])
         """
-        if not isinstance(mean, Mapping) or not mean:
-            raise PriorFormatError(f"`mean` must be a non-empty mapping name -> tensor; received {type(mean).__name__}")
-        for name, m in mean.items():
-            if not isinstance(m, Tensor) or not m.dtype.is_floating_point:
-                raise PriorFormatError(f"`mean[{name!r}]` must be a floating-point tensor; received {m!r:.80}")
-        if isinstance(variance, (int, float)) and not isinstance(variance, bool):
-            if not (variance > 0 and math.isfinite(variance)):
-                raise PriorFormatError(f"isotropic `variance` must be a finite number > 0; received {variance!r}")
-            kind = kind or PriorKind.ISOTROPIC
-            variance = {n: torch.full_like(m, float(variance)) for n, m in mean.items()}
-        elif not isinstance(variance, Mapping):
-            raise PriorFormatError(f"`variance` must be a mapping name -> tensor or a float; received {variance!r:.80}")
-        extra = [n for n in variance if n not in mean]
-        missing = [n for n in mean if n not in variance]
-        if missing or extra:
-            raise PriorFormatError(f"`variance` must have the names of `mean`; missing {missing}, unexpected {extra}")
-        rank = 0
-        if cov_factor is not None:
-            if not isinstance(cov_factor, Mapping) or set(cov_factor) != set(mean):
-                raise PriorFormatError("`cov_factor` must be a mapping with exactly the names of `mean`")
-            first = next(iter(cov_factor.values()))
-            rank = int(first.shape[0]) if first.dim() > 0 else -1
+        variance, rank, kind = check_tensor_inputs(mean, variance, cov_factor, kind)
         if kind is None:
             kind = PriorKind.SWAG if cov_factor is not None else PriorKind.DIAGONAL
         config = PriorConfig(
@@ -196,44 +154,7 @@ class PriorModel:
         )
 
     def _validate(self) -> None:
-        cfg = self.config
-        for spec in cfg.parameters:
-            for suffix, store in (("mean", self.mean), ("variance", self.variance)):
-                t = store.get(spec.name)
-                if t is None:
-                    raise PriorFormatError(f"missing tensor `{spec.name}.{suffix}` (the config lists `{spec.name}`)")
-                if tuple(t.shape) != spec.shape:
-                    raise PriorFormatError(
-                        f"`{spec.name}.{suffix}` has shape {tuple(t.shape)}; the config says {spec.shape}"
-                    )
-                _check_dtype(f"{spec.name}.{suffix}", t)
-                _check_values(f"{spec.name}.{suffix}", t, nonneg=suffix == "variance")
-            if cfg.rank > 0:
-                f = (self.cov_factor or {}).get(spec.name)
-                if f is None:
-                    raise PriorFormatError(f"missing tensor `{spec.name}.cov_factor` (config rank K = {cfg.rank} > 0)")
-                if tuple(f.shape) != (cfg.rank, *spec.shape):
-                    raise PriorFormatError(
-                        f"`{spec.name}.cov_factor` has shape {tuple(f.shape)}; expected "
-                        f"{(cfg.rank, *spec.shape)} (K = {cfg.rank} rows of the parameter's shape)"
-                    )
-                _check_dtype(f"{spec.name}.cov_factor", f)
-                _check_values(f"{spec.name}.cov_factor", f, nonneg=False)
-        extra = sorted(set(self.mean) - set(cfg.names))
-        if extra:
-            raise PriorFormatError(f"tensors for parameters not listed in the config: {extra[:5]}")
-        listed = {b.name: b.shape for b in cfg.buffers}
-        if set(listed) != set(self.buffers):
-            raise PriorFormatError(
-                f"the config lists buffers {sorted(listed)[:5]} but the tensors hold {sorted(self.buffers)[:5]}"
-            )
-        for name, t in self.buffers.items():
-            if not isinstance(t, Tensor) or tuple(t.shape) != listed[name]:
-                raise PriorFormatError(
-                    f"`{name}.{_BUFFER_SUFFIX}` has shape {tuple(getattr(t, 'shape', ()))}; "
-                    f"the config says {listed[name]}"
-                )
-            _check_values(f"{name}.{_BUFFER_SUFFIX}", t, nonneg=name.endswith("running_var"))
+        check_prior_tensors(self.config, self.mean, self.variance, self.cov_factor, self.buffers)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -413,14 +334,13 @@ class PriorModel:
             >>> bound = p.bind(lin)
             >>> bound.penalty().backward()  # gradient Σ⁻¹(w − μ) lands in lin.weight.grad
         """
-        from priorzoo.sharded import ShardedBoundPrior, check_parameters, is_sharded
-
-        check_parameters(model, where="PriorModel.bind")  # FSDP1 / DeepSpeed ZeRO-3: refused
+        check_model(model, where="PriorModel.bind")  # FSDP1 / DeepSpeed ZeRO-3: refused (priorzoo.sharded)
         result = self.match(model, include=include, exclude=exclude, exclude_head=exclude_head)
         result.check(allow_partial=allow_partial)
         params = dict(model.named_parameters())
-        if is_sharded([params[m] for m in result.matched.values() if m in params]):  # FSDP2: local slices
-            return ShardedBoundPrior(self, model, result, dtype=dtype)
+        special = registered_binding([params[m] for m in result.matched.values() if m in params])
+        if special is not None:  # FSDP2: ShardedBoundPrior over the local slices
+            return special(self, model, result, dtype=dtype)
         if result.adapted or (result.frozen and len(result.frozen) < len(result.matched)):
             # frozen blocks held at their values, PEFT layers through their effective weights W₀ + ΔW
             from priorzoo.conditional import ConditionalBoundPrior
@@ -473,16 +393,7 @@ class PriorModel:
         """
         if isinstance(params, torch.nn.Module):
             return self._cached_binding(params, bind_kwargs).log_prob()
-        if not isinstance(params, Mapping):
-            raise TypeError(f"log_prob takes a torch.nn.Module or a mapping name -> tensor; received {type(params)}")
-        missing = [n for n in self.names if n not in params]
-        if missing:
-            raise PriorFormatError(f"log_prob: the mapping lacks prior parameter(s) {missing[:5]}")
-        for n in self.names:
-            if tuple(params[n].shape) != tuple(self.mean[n].shape):
-                raise PriorFormatError(
-                    f"log_prob: `{n}` has shape {tuple(params[n].shape)}; the prior has {tuple(self.mean[n].shape)}"
-                )
+        check_named_tensors(params, self.names, self.mean, what="log_prob")
         device = params[self.names[0]].device
         return self.gaussian(device=device).log_prob([params[n] for n in self.names])
 
@@ -546,42 +457,8 @@ class PriorModel:
                 continue
             params[mname].copy_(self.mean[pname])
         if buffers and not adapted_only:
-            self._init_buffers_(model, result)
+            copy_buffers_(self.buffers, model, result, kind=self.kind.value)
         return result
-
-    def _init_buffers_(self, model: torch.nn.Module, result: MatchResult) -> None:
-        import warnings
-
-        model_buffers = dict(model.named_buffers())
-        tracked = [n for n in model_buffers if n.endswith("running_mean")]
-        if not self.buffers:
-            if tracked:
-                warnings.warn(
-                    f"this {self.kind.value} prior carries no batch-norm running statistics, and the model has "
-                    f"{len(tracked)} batch-norm layer(s): they keep the model's own statistics, which do not "
-                    "belong to the prior mean. Re-estimate them with "
-                    "`priorzoo.finetune.refresh_batchnorm_(model, train_loader)` before evaluating.",
-                    UserWarning,
-                    stacklevel=3,
-                )
-            return
-        strip, add = result.prior_prefix, result.model_prefix
-        missing = []
-        for name, t in self.buffers.items():
-            target = add + name[len(strip) :] if name.startswith(strip) else name
-            buf = model_buffers.get(target)
-            if buf is None or tuple(buf.shape) != tuple(t.shape):
-                missing.append(name)
-                continue
-            buf.copy_(t.to(buf.dtype))
-        if missing:
-            warnings.warn(
-                f"{len(missing)} buffer(s) of the prior have no buffer of that name and shape in the model and "
-                f"were not copied: {', '.join(f'`{m}`' for m in missing[:5])}"
-                + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""),
-                UserWarning,
-                stacklevel=3,
-            )
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(

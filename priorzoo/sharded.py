@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from priorzoo.bound import BoundPrior
+from priorzoo.bound import BoundPrior, register_binding
 from priorzoo.errors import PriorFormatError, PriorNotFoundError
 from priorzoo.files import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
 from priorzoo.matching import MatchResult
@@ -216,6 +216,9 @@ class ShardedBoundPrior(BoundPrior):
                     f"`tensors` entry for `{name}` must be its local shard of shape {want}; received {tuple(t.shape)}"
                 )
         return tensors
+
+
+register_binding(ShardedBoundPrior, claims=is_sharded, check=check_parameters)  # PriorModel.bind dispatches here
 
 
 class LazyTensor:
