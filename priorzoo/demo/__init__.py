@@ -44,12 +44,14 @@ Example:
 from __future__ import annotations
 
 from priorzoo.demo.comparison import average_variance, compare_methods, count_units
-from priorzoo.demo.config import METHODS, DemoConfig, FinetuneSettings
+from priorzoo.demo.config import ALL_METHODS, INIT_ONLY, METHODS, DemoConfig, FinetuneSettings
 from priorzoo.demo.pipeline import load_splits, run_demo
 from priorzoo.demo.results import DemoResult, MethodResult, format_table
 from priorzoo.demo.text import CachedTextDataset, TopEncoder, encode_texts, load_minilm, split_trunk
 
 __all__ = [
+    "ALL_METHODS",
+    "INIT_ONLY",
     "METHODS",
     "CachedTextDataset",
     "DemoConfig",

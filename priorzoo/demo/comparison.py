@@ -1,7 +1,8 @@
 r"""The comparison of the demo: plain fine-tuning, L2-SP, the learned prior and the learned prior + BMA.
 
 :func:`compare_methods` gives each method the same budget (grid size, epochs, batch size, seed) and selects
-each one's knob on validation; see :class:`~priorzoo.demo.config.FinetuneSettings`.
+each one's knob on validation; see :class:`~priorzoo.demo.config.FinetuneSettings`. On request it also runs
+the init-only control :data:`~priorzoo.demo.config.INIT_ONLY` (plain fine-tuning from the prior mean).
 
 Example:
     >>> from priorzoo.demo.comparison import count_units
@@ -22,14 +23,28 @@ import torch
 from torch import Tensor, nn
 
 from priorzoo.demo._progress import CountingLoader
-from priorzoo.demo.config import METHODS, FinetuneSettings
+from priorzoo.demo.config import ALL_METHODS, INIT_ONLY, METHODS, FinetuneSettings
 from priorzoo.demo.results import MethodResult
 from priorzoo.finetune.runners import seeded_loader
 
 __all__ = ["average_variance", "compare_methods", "count_units"]
 
 
-def count_units(settings: FinetuneSettings, num_train: int) -> int:
+def _check_methods(methods: Sequence[str] | None) -> tuple[str, ...]:
+    """``methods`` as a tuple in :data:`ALL_METHODS` order (``None``: :data:`METHODS`), else a ``ValueError``."""
+    if methods is None:
+        return METHODS
+    if isinstance(methods, str):
+        methods = [methods]
+    unknown = [m for m in methods if m not in ALL_METHODS]
+    if unknown or not methods:
+        raise ValueError(f"`methods` must be a non-empty subset of {list(ALL_METHODS)}; received {list(methods)!r}")
+    if METHODS[3] in methods and METHODS[2] not in methods:
+        raise ValueError(f"`methods`: {METHODS[3]!r} continues the {METHODS[2]!r} run; add {METHODS[2]!r}")
+    return tuple(m for m in ALL_METHODS if m in methods)
+
+
+def count_units(settings: FinetuneSettings, num_train: int, methods: Sequence[str] | None = None) -> int:
     """Progress-bar units :func:`compare_methods` will report for ``num_train`` training examples.
 
     Example:
@@ -37,9 +52,11 @@ def count_units(settings: FinetuneSettings, num_train: int) -> int:
         ...                              bma_samples=3, batch_size=10), 20)
         19
     """
+    chosen = _check_methods(methods)
     steps_per_epoch = math.ceil(num_train / settings.batch_size)
-    runs = 3 * settings.grid_size
-    return runs * settings.epochs * steps_per_epoch + settings.bma_epochs * steps_per_epoch + settings.bma_samples
+    runs = sum(m != METHODS[3] for m in chosen) * settings.grid_size
+    bma = (settings.bma_epochs * steps_per_epoch + settings.bma_samples) if METHODS[3] in chosen else 0
+    return runs * settings.epochs * steps_per_epoch + bma
 
 
 def average_variance(prior: Any) -> float:
@@ -69,8 +86,10 @@ def compare_methods(
     exclude: Any = None,
     forward: Callable[[nn.Module, Any], tuple[Tensor, Tensor]] | None = None,
     progress: Any = None,
+    methods: Sequence[str] | None = None,
+    make_source_model: Callable[[], nn.Module] | None = None,
 ) -> list[MethodResult]:
-    """Fine-tune with the four methods of :data:`METHODS` under the same budget; test metrics per method.
+    """Fine-tune with the methods of :data:`METHODS` under the same budget; test metrics per method.
 
     Plain fine-tuning tunes its learning rate over ``settings.lr_grid``; L2-SP its σ² over
     ``settings.l2sp_variances`` (an isotropic prior centred on the prior mean μ); the learned prior its λ
@@ -82,6 +101,14 @@ def compare_methods(
     snapshot after every step over every trainable parameter, and averages the predictive of ``bma_samples``
     posterior samples (batch-norm statistics refreshed on the training data for each sample).
 
+    The pre-trained weights the baselines start from: with ``make_source_model`` (e.g. the source run's
+    final checkpoint, as a user of plain fine-tuning would have it), ``fine-tuning`` and ``L2-SP`` (centred on
+    those weights) start from ``make_source_model()``, and the opt-in :data:`INIT_ONLY` control, plain
+    fine-tuning with the same learning-rate grid and budget but started from ``make_model()`` (μ and the
+    prior's batch-norm statistics, :meth:`~priorzoo.PriorModel.init_model_`), separates what the prior term
+    adds from what starting at μ adds. Without ``make_source_model`` every method starts from
+    ``make_model()`` (then :data:`INIT_ONLY` would repeat ``fine-tuning`` exactly).
+
     Args:
         make_model: returns a fresh model initialised at μ with a new head.
         prior: the learned :class:`~priorzoo.PriorModel` (its ``exclude`` patterns keep the head out).
@@ -92,9 +119,16 @@ def compare_methods(
         forward: ``forward(model, batch) -> (logits, labels)``
             (default :func:`priorzoo.finetune.loop.default_forward`).
         progress: an object with ``update(n)`` and ``stage(text)`` (the demo's bar), or ``None``.
+        methods: which methods to run, any of :data:`ALL_METHODS` (default :data:`METHODS`, the four);
+            ``learned prior + BMA`` needs ``learned prior``.
+        make_source_model: returns a fresh model at the pre-trained (source) weights with the same new head,
+            the start of ``fine-tuning`` and ``L2-SP`` (default: ``make_model``).
 
     Returns:
-        One :class:`MethodResult` per method, in :data:`METHODS` order.
+        One :class:`MethodResult` per method, in :data:`ALL_METHODS` order.
+
+    Raises:
+        ValueError: ``methods`` names an unknown method, is empty, or asks for BMA without the learned prior.
 
     Example:
         >>> import copy
@@ -130,6 +164,8 @@ def compare_methods(
     from priorzoo.finetune.loop import default_forward
 
     s = settings
+    chosen = _check_methods(methods)
+    source_model = make_model if make_source_model is None else make_source_model
     base_forward = forward or default_forward
 
     def forward(model: nn.Module, batch: Any) -> tuple[Tensor, Tensor]:
@@ -153,13 +189,19 @@ def compare_methods(
     def optimizer(lr: float) -> Callable[[nn.Module], torch.optim.Optimizer]:
         return lambda m: make_optimizer(m, s.optimizer, lr=lr, momentum=s.momentum, weight_decay=s.weight_decay)
 
-    def tune(name: str, knob: str, values: Sequence[float], build: Callable[[float], tuple[float, Any]]):
+    def tune(
+        name: str,
+        knob: str,
+        values: Sequence[float],
+        build: Callable[[float], tuple[float, Any]],
+        start_model: Callable[[], nn.Module] = make_model,
+    ):
         start = time.perf_counter()
 
         def run(v: float) -> tuple[nn.Module, Any]:
             lr, reg_prior = build(v)
             return fit_fresh(
-                make_model,
+                start_model,
                 train_loader(),
                 optimizer(lr),
                 prior=reg_prior,
@@ -220,15 +262,25 @@ def compare_methods(
         )
         return row, model
 
-    ft_row, ft_model = tune("fine-tuning", "lr", s.lr_grid, lambda lr: (lr, None))
-    del ft_model
-    # N(μ, σ²I) centred on the starting weights: σ² = 1 at scale σ², so one prior serves the whole grid
-    l2sp_base = l2sp_prior(make_model(), 1.0, include=include, exclude=exclude, exclude_head=False)
-    l2sp_row, l2sp_model = tune("L2-SP", "variance", s.l2sp_variances, lambda var: (s.lr, l2sp_base.with_scale(var)))
-    del l2sp_model
-    lp_row, lp_model = tune("learned prior", "scale", scales, lambda lam: (s.lr, prior.with_scale(lam)))
+    rows: dict[str, MethodResult] = {}
+    if METHODS[0] in chosen:
+        rows[METHODS[0]], _ = tune(METHODS[0], "lr", s.lr_grid, lambda lr: (lr, None), source_model)
+    if INIT_ONLY in chosen:  # the init-only control: μ (+ its statistics), no prior term
+        rows[INIT_ONLY], _ = tune(INIT_ONLY, "lr", s.lr_grid, lambda lr: (lr, None), make_model)
+    if METHODS[1] in chosen:
+        # N(w₀, σ²I) centred on the pre-trained weights: σ² = 1 at scale σ², so one prior serves the whole grid
+        l2sp_base = l2sp_prior(source_model(), 1.0, include=include, exclude=exclude, exclude_head=False)
+        rows[METHODS[1]], _ = tune(
+            METHODS[1], "variance", s.l2sp_variances, lambda var: (s.lr, l2sp_base.with_scale(var)), source_model
+        )
+    if METHODS[2] not in chosen:
+        return [rows[m] for m in chosen]
+    lp_row, lp_model = tune(METHODS[2], "scale", scales, lambda lam: (s.lr, prior.with_scale(lam)))
     lp_row.extra["scale_grid"] = list(scales)
     lp_row.extra["average_variance_at_scale_1"] = avg_var
+    rows[METHODS[2]] = lp_row
+    if METHODS[3] not in chosen:
+        return [rows[m] for m in chosen]
 
     # ---- BMA: SWAG over the downstream run at the selected λ, then the averaged predictive
     if progress is not None:
@@ -283,4 +335,5 @@ def compare_methods(
         seconds=time.perf_counter() - start,
         extra=extra,
     )
-    return [ft_row, l2sp_row, lp_row, bma_row]
+    rows[METHODS[3]] = bma_row
+    return [rows[m] for m in chosen]

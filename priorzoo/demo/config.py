@@ -17,10 +17,17 @@ from typing import Any
 from priorzoo._validation import check_positive_int
 from priorzoo.enums import Metric, OptimizerKind
 
-__all__ = ["METHODS", "DemoConfig", "FinetuneSettings"]
+__all__ = ["ALL_METHODS", "INIT_ONLY", "METHODS", "DemoConfig", "FinetuneSettings"]
 
 METHODS = ("fine-tuning", "L2-SP", "learned prior", "learned prior + BMA")
-"""The four methods of the comparison, in table order."""
+"""The four methods of the comparison, in table order (the default of ``compare_methods``)."""
+
+INIT_ONLY = "fine-tuning from prior mean"
+"""The opt-in init-only control: plain fine-tuning started from the prior mean μ (and its batch-norm statistics),
+with the learning-rate grid and budget of fine-tuning and no prior term: what the prior adds beyond initialisation."""
+
+ALL_METHODS = ("fine-tuning", INIT_ONLY, "L2-SP", "learned prior", "learned prior + BMA")
+"""Every method ``compare_methods`` can run, in table order."""
 
 
 @dataclass
