@@ -4,6 +4,8 @@
   ``collect()`` at each snapshot, ``to_prior()`` → :class:`~priorzoo.PriorModel`.
 * :class:`ConstantLRSchedule`, :class:`CyclicCosineSchedule` — SWA learning-rate schedules that also say
   when to snapshot.
+* :class:`ShardedSWAGCollector` — what ``SWAGCollector`` builds on an FSDP2 model: each process collects its
+  own shards and ``save_prior()`` writes one prior folder from them (:mod:`priorzoo.learn.sharded_swag`).
 * :func:`swag_fit` — a complete SGD + SWAG loop for timm / plain PyTorch models;
   :class:`SWAGCallback` — the same inside a transformers ``Trainer`` (needs ``priorzoo[transformers]``).
 * Objectives: :class:`CrossEntropyObjective`, :class:`SimCLRObjective` (projection head not in the
@@ -37,6 +39,7 @@ from priorzoo.learn.objectives import (
     nt_xent_loss,
 )
 from priorzoo.learn.schedules import ConstantLRSchedule, CyclicCosineSchedule
+from priorzoo.learn.sharded_swag import ShardedSWAGCollector
 from priorzoo.learn.swag import SWAGCollector
 
 __all__ = [
@@ -48,6 +51,7 @@ __all__ = [
     "ProjectionHead",
     "SWAGCallback",
     "SWAGCollector",
+    "ShardedSWAGCollector",
     "SimCLRObjective",
     "backbone_features",
     "empirical_fisher",

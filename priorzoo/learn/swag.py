@@ -61,7 +61,7 @@ import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -140,6 +140,21 @@ class SWAGCollector:
         (3, 2)
     """
 
+    #: what ``SWAGCollector(model)`` builds for an FSDP2 model (DTensor parameters): set by
+    #: :mod:`priorzoo.learn.sharded_swag` (imported with :mod:`priorzoo.learn`)
+    sharded_class: ClassVar[type[SWAGCollector] | None] = None
+
+    def __new__(cls, model: torch.nn.Module, *args: Any, **kwargs: Any) -> SWAGCollector:
+        # an FSDP2 model gets the sharded collector: each process keeps the statistics of its own shards
+        if cls is SWAGCollector and isinstance(model, torch.nn.Module):
+            from priorzoo.sharded import is_sharded
+
+            if is_sharded(list(model.parameters())):
+                if SWAGCollector.sharded_class is None:  # pragma: no cover - priorzoo.learn registers it
+                    raise RuntimeError("SWAGCollector on an FSDP2 model needs priorzoo.learn.sharded_swag imported")
+                return super().__new__(SWAGCollector.sharded_class)
+        return super().__new__(cls)
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -177,11 +192,14 @@ class SWAGCollector:
         self._buffer_n = 0
         self.names: list[str] = list(params)
         self.shapes: dict[str, tuple[int, ...]] = {n: tuple(p.shape) for n, p in params.items()}
+        # the blocks the statistics hold: the parameters themselves, or each process's shards (sharded)
+        self.block_shapes: dict[str, tuple[int, ...]] = {n: tuple(self._local(p).shape) for n, p in params.items()}
         self._offsets: dict[str, tuple[int, int]] = {}
         off = 0
-        for n, p in params.items():
-            self._offsets[n] = (off, off + p.numel())
-            off += p.numel()
+        for n, shape in self.block_shapes.items():
+            numel = math.prod(shape)
+            self._offsets[n] = (off, off + numel)
+            off += numel
         self.num_parameters = off
         first = next(iter(params.values()))
         for n, p in params.items():
@@ -218,8 +236,13 @@ class SWAGCollector:
             f"collected={self._n}, moment_dtype={_dtype_name(self.moment_dtype)}, device={self.device})"
         )
 
+    @staticmethod
+    def _local(p: Tensor) -> Tensor:
+        """The part of parameter ``p`` this collector accumulates (all of it; a subclass: its local shard)."""
+        return p
+
     def _unflatten(self, flat: Tensor) -> dict[str, Tensor]:
-        return {n: flat[a:b].view(self.shapes[n]) for n, (a, b) in self._offsets.items()}
+        return {n: flat[a:b].view(self.block_shapes[n]) for n, (a, b) in self._offsets.items()}
 
     def mean(self) -> dict[str, Tensor]:
         """The running mean w̄ (copies, moment dtype), ``name -> tensor``.
@@ -302,8 +325,13 @@ class SWAGCollector:
                     f"{self.shapes[n]}; parameters must keep their shapes between snapshots (was the head "
                     "resized, or the wrong model passed?)"
                 )
-            out.append((n, p.detach()))
+            out.append((n, self._local(p.detach())))
         return out
+
+    def _check_snapshot(self, current: Sequence[tuple[str, Tensor]]) -> None:
+        """Raise FloatingPointError before anything is updated if a weight is NaN/±inf."""
+        for n, w in current:
+            self._check_finite(n, w)
 
     @staticmethod
     def _check_finite(name: str, w: Tensor) -> None:
@@ -346,8 +374,7 @@ class SWAGCollector:
         """
         current = self._current(model)
         if self.check_finite:
-            for n, w in current:
-                self._check_finite(n, w)
+            self._check_snapshot(current)
         n = self._n + 1
         inv_n = 1.0 / n
         gain = n / (n - 1) if n > 1 else 0.0
@@ -499,48 +526,13 @@ class SWAGCollector:
         from priorzoo.prior import PriorModel
 
         self._require(2, "to_prior()")
-        # while T ≤ K the ring still holds d_1 = w_1 − w̄_1 = 0 (a one-snapshot mean): a dead row, never stored
-        available = self.num_deviations - (1 if self._n <= self.rank else 0)
-        if rank is None:
-            rank = available if available >= 2 else 0
-            if rank < self.rank:
-                import warnings
-
-                warnings.warn(
-                    f"SWAGCollector: {self._n} snapshots give {available} non-zero deviation(s), fewer than the "
-                    f"requested rank K = {self.rank}; the prior has rank {rank}"
-                    + (" (diagonal only)" if rank == 0 else "")
-                    + f". Collect at least K + 1 = {self.rank + 1} snapshots for the full rank",
-                    UserWarning,
-                    stacklevel=2,
-                )
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0 or rank == 1 or rank > available:
-            raise ValueError(
-                f"`rank` must be 0 (diagonal only) or an integer in [2, {available}] (the non-zero deviations "
-                f"stored now: min(snapshots {self._n}, K {self.rank}), less the first snapshot's zero "
-                f"deviation while it is stored); received {rank!r}"
-            )
-        floor = self.min_var if min_var is None else check_float(min_var, "min_var", minimum=0.0)
-        var_flat = (self._m2 / self._n).clamp_(min=floor).mul_(0.5).to(torch.float32)
-        mean_flat = self._mean.to(torch.float32, copy=True)
+        rank, floor, record = self._prior_plan(rank, min_var)
+        mean_flat, var_flat, f_flat = self._prior_flats(rank, floor)
         cov_factor = None
-        if rank > 0:
-            slots = self._chronological_slots()[-rank:]
-            idx = torch.tensor(slots, dtype=torch.long, device=self.device)
-            f_flat = self._ring.index_select(0, idx).to(torch.float32)
-            f_flat.div_(math.sqrt(2.0 * (rank - 1)))
+        if f_flat is not None:
             cov_factor = {n: f_flat[:, a:b].reshape(rank, *self.shapes[n]).cpu() for n, (a, b) in self._offsets.items()}
         mean = {n: t.cpu() for n, t in self._unflatten(mean_flat).items()}
         variance = {n: t.cpu() for n, t in self._unflatten(var_flat).items()}
-        record: dict[str, Any] = {
-            "method": "swag",
-            "snapshots": self._n,
-            "max_rank": self.rank,
-            "rank": rank,
-            "min_var": floor,
-            "moments": f"welford-{_dtype_name(self.moment_dtype)}",
-            "reference": "Maddox et al. 2019, A Simple Baseline for Bayesian Uncertainty in Deep Learning",
-        }
         buffers: dict[str, Tensor] = {}
         if self.buffer_layers:
             if bn_data is not None:
@@ -570,6 +562,82 @@ class SWAGCollector:
             license=license,
             buffers=buffers,
         )
+
+    def _prior_plan(self, rank: int | None, min_var: float | None) -> tuple[int, float, dict[str, Any]]:
+        """The factor rank and variance floor :meth:`to_prior` uses (checked), and its ``learning`` record."""
+        # while T ≤ K the ring still holds d_1 = w_1 − w̄_1 = 0 (a one-snapshot mean): a dead row, never stored
+        available = self.num_deviations - (1 if self._n <= self.rank else 0)
+        if rank is None:
+            rank = available if available >= 2 else 0
+            if rank < self.rank:
+                import warnings
+
+                warnings.warn(
+                    f"SWAGCollector: {self._n} snapshots give {available} non-zero deviation(s), fewer than the "
+                    f"requested rank K = {self.rank}; the prior has rank {rank}"
+                    + (" (diagonal only)" if rank == 0 else "")
+                    + f". Collect at least K + 1 = {self.rank + 1} snapshots for the full rank",
+                    UserWarning,
+                    stacklevel=3,
+                )
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0 or rank == 1 or rank > available:
+            raise ValueError(
+                f"`rank` must be 0 (diagonal only) or an integer in [2, {available}] (the non-zero deviations "
+                f"stored now: min(snapshots {self._n}, K {self.rank}), less the first snapshot's zero "
+                f"deviation while it is stored); received {rank!r}"
+            )
+        floor = self.min_var if min_var is None else check_float(min_var, "min_var", minimum=0.0)
+        record: dict[str, Any] = {
+            "method": "swag",
+            "snapshots": self._n,
+            "max_rank": self.rank,
+            "rank": rank,
+            "min_var": floor,
+            "moments": f"welford-{_dtype_name(self.moment_dtype)}",
+            "reference": "Maddox et al. 2019, A Simple Baseline for Bayesian Uncertainty in Deep Learning",
+        }
+        return rank, floor, record
+
+    def _prior_flats(self, rank: int, floor: float) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Flat float32 mean, variance ½·clamp(M₂/T, floor) and factor rows d_i/√(2(K'−1)) (None at rank 0),
+        all element-wise in the collector's blocks (so a process's shards give its slices bit for bit)."""
+        var_flat = (self._m2 / self._n).clamp_(min=floor).mul_(0.5).to(torch.float32)
+        mean_flat = self._mean.to(torch.float32, copy=True)
+        f_flat = None
+        if rank > 0:
+            slots = self._chronological_slots()[-rank:]
+            idx = torch.tensor(slots, dtype=torch.long, device=self.device)
+            f_flat = self._ring.index_select(0, idx).to(torch.float32)
+            f_flat.div_(math.sqrt(2.0 * (rank - 1)))
+        return mean_flat, var_flat, f_flat
+
+    def save_prior(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        max_shard_size: int | str = "2GB",
+        card: bool = True,
+        **to_prior_kwargs: Any,
+    ) -> Path:
+        """Write the prior :meth:`to_prior` gives as a prior folder (``PriorModel.save_pretrained``).
+
+        On an FSDP2 model this is collective and writes the same folder from every process's shards
+        (:class:`priorzoo.learn.sharded_swag.ShardedSWAGCollector`), so one script serves both.
+
+        Example:
+            >>> import tempfile, torch
+            >>> from priorzoo import PriorModel
+            >>> lin = torch.nn.Linear(2, 1)
+            >>> c = SWAGCollector(lin, rank=2)
+            >>> for v in range(3):
+            ...     with torch.no_grad():
+            ...         _ = lin.weight.fill_(float(v))
+            ...     c.collect()
+            >>> PriorModel.from_pretrained(c.save_prior(tempfile.mkdtemp())).rank
+            2
+        """
+        prior = self.to_prior(**to_prior_kwargs)
+        return prior.save_pretrained(save_directory, max_shard_size=max_shard_size, card=card)
 
     def _default_exclude(self) -> list[str]:
         """The user's string ``exclude`` patterns plus the names of every other trainable parameter left
