@@ -58,6 +58,8 @@ except ImportError as _err:  # pragma: no cover - exercised only without the ext
         'priorzoo.finetune.PriorCallback needs transformers: pip install "priorzoo[transformers]"'
     ) from _err
 
+from priorzoo._deprecation import UNSET
+from priorzoo.finetune.options import BindOptions
 from priorzoo.finetune.regularizer import PriorRegularizer, check_num_train_examples, check_prior_weight, check_scale
 from priorzoo.matching import Patterns
 from priorzoo.prior import PriorModel
@@ -139,8 +141,15 @@ def shards_late(args: Any) -> bool:
         return False
 
 
-def _match_kwargs(bind_kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: bind_kwargs[k] for k in ("include", "exclude", "exclude_head")}
+def num_train_examples_of(dataset: Any) -> int:
+    """N = ``len(dataset)``: the default ``num_train_examples`` of ``PriorCallback`` and ``PriorTrainer``."""
+    try:
+        return check_num_train_examples(len(dataset))
+    except TypeError:
+        raise ValueError(
+            "pass num_train_examples=N: the training dataset has no len() (an IterableDataset?), and "
+            "N, the number of training examples, scales the prior term"
+        ) from None
 
 
 class _PriorTermLog:
@@ -184,7 +193,8 @@ class PriorCallback(TrainerCallback):
     Args:
         prior: the :class:`~priorzoo.PriorModel` (its head is excluded by matching).
         num_train_examples: N > 0, the number of training examples (the whole training set; under DDP
-            still the global count, not per process).
+            still the global count, not per process). Not given: ``len(train_dataset)`` of the Trainer's
+            training data, read when training begins (as ``PriorTrainer`` does).
         prior_weight: ρ > 0 (default 1: the posterior).
         scale: if given, λ > 0 replaces the prior's covariance scale; default:
             :meth:`PriorModel.resolve_scale` (the ``recommended_scale`` of a learned prior).
@@ -214,7 +224,7 @@ class PriorCallback(TrainerCallback):
     def __init__(
         self,
         prior: PriorModel,
-        num_train_examples: int,
+        num_train_examples: int = UNSET,
         prior_weight: float = 1.0,
         *,
         scale: float | None = None,
@@ -228,20 +238,18 @@ class PriorCallback(TrainerCallback):
     ) -> None:
         if not isinstance(prior, PriorModel):
             raise TypeError(f"`prior` must be a priorzoo.PriorModel; received {type(prior).__name__}")
-        self.num_train_examples = check_num_train_examples(num_train_examples)
+        self.num_train_examples: int | None = (  # None until training begins when not given
+            None if num_train_examples is UNSET else check_num_train_examples(num_train_examples)
+        )
         self.prior_weight = check_prior_weight(prior_weight)
         self.prior = prior.resolve_scale(check_scale(scale) if scale is not None else None)
         self.log_key = str(log_key)
         if not isinstance(overlap, bool):
             raise TypeError(f"`overlap` must be True or False; received {overlap!r}")
         self.overlap = overlap
-        self._bind_kwargs: dict[str, Any] = {
-            "include": include,
-            "exclude": exclude,
-            "exclude_head": exclude_head,
-            "allow_partial": allow_partial,
-            "dtype": dtype,
-        }
+        self._bind_options = BindOptions(
+            include=include, exclude=exclude, exclude_head=exclude_head, allow_partial=allow_partial, dtype=dtype
+        )
         self.regularizer: PriorRegularizer | None = None
         self._applied = 0
         self._log = _PriorTermLog()
@@ -261,7 +269,7 @@ class PriorCallback(TrainerCallback):
                 num_train_examples=self.num_train_examples,
                 prior_weight=self.prior_weight,
                 overlap=self.overlap,
-                **self._bind_kwargs,
+                **self._bind_options.as_kwargs(),
             )
         return self.regularizer
 
@@ -270,10 +278,8 @@ class PriorCallback(TrainerCallback):
         check_trainer_setup(args, where="PriorCallback", gradient_hook=True)
         if model is None:
             return
-        if shards_late(args):  # FSDP: the Trainer shards at train(); match now, bind the shards then
-            self.prior.match(model, **_match_kwargs(self._bind_kwargs)).check(
-                allow_partial=bool(self._bind_kwargs["allow_partial"])
-            )
+        if shards_late(args) or self.num_train_examples is None:  # FSDP shards at train(); N read then:
+            self._bind_options.check_match(self.prior, model)  # match now, bind when training begins
         else:  # bind now, so that a mismatched prior fails when the Trainer is built
             self._regularizer_for(model)
 
@@ -281,6 +287,13 @@ class PriorCallback(TrainerCallback):
         check_trainer_setup(args, where="PriorCallback", gradient_hook=True)
         if model is not None:
             check_parameters(model, where="PriorCallback")  # FSDP1 / ZeRO-3, from the parameters
+        if self.num_train_examples is None:  # the default N: the size of the Trainer's training set
+            loader = kwargs.get("train_dataloader")
+            if loader is None:
+                raise ValueError(
+                    "PriorCallback received no train_dataloader from the Trainer: pass num_train_examples=N"
+                )
+            self.num_train_examples = num_train_examples_of(loader.dataset)
         self._regularizer_for(model)  # model_init may have built a new model; FSDP2 sharded it by now
         self._log.reset()
         self._applied = 0

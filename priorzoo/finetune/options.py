@@ -68,3 +68,28 @@ class BindOptions:
             "allow_partial": self.allow_partial,
             "dtype": self.dtype,
         }
+
+    def match_kwargs(self) -> dict[str, Any]:
+        """The options that choose the parameters, as keyword arguments of ``PriorModel.match``
+        (``allow_partial`` goes to ``MatchResult.check``, ``dtype`` only to ``bind``).
+
+        Example:
+            >>> sorted(BindOptions().match_kwargs())
+            ['exclude', 'exclude_head', 'include']
+        """
+        return {"include": self.include, "exclude": self.exclude, "exclude_head": self.exclude_head}
+
+    def check_match(self, prior: Any, model: Any) -> Any:
+        """Match ``prior`` onto ``model`` with these options and check the result (``allow_partial``), without
+        binding it: what a Trainer integration does before FSDP shards the model. Returns the match.
+
+        Example:
+            >>> import torch
+            >>> from priorzoo import PriorModel
+            >>> prior = PriorModel.from_tensors({"weight": torch.zeros(2, 2)}, variance=1.0)
+            >>> BindOptions(allow_partial=True).check_match(prior, torch.nn.Linear(2, 2)).no_prior
+            ['bias']
+        """
+        result = prior.match(model, **self.match_kwargs())
+        result.check(allow_partial=self.allow_partial)
+        return result

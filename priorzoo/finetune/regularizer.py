@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -37,6 +36,7 @@ from torch import Tensor
 from priorzoo._validation import check_num_train_examples, check_prior_weight, check_scale
 from priorzoo.bound import BoundPrior
 from priorzoo.finetune._prefetch import PrecomputedPenalty, Prefetched
+from priorzoo.finetune.options import BindOptions
 from priorzoo.gaussian import Workspace
 from priorzoo.matching import Patterns
 from priorzoo.prior import PriorModel
@@ -132,13 +132,9 @@ class PriorRegularizer:
         _check_prior_device(prior)
         self.prior = prior
         self.model = model
-        self._bind_kwargs: dict[str, Any] = {
-            "include": include,
-            "exclude": exclude,
-            "exclude_head": exclude_head,
-            "allow_partial": allow_partial,
-            "dtype": dtype,
-        }
+        self._bind_options = BindOptions(
+            include=include, exclude=exclude, exclude_head=exclude_head, allow_partial=allow_partial, dtype=dtype
+        )
         self._bound = self._bind()
         self.overlap = overlap
         self._pending: Prefetched | None = None
@@ -152,7 +148,7 @@ class PriorRegularizer:
                 f"the model's parameters are on the meta device (e.g. `{meta[0]}`): materialise the model "
                 "(load its weights) before binding a prior to it"
             )
-        return self.prior.bind(self.model, **self._bind_kwargs)
+        return self.prior.bind(self.model, **self._bind_options.as_kwargs())
 
     # ------------------------------------------------------------------ state
     @property

@@ -46,7 +46,14 @@ except ImportError as _err:  # pragma: no cover - exercised only without the ext
     ) from _err
 
 from priorzoo._deprecation import UNSET, renamed_keyword
-from priorzoo.finetune.callback import PriorCallback, _PriorTermLog, check_trainer_setup, shards_late
+from priorzoo.finetune.callback import (
+    PriorCallback,
+    _PriorTermLog,
+    check_trainer_setup,
+    num_train_examples_of,
+    shards_late,
+)
+from priorzoo.finetune.options import BindOptions
 from priorzoo.finetune.regularizer import PriorRegularizer, check_num_train_examples, check_prior_weight, check_scale
 from priorzoo.matching import Patterns
 from priorzoo.prior import PriorModel
@@ -125,31 +132,22 @@ class PriorTrainerMixin:
                 "(with both, the prior would enter twice)"
             )
         if num_train_examples is None:
-            dataset = trainer.train_dataset
-            try:
-                num_train_examples = check_num_train_examples(len(dataset))
-            except TypeError:
-                raise ValueError(
-                    "pass num_train_examples=N: the training dataset has no len() (an IterableDataset?), and "
-                    "N, the number of training examples, scales the prior term"
-                ) from None
+            num_train_examples = num_train_examples_of(trainer.train_dataset)
         self.prior = prior
         self.prior_weight = prior_weight
         self.num_train_examples = num_train_examples
-        self._prior_bind_kwargs: dict[str, Any] = {
-            "include": prior_include,
-            "exclude": prior_exclude,
-            "exclude_head": prior_exclude_head,
-            "allow_partial": prior_allow_partial,
-            "dtype": prior_dtype,
-            "overlap": prior_overlap,
-        }
+        self._prior_bind_options = BindOptions(
+            include=prior_include,
+            exclude=prior_exclude,
+            exclude_head=prior_exclude_head,
+            allow_partial=prior_allow_partial,
+            dtype=prior_dtype,
+        )
+        self._prior_overlap = prior_overlap
         self.prior_regularizer: PriorRegularizer | None = None
         if trainer.model is not None:
             if shards_late(trainer.args):  # FSDP shards at train(): match now, bind the shards then
-                prior.match(
-                    trainer.model, include=prior_include, exclude=prior_exclude, exclude_head=prior_exclude_head
-                ).check(allow_partial=prior_allow_partial)
+                self._prior_bind_options.check_match(prior, trainer.model)
             else:
                 self._prior_regularizer_for(trainer.model)
         self._prior_log = _PriorTermLog()
@@ -163,7 +161,8 @@ class PriorTrainerMixin:
                 model,
                 num_train_examples=self.num_train_examples,
                 prior_weight=self.prior_weight,
-                **self._prior_bind_kwargs,
+                overlap=self._prior_overlap,
+                **self._prior_bind_options.as_kwargs(),
             )
         return self.prior_regularizer
 

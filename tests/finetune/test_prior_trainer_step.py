@@ -150,3 +150,42 @@ def test_mixin_refuses_a_step_with_the_term_added_twice(tmp_path, monkeypatch):
     monkeypatch.setattr(Accelerator, "sync_gradients", property(lambda self: True))
     with pytest.raises(RuntimeError, match="2 time"):
         _one_step("bert", 2, False, "mixin", tmp_path)
+
+
+def test_callback_and_trainer_default_num_train_examples_to_the_training_set_size(tmp_path):
+    """Without ``num_train_examples``, PriorCallback (when training begins) and PriorTrainer take N =
+    len(train_dataset), and take the same step as with N given."""
+    results = []
+    for mode in ("callback", "mixin"):
+        model, data, prior = _setup("bert", 1)
+        args = _args(tmp_path / mode, 1, False)
+        if mode == "callback":
+            cb = PriorCallback(prior)
+            assert cb.num_train_examples is None
+            Trainer(model=model, args=args, train_dataset=data, callbacks=[cb]).train()
+            assert cb.num_train_examples == len(data)
+        else:
+            trainer = PriorTrainer(model=model, args=args, train_dataset=data, prior=prior)
+            assert trainer.num_train_examples == len(data)
+            trainer.train()
+        results.append(params_of(model))
+    model, data, prior = _setup("bert", 1)
+    cb = PriorCallback(prior, len(data))
+    Trainer(model=model, args=_args(tmp_path / "given", 1, False), train_dataset=data, callbacks=[cb]).train()
+    assert max_abs_diff(results[0], results[1]) < TOL
+    assert max_abs_diff(results[0], params_of(model)) < TOL
+
+
+def test_callback_without_num_train_examples_refuses_an_unsized_dataset(tmp_path):
+    class Stream(torch.utils.data.IterableDataset):
+        def __init__(self, rows):
+            self.rows = rows
+
+        def __iter__(self):
+            return iter(self.rows)
+
+    model, data, prior = _setup("bert", 1)
+    cb = PriorCallback(prior)
+    trainer = Trainer(model=model, args=_args(tmp_path, 1, False), train_dataset=Stream(data), callbacks=[cb])
+    with pytest.raises(ValueError, match="pass num_train_examples=N: the training dataset has no len"):
+        trainer.train()
