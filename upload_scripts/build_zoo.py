@@ -320,7 +320,7 @@ def learn_argv(entry: Entry, *, data: str, output: str, checkpoint: str | None, 
     argv += ["--pretrained" if bb.get("pretrained", True) else "--no-pretrained"]
     argv += ["--data", data, "--data-format", "hub" if hub else "disk"]
     argv += ["--split", str(d.get("split", "train"))] if hub else []
-    argv += ["--output", output, "--objective", str(lr["objective"]), "--rank", str(lr["rank"])]
+    argv += ["--output-dir", output, "--objective", str(lr["objective"]), "--rank", str(lr["rank"])]
     flags = {
         "epochs": "--epochs", "warmup_epochs": "--warmup-epochs", "batch_size": "--batch-size", "lr": "--lr",
         "momentum": "--momentum", "weight_decay": "--weight-decay", "schedule": "--schedule",

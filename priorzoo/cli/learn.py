@@ -7,8 +7,8 @@ masked-LM (text, transformers ``*ForMaskedLM``). Training runs :func:`priorzoo.l
 progress bar and writes a complete prior folder (``config.json``, ``prior.safetensors``, ``README.md``).
 
 Example:
-    $ priorzoo learn resnet18 --data ./images --objective simclr --epochs 20 --rank 20 --output ./r18-ssl-prior
-    $ priorzoo learn ./my-bert --data reviews.csv --text-column review --objective mlm --output ./bert-prior
+    $ priorzoo learn resnet18 --data ./images --objective simclr --epochs 20 --rank 20 --output-dir ./r18-ssl-prior
+    $ priorzoo learn ./my-bert --data reviews.csv --text-column review --objective mlm --output-dir ./bert-prior
 """
 
 from __future__ import annotations
@@ -68,7 +68,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--text-column", default=None, help="default: `text`, else the first string column")
     p.add_argument("--label-column", default=None, help="default: `label` or `labels`")
     p.add_argument("--objective", choices=("supervised", "simclr", "mlm"), default="supervised")
-    p.add_argument("--output", required=True, help="folder to write the prior into")
+    p.add_argument(
+        "--output-dir",
+        "--output",
+        dest="output_dir",
+        required=True,
+        help="folder to write the prior into (--output is an alias)",
+    )
     p.add_argument(
         "--validation-fraction",
         type=float,
@@ -161,12 +167,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_output(output: str) -> None:
-    """Refuse an ``--output`` that cannot hold a prior before any training starts."""
+    """Refuse an ``--output-dir`` that cannot hold a prior before any training starts."""
     path = Path(output)
     if not output:
-        raise ValueError("`--output` is empty; name the folder to write the prior into")
+        raise ValueError("`--output-dir` is empty; name the folder to write the prior into")
     if path.exists() and not path.is_dir():
-        raise ValueError(f"`--output` {output!r} exists and is a file, not a folder: name a new or prior folder")
+        raise ValueError(f"`--output-dir` {output!r} exists and is a file, not a folder: name a new or prior folder")
     config = path / "config.json"
     if config.is_file():
         try:
@@ -175,7 +181,7 @@ def _check_output(output: str) -> None:
             data = None
         if not isinstance(data, dict) or "format_version" not in data or "parameters" not in data:
             raise ValueError(
-                f"`--output` {output!r} holds a config.json that is not a priorzoo prior's (a model folder?); "
+                f"`--output-dir` {output!r} holds a config.json that is not a priorzoo prior's (a model folder?); "
                 "writing the prior there would replace it: name another folder"
             )
 
@@ -239,7 +245,7 @@ def _run(args: argparse.Namespace) -> int:
     if not 0 <= args.validation_fraction < 1:
         raise ValueError(f"`--validation-fraction` must be in [0, 1); received {args.validation_fraction}")
     collect_every = _collect_every(str(args.collect_every))
-    _check_output(args.output)
+    _check_output(args.output_dir)
     torch.manual_seed(args.seed)
     ds = load_data(args.data, data_format=args.data_format, split=args.split)
     if args.max_examples is not None:
@@ -416,7 +422,7 @@ def _run(args: argparse.Namespace) -> int:
             }
         )
         print(f"source accuracy of the prior mean on {len(val_ds)} held-out examples: {accuracy:.4f}")
-    folder = prior.save_pretrained(args.output)
+    folder = prior.save_pretrained(args.output_dir)
     print(f"wrote {prior!r} to {folder} ({collector.num_collected} snapshots)")
     return 0
 

@@ -16,6 +16,8 @@ from priorzoo.cli import build_parser, main
         ["pull", "me/prior", "--output-dir", "out"],
         ["pull", "me/prior", "--to", "out"],
         ["finetune", "bert", "--no-prior", "--data", "d.csv", "--output-dir", "out"],
+        ["learn", "resnet18", "--data", "d", "--output-dir", "out"],
+        ["learn", "resnet18", "--data", "d", "--output", "out"],
     ],
 )
 def test_output_folder_flags(argv: list[str]) -> None:
