@@ -19,12 +19,7 @@ KNOWN_CYCLES: dict[tuple[str, ...], str] = {
     ("priorzoo.matching", "priorzoo.peft"): "match() -> peft_view; peft's select -> matching patterns (issue 15)",
 }
 # private names still used by an application, with why; the test fails if one is no longer used
-KNOWN_PRIVATE: dict[str, set[str]] = {
-    "benchmarks/bench_trainer_overhead.py": {  # it times these internals of the prefetch (issue 14)
-        "priorzoo.finetune._prefetch",
-        "priorzoo.finetune.trainer._PriorStepCheck",
-    },
-}
+KNOWN_PRIVATE: dict[str, set[str]] = {}
 
 
 def _module_name(path: Path) -> str:
