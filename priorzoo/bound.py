@@ -92,11 +92,7 @@ class BoundPrior:
     def __init__(
         self, prior: PriorModel, model: torch.nn.Module, match: MatchResult, *, dtype: torch.dtype | None = None
     ) -> None:
-        self.prior = prior
-        self.match = match
-        params = dict(model.named_parameters())
-        self.prior_names = list(match.matched)
-        self.parameters: list[torch.nn.Parameter] = [params[match.matched[n]] for n in self.prior_names]
+        self._take_matched(prior, model, match)
         self.device = self.parameters[0].device
         devices = {p.device for p in self.parameters}
         if len(devices) > 1:
@@ -106,6 +102,14 @@ class BoundPrior:
             )
         self._signature = self._current_signature()
         self.gaussian = prior.gaussian(self.prior_names, device=self.device, dtype=dtype)
+
+    def _take_matched(self, prior: PriorModel, model: torch.nn.Module, match: MatchResult) -> None:
+        """Keep the prior, the match and the model's matched parameters in prior order (every binding's start)."""
+        self.prior = prior
+        self.match = match
+        params = dict(model.named_parameters())
+        self.prior_names = list(match.matched)
+        self.parameters: list[torch.nn.Parameter] = [params[match.matched[n]] for n in self.prior_names]
 
     def _current_signature(self) -> tuple:
         return tuple((id(p), p.device, p.dtype) for p in self.parameters)

@@ -163,11 +163,7 @@ class ShardedBoundPrior(BoundPrior):
     def __init__(
         self, prior: PriorModel, model: torch.nn.Module, match: MatchResult, *, dtype: torch.dtype | None = None
     ) -> None:
-        self.prior = prior
-        self.match = match
-        params = dict(model.named_parameters())
-        self.prior_names = list(match.matched)
-        self.parameters = [params[match.matched[n]] for n in self.prior_names]
+        self._take_matched(prior, model, match)
         unsharded = [n for n, p in zip(self.prior_names, self.parameters) if not _is_dtensor(p)]
         if unsharded:
             raise RuntimeError(
