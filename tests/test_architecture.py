@@ -12,7 +12,7 @@ PACKAGE = ROOT / "priorzoo"
 MAX_LINES = 600
 # modules still over the limit, with who shrinks them; the test fails if one drops under (then remove it here)
 OVER_LIMIT: dict[str, str] = {
-    "priorzoo/learn/swag.py": "the SWAG collector alone (schedules: learn/schedules.py; issue 14)",
+    "priorzoo/learn/swag.py": "the SWAG collector alone, 638 lines (schedules.py and swag_state.py split off)",
 }
 # import cycles still there, with who breaks them; the test fails if one is gone (then remove it here)
 KNOWN_CYCLES: dict[tuple[str, ...], str] = {

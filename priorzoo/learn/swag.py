@@ -67,11 +67,9 @@ import torch
 from torch import Tensor
 
 from priorzoo.learn._common import (
-    atomic_save_safetensors,
     check_float,
     check_positive_int,
     describe_backbone,
-    load_safetensors_with_meta,
     norm_buffers,
     recommend_scale,
     recorded_exclude,
@@ -79,6 +77,7 @@ from priorzoo.learn._common import (
     select_prior_parameters,
 )
 from priorzoo.learn.schedules import ConstantLRSchedule, CyclicCosineSchedule, _Schedule  # noqa: F401 (re-exported)
+from priorzoo.learn.swag_state import SWAGStateMixin, _dtype_name
 from priorzoo.matching import Patterns
 
 if TYPE_CHECKING:
@@ -86,16 +85,10 @@ if TYPE_CHECKING:
 
 __all__ = ["ConstantLRSchedule", "CyclicCosineSchedule", "SWAGCollector"]
 
-_STATE_FORMAT = "priorzoo.swag_collector"
-_STATE_VERSION = 1
 _DEFAULT_CHUNK = 1 << 18  # elements per fused update (1 MiB float32): big enough to amortise op overhead
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-class SWAGCollector:
+class SWAGCollector(SWAGStateMixin):
     r"""Streaming SWAG statistics over a model's parameters; call :meth:`collect` at each snapshot.
 
     Args:
@@ -643,118 +636,3 @@ class SWAGCollector:
         """The user's string ``exclude`` patterns plus the names of every other trainable parameter left
         out (the head, or whatever ``include`` did not pick)."""
         return recorded_exclude(self.model, self.names, self.exclude)
-
-    # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: metadata (JSON-able) plus tensors ``mean``, ``m2``, ``deviations``.
-
-        Deviations are stored oldest first (``[min(T, K), P]``), so the state is independent of where the
-        ring buffer happened to wrap.
-
-        Example:
-            >>> import torch
-            >>> c = SWAGCollector(torch.nn.Linear(2, 2), rank=3); c.collect()
-            >>> sorted(k for k, v in c.state_dict().items() if isinstance(v, torch.Tensor))
-            ['deviations', 'm2', 'mean']
-        """
-        return {
-            "format": _STATE_FORMAT,
-            "version": _STATE_VERSION,
-            "rank": self.rank,
-            "num_collected": self._n,
-            "min_var": self.min_var,
-            "moment_dtype": _dtype_name(self.moment_dtype),
-            "factor_dtype": _dtype_name(self.factor_dtype),
-            "parameters": [{"name": n, "shape": list(self.shapes[n])} for n in self.names],
-            "mean": self._mean.clone(),
-            "m2": self._m2.clone(),
-            "deviations": self.deviations(),
-            "buffer_snapshots": self._buffer_n,
-            **{f"buffer_sum.{n}": t.clone() for n, t in self._buffer_sum.items()},
-            **{f"buffer_last.{n}": t.clone() for n, t in self._buffer_last.items()},
-        }
-
-    @torch.no_grad()
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; the collector must select the same parameters with the same K.
-
-        Raises:
-            ValueError: another format, rank, parameter list or shapes, or inconsistent tensors.
-
-        Example:
-            >>> import torch
-            >>> lin = torch.nn.Linear(2, 2)
-            >>> a = SWAGCollector(lin, rank=3); a.collect()
-            >>> b = SWAGCollector(lin, rank=3); b.load_state_dict(a.state_dict())
-            >>> b.num_collected
-            1
-        """
-        if state.get("format") != _STATE_FORMAT:
-            raise ValueError(f"not a SWAGCollector state (format {state.get('format')!r}, expected {_STATE_FORMAT!r})")
-        if int(state.get("version", 0)) > _STATE_VERSION:
-            raise ValueError(
-                f"SWAGCollector state version {state.get('version')} is newer than this priorzoo reads "
-                f"({_STATE_VERSION}); upgrade priorzoo"
-            )
-        if state["rank"] != self.rank:
-            raise ValueError(
-                f"the saved state has rank K = {state['rank']} but this collector has rank {self.rank}; build "
-                f"the collector with rank={state['rank']} to resume"
-            )
-        saved = [(p["name"], tuple(p["shape"])) for p in state["parameters"]]
-        mine = [(n, self.shapes[n]) for n in self.names]
-        if saved != mine:
-            diff = [f"`{s[0]}` {s[1]}" for s in saved if s not in mine][:3] + [
-                f"`{m[0]}` {m[1]} (here)" for m in mine if m not in saved
-            ][:3]
-            raise ValueError(
-                f"the saved state covers {len(saved)} parameters and this collector {len(mine)}; they differ "
-                f"in: {', '.join(diff) or 'order'}. Use the same model and include/exclude patterns"
-            )
-        n = int(state["num_collected"])
-        devs = state["deviations"]
-        m = min(n, self.rank)
-        P = self.num_parameters
-        for key, shape in (("mean", (P,)), ("m2", (P,)), ("deviations", (m, P))):
-            if tuple(state[key].shape) != shape:
-                raise ValueError(f"saved `{key}` has shape {tuple(state[key].shape)}; expected {shape}")
-        self._mean.copy_(state["mean"])
-        self._m2.copy_(state["m2"])
-        self._ring.zero_()
-        # snapshot j (1-based) lives in slot (j − 1) mod K, exactly as an uninterrupted run would have it
-        for i in range(m):
-            j = n - m + 1 + i
-            self._ring[(j - 1) % self.rank].copy_(devs[i])
-        self._n = n
-        # batch-norm statistics (absent from states written before priorzoo carried them: start afresh)
-        self._buffer_n = int(state.get("buffer_snapshots", 0))
-        self._buffer_sum = {k[len("buffer_sum.") :]: v.clone() for k, v in state.items() if k.startswith("buffer_sum.")}
-        self._buffer_last = {
-            k[len("buffer_last.") :]: v.clone() for k, v in state.items() if k.startswith("buffer_last.")
-        }
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the state to one safetensors file (tensors + a JSON header entry), atomically; no pickle.
-
-        Example:
-            >>> import tempfile, os, torch
-            >>> c = SWAGCollector(torch.nn.Linear(2, 2), rank=3); c.collect()
-            >>> path = c.save(os.path.join(tempfile.mkdtemp(), "swag.safetensors"))
-            >>> c2 = SWAGCollector(torch.nn.Linear(2, 2), rank=3); c2.load(path); c2.num_collected
-            1
-        """
-        state = self.state_dict()
-        tensors = {k: state.pop(k) for k in list(state) if isinstance(state[k], Tensor)}
-        return atomic_save_safetensors(tensors, path, state)
-
-    def load(self, path: str | os.PathLike) -> None:
-        """Restore the state written by :meth:`save` (see :meth:`load_state_dict` for the checks).
-
-        Example:
-            >>> collector.load("checkpoints/swag.safetensors")  # doctest: +SKIP
-        """
-        tensors, meta = load_safetensors_with_meta(path, what="SWAGCollector state")
-        missing = [k for k in ("mean", "m2", "deviations") if k not in tensors]
-        if missing:
-            raise ValueError(f"{path}: SWAGCollector state lacks tensor(s) {missing}")
-        self.load_state_dict({**meta, **tensors})
