@@ -396,7 +396,7 @@ def effective_weights(
         >>> sorted(effective_weights(net))
         ['0.weight']
     """
-    from priorzoo.matching import compile_patterns, head_parameter_names
+    from priorzoo.selection import compile_patterns, head_parameter_names
 
     view = peft_view(model)
     if view is None:

@@ -15,9 +15,7 @@ OVER_LIMIT: dict[str, str] = {
     "priorzoo/learn/swag.py": "the SWAG collector alone, 638 lines (schedules.py and swag_state.py split off)",
 }
 # import cycles still there, with who breaks them; the test fails if one is gone (then remove it here)
-KNOWN_CYCLES: dict[tuple[str, ...], str] = {
-    ("priorzoo.matching", "priorzoo.peft"): "match() -> peft_view; peft's select -> matching patterns (issue 15)",
-}
+KNOWN_CYCLES: dict[tuple[str, ...], str] = {}
 # private names still used by an application, with why; the test fails if one is no longer used
 KNOWN_PRIVATE: dict[str, set[str]] = {}
 
