@@ -4,33 +4,19 @@ steps; binding a prior folder opened with open_prior reads only each process's s
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import sharded_worker as worker
 import torch
+from _torchrun import TORCHRUN, run_torchrun
 
 from priorzoo import PriorModel
 from priorzoo.sharded import LazyTensor, check_parameters, is_sharded, local_slices, open_prior
 
-TORCHRUN = shutil.which("torchrun")
-
 
 def _torchrun(tmp_path: Path, *cases: str, nproc: int = 2) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_"))}
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", str(Path(worker.__file__)), str(tmp_path), *cases],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_torchrun(Path(worker.__file__), str(tmp_path), *cases, nproc=nproc)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -3,9 +3,6 @@ the callback, the Trainer mixin and a plain DDP loop; the prior term enters once
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,8 +12,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("timm")
 
 import ddp_prior_worker as worker
-
-TORCHRUN = shutil.which("torchrun")
+from _torchrun import TORCHRUN, run_torchrun
 
 
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun (torch.distributed.run's launcher) is not on PATH")
@@ -24,17 +20,7 @@ def test_two_processes_equal_one_process(tmp_path):
     import transformers
     from safetensors.torch import load_file
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_"))}
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [TORCHRUN, "--standalone", "--nproc_per_node=2", str(Path(worker.__file__)), str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_torchrun(Path(worker.__file__), str(tmp_path))
 
     transformers.logging.set_verbosity_error()
     single = worker.run_all(tmp_path / "single", world=1, rank=0)

@@ -6,22 +6,18 @@ process raises on both."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import sharded_swag_worker as worker
 import torch
+from _torchrun import TORCHRUN, run_torchrun
 from safetensors.torch import load_file
 
 from priorzoo import PriorModel
 from priorzoo.files import prior_files
 from priorzoo.learn import SWAGCollector
 from priorzoo.sharded import LazyTensor, open_prior
-
-TORCHRUN = shutil.which("torchrun")
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -45,17 +41,7 @@ def _unsharded(tmp_path: Path) -> tuple[Path, Path]:
 
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun (torch.distributed.run's launcher) is not on PATH")
 def test_sharded_swag_writes_the_unsharded_prior_bit_for_bit(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_"))}
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [TORCHRUN, "--standalone", "--nproc_per_node=2", str(Path(worker.__file__)), str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_torchrun(Path(worker.__file__), str(tmp_path))
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     # the cases the comparison is about really occur: Shard(1), an uneven and an empty shard
     assert reports[0]["placements"]["0.weight"] == "(Shard(dim=1),)"
