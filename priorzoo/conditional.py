@@ -64,15 +64,12 @@ from torch import Tensor
 from priorzoo.errors import PriorFormatError
 from priorzoo.gaussian import LowRankGaussian, Workspace
 from priorzoo.matching import MatchResult
+from priorzoo.precision import ieee_fp32_matmul, no_autocast
 
 __all__ = ["ConditionalBoundPrior"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
 _CHUNK = 1 << 16
-
-
-def _no_autocast(device: torch.device) -> torch.autocast:
-    return torch.autocast(device_type=device.type, enabled=False)
 
 
 @dataclass
@@ -175,7 +172,7 @@ class ConditionalBoundPrior:
         self._signature = self._current_signature()
         self._model = weakref.ref(model)
         self._joint_bound = None
-        with torch.no_grad(), _no_autocast(self.device):
+        with torch.no_grad(), no_autocast(self.device), ieee_fp32_matmul():
             self._bind_frozen_and_condition()
 
     # ------------------------------------------------------------------ binding
@@ -279,7 +276,7 @@ class ConditionalBoundPrior:
 
     # ------------------------------------------------------------------ values
     def _values(self) -> list[Tensor]:
-        with _no_autocast(self.device):
+        with no_autocast(self.device):
             return [b.value(self.dtype) for b in self.active]
 
     def _joint(self):
@@ -340,7 +337,7 @@ class ConditionalBoundPrior:
                 out_grads.append(g.view(v.shape).to(v.dtype))
                 leaves.extend(leaf for leaf in b.leaves() if all(leaf is not x for x in leaves))
         if outputs:
-            with torch.enable_grad(), _no_autocast(self.device):
+            with torch.enable_grad(), no_autocast(self.device):
                 got = torch.autograd.grad(outputs, leaves, out_grads, allow_unused=True)
             for leaf, g in zip(leaves, got):
                 if g is None:

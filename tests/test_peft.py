@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from _models import tiny_bert_config
+from _models import bert_prior, random_prior, timm_prior, tiny_bert_config
 
 from priorzoo import PriorMatchError, PriorModel
 from priorzoo.peft import UnsupportedAdapterError, is_peft_model, lora_model, peft_view
@@ -42,24 +42,8 @@ def tiny_vit(seed: int = 0):
     return timm.create_model("test_vit", num_classes=3, img_size=32)
 
 
-def random_prior(named: dict[str, torch.Tensor], rank: int = 3, seed: int = 1, exclude=()) -> PriorModel:
-    """A SWAG-kind prior whose mean is NOT the weights (so W₀ − μ ≠ 0) with random variances and factor."""
-    g = torch.Generator().manual_seed(seed)
-    mean = {n: t.detach() + 0.05 * torch.randn(t.shape, generator=g) for n, t in named.items()}
-    var = {n: 0.01 * (0.5 + torch.rand(t.shape, generator=g)) for n, t in named.items()}
-    factor = {n: 0.02 * torch.randn((rank, *t.shape), generator=g) for n, t in named.items()} if rank else None
-    return PriorModel.from_tensors(mean, var, factor, exclude=list(exclude))
-
-
-def bert_prior(model, **kw) -> PriorModel:
-    return random_prior(
-        {n.removeprefix("bert."): p for n, p in model.named_parameters() if n.startswith("bert.")}, **kw
-    )
-
-
 def vit_prior(model, **kw) -> PriorModel:
-    named = {n: p for n, p in model.named_parameters() if not n.startswith("head.")}
-    return random_prior(named, exclude=["head.*"], **kw)
+    return timm_prior(model, head="head", **kw)
 
 
 def perturb_adapters(model, seed: int = 3) -> None:

