@@ -118,3 +118,24 @@ def mean_prior(named: Iterable[tuple[str, torch.Tensor]], *, variance: float = 0
     """A diagonal prior centred on the given ``(name, tensor)`` pairs with one variance."""
     mean = {n: p.detach().clone() for n, p in named}
     return PriorModel.from_tensors(mean, variance=variance, exclude=exclude)
+
+
+def shaped_prior(
+    shapes: dict[str, tuple[int, ...]],
+    *,
+    rank: int = 3,
+    seed: int = 0,
+    variance: tuple[float, float] = (1.0, 0.05),
+    factor_std: float = 0.3,
+    factor_dtype: torch.dtype = torch.float32,
+    **kwargs: Any,
+) -> PriorModel:
+    """A SWAG-kind prior over tensors of the given shapes, no model needed: mean ~ N(0, 1), variance
+    a·U(0, 1) + b with ``variance = (a, b)``, factor rows ~ N(0, factor_std²) (``rank`` 0: diagonal only);
+    ``kwargs`` go to :meth:`PriorModel.from_tensors` (scale, eps, backbone, ...)."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = variance
+    mean = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    var = {n: torch.rand(s, generator=g) * a + b for n, s in shapes.items()}
+    fac = {n: (factor_std * torch.randn((rank, *s), generator=g)).to(factor_dtype) for n, s in shapes.items()}
+    return PriorModel.from_tensors(mean, var, fac if rank else None, **kwargs)

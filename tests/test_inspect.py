@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _models import shaped_prior
 
 from priorzoo import PriorModel
 from priorzoo.inspect import format_summary, plot_layer_scales, summarize
@@ -17,13 +18,16 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def random_prior(*, rank: int = 3, scale: float = 2.0, eps: float = 1e-3, factor_dtype: torch.dtype = torch.float32):
-    g = torch.Generator().manual_seed(0)
     shapes = {"conv.weight": (4, 2, 3, 3), "conv.bias": (4,), "fc.weight": (3, 5)}
-    mean = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
-    var = {n: torch.rand(s, generator=g) * 0.1 for n, s in shapes.items()}
-    factor = {n: (0.1 * torch.randn(rank, *s, generator=g)).to(factor_dtype) for n, s in shapes.items()}
-    return PriorModel.from_tensors(
-        mean, var, factor if rank else None, scale=scale, eps=eps, backbone={"library": "timm", "name": "tiny"}
+    return shaped_prior(
+        shapes,
+        rank=rank,
+        variance=(0.1, 0.0),
+        factor_std=0.1,
+        factor_dtype=factor_dtype,
+        scale=scale,
+        eps=eps,
+        backbone={"library": "timm", "name": "tiny"},
     )
 
 

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from _models import shaped_prior
 from safetensors.torch import load_file, save_file
 from torch.distributions import LowRankMultivariateNormal
 
@@ -15,12 +16,8 @@ from priorzoo.prior import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
 
 
 def make_prior(rank: int = 3, seed: int = 0, **kwargs) -> PriorModel:
-    g = torch.Generator().manual_seed(seed)
     shapes = {"layer.weight": (4, 3), "layer.bias": (4,), "out.weight": (2, 4), "out.bias": (2,)}
-    mean = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
-    var = {n: torch.rand(s, generator=g) + 0.05 for n, s in shapes.items()}
-    fac = {n: 0.3 * torch.randn((rank, *s), generator=g) for n, s in shapes.items()} if rank else None
-    return PriorModel.from_tensors(mean, var, fac, backbone={"library": "torch", "name": "toy"}, **kwargs)
+    return shaped_prior(shapes, rank=rank, seed=seed, backbone={"library": "torch", "name": "toy"}, **kwargs)
 
 
 def flat(d, names):
