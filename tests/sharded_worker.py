@@ -17,20 +17,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 N = 10
 LR = 0.1
+SIZES_4 = {"hidden": 3, "inputs": 8}  # model_and_prior for 4 processes: 3 rows on 4, an empty shard
 
 
-def model_and_prior(seed: int = 0, k: int = 3, factor_dtype=torch.float32):
+def model_and_prior(seed: int = 0, k: int = 3, factor_dtype=torch.float32, hidden: int = 7, inputs: int = 6):
     """A model with an uneven shard (7 rows on 2 processes: 4 and 3), empty shards (1 row on 2 processes)
-    and a parameter the sharded cases put in Shard(1) (shape (4, 6)); the prior covers all but the head."""
+    and a parameter the sharded cases put in Shard(1) (shape (4, 6)); the prior covers all but the head.
+
+    The 4-process case (``hidden=3, inputs=8``): ``2.weight`` (3, 4) and ``2.bias`` have 3 rows on 4
+    processes (1, 1, 1 and an empty shard), ``4.weight`` (1, 3) one row (three empty shards); the Shard(1)
+    ``0.weight`` (4, 8) has 2 columns on each (FSDP2 refuses uneven shards on dimensions other than 0)."""
     from priorzoo import PriorModel
 
     torch.manual_seed(seed)
     model = torch.nn.Sequential(
-        torch.nn.Linear(6, 4),  # 0.weight (4, 6): Shard(1) in the sharded cases
+        torch.nn.Linear(inputs, 4),  # 0.weight (4, 6): Shard(1) in the sharded cases
         torch.nn.Tanh(),
-        torch.nn.Linear(4, 7),  # 2.weight (7, 4): 4 + 3 rows
+        torch.nn.Linear(4, hidden),  # 2.weight (7, 4): 4 + 3 rows
         torch.nn.Tanh(),
-        torch.nn.Linear(7, 1),  # 4.weight (1, 7), 4.bias (1,): one row, the second process holds none
+        torch.nn.Linear(hidden, 1),  # 4.weight (1, 7), 4.bias (1,): one row, the second process holds none
         torch.nn.Tanh(),
         torch.nn.Linear(1, 3),  # 6.*: the head, no prior
     )
@@ -54,8 +59,10 @@ def shard(model, world: int):
 
     mesh = init_device_mesh("cpu", (world,))
 
+    first = model[0].weight
+
     def placement(p):
-        return Shard(1) if tuple(p.shape) == (4, 6) else None
+        return Shard(1) if p is first else None
 
     for layer in model:
         if any(True for _ in layer.parameters()):
@@ -75,18 +82,24 @@ def check_placements(model, world: int) -> None:
     if world == 2:
         assert tuple(params["2.weight"].to_local().shape) == ((4, 4) if rank == 0 else (3, 4))
         assert tuple(params["4.weight"].to_local().shape) == ((1, 7) if rank == 0 else (0, 7))
+    if world == 4:  # the hidden=3, inputs=8 model: 3 rows on 4 processes, the last holds an empty shard
+        assert tuple(params["2.weight"].shape) == (3, 4)
+        assert tuple(params["2.weight"].to_local().shape) == ((1, 4) if rank < 3 else (0, 4))
+        assert tuple(params["2.bias"].to_local().shape) == ((1,) if rank < 3 else (0,))
+        assert tuple(params["4.weight"].to_local().shape) == ((1, 3) if rank == 0 else (0, 3))
+        assert tuple(params["0.weight"].to_local().shape) == (4, 2)
 
 
 def full(t):
     return t.full_tensor() if type(t).__name__ == "DTensor" else t
 
 
-def case_value_and_grad(world: int, source=None) -> dict[str, torch.Tensor]:
+def case_value_and_grad(world: int, source=None, **sizes: int) -> dict[str, torch.Tensor]:
     """Value, log-density and gradient of the prior term on the sharded model: add_to_grad_ and the loss
     path."""
     from priorzoo.finetune import PriorRegularizer
 
-    model, prior = model_and_prior()
+    model, prior = model_and_prior(**sizes)
     if world > 1:
         shard(model, world)
         check_placements(model, world)
@@ -179,6 +192,8 @@ def run(case: str, world: int, rank: int, source=None):
         return case_plain_loop(world, rank)
     if case == "callback":
         return case_callback(world, rank)
+    if case == "value_and_grad_3rows":  # the model for 4 processes
+        return case_value_and_grad(world, source, **SIZES_4)
     return case_value_and_grad(world, source)
 
 

@@ -1,4 +1,4 @@
-"""FSDP2: a prior bound to a model sharded over 2 CPU processes (gloo, torchrun) gives the value and
+"""FSDP2: a prior bound to a model sharded over 2 (and 4) CPU processes (gloo, torchrun) gives the value and
 gradient of one process, for uneven shards, empty shards and Shard(1); a plain FSDP2 loop takes the same
 steps; binding a prior folder opened with open_prior reads only each process's slices."""
 
@@ -51,6 +51,28 @@ def test_sharded_prior_equals_one_process(tmp_path):
     # the comparison is sharp: the prior's gradient moved the weights
     model, _ = worker.model_and_prior()
     assert float((ref["2.weight"] - dict(model.named_parameters())["2.weight"].detach()).abs().max()) > 1e-3
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun (torch.distributed.run's launcher) is not on PATH")
+def test_sharded_prior_with_an_empty_shard_on_four_processes_equals_one_process(tmp_path):
+    """3 rows on 4 processes: the last process holds an empty shard of ``2.weight``/``2.bias``, three hold
+    empty shards of ``4.*``, ``0.weight`` is Shard(1); the eager and the lazily read prior give one process's
+    value and gradient (the placements are asserted in the worker)."""
+    from safetensors.torch import load_file
+
+    folder = worker.model_and_prior(**worker.SIZES_4)[1].save_pretrained(tmp_path / "prior")
+    _torchrun(tmp_path, "value_and_grad_3rows", f"value_and_grad_3rows={folder}", nproc=4)
+
+    one = worker.run("value_and_grad_3rows", 1, 0)
+    assert tuple(one["add_grad.2.weight"].shape) == (3, 4)
+    for name in ("value_and_grad_3rows", "value_and_grad_3rows_lazy"):
+        sharded = load_file(str(tmp_path / f"{name}.safetensors"))
+        read = sharded.pop("elements_read", None)
+        assert sharded.keys() == one.keys()
+        for key in one:
+            assert _rel(sharded[key], one[key]) < 1e-6, (name, key)
+    # rank 0 read (K + 2) values per weight of its shards: 0.weight cols 0-1, 0.bias 0, 2.* row 0, 4.* all
+    assert float(read) == (3 + 2) * (4 * 2 + 1 + 1 * 4 + 1 + 1 * 3 + 1)
 
 
 def test_plain_models_are_not_sharded_and_have_full_slices():
