@@ -457,7 +457,12 @@ class LowRankGaussian:
         zeta = None
         if self.factor_flat is not None:
             zeta = torch.randn(self.rank, generator=generator, dtype=self.dtype, device=self.device)
-        xi = torch.randn(self.numel, generator=generator, dtype=self.dtype, device=self.device)
+        # ξ drawn block by block: the same random stream as a per-tensor draw (torch's CPU randn fills short
+        # and unaligned tensors differently from one long one), so a seed gives the same samples as before
+        xi = torch.cat(
+            [torch.randn(n, generator=generator, dtype=self.dtype, device=self.device) for n in self.sizes]
+            or [torch.empty(0, dtype=self.dtype, device=self.device)]
+        )
         w = self.mean_flat + self.inv_a_flat.rsqrt() * xi
         if zeta is not None:
             with ieee_fp32_matmul():

@@ -114,6 +114,27 @@ def test_sample_covariance(rank):
     assert torch.allclose(emp, g.dense_covariance(), atol=0.06)
 
 
+@pytest.mark.parametrize("rank", [0, 3])
+def test_sample_stream_is_per_block(rank):
+    """A seed gives the draws of ζ ~ N(0, I_K) then one ξ_b ~ N(0, I) per block (the stream the demo's BMA
+    table was recorded with), whatever the flat layout inside."""
+    shapes = [(3, 17), (5,), (2, 1, 3)]  # sizes that are not multiples of torch's vectorised randn width
+    g0 = torch.Generator().manual_seed(3)
+    mean = [torch.randn(s, generator=g0) for s in shapes]
+    var = [torch.rand(s, generator=g0) + 0.1 for s in shapes]
+    fac = [torch.randn((rank, *s), generator=g0) for s in shapes] if rank else None
+    g = LowRankGaussian(mean, var, fac, scale=2.0, eps=0.5)
+    draw = g.sample(torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    zeta = torch.randn(rank, generator=gen) if rank else None
+    for i, (m, v, s) in enumerate(zip(mean, var, shapes)):
+        xi = torch.randn(m.numel(), generator=gen)
+        expected = m.reshape(-1) + (2.0 * v.reshape(-1) + 0.5).sqrt() * xi
+        if zeta is not None:
+            expected = expected + math.sqrt(2.0) * (zeta @ fac[i].reshape(rank, -1))
+        assert torch.allclose(draw[i], expected.reshape(s), rtol=1e-5, atol=1e-6)
+
+
 def test_isotropic_special_case():
     mean = [torch.zeros(10, dtype=torch.float64)]
     g = LowRankGaussian(mean, [torch.full((10,), 2.0, dtype=torch.float64)], scale=3.0)
