@@ -60,6 +60,7 @@ import torch
 from torch import Tensor
 
 from priorzoo.learn._common import describe_backbone
+from priorzoo.learn.sharded_swag_state import ShardedSWAGStateMixin
 from priorzoo.learn.swag import SWAGCollector
 from priorzoo.sharded import local_slices
 
@@ -86,15 +87,23 @@ def _group(model: torch.nn.Module) -> Any:
     return None  # pragma: no cover - the collector is only built for sharded models
 
 
-class ShardedSWAGCollector(SWAGCollector):
+class ShardedSWAGCollector(ShardedSWAGStateMixin, SWAGCollector):
     """:class:`~priorzoo.learn.SWAGCollector` on an FSDP2 model: what ``SWAGCollector(fsdp_model, ...)``
     builds. Same arguments and statistics; ``mean()``, ``raw_variance()``, ``deviations()`` and
-    ``state_dict()``/``save()`` are this process's shards (save one state file per process). The prior is
-    written, not held: call :meth:`save_prior` on every process (``to_prior`` refuses).
+    ``state_dict()`` are this process's shards. The prior is written, not held: call :meth:`save_prior` on
+    every process (``to_prior`` refuses).
+
+    To resume (:mod:`priorzoo.learn.sharded_swag_state`): ``save(folder)`` on every process writes one file
+    per process (``rank-00000-of-00002.safetensors``, …) recording the world size, the process and its
+    local shard layout; ``load(folder)`` on every process, with the same world size and sharding, continues
+    exactly where the run was (the prior is then bit for bit that of an uninterrupted run) and refuses a
+    mismatch on every process, naming what differs.
 
     Example:
         >>> issubclass(ShardedSWAGCollector, SWAGCollector)
         True
+        >>> collector.save("ckpt/swag")  # every process: ckpt/swag/rank-0000r-of-0000W.safetensors  # doctest: +SKIP
+        >>> fresh = SWAGCollector(fsdp_model, rank=20); fresh.load("ckpt/swag")  # every process  # doctest: +SKIP
     """
 
     def __init__(self, model: torch.nn.Module, *args: Any, **kwargs: Any) -> None:

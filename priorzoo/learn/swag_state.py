@@ -65,7 +65,8 @@ class SWAGStateMixin:
         """Restore a :meth:`state_dict`; the collector must select the same parameters with the same K.
 
         Raises:
-            ValueError: another format, rank, parameter list or shapes, or inconsistent tensors.
+            ValueError: another format, rank, parameter list or shapes, inconsistent tensors, or the state of
+                one process of a sharded (FSDP2) collector.
 
         Example:
             >>> import torch
@@ -76,6 +77,11 @@ class SWAGStateMixin:
             >>> b.num_collected
             1
         """
+        self._check_state(state)
+        self._apply_state(state)
+
+    def _check_state(self, state: Mapping[str, Any]) -> None:
+        """Raise ValueError if ``state`` cannot be loaded into this collector; changes nothing."""
         if state.get("format") != _STATE_FORMAT:
             raise ValueError(f"not a SWAGCollector state (format {state.get('format')!r}, expected {_STATE_FORMAT!r})")
         if int(state.get("version", 0)) > _STATE_VERSION:
@@ -83,6 +89,7 @@ class SWAGStateMixin:
                 f"SWAGCollector state version {state.get('version')} is newer than this priorzoo reads "
                 f"({_STATE_VERSION}); upgrade priorzoo"
             )
+        self._check_sharding(state)
         if state["rank"] != self.rank:
             raise ValueError(
                 f"the saved state has rank K = {state['rank']} but this collector has rank {self.rank}; build "
@@ -98,13 +105,28 @@ class SWAGStateMixin:
                 f"the saved state covers {len(saved)} parameters and this collector {len(mine)}; they differ "
                 f"in: {', '.join(diff) or 'order'}. Use the same model and include/exclude patterns"
             )
-        n = int(state["num_collected"])
-        devs = state["deviations"]
-        m = min(n, self.rank)
+        m = min(int(state["num_collected"]), self.rank)
         P = self.num_parameters
         for key, shape in (("mean", (P,)), ("m2", (P,)), ("deviations", (m, P))):
             if tuple(state[key].shape) != shape:
                 raise ValueError(f"saved `{key}` has shape {tuple(state[key].shape)}; expected {shape}")
+
+    def _check_sharding(self, state: Mapping[str, Any]) -> None:
+        """An unsharded collector refuses the state of one process of a sharded run (key ``shard``)."""
+        shard = state.get("shard")
+        if shard is not None:
+            raise ValueError(
+                f"the saved state is process {shard.get('process')}'s shard of a {shard.get('world_size')}-process "
+                "sharded (FSDP2) SWAGCollector, but this collector is unsharded; resume it on "
+                f"{shard.get('world_size')} processes with the same fully_shard layout"
+            )
+
+    @torch.no_grad()
+    def _apply_state(self, state: Mapping[str, Any]) -> None:
+        """Copy a checked state in (see :meth:`_check_state`)."""
+        n = int(state["num_collected"])
+        devs = state["deviations"]
+        m = min(n, self.rank)
         self._mean.copy_(state["mean"])
         self._m2.copy_(state["m2"])
         self._ring.zero_()
@@ -141,6 +163,12 @@ class SWAGStateMixin:
         Example:
             >>> collector.load("checkpoints/swag.safetensors")  # doctest: +SKIP
         """
+        if Path(path).is_dir() and any(Path(path).glob("rank-*-of-*.safetensors")):
+            files = sorted(f.name for f in Path(path).glob("rank-*-of-*.safetensors"))
+            raise ValueError(
+                f"{path} is the state of a sharded (FSDP2) SWAGCollector, one file per process ({', '.join(files)}), "
+                "but this collector is unsharded; resume it on as many processes, with the same fully_shard layout"
+            )
         tensors, meta = load_safetensors_with_meta(path, what="SWAGCollector state")
         missing = [k for k in ("mean", "m2", "deviations") if k not in tensors]
         if missing:
