@@ -78,7 +78,9 @@ def _make_callback_class() -> type:
             schedule: a :class:`~priorzoo.learn.ConstantLRSchedule`/:class:`~priorzoo.learn.CyclicCosineSchedule`
                 whose ``should_collect(global_step)`` decides instead (drive the lr with
                 ``schedule.scheduler(optimizer)`` passed to the Trainer's ``optimizers=``).
-            save_state: write the collector into every Trainer checkpoint and restore it on resume.
+            save_state: write the collector into every Trainer checkpoint and restore it on resume (on an
+                FSDP2 model every process writes and reads its own shard's file, collectively; the checkpoint
+                folder must be on a file system all processes see).
 
         Example:
             >>> from priorzoo.learn import SWAGCallback  # doctest: +SKIP
@@ -136,7 +138,7 @@ def _make_callback_class() -> type:
                 )
             if state.global_step > 0 and self.save_state:
                 path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / COLLECTOR_STATE_NAME
-                if path.is_file():
+                if path.is_dir() if self._sharded() else path.is_file():  # sharded: a folder, loaded by all
                     self.collector.load(path)
                     self._last_collected_step = state.global_step if self._due(state.global_step) else -1
                 elif self.collector.num_collected == 0 and state.global_step > self.start_step:
@@ -172,10 +174,16 @@ def _make_callback_class() -> type:
                 self._collect(state)
             return control
 
+        def _sharded(self) -> bool:
+            """An FSDP2 collector: every process saves (and loads) its own file, collectively."""
+            cls = SWAGCollector.sharded_class
+            return cls is not None and isinstance(self.collector, cls)
+
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any):
-            if self.save_state and self.collector is not None and state.is_world_process_zero:
+            if self.save_state and self.collector is not None:
                 folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                if folder.is_dir():
+                # sharded: every process (save is collective), one file each in checkpoint-<step>/<state name>/
+                if self._sharded() or (state.is_world_process_zero and folder.is_dir()):
                     self.collector.save(folder / COLLECTOR_STATE_NAME)
             return control
 

@@ -126,3 +126,28 @@ def test_a_two_process_state_is_refused_by_one_process_and_by_the_unsharded_coll
         again.load(plain.save(tmp_path / "plain.safetensors"))
     with pytest.raises(ValueError, match="sharded"):
         plain.load(folder)
+
+
+def test_swag_callback_saves_and_restores_a_sharded_collector_on_every_process(tmp_path, world_of_one):
+    from types import SimpleNamespace
+
+    pytest.importorskip("transformers")
+    from priorzoo.learn.callbacks import COLLECTOR_STATE_NAME, SWAGCallback
+
+    net = worker.model()
+    worker.shard(net, 1)
+    collector = SWAGCollector(net, rank=worker.K, head="7.*")
+    for weights, stats in list(worker.snapshots(worker.model()))[:3]:
+        worker.set_snapshot(net, weights, stats)
+        collector.collect()
+    args = SimpleNamespace(output_dir=str(tmp_path))
+    # not process 0 of the Trainer's world: a sharded collector still saves its own shard (save is collective)
+    SWAGCallback(collector, every_n_steps=1).on_save(
+        args, SimpleNamespace(global_step=3, is_world_process_zero=False), None
+    )
+    state_dir = tmp_path / "checkpoint-3" / COLLECTOR_STATE_NAME
+    assert sorted(p.name for p in state_dir.iterdir()) == ["rank-00000-of-00001.safetensors"]
+    fresh = SWAGCollector(net, rank=worker.K, head="7.*")
+    callback = SWAGCallback(fresh, every_n_steps=1)
+    callback.on_train_begin(args, SimpleNamespace(global_step=3), None)
+    assert fresh.num_collected == 3 and torch.equal(fresh._mean, collector._mean)
