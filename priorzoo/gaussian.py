@@ -364,16 +364,21 @@ class LowRankGaussian:
     def half_quad(self, blocks: Sequence[Tensor]) -> Tensor:
         """½ (w−μ)ᵀΣ⁻¹(w−μ), differentiable in each block (gradient Σ⁻¹(w−μ) by Woodbury).
 
-        One ``cat`` of the blocks, then a fixed sequence of operations on flat tensors in a small autograd
-        function whose backward is the second pass over F (``torch.compile(fullgraph=True)`` traces it).
+        A small autograd function over the blocks: one copy of them into a flat buffer, then a fixed
+        sequence of in-place operations on two flat buffers (no other P-sized allocation: a fresh buffer
+        costs its page faults on every step), the backward being the second pass over F
+        (``torch.compile(fullgraph=True)`` traces it).
         """
         self._check_blocks(blocks)
         with no_autocast(self.device):
-            w = torch.cat([b.reshape(-1) for b in blocks])
-            if w.dtype != self.dtype:
-                w = w.to(self.dtype)
             return _FlatHalfQuad.apply(
-                w, self.mean_flat, self.inv_a_flat, self.factor_flat, self.cap_inv_scaled, self._chunk, self.reduce
+                self.mean_flat,
+                self.inv_a_flat,
+                self.factor_flat,
+                self.cap_inv_scaled,
+                self._chunk,
+                self.reduce,
+                *blocks,
             )
 
     def log_prob(self, blocks: Sequence[Tensor]) -> Tensor:
@@ -510,27 +515,37 @@ def _factor_transpose_times(f: Tensor, u: Tensor, out: Tensor, chunk: int, scrat
 
 
 class _FlatHalfQuad(torch.autograd.Function):
-    """½ rᵀΣ⁻¹r of a flat w with r = w − μ; backward Σ⁻¹r = s − A⁻¹Fᵀu with s = A⁻¹r, u = λC⁻¹F s.
+    """½ rᵀΣ⁻¹r of the blocks w with r = w − μ; backward Σ⁻¹r = s − A⁻¹Fᵀu with s = A⁻¹r, u = λC⁻¹F s.
 
-    Forward streams F once (t = F s) and keeps s (P floats) and u (K floats); backward streams it once more.
-    Both run under :func:`ieee_fp32_matmul`. Only tensors and an int cross the boundary, so dynamo traces it.
+    Forward copies the blocks into one flat buffer (w, then r in place), streams F once (t = F s) and keeps
+    s and that buffer (2P floats) and u (K floats); backward streams F once more into the first buffer and
+    corrects s in place into the gradient, returned as views per block. Both passes run under
+    :func:`ieee_fp32_matmul`. Only tensors and ints cross the boundary, so dynamo traces it.
     """
 
     @staticmethod
     def forward(
         ctx,
-        w: Tensor,
         mean: Tensor,
         inv_a: Tensor,
         factor: Tensor | None,
         m: Tensor | None,
         chunk: int,
-        reduce: Callable[[Tensor], Tensor] | None = None,
+        reduce: Callable[[Tensor], Tensor] | None,
+        *blocks: Tensor,
     ) -> Tensor:
+        ctx.shapes = [b.shape for b in blocks]
+        ctx.sizes = [b.numel() for b in blocks]
         with ieee_fp32_matmul():
-            r = w - mean
-            s = r * inv_a
-            q = (r * s).sum().to(torch.float64)  # a cascade float32 sum (accurate, unlike a flat dot)
+            r = torch.empty_like(mean)
+            src = [b.detach().reshape(-1) for b in blocks]
+            if all(b.dtype == r.dtype and b.device == r.device for b in src):
+                torch.cat(src, out=r)  # w, one kernel
+            else:  # bf16/fp16 blocks: cast while copying
+                torch._foreach_copy_(list(r.split(ctx.sizes)), src)
+            r.sub_(mean)
+            s = torch.mul(r, inv_a)
+            q = r.mul_(s).sum().to(torch.float64)  # rᵀs: a cascade float32 sum (accurate, unlike a flat dot)
             t = None if factor is None else _factor_times(factor, s, chunk).to(torch.float64)
             if reduce is not None:  # sharded: Σ over processes of rᵀs and F s, one all-reduce of K + 1
                 packed = reduce(q.reshape(1) if t is None else torch.cat([q.reshape(1), t]))
@@ -541,18 +556,20 @@ class _FlatHalfQuad(torch.autograd.Function):
         if t is None:
             ctx.save_for_backward(s)
         else:
-            ctx.save_for_backward(s, u, inv_a, factor)
+            ctx.save_for_backward(s, r, u, inv_a, factor)
         ctx.chunk = chunk
-        return (0.5 * q).to(w.dtype)
+        return (0.5 * q).to(mean.dtype)  # the prior's compute dtype, whatever the blocks'
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
         saved = ctx.saved_tensors
         if len(saved) == 1:
-            return saved[0] * grad_out, None, None, None, None, None, None
-        s, u, inv_a, factor = saved
-        with ieee_fp32_matmul():
-            prod = _factor_transpose_times(factor, u.to(s.dtype), torch.empty_like(s), ctx.chunk)
-        grad = torch.addcmul(s, prod, inv_a, value=-1.0).mul_(grad_out)
-        return grad, None, None, None, None, None, None
+            grad = saved[0].mul_(grad_out)
+        else:
+            s, work, u, inv_a, factor = saved
+            with ieee_fp32_matmul():
+                prod = _factor_transpose_times(factor, u.to(s.dtype), work, ctx.chunk)  # Fᵀu, into the w buffer
+            grad = s.addcmul_(prod, inv_a, value=-1.0).mul_(grad_out)
+        blocks = [g.view(shape) for g, shape in zip(grad.split(ctx.sizes), ctx.shapes)]
+        return (None, None, None, None, None, None, *blocks)
