@@ -83,7 +83,8 @@ def check_trainer_setup(args: Any, *, where: str, gradient_hook: bool) -> None:
     variables: the Trainer's arguments and accelerate's live state decide.
 
     Raises:
-        RuntimeError: DeepSpeed (unverified with priorzoo; under it the engine steps inside ``backward``),
+        RuntimeError: DeepSpeed in the Trainer (its engine steps inside ``backward``; ZeRO-1/2 work in a plain
+            loop through the loss path, see the README),
             Megatron/tensor/context parallelism, or (``gradient_hook``) LOMO/AdaLOMO and layer-wise
             optimisers.
 
@@ -96,8 +97,10 @@ def check_trainer_setup(args: Any, *, where: str, gradient_hook: bool) -> None:
     if getattr(args, "deepspeed", None):
         reasons.append(
             "DeepSpeed is enabled: accelerate's engine steps inside backward(), so a callback never sees the "
-            "gradients, ZeRO-3 partitions the parameters, and no DeepSpeed stage has been verified with priorzoo "
-            "(use FSDP2: fsdp=True, fsdp_config={'fsdp_version': 2})"
+            "gradients, ZeRO-3 partitions the parameters, and priorzoo's Trainer integration has not been verified "
+            "under DeepSpeed (use FSDP2: fsdp=True, fsdp_config={'fsdp_version': 2}; ZeRO stages 1 and 2 work in a "
+            "plain loop through the loss path, engine.backward(loss + PriorRegularizer(...)()): verified with "
+            "deepspeed 0.19 on CPU)"
         )
     try:
         from accelerate.state import AcceleratorState, is_initialized
