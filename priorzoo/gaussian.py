@@ -45,8 +45,9 @@ under :func:`ieee_fp32_matmul`, which sets the matmul precision to IEEE and rest
 (flags are not traceable); the factor products are then matrix–vector products.
 
 **Memory.** A Gaussian holds F once (K·P elements in its stored dtype) plus μ, A⁻¹ (2P in the compute
-dtype); factor tensors given on its device in that dtype are re-pointed at their blocks of the flat buffer
-(``Tensor.set_``, same values), so a prior and its binding share F instead of holding it twice; a
+dtype); mean and factor tensors given on its device in that dtype are re-pointed at their blocks of the flat
+buffers (``Tensor.set_``, same values), so a prior and its binding share μ and F instead of holding them
+twice; a
 :class:`Workspace` adds 2P (and the float32 scratch for a half-precision factor). rᵀs is a cascade
 (pairwise) sum in the compute dtype (relative error ~1e-7 at P = 23.5M, where a float32 ``dot`` gives
 ~1e-4 and a float64-cast sum is 9× slower), F·s in the compute dtype (float32 at least); the K-vector
@@ -192,6 +193,7 @@ class LowRankGaussian:
                 f"`{bad}`: 1/(λ·variance + eps) overflows {dtype}; raise eps or compute in float64"
             )
         self.mean = self._split(self.mean_flat)
+        self._share_storage(mean, self.mean)
         self.inv_a = self._split(self.inv_a_flat)
 
         self.factor_flat: Tensor | None = None
@@ -272,16 +274,17 @@ class LowRankGaussian:
         self.factor_flat = self._gather(cov_factor, rows=rank, dtype=self.factor_dtype)
         self.factor = self._split(self.factor_flat)
         self.rank = rank
-        self._share_factor_storage(cov_factor)
+        self._share_storage(cov_factor, self.factor)
         # columns per upcast chunk of a half-precision factor: K × chunk float32 ≤ max(P, 2²²) elements
         self._chunk = max(1, max(self.numel, _LOWP_SCRATCH) // rank) if self._lowp else self.numel
 
     @torch.no_grad()
-    def _share_factor_storage(self, cov_factor: Sequence[Tensor]) -> None:
-        """Point each given factor tensor that already lives on this device in the stored dtype at its block
-        of the flat buffer (``Tensor.set_``: same values, same tensor objects), so that the prior's per-block
-        tensors are freed and prior + binding hold F once, as when the binding used to keep views of them."""
-        for f, view in zip(cov_factor, self.factor):
+    def _share_storage(self, given: Sequence[Tensor], views: Sequence[Tensor]) -> None:
+        """Point each given tensor (μ or F blocks) that already lives on this device in the buffer's dtype at
+        its block of the flat buffer (``Tensor.set_``: same values, same tensor objects), so that the prior's
+        per-block tensors are freed and prior + binding hold μ and F once, as when the binding used to keep
+        views of them."""
+        for f, view in zip(given, views):
             if not isinstance(f, Tensor) or f.requires_grad or f.device != self.device or f.dtype != view.dtype:
                 continue
             if f.numel() == 0 or f._base is not None:  # a view (e.g. a shard's slice) keeps its base alive anyway

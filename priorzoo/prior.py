@@ -11,7 +11,7 @@ Example:
     >>> import torch
     >>> from priorzoo import PriorModel
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
-    >>> mean = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("0.")}
+    >>> mean = {n: p for n, p in model.named_parameters() if n.startswith("0.")}  # copied: a snapshot
     >>> prior = PriorModel.from_tensors(mean, variance=0.1, exclude=["1.*"])
     >>> loss = prior.penalty(model) / 1000  # add to the data loss
     >>> loss.item()
@@ -106,8 +106,9 @@ class PriorModel:
         license: str | None = None,
         results: list[dict[str, Any]] | None = None,
         buffers: Mapping[str, Tensor] | None = None,
+        copy: bool = True,
     ) -> PriorModel:
-        """Build a prior from tensors (copied to contiguous CPU-independent storage as given).
+        """Build a prior from tensors (copied: a prior of a model's live weights does not follow training).
 
         Args:
             mean: ``name -> μ`` (the order is the prior's parameter order).
@@ -119,6 +120,7 @@ class PriorModel:
                 :class:`~priorzoo.config.PriorConfig`.
             buffers: ``name -> tensor`` running statistics to carry (batch-norm ``running_mean``,
                 ``running_var``, ``num_batches_tracked`` under the source model's buffer names).
+            copy: copy the tensors (default); ``False`` uses them as given, for code that built them for it.
 
         Example:
             >>> import torch
@@ -144,13 +146,15 @@ class PriorModel:
             results=list(results or []),
             buffers=[ParameterSpec(n, tuple(b.shape)) for n, b in (buffers or {}).items()],
         )
-        cf = {n: cov_factor[n].detach() for n in mean} if cov_factor is not None else None
+
+        own = (lambda t: t.detach().clone()) if copy else (lambda t: t.detach())
+        cf = {n: own(cov_factor[n]) for n in mean} if cov_factor is not None else None
         return cls(
             config,
-            {n: m.detach() for n, m in mean.items()},
-            {n: variance[n].detach() for n in mean},
+            {n: own(m) for n, m in mean.items()},
+            {n: own(variance[n]) for n in mean},
             cf,
-            buffers={n: b.detach() for n, b in (buffers or {}).items()},
+            buffers={n: own(b) for n, b in (buffers or {}).items()},
         )
 
     def _validate(self) -> None:

@@ -395,3 +395,24 @@ def test_saved_files_follow_the_umask(tmp_path) -> None:
     modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in folder.iterdir()}
     assert modes == {"README.md": 0o640, "config.json": 0o640, "prior.safetensors": 0o640}
     assert stat.S_IMODE(folder.stat().st_mode) == 0o750
+
+
+def test_from_tensors_copies_so_a_prior_of_live_parameters_is_a_snapshot():
+    lin = torch.nn.Linear(3, 2)
+    for source in (dict(lin.named_parameters()), lin.state_dict()):
+        prior = PriorModel.from_tensors(source, variance=1.0)
+        before = prior.mean["weight"].clone()
+        with torch.no_grad():
+            lin.weight.add_(1.0)
+        assert torch.equal(prior.mean["weight"], before)  # the prior did not follow the training
+
+
+def test_a_binding_shares_the_mean_and_factor_storage_with_its_prior():
+    prior = make_prior(rank=3)
+    model = torch.nn.Module()
+    model.layer = torch.nn.Linear(3, 4)
+    model.out = torch.nn.Linear(4, 2)
+    g = prior.bind(model).gaussian
+    for flat, tensors in ((g.mean_flat, prior.mean), (g.factor_flat, prior.cov_factor)):
+        base = flat.untyped_storage().data_ptr()
+        assert all(t.untyped_storage().data_ptr() == base for t in tensors.values())

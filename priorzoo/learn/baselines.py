@@ -107,6 +107,7 @@ def isotropic_prior(
     return PriorModel.from_tensors(
         mean,
         float(variance),
+        copy=False,  # already copied above
         kind="isotropic",
         scale=scale,
         backbone=dict(backbone) if backbone is not None else describe_backbone(model),
@@ -283,6 +284,7 @@ def fisher_prior(
     return PriorModel.from_tensors(
         mean,
         {k: v.to(torch.float32) for k, v in variance.items()},
+        copy=False,  # already copied above
         kind="diagonal",
         scale=scale,
         backbone=dict(backbone) if backbone is not None else describe_backbone(model),

@@ -497,6 +497,7 @@ class SWAGCollector(SWAGBuffersMixin, SWAGStateMixin):
             recommended_scale=recommended_scale,
             license=license,
             buffers=buffers,
+            copy=False,  # built here for the prior
         )
 
     def _prior_plan(self, rank: int | None, min_var: float | None) -> tuple[int, float, dict[str, Any]]:
