@@ -139,3 +139,16 @@ def shaped_prior(
     var = {n: torch.rand(s, generator=g) * a + b for n, s in shapes.items()}
     fac = {n: (factor_std * torch.randn((rank, *s), generator=g)).to(factor_dtype) for n, s in shapes.items()}
     return PriorModel.from_tensors(mean, var, fac if rank else None, **kwargs)
+
+
+def prior_folder_tensors(folder) -> dict[str, torch.Tensor]:
+    """Every tensor of a prior folder's safetensors file(s), by stored name (all shards together)."""
+    from safetensors.torch import load_file
+
+    from priorzoo.files import prior_files
+
+    out: dict[str, torch.Tensor] = {}
+    for name, path in prior_files(folder).items():
+        if name.endswith(".safetensors"):
+            out.update(load_file(str(path)))
+    return out

@@ -11,21 +11,13 @@ from pathlib import Path
 import pytest
 import sharded_swag_worker as worker
 import torch
+from _models import prior_folder_tensors
 from _torchrun import TORCHRUN, run_torchrun
-from safetensors.torch import load_file
 
 from priorzoo import PriorModel
 from priorzoo.files import prior_files
 from priorzoo.learn import SWAGCollector
 from priorzoo.sharded import LazyTensor, open_prior
-
-
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for name, path in prior_files(folder).items():
-        if name.endswith(".safetensors"):
-            out.update(load_file(str(path)))
-    return out
 
 
 def _unsharded(tmp_path: Path) -> tuple[Path, Path]:
@@ -50,14 +42,14 @@ def test_sharded_swag_writes_the_unsharded_prior_bit_for_bit(tmp_path):
     assert all(r["class"] == "ShardedSWAGCollector" for r in reports)
     # memory: each process holds (K + 2) values per weight of its own shards only
     one, multi = _unsharded(tmp_path)
-    total = sum(int(t.numel()) for k, t in _tensors(one).items() if k.endswith(".mean"))
+    total = sum(int(t.numel()) for k, t in prior_folder_tensors(one).items() if k.endswith(".mean"))
     locals_ = [r["memory"][0] for r in reports]
     assert sum(locals_) == total and all(n < total for n in locals_)
     assert all(r["memory"][1] == r["memory"][0] and r["memory"][2] == [worker.K, r["memory"][0]] for r in reports)
     assert all("save_prior" in r["to_prior"] for r in reports)
 
     for sharded, reference in ((tmp_path / "sharded", one), (tmp_path / "sharded_multi", multi)):
-        got, want = _tensors(sharded), _tensors(reference)
+        got, want = prior_folder_tensors(sharded), prior_folder_tensors(reference)
         assert got.keys() == want.keys()
         assert "1.running_mean.buffer" in want and "1.num_batches_tracked.buffer" in want
         for key in want:
@@ -118,8 +110,8 @@ def _sharded_one(n: int = 3):
 
 def test_one_process_sharded_collector_equals_the_plain_one(tmp_path, world_of_one):
     _, collector = _sharded_one(worker.SNAPSHOTS)
-    got = _tensors(collector.save_prior(tmp_path / "s", source={"dataset": "toy"}))
-    want = _tensors(_unsharded(tmp_path)[0])
+    got = prior_folder_tensors(collector.save_prior(tmp_path / "s", source={"dataset": "toy"}))
+    want = prior_folder_tensors(_unsharded(tmp_path)[0])
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 

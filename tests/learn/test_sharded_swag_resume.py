@@ -13,22 +13,13 @@ import pytest
 import sharded_swag_resume_worker as resume_worker
 import sharded_swag_worker as worker
 import torch
+from _models import prior_folder_tensors
 from _torchrun import TORCHRUN, run_torchrun
-from safetensors.torch import load_file
 
-from priorzoo.files import prior_files
 from priorzoo.learn import SWAGCollector
 from priorzoo.learn._common import load_safetensors_with_meta
 
 FILES = ["rank-00000-of-00002.safetensors", "rank-00001-of-00002.safetensors"]
-
-
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for name, path in prior_files(folder).items():
-        if name.endswith(".safetensors"):
-            out.update(load_file(str(path)))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +47,10 @@ def test_resumed_sharded_run_writes_the_uninterrupted_prior_bit_for_bit(run, tmp
         worker.set_snapshot(net, weights, stats)
         plain.collect()
     unsharded = plain.save_prior(tmp_path / "unsharded")
-    want = _tensors(unsharded)
+    want = prior_folder_tensors(unsharded)
     assert "1.num_batches_tracked.buffer" in want and any(k.endswith(".cov_factor") for k in want)
     for folder in ("full", "resumed", "after"):
-        got = _tensors(out / folder)
+        got = prior_folder_tensors(out / folder)
         assert got.keys() == want.keys(), folder
         for key in want:
             assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), (folder, key)
