@@ -424,6 +424,15 @@ def _write_folder(
         if int(flag):
             raise RuntimeError("SWAGCollector.save_prior failed on another process (see its error); nothing was saved")
 
+    def write_mine_and_agree(folder: Path) -> None:
+        """(2): write this process's slices; an error is reported to every process, then raised here."""
+        error = None
+        try:
+            write_mine(folder)
+        except Exception as exc:
+            error = exc
+        agree(error)
+
     def receive() -> Any:
         box: list[Any] = [None]
         dist.broadcast_object_list(box, src=root, group=group)
@@ -434,12 +443,7 @@ def _write_folder(
     state = {"sent": False, "agreed": False, "failed": False}
     if not is_writer:
         staging = Path(receive())
-        error = None
-        try:
-            write_mine(staging)
-        except Exception as exc:  # reported to every process, then raised here
-            error = exc
-        agree(error)
+        write_mine_and_agree(staging)
         return Path(receive())
 
     cfg = dataclasses.replace(config)
@@ -452,12 +456,7 @@ def _write_folder(
                 fh.truncate(len(head) + data_size)
         dist.broadcast_object_list([str(tmp)], src=root, group=group)
         state["sent"] = True
-        error = None
-        try:
-            write_mine(tmp)
-        except Exception as exc:  # reported to every process, then raised here
-            error = exc
-        agree(error)
+        write_mine_and_agree(tmp)
         if len(fnames) > 1:
             total = sum(math.prod(s) * d.itemsize for d, s in specs.values())
             index = {"metadata": {"total_size": total}, "weight_map": {k: layout[k][0] for k in specs}}
