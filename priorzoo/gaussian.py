@@ -413,7 +413,7 @@ class LowRankGaussian:
         if workspace is None:
             work = torch.empty_like(self.mean_flat)
             grad = torch.empty_like(self.mean_flat)
-            work_blocks, scratch = self._split(work), self._new_scratch()
+            work_blocks, scratch = None, self._new_scratch()
         else:
             work, grad, work_blocks, scratch = (
                 workspace.work_flat,
@@ -421,39 +421,24 @@ class LowRankGaussian:
                 workspace.work,
                 workspace.scratch,
             )
-        src = [b.detach().reshape(-1) for b in blocks]
-        if all(b.dtype == work.dtype and b.device == work.device for b in src):
-            torch.cat(src, out=work)  # w, one kernel (one parallel region, not one per block)
-        else:  # bf16/fp16 parameters: cast while copying, still one op
-            torch._foreach_copy_(work_blocks, src)
-        r = work.sub_(self.mean_flat)
-        s = torch.mul(r, self.inv_a_flat, out=grad)
-        q = r.mul_(s).sum().to(torch.float64)  # rᵀs: a cascade float32 sum (r is not needed after)
-        if self.factor_flat is None:
-            q, _ = self._reduced(q, None)
-        else:
-            q, t = self._reduced(q, self._factor_times(s, scratch).to(torch.float64))
-            u = self.cap_inv_scaled @ t  # λ C⁻¹ F s
-            q = q - torch.dot(t, u)
-            prod = self._factor_transpose_times(u.to(self.dtype), work, scratch)  # Fᵀ u, into `work`
-            s.addcmul_(prod, self.inv_a_flat, value=-1.0)  # Σ⁻¹r = s − A⁻¹Fᵀ(λC⁻¹F s)
+        q, u = _first_pass(
+            blocks,
+            work,
+            grad,
+            self.mean_flat,
+            self.inv_a_flat,
+            self.factor_flat,
+            self.cap_inv_scaled,
+            self._chunk,
+            self.reduce,
+            scratch,
+            work_blocks,
+        )
+        s = _second_pass(grad, u, work, self.inv_a_flat, self.factor_flat, self._chunk, scratch)
         return (0.5 * q).to(self.dtype), s
 
-    def _factor_times(self, s: Tensor, scratch: Tensor | None = None) -> Tensor:
-        """F s ([K], compute dtype); a half-precision F is upcast chunk by chunk (float32 accumulation)."""
-        return _factor_times(self.factor_flat, s, self._chunk, scratch)
-
-    def _reduced(self, q: Tensor, t: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """(rᵀs, F s) summed over the processes (one all-reduce of K + 1 float64) when sharded."""
-        q = q.to(torch.float64)
-        if self.reduce is None:
-            return q, t
-        packed = q.reshape(1) if t is None else torch.cat([q.reshape(1), t])
-        packed = self.reduce(packed)
-        return packed[0], (None if t is None else packed[1:])
-
     def _factor_transpose_times(self, u: Tensor, out: Tensor, scratch: Tensor | None = None) -> Tensor:
-        """Fᵀ u ([P]) written into ``out``; chunked like :meth:`_factor_times` for a half-precision F."""
+        """Fᵀ u ([P]) written into ``out``; a half-precision F is upcast chunk by chunk."""
         return _factor_transpose_times(self.factor_flat, u, out, self._chunk, scratch)
 
     def grad_half_quad(self, blocks: Sequence[Tensor]) -> list[Tensor]:
@@ -486,6 +471,56 @@ class LowRankGaussian:
             f = self.factor_flat.double()
             cov = cov + self.scale * f.T @ f
         return cov
+
+
+def _first_pass(
+    blocks: Sequence[Tensor],
+    work: Tensor,
+    s: Tensor,
+    mean: Tensor,
+    inv_a: Tensor,
+    factor: Tensor | None,
+    m: Tensor | None,
+    chunk: int,
+    reduce: Callable[[Tensor], Tensor] | None,
+    scratch: Tensor | None = None,
+    work_blocks: Sequence[Tensor] | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """The first pass over F: w → ``work`` (then r = w − μ and r ⊙ s, in place), s = A⁻¹r into ``s``,
+    t = F s; returns (q, u) with q = rᵀs − tᵀu and u = M t (M = λC⁻¹), both float64, summed over the
+    processes (one all-reduce of K + 1) when sharded; u is ``None`` without a factor."""
+    src = [b.detach().reshape(-1) for b in blocks]
+    if all(b.dtype == work.dtype and b.device == work.device for b in src):
+        torch.cat(src, out=work)  # w, one kernel (one parallel region, not one per block)
+    else:  # bf16/fp16 blocks: cast while copying, still one op
+        torch._foreach_copy_(list(work_blocks or work.split([b.numel() for b in src])), src)
+    r = work.sub_(mean)
+    torch.mul(r, inv_a, out=s)
+    q = r.mul_(s).sum().to(torch.float64)  # rᵀs: a cascade float32 sum (accurate, unlike a flat dot)
+    t = None if factor is None else _factor_times(factor, s, chunk, scratch).to(torch.float64)
+    if reduce is not None:
+        packed = reduce(q.reshape(1) if t is None else torch.cat([q.reshape(1), t]))
+        q, t = packed[0], (None if t is None else packed[1:])
+    if t is None:
+        return q, None
+    u = m @ t
+    return q - torch.dot(t, u), u
+
+
+def _second_pass(
+    s: Tensor,
+    u: Tensor | None,
+    work: Tensor,
+    inv_a: Tensor,
+    factor: Tensor | None,
+    chunk: int,
+    scratch: Tensor | None = None,
+) -> Tensor:
+    """The second pass over F: s ← Σ⁻¹r = s − A⁻¹Fᵀu in place (Fᵀu written into ``work``); returns s."""
+    if u is not None:
+        prod = _factor_transpose_times(factor, u.to(s.dtype), work, chunk, scratch)
+        s.addcmul_(prod, inv_a, value=-1.0)
+    return s
 
 
 def _upcast(f: Tensor, start: int, stop: int, dtype: torch.dtype, scratch: Tensor | None) -> Tensor:
@@ -540,26 +575,12 @@ class _FlatHalfQuad(torch.autograd.Function):
         ctx.shapes = [b.shape for b in blocks]
         ctx.sizes = [b.numel() for b in blocks]
         with ieee_fp32_matmul():
-            r = torch.empty_like(mean)
-            src = [b.detach().reshape(-1) for b in blocks]
-            if all(b.dtype == r.dtype and b.device == r.device for b in src):
-                torch.cat(src, out=r)  # w, one kernel
-            else:  # bf16/fp16 blocks: cast while copying
-                torch._foreach_copy_(list(r.split(ctx.sizes)), src)
-            r.sub_(mean)
-            s = torch.mul(r, inv_a)
-            q = r.mul_(s).sum().to(torch.float64)  # rᵀs: a cascade float32 sum (accurate, unlike a flat dot)
-            t = None if factor is None else _factor_times(factor, s, chunk).to(torch.float64)
-            if reduce is not None:  # sharded: Σ over processes of rᵀs and F s, one all-reduce of K + 1
-                packed = reduce(q.reshape(1) if t is None else torch.cat([q.reshape(1), t]))
-                q, t = packed[0], (None if t is None else packed[1:])
-            if t is not None:
-                u = m @ t
-                q = q - torch.dot(t, u)
-        if t is None:
+            work, s = torch.empty_like(mean), torch.empty_like(mean)
+            q, u = _first_pass(blocks, work, s, mean, inv_a, factor, m, chunk, reduce)
+        if u is None:
             ctx.save_for_backward(s)
         else:
-            ctx.save_for_backward(s, r, u, inv_a, factor)
+            ctx.save_for_backward(s, work, u, inv_a, factor)
         ctx.chunk = chunk
         return (0.5 * q).to(mean.dtype)  # the prior's compute dtype, whatever the blocks'
 
@@ -572,7 +593,6 @@ class _FlatHalfQuad(torch.autograd.Function):
         else:
             s, work, u, inv_a, factor = saved
             with ieee_fp32_matmul():
-                prod = _factor_transpose_times(factor, u.to(s.dtype), work, ctx.chunk)  # Fᵀu, into the w buffer
-            grad = s.addcmul_(prod, inv_a, value=-1.0).mul_(grad_out)
+                grad = _second_pass(s, u, work, inv_a, factor, ctx.chunk).mul_(grad_out)
         blocks = [g.view(shape) for g, shape in zip(grad.split(ctx.sizes), ctx.shapes)]
         return (None, None, None, None, None, None, *blocks)
