@@ -47,8 +47,8 @@ under :func:`ieee_fp32_matmul`, which sets the matmul precision to IEEE and rest
 **Memory.** A Gaussian holds F once (K·P elements in its stored dtype) plus μ, A⁻¹ (2P in the compute
 dtype); mean and factor tensors given on its device in that dtype are re-pointed at their blocks of the flat
 buffers (``Tensor.set_``, same values), so a prior and its binding share μ and F instead of holding them
-twice; a
-:class:`Workspace` adds 2P (and the float32 scratch for a half-precision factor). rᵀs is a cascade
+twice; a :class:`Workspace` adds 2P (and the float32 scratch for a half-precision factor); the loss path
+allocates 2P per step (w/r and s, which becomes the gradient). rᵀs is a cascade
 (pairwise) sum in the compute dtype (relative error ~1e-7 at P = 23.5M, where a float32 ``dot`` gives
 ~1e-4 and a float64-cast sum is 9× slower), F·s in the compute dtype (float32 at least); the K-vector
 algebra, log det and C are float64.
