@@ -29,9 +29,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor
-
-from priorzoo.learn._common import atomic_save_safetensors, load_safetensors_with_meta
+from priorzoo.learn.swag_state import read_state_file, write_state_file
 
 __all__ = ["ShardedSWAGStateMixin", "state_file_name"]
 
@@ -177,10 +175,7 @@ class ShardedSWAGStateMixin:
                 raise NotADirectoryError(
                     f"{folder} is a file; a sharded SWAGCollector state is a folder (one file per process)"
                 )
-            state = self.state_dict()
-            state["save_id"] = box[0]
-            tensors = {k: state.pop(k) for k in list(state) if isinstance(state[k], Tensor)}
-            atomic_save_safetensors(tensors, folder / state_file_name(me, world), state)
+            write_state_file({**self.state_dict(), "save_id": box[0]}, folder / state_file_name(me, world))
         except Exception as exc:  # reported to every process, then raised here
             error = exc
         self._agree(error)
@@ -196,11 +191,7 @@ class ShardedSWAGStateMixin:
         folder = Path(path)
         file = folder / state_file_name(me, world)
         if file.is_file():
-            tensors, meta = load_safetensors_with_meta(file, what="SWAGCollector state")
-            missing = [k for k in ("mean", "m2", "deviations") if k not in tensors]
-            if missing:
-                raise ValueError(f"{file}: SWAGCollector state lacks tensor(s) {missing}")
-            return {**meta, **tensors}
+            return read_state_file(file)
         if folder.is_file():
             raise ValueError(
                 f"process {me}: {folder} is one file (an unsharded SWAGCollector's state), but this collector is "

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from priorzoo.learn._common import atomic_save_safetensors, load_safetensors_with_meta
 
-__all__ = ["SWAGStateMixin"]
+__all__ = ["SWAGStateMixin", "read_state_file", "write_state_file"]
 
 _STATE_FORMAT = "priorzoo.swag_collector"
 _STATE_VERSION = 1
@@ -25,6 +25,24 @@ _STATE_VERSION = 1
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def write_state_file(state: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write a collector's :meth:`~SWAGStateMixin.state_dict` as one safetensors file (tensors, the rest as
+    metadata), atomically; returns the path."""
+    state = dict(state)
+    tensors = {k: state.pop(k) for k in list(state) if isinstance(state[k], Tensor)}
+    return atomic_save_safetensors(tensors, path, state)
+
+
+def read_state_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The state dict :func:`write_state_file` wrote (metadata and tensors); refuses a file without the
+    collector's tensors."""
+    tensors, meta = load_safetensors_with_meta(path, what="SWAGCollector state")
+    missing = [k for k in ("mean", "m2", "deviations") if k not in tensors]
+    if missing:
+        raise ValueError(f"{path}: SWAGCollector state lacks tensor(s) {missing}")
+    return {**meta, **tensors}
 
 
 class SWAGStateMixin:
@@ -153,9 +171,7 @@ class SWAGStateMixin:
             >>> c2 = SWAGCollector(torch.nn.Linear(2, 2), rank=3); c2.load(path); c2.num_collected
             1
         """
-        state = self.state_dict()
-        tensors = {k: state.pop(k) for k in list(state) if isinstance(state[k], Tensor)}
-        return atomic_save_safetensors(tensors, path, state)
+        return write_state_file(self.state_dict(), path)
 
     def load(self, path: str | os.PathLike) -> None:
         """Restore the state written by :meth:`save` (see :meth:`load_state_dict` for the checks).
@@ -169,8 +185,4 @@ class SWAGStateMixin:
                 f"{path} is the state of a sharded (FSDP2) SWAGCollector, one file per process ({', '.join(files)}), "
                 "but this collector is unsharded; resume it on as many processes, with the same fully_shard layout"
             )
-        tensors, meta = load_safetensors_with_meta(path, what="SWAGCollector state")
-        missing = [k for k in ("mean", "m2", "deviations") if k not in tensors]
-        if missing:
-            raise ValueError(f"{path}: SWAGCollector state lacks tensor(s) {missing}")
-        self.load_state_dict({**meta, **tensors})
+        self.load_state_dict(read_state_file(path))
