@@ -8,7 +8,7 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["PriorFormatError", "PriorMatchError", "PriorNotFoundError"]
+__all__ = ["MixedPriorError", "PriorFormatError", "PriorMatchError", "PriorNotFoundError"]
 
 
 class PriorFormatError(ValueError):
@@ -21,3 +21,8 @@ class PriorNotFoundError(OSError):
 
 class PriorMatchError(ValueError):
     """A prior cannot be mapped onto a model (wrong architecture, shape mismatch, missing parameters)."""
+
+
+class MixedPriorError(PriorFormatError):
+    """A prior folder's files belong to different saves (a save landed between two reads, or a download mixed
+    two commits): ``config.json`` names one save id and a tensor file's header carries another, or none."""
