@@ -15,7 +15,8 @@
 - any ``nn.Module`` from Python: pass it to :func:`describe` / :func:`freeze_` directly.
 
 One head rule for all of them: :func:`priorzoo.matching.head_parameter_names` (re-exported here).
-:func:`freeze_` implements ``--freeze PATTERN`` and ``--trainable-layers N``.
+:func:`freeze_` implements ``--freeze PATTERN`` and ``--trainable-layers N``; the batch-norm layers of the frozen
+part stay in eval mode while the rest trains (:func:`freeze_batchnorm_`).
 
 Example:
     >>> import torch
@@ -44,8 +45,10 @@ __all__ = [
     "LIBRARIES",
     "Backbone",
     "freeze_",
+    "freeze_batchnorm_",
     "head_parameter_names",
     "init_head_",
+    "is_frozen_batchnorm",
     "load_backbone",
     "load_checkpoint_",
 ]
@@ -442,4 +445,71 @@ def freeze_(model: nn.Module, *, freeze: Patterns = None, trainable_layers: int 
     for n in dict.fromkeys(frozen):
         params[n].requires_grad_(False)
         out.append(n)
+    freeze_batchnorm_(model)
+    return out
+
+
+_FROZEN_BN = "_priorzoo_frozen_batchnorm"
+"""Attribute set on a batch-norm layer that :func:`freeze_batchnorm_` keeps in eval mode."""
+
+
+def _keep_eval(module: nn.Module, args: Any) -> None:
+    """Forward pre-hook of a frozen batch-norm layer: run it in eval mode whatever ``model.train()`` set."""
+    module.training = False
+
+
+def is_frozen_batchnorm(module: nn.Module) -> bool:
+    """Whether ``module`` is a batch-norm layer that :func:`freeze_batchnorm_` keeps in eval mode.
+
+    Example:
+        >>> import torch
+        >>> is_frozen_batchnorm(torch.nn.BatchNorm1d(2))
+        False
+    """
+    return bool(getattr(module, _FROZEN_BN, False))
+
+
+def freeze_batchnorm_(model: nn.Module) -> list[str]:
+    r"""Keep the batch-norm layers of the frozen part of ``model`` in eval mode during training; returns their names.
+
+    A batch-norm layer in train mode normalises with the statistics of the current batch and moves its running
+    statistics toward them, whether or not its weights train. In a frozen part of a pre-trained network that
+    (i) feeds the trained layers features normalised by batch statistics they were never trained with (noisy
+    at small batch sizes) and (ii) lets the running statistics drift, so that evaluation sees a network no
+    step trained. Frozen therefore means: the layer's running statistics are used and never updated,
+
+    .. math:: \mathrm{BN}(x) = \gamma\,\frac{x - \hat\mu_{\text{run}}}{\sqrt{\hat\sigma^2_{\text{run}} + \epsilon}} + \beta .
+
+    A layer is frozen when none of its parameters trains (``requires_grad=False``); a layer without affine
+    parameters when none of its parent module's parameters trains. Such a layer gets a forward pre-hook that
+    sets its ``training`` flag to False before every forward, so that ``model.train()`` — which the
+    transformers ``Trainer``, DDP wrappers and user loops call — cannot switch it back; the hook travels with
+    ``copy.deepcopy``. :func:`priorzoo.finetune.refresh_batchnorm_` leaves these layers' statistics alone.
+    Calling it again is a no-op for layers already frozen.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 2, 1))
+        >>> _ = [p.requires_grad_(False) for p in net[:2].parameters()]
+        >>> freeze_batchnorm_(net)
+        ['1']
+        >>> _ = net.train(); _ = net(torch.randn(2, 3, 4, 4))
+        >>> net[1].training, float(net[1].running_mean.abs().sum())
+        (False, 0.0)
+    """
+    out = []
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm) or is_frozen_batchnorm(module):
+            continue
+        own = list(module.parameters(recurse=False))
+        if not own:
+            parent = modules.get(name.rpartition(".")[0]) if name else None
+            own = list(parent.parameters()) if parent is not None else []
+        if not own or any(p.requires_grad for p in own):
+            continue
+        module.register_forward_pre_hook(_keep_eval)
+        setattr(module, _FROZEN_BN, True)
+        module.training = False
+        out.append(name)
     return out

@@ -136,3 +136,56 @@ def test_a_new_timm_efficientnet_family_head_is_zeroed_by_init_head() -> None:
     logits = model(x)
     loss = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1]))
     assert torch.allclose(loss, torch.tensor(math.log(10)))  # every class starts equal: loss log C
+
+
+def _bn_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 4, 3),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 2),
+    )
+
+
+def test_frozen_batchnorm_stays_in_eval_mode_and_keeps_its_statistics_while_training() -> None:
+    import copy
+
+    from priorzoo.backbones import is_frozen_batchnorm
+    from priorzoo.finetune import refresh_batchnorm_
+
+    net = _bn_net()
+    net[1].running_mean.fill_(0.3)  # "pre-trained" statistics
+    frozen = freeze_(net, freeze=["0.*", "1.*"])
+    assert frozen == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    assert is_frozen_batchnorm(net[1]) and not is_frozen_batchnorm(net[4])
+    net = copy.deepcopy(net)  # the hook travels with a copy (the Trainer and the λ search copy models)
+    before = {k: v.clone() for k, v in net[1].state_dict().items()}
+    trained_before = net[4].running_mean.clone()
+    seen = []
+    net[1].register_forward_hook(lambda m, i, o: seen.append(m.training))
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(3):
+        net.train()  # what the Trainer does before every step
+        loss = torch.nn.functional.cross_entropy(net(torch.randn(8, 3, 8, 8) * 3 + 1), torch.randint(0, 2, (8,)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert seen == [False, False, False]  # eval mode during every training step
+    for k, v in net[1].state_dict().items():
+        assert torch.equal(v, before[k]), k  # running statistics (and the counter) unchanged
+    assert not torch.equal(net[4].running_mean, trained_before)  # the trained part's statistics move
+    refresh_batchnorm_(net, [(torch.randn(8, 3, 8, 8), torch.zeros(8).long())])
+    assert torch.equal(net[1].running_mean, before["running_mean"])  # a refresh leaves the frozen layer alone
+
+
+def test_trainable_layers_freezes_the_batchnorm_of_the_frozen_blocks() -> None:
+    model = tv.models.resnet18(num_classes=3)
+    freeze_(model, trainable_layers=1)
+    frozen = {n for n, m in model.named_modules() if getattr(m, "_priorzoo_frozen_batchnorm", False)}
+    assert "bn1" in frozen and "layer4.0.bn1" in frozen and "layer4.1.bn1" not in frozen

@@ -46,7 +46,8 @@ def refresh_batchnorm_(
 
     The statistics are reset and re-estimated as the cumulative average over the batches of ``loader``
     (``momentum=None``), with the batch-norm layers in train mode and every other layer in eval mode (no
-    dropout). Returns ``False`` (and does nothing) for a model without batch norm.
+    dropout). Layers frozen with :func:`priorzoo.backbones.freeze_batchnorm_` keep their statistics (their
+    weights do not change). Returns ``False`` (and does nothing) for a model without batch norm to refresh.
 
     Example:
         >>> import torch
@@ -54,7 +55,13 @@ def refresh_batchnorm_(
         >>> refresh_batchnorm_(m, [(torch.randn(8, 2), torch.zeros(8).long())])
         True
     """
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    from priorzoo.backbones import is_frozen_batchnorm
+
+    bns = [
+        m
+        for m in model.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats and not is_frozen_batchnorm(m)
+    ]
     if not bns:
         return False
     was_training = {m: m.training for m in model.modules()}
