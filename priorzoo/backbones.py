@@ -478,7 +478,7 @@ def freeze_batchnorm_(model: nn.Module) -> list[str]:
     at small batch sizes) and (ii) lets the running statistics drift, so that evaluation sees a network no
     step trained. Frozen therefore means: the layer's running statistics are used and never updated,
 
-    .. math:: \mathrm{BN}(x) = \gamma\,(x - \hat\mu_{\text{run}}) / \sqrt{\hat\sigma^2_{\text{run}} + \epsilon} + \beta .
+    .. math:: \mathrm{BN}(x) = \gamma (x - \hat\mu_{\text{run}}) / \sqrt{\hat\sigma^2_{\text{run}} + \epsilon} + \beta
 
     A layer is frozen when none of its parameters trains (``requires_grad=False``); a layer without affine
     parameters when none of its parent module's parameters trains. Such a layer gets a forward pre-hook that
