@@ -8,7 +8,7 @@ both SWAG-shaped with K = 20 random factor rows (random values are fine for timi
 
 - ``adapted``: over the adapted layers only (query/value weights and biases of the 6 layers; 1.78M weights);
 - ``whole``: over the whole encoder (22.7M weights). Everything but the 12 adapted weights is frozen, so the
-  binding conditions on it once (:mod:`priorzoo.conditional`) and each step streams only the adapted blocks.
+  binding conditions on it once (:mod:`priorzoo.binding.conditional`) and each step streams only the adapted blocks.
 
 One step = forward, mean cross-entropy, backward, AdamW step on the trainable tensors, zero_grad, on random
 token ids. Arms, interleaved step by step (each round runs every arm once, in a rotating order):
@@ -48,7 +48,7 @@ def build(rank: int, *, whole: bool = True):
     from peft import LoraConfig, get_peft_model
 
     from priorzoo import PriorModel
-    from priorzoo.data import minilm_path
+    from priorzoo.data.bundled import minilm_path
 
     torch.manual_seed(0)
     model = MiniLMClassifier(Path(minilm_path()))

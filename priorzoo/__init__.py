@@ -14,12 +14,12 @@ Example:
 
 from __future__ import annotations
 
-from priorzoo import sharded as _sharded  # noqa: F401 (registers the FSDP2 binding with PriorModel.bind)
 from priorzoo._version import __version__
-from priorzoo.bound import BoundPrior
-from priorzoo.config import PriorConfig, PriorKind
+from priorzoo.binding import sharded as _sharded  # noqa: F401 (registers the FSDP2 binding with PriorModel.bind)
+from priorzoo.binding.bound import BoundPrior
+from priorzoo.binding.matching import MatchResult
 from priorzoo.errors import PriorFormatError, PriorMatchError, PriorNotFoundError
-from priorzoo.matching import MatchResult
+from priorzoo.format.config import PriorConfig, PriorKind
 from priorzoo.prior import PriorModel
 
 __all__ = [

@@ -14,7 +14,7 @@
   torchvision models.
 - any ``nn.Module`` from Python: pass it to :func:`describe` / :func:`freeze_` directly.
 
-One head rule for all of them: :func:`priorzoo.matching.head_parameter_names` (re-exported here).
+One head rule for all of them: :func:`priorzoo.binding.matching.head_parameter_names` (re-exported here).
 :func:`freeze_` implements ``--freeze PATTERN`` and ``--trainable-layers N``; the batch-norm layers of the frozen
 part stay in eval mode while the rest trains (:func:`freeze_batchnorm_`).
 
@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from priorzoo.matching import Patterns, compile_patterns, head_parameter_names
+from priorzoo.binding.matching import Patterns, compile_patterns, head_parameter_names
 
 __all__ = [
     "LIBRARIES",

@@ -44,9 +44,9 @@ import torch
 from torch import Tensor, nn
 
 from priorzoo._deprecation import UNSET, renamed_keyword, warn_deprecated
+from priorzoo.binding.matching import Patterns, compile_patterns, pattern_strings, select_parameters
 from priorzoo.enums import Convention
 from priorzoo.errors import PriorFormatError
-from priorzoo.matching import Patterns, compile_patterns, pattern_strings, select_parameters
 from priorzoo.prior import PriorModel
 
 __all__ = ["OFFICIAL_SUFFIXES", "from_laplace_torch", "from_pretrain_your_loss", "from_swa_gaussian"]

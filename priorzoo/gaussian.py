@@ -71,7 +71,7 @@ import torch
 from torch import Tensor
 
 from priorzoo.errors import PriorFormatError
-from priorzoo.precision import ieee_fp32_matmul, no_autocast
+from priorzoo.numerics import ieee_fp32_matmul, no_autocast
 
 __all__ = ["LowRankGaussian", "Workspace", "ieee_fp32_matmul"]
 
@@ -124,7 +124,7 @@ class LowRankGaussian:
             bfloat16 stays in that dtype (its products accumulate in float32); any other factor is held in
             the compute dtype.
         device: where the buffers live (default: the first mean's device).
-        reduce: for a prior sharded across processes (:mod:`priorzoo.sharded`): the blocks are this
+        reduce: for a prior sharded across processes (:mod:`priorzoo.binding.sharded`): the blocks are this
             process's slices, and ``reduce(x)`` returns the sum of ``x`` over all processes (an all-reduce).
             It is called once here on K·K + 3 float64 numbers (the capacitance, log det A, P and an error
             flag) and once per evaluation on K + 1 (rᵀs and F s), so the value and each process's slice of

@@ -55,7 +55,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from priorzoo._network import HubTimeoutError, bounded
 from priorzoo.errors import PriorNotFoundError
-from priorzoo.files import (
+from priorzoo.format.files import (
     CARD_NAME,
     CONFIG_NAME,
     INDEX_NAME,

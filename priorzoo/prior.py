@@ -31,15 +31,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from priorzoo._prior_checks import check_named_tensors, check_prior_tensors, check_tensor_inputs
-from priorzoo.bound import BoundPrior, check_model, registered_binding
-from priorzoo.buffers import copy_buffers_
-from priorzoo.config import ParameterSpec, PriorConfig, PriorKind
+from priorzoo.binding.batchnorm import copy_buffers_
+from priorzoo.binding.bound import BoundPrior, check_model, registered_binding
+from priorzoo.binding.matching import MatchResult, Patterns, match_parameters
 from priorzoo.errors import PriorNotFoundError
-from priorzoo.files import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, clean_subfolder
+from priorzoo.format.checks import check_named_tensors, check_prior_tensors, check_tensor_inputs
+from priorzoo.format.config import ParameterSpec, PriorConfig, PriorKind
+from priorzoo.format.files import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, clean_subfolder
+from priorzoo.format.serialization import load_prior_folder, save_prior
 from priorzoo.gaussian import LowRankGaussian
-from priorzoo.matching import MatchResult, Patterns, match_parameters
-from priorzoo.serialization import load_prior_folder, save_prior
 
 __all__ = ["CONFIG_NAME", "INDEX_NAME", "WEIGHTS_NAME", "BoundPrior", "PriorModel"]
 
@@ -52,7 +52,7 @@ class PriorModel:
     :class:`BoundPrior` from :meth:`bind`).
 
     Attributes:
-        config: the validated :class:`~priorzoo.config.PriorConfig`.
+        config: the validated :class:`~priorzoo.format.config.PriorConfig`.
         mean, variance: ``name -> tensor`` of each parameter's shape.
         cov_factor: ``name -> [K, *shape]`` tensor, or ``None`` when K = 0.
         buffers: ``name -> tensor`` of the source model's batch-norm running statistics (empty when the
@@ -117,7 +117,7 @@ class PriorModel:
             scale, eps: λ > 0 and ε ≥ 0 of ``Σ = λ(diag(v) + FᵀF) + εI``.
             kind: defaults to ``swag`` with a factor, ``isotropic`` for a float variance, else ``diagonal``.
             backbone, source, learning, exclude, recommended_scale, license, results: see
-                :class:`~priorzoo.config.PriorConfig`.
+                :class:`~priorzoo.format.config.PriorConfig`.
             buffers: ``name -> tensor`` running statistics to carry (batch-norm ``running_mean``,
                 ``running_var``, ``num_batches_tracked`` under the source model's buffer names).
             copy: copy the tensors (default); ``False`` uses them as given, for code that built them for it.
@@ -282,9 +282,9 @@ class PriorModel:
     def match(
         self, model: torch.nn.Module, *, include: Patterns = None, exclude: Patterns = None, exclude_head: bool = True
     ) -> MatchResult:
-        """Which prior parameters map onto which of ``model``'s parameters (see :mod:`priorzoo.matching`).
+        """Which prior parameters map onto which of ``model``'s parameters (see :mod:`priorzoo.binding.matching`).
 
-        A PEFT model is matched through its wrappers (:func:`priorzoo.peft.peft_view`): the result says
+        A PEFT model is matched through its wrappers (:func:`priorzoo.binding.peft.peft_view`): the result says
         which prior blocks are ``adapted`` (effective weight W₀ + ΔW, with their adapter tensors),
         ``frozen`` (held at their values) or ``missing`` (absent), and lists the trainable ``adapters``;
         a ``modules_to_save`` head stays the head.
@@ -320,9 +320,9 @@ class PriorModel:
 
         Frozen matched parameters (``requires_grad=False``) are held at their values and a PEFT model's
         adapted layers enter through their effective weights W₀ + ΔW: then the binding is a
-        :class:`~priorzoo.conditional.ConditionalBoundPrior` (same interface; its ``parameters`` are the
+        :class:`~priorzoo.binding.conditional.ConditionalBoundPrior` (same interface; its ``parameters`` are the
         tensors that receive the gradient, e.g. ``lora_A``/``lora_B``), which reads the frozen blocks once here
-        so each step costs only the trained blocks (see :mod:`priorzoo.conditional`).
+        so each step costs only the trained blocks (see :mod:`priorzoo.binding.conditional`).
 
         The prior's tensors are moved to the device of the model's parameters (a CUDA model gets a CUDA
         copy), and the penalty is computed in float32 (or ``dtype``) whatever the parameters' dtype.
@@ -338,7 +338,7 @@ class PriorModel:
             >>> bound = p.bind(lin)
             >>> bound.penalty().backward()  # gradient Σ⁻¹(w − μ) lands in lin.weight.grad
         """
-        check_model(model, where="PriorModel.bind")  # FSDP1 / DeepSpeed ZeRO-3: refused (priorzoo.sharded)
+        check_model(model, where="PriorModel.bind")  # FSDP1 / DeepSpeed ZeRO-3: refused (priorzoo.binding.sharded)
         result = self.match(model, include=include, exclude=exclude, exclude_head=exclude_head)
         result.check(allow_partial=allow_partial)
         params = dict(model.named_parameters())
@@ -347,7 +347,7 @@ class PriorModel:
             return special(self, model, result, dtype=dtype)
         if result.adapted or (result.frozen and len(result.frozen) < len(result.matched)):
             # frozen blocks held at their values, PEFT layers through their effective weights W₀ + ΔW
-            from priorzoo.conditional import ConditionalBoundPrior
+            from priorzoo.binding.conditional import ConditionalBoundPrior
 
             return ConditionalBoundPrior(self, model, result, dtype=dtype)  # type: ignore[return-value]
         return BoundPrior(self, model, result, dtype=dtype)
@@ -358,7 +358,7 @@ class PriorModel:
         if per_model is None:
             per_model = {}
             self._bindings[model] = per_model
-        from priorzoo.peft import peft_state
+        from priorzoo.binding.peft import peft_state
 
         state = peft_state(model)  # adapters merged, switched or disabled since: re-bind
         bound, bound_state = per_model.get(key, (None, None))
@@ -452,7 +452,7 @@ class PriorModel:
         result.check(allow_partial=bool(bind_kwargs.get("allow_partial", False)))
         if adapted_only and not result.peft_methods:
             raise ValueError("`adapted_only=True` is for a PEFT model (it names adapted layers); this model has none")
-        from priorzoo.peft import check_unmerged
+        from priorzoo.binding.peft import check_unmerged
 
         check_unmerged(model)
         params = dict(model.named_parameters())
@@ -489,7 +489,7 @@ class PriorModel:
             factor_dtype: store the factor as ``float16``/``bfloat16`` to halve the file (mean and variance
                 stay float32 unless ``dtype`` says otherwise).
             dtype: storage dtype of mean and variance (default float32).
-            card: also render the model card ``README.md`` (see :mod:`priorzoo.cards`).
+            card: also render the model card ``README.md`` (see :mod:`priorzoo.format.cards`).
             repo_id: the Hub id the card's usage snippet and model-index name (default: a placeholder).
 
         Example:

@@ -145,7 +145,7 @@ def prior_folder_tensors(folder) -> dict[str, torch.Tensor]:
     """Every tensor of a prior folder's safetensors file(s), by stored name (all shards together)."""
     from safetensors.torch import load_file
 
-    from priorzoo.files import prior_files
+    from priorzoo.format.files import prior_files
 
     out: dict[str, torch.Tensor] = {}
     for name, path in prior_files(folder).items():

@@ -105,7 +105,7 @@ def case_value_and_grad(world: int, source=None, **sizes: int) -> dict[str, torc
         check_placements(model, world)
     read = []
     if source is not None:
-        from priorzoo.sharded import LazyTensor, open_prior
+        from priorzoo.binding.sharded import LazyTensor, open_prior
 
         prior = open_prior(source)
         original = LazyTensor.__getitem__

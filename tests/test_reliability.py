@@ -1,7 +1,7 @@
 """Faults and hostile inputs through every entry point: kill -9 mid-save, foreign targets, links, hangs.
 
 Each family of the reliability issue has a test here or next to the module it concerns
-(``tests/test_serialization.py``, ``tests/test_config.py``); these are the ones that cross the
+(``tests/format/test_serialization.py``, ``tests/format/test_config.py``); these are the ones that cross the
 Python API, the CLI, the Hub and local folders.
 """
 
@@ -26,7 +26,7 @@ from hub_server import HubServer, patch_hf_env
 from priorzoo import PriorModel
 from priorzoo.cli import main
 from priorzoo.errors import PriorFormatError, PriorNotFoundError
-from priorzoo.files import CONFIG_NAME
+from priorzoo.format.files import CONFIG_NAME
 from priorzoo.hub import download_prior, upload_prior
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

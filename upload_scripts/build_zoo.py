@@ -542,7 +542,7 @@ class _Builder:
 
     def card(self, entry: Entry, paths: _Paths, learned: Path, evaluation: Mapping[str, Any] | None) -> Path:
         from priorzoo import PriorConfig, PriorModel
-        from priorzoo.cards import render_card
+        from priorzoo.format.cards import render_card
 
         prior = PriorModel.from_pretrained(learned)
         cfg = prior.config

@@ -62,7 +62,7 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 
 
 def _builtin_images(source: str) -> tuple[Any, Any]:
-    from priorzoo.data import load_digits, load_mnist_5k
+    from priorzoo.data.bundled import load_digits, load_mnist_5k
 
     if source == "sklearn-digits":
         return load_digits()
@@ -129,7 +129,7 @@ def image_tensors(images: Any, size: int) -> Any:
     import torch
     from PIL import Image
 
-    from priorzoo.datasets import image_tensor
+    from priorzoo.data.user import image_tensor
 
     pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8)
     out = []
@@ -151,7 +151,7 @@ def _mnist_lowdata(prior: Any, backbone: Mapping[str, Any], settings: Mapping[st
     import torch
 
     from priorzoo.backbones import load_backbone
-    from priorzoo.data import load_mnist_5k, sample_per_class
+    from priorzoo.data.bundled import load_mnist_5k, sample_per_class
     from priorzoo.finetune import evaluate, fit_fresh, make_optimizer, tune_scale
 
     if backbone.get("library") != "timm":
@@ -239,7 +239,7 @@ def _mnist_lowdata(prior: Any, backbone: Mapping[str, Any], settings: Mapping[st
 
 
 def evaluate(prior: Any, backbone: Mapping[str, Any], settings: Mapping[str, Any], *, image_size: int) -> dict:
-    """Run the ``[evaluate]`` recipe of an entry; returns ``results`` rows (see :mod:`priorzoo.cards`), the
+    """Run the ``[evaluate]`` recipe of an entry; returns ``results`` rows (see :mod:`priorzoo.format.cards`), the
     ``recommended_scale`` (the λ chosen on validation) and the validation ``curve``.
 
     Example:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from priorzoo.datasets import IMAGENET_MEAN, IMAGENET_STD, Columns, image_tensor
+from priorzoo.data.user import IMAGENET_MEAN, IMAGENET_STD, Columns, image_tensor
 
 __all__ = [
     "RESULT_NAME",
@@ -61,7 +61,7 @@ def optimizer_from_args(
 
 
 def data_columns(ds: Any, args: argparse.Namespace, others: Sequence[Any] = ()) -> Columns:
-    """The columns and label mapping of the ``--*-column`` options (:class:`priorzoo.datasets.Columns`)."""
+    """The columns and label mapping of the ``--*-column`` options (:class:`priorzoo.data.user.Columns`)."""
     return Columns(
         ds,
         image=args.image_column,
@@ -75,7 +75,7 @@ def data_columns(ds: Any, args: argparse.Namespace, others: Sequence[Any] = ()) 
 def load_split(path: str | None, args: argparse.Namespace) -> Any:
     if path is None:
         return None
-    from priorzoo.datasets import load_data
+    from priorzoo.data.user import load_data
 
     ds = load_data(path, data_format=args.data_format, split="train")
     if len(ds) == 0:
@@ -118,8 +118,8 @@ def make_collate(cols: Columns, library: str, tokenizer: Any, args: argparse.Nam
 
 def with_lora(model: Any, library: str, args: argparse.Namespace) -> Any:
     """Wrap the backbone in LoRA adapters; the new head is trained in full (``modules_to_save``)."""
-    from priorzoo.matching import head_parameter_names
-    from priorzoo.peft import lora_model
+    from priorzoo.binding.matching import head_parameter_names
+    from priorzoo.binding.peft import lora_model
 
     heads = sorted({n.rsplit(".", 1)[0] for n in head_parameter_names(model)})
     return lora_model(
@@ -301,7 +301,7 @@ def fit_by_epoch(
 
 
 def save_model(model: Any, tokenizer: Any, library: str, folder: Path, result: dict[str, Any]) -> None:
-    from priorzoo.peft import is_peft_model
+    from priorzoo.binding.peft import is_peft_model
 
     folder.mkdir(parents=True, exist_ok=True)
     if library == "transformers" or is_peft_model(model):  # a LoRA run saves its adapters (PEFT's format)

@@ -94,7 +94,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Execute ``priorzoo convert``; returns the exit code."""
     from priorzoo.errors import PriorFormatError
-    from priorzoo.serialization import check_target
+    from priorzoo.format.serialization import check_target
 
     if (args.output is None) == (args.output_dir is None):
         return fail("convert", ValueError("give the output folder once: as OUTPUT or as `--output-dir`"))

@@ -11,8 +11,8 @@ records the prior and λ), and for ``bma`` the downstream posterior in ``posteri
 
 LoRA (``--lora-r 8 --lora-target query,value``): the backbone is frozen and rank-r adapters are trained
 (with the new head); the prior is evaluated at the adapted layers' effective weights W₀ + ΔW, the other
-covered weights held at their values (:mod:`priorzoo.peft`, :mod:`priorzoo.conditional`). With a prior, W₀
-starts at its mean unless ``--keep-backbone-weights``; ``--l2sp`` is then L2-SP on ΔW. ``model/`` holds
+covered weights held at their values (:mod:`priorzoo.binding.peft`, :mod:`priorzoo.binding.conditional`). With a
+prior, W₀ starts at its mean unless ``--keep-backbone-weights``; ``--l2sp`` is then L2-SP on ΔW. ``model/`` holds
 the adapters in PEFT's format, ``bma`` is SWAG over the adapters and the head.
 
 Initialisation (default ``--init-from-prior`` when a prior is given): the covered weights start at the
@@ -54,7 +54,7 @@ from priorzoo.cli._finetune_steps import sgld_phase as _sgld_phase
 from priorzoo.cli._finetune_steps import stable_scale as _stable_scale
 from priorzoo.cli._finetune_steps import swag_phase as _swag_phase
 from priorzoo.cli._finetune_steps import with_lora as _with_lora
-from priorzoo.datasets import DATA_FORMATS, Columns
+from priorzoo.data.user import DATA_FORMATS, Columns
 from priorzoo.enums import Method, Metric, OptimizerKind
 
 __all__ = ["register"]

@@ -112,9 +112,9 @@ def _staged(folder: Path, repo_id: str, keep_card: bool) -> Iterator[Path]:
     config without a repo id (``save_pretrained``'s), so a hand-written card is never replaced. The other
     files are linked (or copied where links are not possible), never modified.
     """
-    from priorzoo.cards import render_card
-    from priorzoo.config import PriorConfig
-    from priorzoo.files import CARD_NAME, CONFIG_NAME, prior_files
+    from priorzoo.format.cards import render_card
+    from priorzoo.format.config import PriorConfig
+    from priorzoo.format.files import CARD_NAME, CONFIG_NAME, prior_files
 
     files = prior_files(folder, where=f"Can't upload {str(folder)!r}: it", upload=True)
     card = files.get(CARD_NAME)
@@ -194,8 +194,8 @@ def run_push(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------- pull
 def _copy_prior(src: Path, to: str) -> Path:
     """Copy a prior's files (links resolved) into ``to``, replacing an older prior there as a whole."""
-    from priorzoo.files import prior_files
-    from priorzoo.serialization import check_target, replace_prior_files
+    from priorzoo.format.files import prior_files
+    from priorzoo.format.serialization import check_target, replace_prior_files
 
     dest = check_target(to, "--to")
     if (

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from priorzoo.cli._common import check_at_least, default_device, fail
-from priorzoo.datasets import DATA_FORMATS
+from priorzoo.data.user import DATA_FORMATS
 
 __all__ = ["add_backbone_arguments", "build_backbone", "load_local_dataset", "register", "run"]
 
@@ -114,8 +114,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------------------------- data, models
 def load_local_dataset(data: str, *, data_format: str = "auto", split: str = "train") -> Any:
-    """:func:`priorzoo.datasets.load_data` (kept under its old name for scripts that import it)."""
-    from priorzoo.datasets import load_data
+    """:func:`priorzoo.data.user.load_data` (kept under its old name for scripts that import it)."""
+    from priorzoo.data.user import load_data
 
     return load_data(data, data_format=data_format, split=split)
 
@@ -231,7 +231,7 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from priorzoo.backbones import freeze_, load_backbone
-    from priorzoo.datasets import Columns, image_tensor, load_data
+    from priorzoo.data.user import Columns, image_tensor, load_data
     from priorzoo.finetune.scale import split_train_validation
     from priorzoo.learn import (
         CrossEntropyObjective,

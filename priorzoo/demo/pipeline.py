@@ -62,7 +62,7 @@ def load_splits(cfg: DemoConfig) -> dict[str, Any]:
         >>> len(splits["train"][1])  # doctest: +SKIP
         60
     """
-    from priorzoo.data import load_text_classification, load_tweets, sample_per_class
+    from priorzoo.data.bundled import load_text_classification, load_tweets, sample_per_class
 
     tweets = load_tweets() if cfg.source_data is None or cfg.target_data is None else None
 

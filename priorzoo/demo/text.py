@@ -121,7 +121,7 @@ def load_minilm() -> tuple[Any, Any]:
     except ImportError as err:
         raise ImportError('the demo needs transformers: pip install "priorzoo[demo]"') from err
     from priorzoo.backbones import load_backbone
-    from priorzoo.data import minilm_path
+    from priorzoo.data.bundled import minilm_path
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from priorzoo.bound import BoundPrior
+from priorzoo.binding.bound import BoundPrior
 from priorzoo.gaussian import Workspace
 
 __all__ = ["PrecomputedPenalty", "Prefetched", "weights_signature"]

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from priorzoo.binding.matching import Patterns
 from priorzoo.finetune.batchnorm import has_batchnorm, refresh_batchnorm_
 from priorzoo.finetune.loop import (
     ForwardFn,
@@ -52,7 +53,6 @@ from priorzoo.finetune.loop import (
     predict_proba,
 )
 from priorzoo.finetune.metrics import classification_metrics
-from priorzoo.matching import Patterns
 from priorzoo.prior import PriorModel
 
 __all__ = [

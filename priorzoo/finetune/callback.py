@@ -59,11 +59,11 @@ except ImportError as _err:  # pragma: no cover - exercised only without the ext
     ) from _err
 
 from priorzoo._deprecation import UNSET
+from priorzoo.binding.matching import Patterns
+from priorzoo.binding.sharded import check_parameters
 from priorzoo.finetune.options import BindOptions
 from priorzoo.finetune.regularizer import PriorRegularizer, check_num_train_examples, check_prior_weight, check_scale
-from priorzoo.matching import Patterns
 from priorzoo.prior import PriorModel
-from priorzoo.sharded import check_parameters
 
 __all__ = ["PriorCallback", "check_trainer_setup"]
 
@@ -79,7 +79,7 @@ def check_trainer_setup(args: Any, *, where: str, gradient_hook: bool) -> None:
 
     FSDP is accepted: the prior is bound once the Trainer has sharded the model (``on_train_begin``) and
     what is refused there — FSDP1's flattened parameters, DeepSpeed ZeRO-3 partitions — is decided from the
-    parameters themselves (:func:`priorzoo.sharded.check_parameters`). Nothing here reads environment
+    parameters themselves (:func:`priorzoo.binding.sharded.check_parameters`). Nothing here reads environment
     variables: the Trainer's arguments and accelerate's live state decide.
 
     Raises:

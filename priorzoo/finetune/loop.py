@@ -62,11 +62,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from priorzoo._validation import check_num_train_examples, check_positive_int, check_prior_weight, check_scale
+from priorzoo.binding.matching import Patterns
 from priorzoo.enums import Metric
 from priorzoo.finetune.metrics import classification_metrics, probabilities
 from priorzoo.finetune.regularizer import PriorRegularizer
 from priorzoo.learn._common import move_to_device as _move_batch
-from priorzoo.matching import Patterns
 from priorzoo.prior import PriorModel
 
 __all__ = [
@@ -104,7 +104,7 @@ def l2sp_prior(
     Its penalty is ‖w − w₀‖²/(2σ²) (Li, Grandvalet & Davoine, "Explicit Inductive Bias for Transfer
     Learning with Convolutional Networks", ICML 2018), the baseline the replications of Shwartz-Ziv et al.
     found competitive with learned priors. The model's task head (see
-    :func:`priorzoo.matching.head_parameter_names`) is left out unless ``exclude_head=False``.
+    :func:`priorzoo.binding.matching.head_parameter_names`) is left out unless ``exclude_head=False``.
 
     Args:
         model: the backbone (with its new head) at its pre-trained weights.
@@ -125,9 +125,9 @@ def l2sp_prior(
         or not (math.isfinite(variance) and variance > 0)
     ):
         raise ValueError(f"the L2-SP variance σ² must be a finite number > 0; received {variance!r}")
-    from priorzoo.peft import effective_weights, is_peft_model
+    from priorzoo.binding.peft import effective_weights, is_peft_model
 
-    if is_peft_model(model):  # centred on the effective weights W₀ + ΔW: L2-SP on ΔW (see priorzoo.peft)
+    if is_peft_model(model):  # centred on the effective weights W₀ + ΔW: L2-SP on ΔW (see priorzoo.binding.peft)
         centre = effective_weights(model, include=include, exclude=exclude, exclude_head=exclude_head, head=head)
         return PriorModel.from_tensors(centre, variance=float(variance), source={"objective": "l2sp"})
     from priorzoo.learn.baselines import isotropic_prior

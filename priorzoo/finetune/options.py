@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from priorzoo.matching import Patterns
+from priorzoo.binding.matching import Patterns
 
 __all__ = ["BindOptions"]
 

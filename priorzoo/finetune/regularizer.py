@@ -34,13 +34,13 @@ import torch
 from torch import Tensor
 
 from priorzoo._validation import check_num_train_examples, check_prior_weight, check_scale
-from priorzoo.bound import BoundPrior
+from priorzoo.binding.bound import BoundPrior
+from priorzoo.binding.matching import Patterns
+from priorzoo.binding.sharded import ShardedBoundPrior
 from priorzoo.finetune._prefetch import PrecomputedPenalty, Prefetched
 from priorzoo.finetune.options import BindOptions
 from priorzoo.gaussian import Workspace
-from priorzoo.matching import Patterns
 from priorzoo.prior import PriorModel
-from priorzoo.sharded import ShardedBoundPrior
 
 __all__ = ["PriorRegularizer", "check_num_train_examples", "check_prior_weight", "check_scale"]
 

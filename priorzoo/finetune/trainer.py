@@ -46,6 +46,8 @@ except ImportError as _err:  # pragma: no cover - exercised only without the ext
     ) from _err
 
 from priorzoo._deprecation import UNSET, renamed_keyword
+from priorzoo.binding.matching import Patterns
+from priorzoo.binding.sharded import check_parameters
 from priorzoo.finetune.callback import (
     PriorCallback,
     _PriorTermLog,
@@ -55,9 +57,7 @@ from priorzoo.finetune.callback import (
 )
 from priorzoo.finetune.options import BindOptions
 from priorzoo.finetune.regularizer import PriorRegularizer, check_num_train_examples, check_prior_weight, check_scale
-from priorzoo.matching import Patterns
 from priorzoo.prior import PriorModel
-from priorzoo.sharded import check_parameters
 
 __all__ = ["PriorTrainer", "PriorTrainerMixin"]
 

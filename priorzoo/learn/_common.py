@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from priorzoo._validation import check_float, check_positive_int  # noqa: F401 (the learners import them here)
-from priorzoo.matching import (
+from priorzoo.binding.matching import (
     Patterns,
     compile_patterns,
     pattern_strings,
@@ -123,8 +123,8 @@ def select_prior_parameters(
     """The parameters a learned prior covers and the head it leaves out: ``(name -> parameter, head names)``.
 
     The head is ``head`` (patterns; ``[]`` for none) or, by default, the one rule of
-    :func:`priorzoo.matching.head_parameter_names`. With the default, a selection that still contains what
-    looks like an output layer triggers a warning naming it (:func:`priorzoo.matching.warn_if_output_layer`).
+    :func:`priorzoo.binding.matching.head_parameter_names`. With the default, a selection that still contains what
+    looks like an output layer triggers a warning naming it (:func:`priorzoo.binding.matching.warn_if_output_layer`).
     """
     params = select_parameters(model, include=include, exclude=exclude)
     head_names = sorted(resolve_head(model, head)) if exclude_head else []

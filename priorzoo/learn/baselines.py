@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from priorzoo.binding.matching import Patterns
 from priorzoo.learn._common import (
     check_float,
     describe_backbone,
@@ -50,7 +51,6 @@ from priorzoo.learn._common import (
     running_statistics,
     select_prior_parameters,
 )
-from priorzoo.matching import Patterns
 
 if TYPE_CHECKING:
     from priorzoo.prior import PriorModel
@@ -85,7 +85,7 @@ def isotropic_prior(
         model: the pre-trained backbone (its head is left out unless ``exclude_head=False``).
         variance: σ² > 0; only λσ² matters downstream (L2-SP's α = 1/(Nλσ²)).
         include, exclude: glob patterns / callable choosing the parameters.
-        exclude_head: drop the task head (``head``, else :func:`priorzoo.matching.head_parameter_names`;
+        exclude_head: drop the task head (``head``, else :func:`priorzoo.binding.matching.head_parameter_names`;
             a warning names an output layer the selection would still include).
         head: the head's parameters explicitly (glob pattern(s) or a predicate; ``[]``: none).
         scale: λ.

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from priorzoo.binding.matching import Patterns
 from priorzoo.learn._common import (
     atomic_save_safetensors,
     check_positive_int,
@@ -46,7 +47,6 @@ from priorzoo.learn._common import (
 )
 from priorzoo.learn.schedules import _Schedule
 from priorzoo.learn.swag import SWAGCollector
-from priorzoo.matching import Patterns
 
 __all__ = ["COLLECTOR_STATE_NAME", "FIT_STATE_NAME", "SWAGCallback", "swag_fit"]
 

@@ -19,7 +19,7 @@ communication while collecting.
 header and size, from the global shapes alone — every process writes the bytes of its own slices into
 them (a memory map over its byte ranges), process 0 writes the batch-norm buffers (plain tensors,
 replicated under FSDP2), the index, ``config.json`` and the card, and commits the folder atomically
-(:func:`priorzoo.serialization.replace_prior_files`). The folder must be on a file system every process
+(:func:`priorzoo.format.serialization.replace_prior_files`). The folder must be on a file system every process
 sees (one machine, or a shared mount). Non-finite weights on any process raise ``FloatingPointError`` on
 every process (a flag is all-reduced first, so nobody hangs in a later collective).
 
@@ -41,7 +41,7 @@ Example:
     ...         _ = net[0].weight.to_local().add_(0.1 * step)  # stands for an optimizer step
     ...     collector.collect()  # on every process
     >>> folder = collector.save_prior(tempfile.mkdtemp())  # collective: one prior folder
-    >>> PriorModel.from_pretrained(folder).rank  # or priorzoo.sharded.open_prior(folder): slices only
+    >>> PriorModel.from_pretrained(folder).rank  # or priorzoo.binding.sharded.open_prior(folder): slices only
     2
     >>> dist.destroy_process_group()
 """
@@ -59,10 +59,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from priorzoo.binding.sharded import local_slices
 from priorzoo.learn._common import describe_backbone
 from priorzoo.learn.sharded_swag_state import ShardedSWAGStateMixin
 from priorzoo.learn.swag import SWAGCollector
-from priorzoo.sharded import local_slices
 
 if TYPE_CHECKING:
     from priorzoo.prior import PriorModel
@@ -151,11 +151,11 @@ class ShardedSWAGCollector(ShardedSWAGStateMixin, SWAGCollector):
 
     def to_prior(self, **kwargs: Any) -> PriorModel:
         """Refused: each process holds only its shards. Use :meth:`save_prior` (collective), then
-        ``PriorModel.from_pretrained(folder)`` or :func:`priorzoo.sharded.open_prior` (reads only slices)."""
+        ``PriorModel.from_pretrained(folder)`` or :func:`priorzoo.binding.sharded.open_prior` (reads only slices)."""
         raise RuntimeError(
             "SWAGCollector on an FSDP2 model holds only this process's shards, so it cannot return a whole prior; "
             "call collector.save_prior(folder, ...) on every process (it writes one prior folder), then load it "
-            "with PriorModel.from_pretrained(folder) or priorzoo.sharded.open_prior(folder)"
+            "with PriorModel.from_pretrained(folder) or priorzoo.binding.sharded.open_prior(folder)"
         )
 
     # ------------------------------------------------------------------ the prior, written from the shards
@@ -298,7 +298,7 @@ def _config(
     collector: SWAGCollector, rank, scale, eps, backbone, source, record, exclude, recommended, license, buffers
 ):
     """The ``PriorConfig`` that ``PriorModel.from_tensors`` builds for the same prior."""
-    from priorzoo.config import ParameterSpec, PriorConfig, PriorKind
+    from priorzoo.format.config import ParameterSpec, PriorConfig, PriorKind
 
     return PriorConfig(
         kind=PriorKind.SWAG,
@@ -372,9 +372,9 @@ def _write_folder(
     import torch.distributed as dist
 
     from priorzoo._version import __version__
-    from priorzoo.config import FORMAT_VERSION
-    from priorzoo.files import CARD_NAME, CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
-    from priorzoo.serialization import parse_size, replace_prior_files
+    from priorzoo.format.config import FORMAT_VERSION
+    from priorzoo.format.files import CARD_NAME, CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
+    from priorzoo.format.serialization import parse_size, replace_prior_files
 
     limit = parse_size(max_shard_size)
     groups = [[k for k in (f"{n}.mean", f"{n}.variance", f"{n}.cov_factor") if k in specs] for n in names]
@@ -463,7 +463,7 @@ def _write_folder(
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         (tmp / CONFIG_NAME).write_text(cfg.to_json_string(), encoding="utf-8")
         if card:
-            from priorzoo.cards import render_card
+            from priorzoo.format.cards import render_card
 
             (tmp / CARD_NAME).write_text(render_card(cfg), encoding="utf-8")
 

@@ -66,6 +66,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
+from priorzoo.binding.matching import Patterns
 from priorzoo.learn._common import (
     check_float,
     check_positive_int,
@@ -78,7 +79,6 @@ from priorzoo.learn._common import (
 from priorzoo.learn.schedules import ConstantLRSchedule, CyclicCosineSchedule, _Schedule  # noqa: F401 (re-exported)
 from priorzoo.learn.swag_buffers import SWAGBuffersMixin
 from priorzoo.learn.swag_state import SWAGStateMixin, _dtype_name
-from priorzoo.matching import Patterns
 
 if TYPE_CHECKING:
     from priorzoo.prior import PriorModel
@@ -95,11 +95,11 @@ class SWAGCollector(SWAGBuffersMixin, SWAGStateMixin):
         model: the network being trained (any ``torch.nn.Module``: timm, transformers, plain PyTorch).
         rank: K ≥ 2, how many of the latest deviations the low-rank factor keeps (Maddox et al. use 20).
         include, exclude: which parameters get a prior — glob patterns on the full name (``fnmatch``), a
-            list of them, or a callable ``name -> bool`` (see :func:`priorzoo.matching.select_parameters`).
+            list of them, or a callable ``name -> bool`` (see :func:`priorzoo.binding.matching.select_parameters`).
             Only parameters with ``requires_grad`` are considered.
         exclude_head: also leave out the model's task head, which is replaced downstream and gets no
             learned prior: ``head`` when given, else the one rule of
-            :func:`priorzoo.matching.head_parameter_names` (timm's ``pretrained_cfg["classifier"]``, what a
+            :func:`priorzoo.binding.matching.head_parameter_names` (timm's ``pretrained_cfg["classifier"]``, what a
             transformers task model holds outside ``base_model_prefix``, and a plain/torchvision model's final
             ``nn.Linear`` named ``fc``/``classifier``/``head``/…). When the selection still holds what looks
             like an output layer, a warning names it.
@@ -140,7 +140,7 @@ class SWAGCollector(SWAGBuffersMixin, SWAGStateMixin):
     def __new__(cls, model: torch.nn.Module, *args: Any, **kwargs: Any) -> SWAGCollector:
         # an FSDP2 model gets the sharded collector: each process keeps the statistics of its own shards
         if cls is SWAGCollector and isinstance(model, torch.nn.Module):
-            from priorzoo.sharded import is_sharded
+            from priorzoo.binding.sharded import is_sharded
 
             if is_sharded(list(model.parameters())):
                 if SWAGCollector.sharded_class is None:  # pragma: no cover - priorzoo.learn registers it

@@ -214,7 +214,7 @@ def test_learn_input_errors_are_reported(image_folder, tmp_path, capsys) -> None
 def test_string_label_column_is_not_taken_for_the_text():
     import datasets
 
-    from priorzoo.datasets import Columns
+    from priorzoo.data.user import Columns
 
     ds = datasets.Dataset.from_dict({"label": ["pos", "neg"], "sentence": ["good", "bad"]})
     cols = Columns(ds)

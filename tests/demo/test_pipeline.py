@@ -105,7 +105,7 @@ def test_demo_prior_folder_reloads_and_binds_to_minilm(demo_run) -> None:
     from transformers import AutoModel
 
     from priorzoo import PriorModel
-    from priorzoo.data import minilm_path
+    from priorzoo.data.bundled import minilm_path
 
     result, out = demo_run
     folder = out / "prior"
@@ -157,7 +157,7 @@ def test_top_encoder_matches_the_full_backbone() -> None:
 
 
 def test_user_csv_target_splits(tmp_path) -> None:
-    from priorzoo.data import load_text_classification
+    from priorzoo.data.bundled import load_text_classification
     from priorzoo.demo import DemoConfig, load_splits
 
     rows = ["text,label"] + [

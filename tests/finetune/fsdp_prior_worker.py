@@ -71,8 +71,8 @@ def train(out: Path, world: int, *, fsdp: bool, prior: bool) -> dict[str, torch.
     from torch.distributed.tensor import DTensor
     from transformers import Trainer, TrainerCallback
 
+    from priorzoo.binding.sharded import ShardedBoundPrior
     from priorzoo.finetune import PriorCallback
-    from priorzoo.sharded import ShardedBoundPrior
 
     model = tiny_bert()
     names = [n for n, _ in model.named_parameters()]

@@ -4,7 +4,7 @@ a client torch.optim.SGD) taking ``engine.backward(CE(local half batch) + PriorR
 DeepSpeed. DeepSpeed averages the gradients over the processes, so the prior term added on every process
 enters once. DeepSpeed's default ``gradient_clipping`` (1.0 in deepspeed 0.19) clips the total gradient,
 prior included, to norm 1: with it the steps are those of ``torch.nn.utils.clip_grad_norm_(params, 1.0)``.
-(ZeRO-3 is refused by :func:`priorzoo.sharded.check_parameters`; PriorCallback refuses DeepSpeed, whose
+(ZeRO-3 is refused by :func:`priorzoo.binding.sharded.check_parameters`; PriorCallback refuses DeepSpeed, whose
 engine steps inside ``backward``.) Skipped without deepspeed, which CI does not install."""
 
 from __future__ import annotations

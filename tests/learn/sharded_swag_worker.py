@@ -51,7 +51,7 @@ def snapshots(net: torch.nn.Module):
 
 @torch.no_grad()
 def set_snapshot(net: torch.nn.Module, weights, stats) -> None:
-    from priorzoo.sharded import local_slices
+    from priorzoo.binding.sharded import local_slices
 
     for n, p in net.named_parameters():
         local = p.to_local() if type(p).__name__ == "DTensor" else p

@@ -15,9 +15,9 @@ from _models import prior_folder_tensors
 from _torchrun import TORCHRUN, run_torchrun
 
 from priorzoo import PriorModel
-from priorzoo.files import prior_files
+from priorzoo.binding.sharded import LazyTensor, open_prior
+from priorzoo.format.files import prior_files
 from priorzoo.learn import SWAGCollector
-from priorzoo.sharded import LazyTensor, open_prior
 
 
 def _unsharded(tmp_path: Path) -> tuple[Path, Path]:

@@ -6,7 +6,7 @@ eps of the density ``N(μ, λ(diag(v) + FᵀF) + eps·I)``, the ordered paramete
 provenance (backbone, source task, how it was learned, which parameters were excluded).
 
 Example:
-    >>> from priorzoo.config import PriorConfig, ParameterSpec
+    >>> from priorzoo.format.config import PriorConfig, ParameterSpec
     >>> cfg = PriorConfig(kind="diagonal", rank=0, parameters=[ParameterSpec("w", (2, 3))])
     >>> cfg.num_parameters
     6

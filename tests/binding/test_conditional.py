@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from priorzoo import PriorModel
-from priorzoo.conditional import ConditionalBoundPrior
+from priorzoo.binding.conditional import ConditionalBoundPrior
 from priorzoo.finetune import PriorRegularizer
 
 

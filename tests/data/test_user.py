@@ -1,10 +1,10 @@
-"""priorzoo.datasets: one loader, one label rule, one error per kind of bad input."""
+"""priorzoo.data.user: one loader, one label rule, one error per kind of bad input."""
 
 from __future__ import annotations
 
 import pytest
 
-from priorzoo.datasets import Columns, check_csv_rows, load_data
+from priorzoo.data.user import Columns, check_csv_rows, load_data
 
 datasets = pytest.importorskip("datasets")
 

@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from priorzoo.config import FORMAT_VERSION, REQUIRED_KEYS, PriorConfig
 from priorzoo.errors import PriorFormatError
-from priorzoo.files import (
+from priorzoo.format.config import FORMAT_VERSION, REQUIRED_KEYS, PriorConfig
+from priorzoo.format.files import (
     CARD_NAME,
     COMMIT_DIR,
     CONFIG_NAME,
@@ -224,7 +224,7 @@ def replace_prior_files(target: str | os.PathLike, write: Callable[[Path], None]
     ``.priorzoo-commit`` — the commit point — after which its files are moved into place and stale tensor
     files of the old prior (say its shards, after an unsharded save) are removed. A kill at any moment leaves
     a folder that loads as the old prior (before the commit) or the new one (after it: the loader reads a
-    pending commit, see :func:`priorzoo.files.prior_files`); the next save finishes or discards what was left.
+    pending commit, see :func:`priorzoo.format.files.prior_files`); the next save finishes or discards what was left.
     Files get the mode of a newly created file (the umask), like ``config.json``.
     """
     path = check_target(target, what)
@@ -312,7 +312,7 @@ def save_prior(
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         (tmp / CONFIG_NAME).write_text(cfg.to_json_string(), encoding="utf-8")
         if card:
-            from priorzoo.cards import render_card
+            from priorzoo.format.cards import render_card
 
             (tmp / CARD_NAME).write_text(render_card(cfg, repo_id=repo_id), encoding="utf-8")
 
@@ -339,7 +339,7 @@ def load_prior_folder(
         files = [paths[WEIGHTS_NAME]]
         expected_map = None
     else:
-        from priorzoo.files import read_shard_index
+        from priorzoo.format.files import read_shard_index
 
         expected_map = read_shard_index(paths[INDEX_NAME])
         files = [paths[f] for f in sorted(set(expected_map.values()))]

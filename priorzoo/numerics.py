@@ -7,7 +7,7 @@ the inputs of a product to a 10-bit mantissa, which moves the low-rank prior ter
 
 Example:
     >>> import torch
-    >>> from priorzoo.precision import ieee_fp32_matmul
+    >>> from priorzoo.numerics import ieee_fp32_matmul
     >>> with ieee_fp32_matmul():
     ...     torch.backends.cuda.matmul.fp32_precision in ("ieee", "none")
     True

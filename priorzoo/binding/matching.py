@@ -13,7 +13,7 @@ them, or a callable ``name -> bool``.
 
 Example:
     >>> import torch
-    >>> from priorzoo.matching import match_parameters
+    >>> from priorzoo.binding.matching import match_parameters
     >>> src = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 10))
     >>> dst = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 3))
     >>> shapes = {n: tuple(p.shape) for n, p in src.named_parameters()}
@@ -32,8 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from priorzoo._validation import short_list as _short
-from priorzoo.errors import PriorMatchError
-from priorzoo.selection import (
+from priorzoo.binding.selection import (
     Patterns,
     compile_patterns,
     head_parameter_names,
@@ -43,6 +42,7 @@ from priorzoo.selection import (
     select_parameters,
     warn_if_output_layer,
 )
+from priorzoo.errors import PriorMatchError
 
 __all__ = [
     "MatchResult",
@@ -80,7 +80,7 @@ class MatchResult:
         prior_prefix / model_prefix: the rewrite applied (``prior_prefix`` stripped, ``model_prefix`` added).
         frozen: the matched prior names whose model tensor does not train (``requires_grad=False``, or a PEFT
             model's base weights outside the adapted layers): the prior is conditioned on their values
-            (see :mod:`priorzoo.conditional`).
+            (see :mod:`priorzoo.binding.conditional`).
         adapted: for a PEFT model, matched prior name → the adapter tensors that move its effective weight
             W₀ + ΔW (``lora_A``, ``lora_B``, …); ``matched`` maps it to the frozen base weight W₀.
         adapters: for a PEFT model, every trainable adapter tensor.
@@ -219,7 +219,7 @@ def match_parameters(
         >>> match_parameters({"weight": (2, 3)}, lin).matched
         {'weight': 'weight'}
     """
-    from priorzoo.peft import peft_view
+    from priorzoo.binding.peft import peft_view
 
     inc, exc = compile_patterns(include), compile_patterns(exclude)
     pexc = compile_patterns(list(prior_exclude)) if prior_exclude else None

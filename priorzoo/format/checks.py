@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from priorzoo.config import PriorConfig, PriorKind
 from priorzoo.errors import PriorFormatError
-from priorzoo.serialization import BUFFER_SUFFIX as _BUFFER_SUFFIX
-from priorzoo.serialization import FLOAT_DTYPES
+from priorzoo.format.config import PriorConfig, PriorKind
+from priorzoo.format.serialization import BUFFER_SUFFIX as _BUFFER_SUFFIX
+from priorzoo.format.serialization import FLOAT_DTYPES
 
 __all__ = ["check_named_tensors", "check_prior_tensors", "check_tensor_inputs"]
 

@@ -15,8 +15,8 @@ from huggingface_hub.repocard_data import eval_results_to_model_index, model_ind
 
 import priorzoo.finetune
 from priorzoo import PriorModel
-from priorzoo.cards import card_metadata, model_index, render_card, result_rows
-from priorzoo.config import ParameterSpec, PriorConfig
+from priorzoo.format.cards import card_metadata, model_index, render_card, result_rows
+from priorzoo.format.config import ParameterSpec, PriorConfig
 
 RESULTS = [
     {"task": "image-classification", "dataset": "cifar10", "dataset_name": "CIFAR-10", "split": "test",

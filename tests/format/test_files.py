@@ -6,7 +6,8 @@ import ast
 from pathlib import Path
 
 import priorzoo
-from priorzoo import files, hub, prior, serialization
+from priorzoo import hub, prior
+from priorzoo.format import files, serialization
 
 PACKAGE = Path(priorzoo.__file__).parent
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from priorzoo import PriorModel
-from priorzoo.config import ParameterSpec, PriorConfig
 from priorzoo.errors import PriorFormatError
-from priorzoo.files import CONFIG_NAME
+from priorzoo.format.config import ParameterSpec, PriorConfig
+from priorzoo.format.files import CONFIG_NAME
 
 
 def base(**changes):

@@ -24,7 +24,7 @@ tuner (IA³, OFT, BOFT, HRA, … are multiplicative or have no additive ΔW). Pr
 weight: the prior then covers only frozen weights and there is nothing for it to act on.
 
 How the rest of the model enters (the frozen rule, the same for PEFT and plain models) is explained in
-:mod:`priorzoo.conditional`: frozen weights are held at their values. ``modules_to_save`` copies (the
+:mod:`priorzoo.binding.conditional`: frozen weights are held at their values. ``modules_to_save`` copies (the
 ``classifier`` of a SEQ_CLS task) are seen under their plain names, so the head stays the head.
 
 peft is optional: ``pip install "priorzoo[peft]"``. Only :func:`lora_model` imports it; looking at a model
@@ -33,7 +33,7 @@ never does (a model that holds no ``peft`` module is simply not a PEFT model).
 Example:
     >>> import torch
     >>> from peft import LoraConfig, get_peft_model
-    >>> from priorzoo.peft import peft_view
+    >>> from priorzoo.binding.peft import peft_view
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
     >>> view = peft_view(get_peft_model(net, LoraConfig(r=2, target_modules=["0"])))
     >>> sorted(view.adapted), view.prefix
@@ -396,7 +396,7 @@ def effective_weights(
         >>> sorted(effective_weights(net))
         ['0.weight']
     """
-    from priorzoo.selection import compile_patterns, head_parameter_names
+    from priorzoo.binding.selection import compile_patterns, head_parameter_names
 
     view = peft_view(model)
     if view is None:

@@ -12,7 +12,7 @@ import torch
 from _torchrun import TORCHRUN, run_torchrun
 
 from priorzoo import PriorModel
-from priorzoo.sharded import LazyTensor, check_parameters, is_sharded, local_slices, open_prior
+from priorzoo.binding.sharded import LazyTensor, check_parameters, is_sharded, local_slices, open_prior
 
 
 def _torchrun(tmp_path: Path, *cases: str, nproc: int = 2) -> None:

@@ -3,9 +3,9 @@
 A prior folder holds ``config.json``, the tensors — ``prior.safetensors``, or the shard index
 ``prior.safetensors.index.json`` plus the shards ``prior-0000i-of-0000N.safetensors`` it names — and the
 ``README.md`` card. :func:`prior_files` is the single answer to "is this a prior folder, and which files are
-its prior": loading (:mod:`priorzoo.serialization`), the Hub code (:mod:`priorzoo.hub`) and the CLI all ask it.
+its prior": loading (:mod:`priorzoo.format.serialization`), the Hub code (:mod:`priorzoo.hub`) and the CLI all ask it.
 
-A save replaces a prior as a whole (see :func:`priorzoo.serialization.replace_prior_files`): the new files are
+A save replaces a prior as a whole (see :func:`priorzoo.format.serialization.replace_prior_files`): the new files are
 written into a staging folder inside the target, which is then renamed to :data:`COMMIT_DIR` — the commit
 point — and its files are moved into place. A reader that finds :data:`COMMIT_DIR` (a save interrupted after
 its commit) reads the new prior from it and the files already moved, so a folder always reads as the old

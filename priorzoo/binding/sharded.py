@@ -26,7 +26,7 @@ partitioned into empty placeholders with ``ds_*`` attributes).
 
 Example:
     >>> import torch
-    >>> from priorzoo.sharded import is_sharded
+    >>> from priorzoo.binding.sharded import is_sharded
     >>> is_sharded(list(torch.nn.Linear(2, 2).parameters()))
     False
 """
@@ -42,10 +42,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from priorzoo.bound import BoundPrior, register_binding
+from priorzoo.binding.bound import BoundPrior, register_binding
+from priorzoo.binding.matching import MatchResult
 from priorzoo.errors import PriorFormatError, PriorNotFoundError
-from priorzoo.files import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
-from priorzoo.matching import MatchResult
+from priorzoo.format.files import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
 
 if TYPE_CHECKING:
     from priorzoo.prior import PriorModel
@@ -281,7 +281,7 @@ def open_prior(pretrained: str | os.PathLike, **hub_kwargs: Any) -> PriorModel:
         >>> lazy.mean["w"][2:4].shape
         torch.Size([2, 2])
     """
-    from priorzoo.config import PriorConfig
+    from priorzoo.format.config import PriorConfig
     from priorzoo.prior import PriorModel
 
     folder = Path(pretrained)

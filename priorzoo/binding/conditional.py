@@ -29,7 +29,7 @@ step streams only the trained blocks' K×P_t factor: per-step cost scales with t
 whole prior. The price is one K×P_t copy of the trained blocks' factor (F_c), made at bind. If a frozen
 tensor changes in place (``load_state_dict``, ``init_model_``), the binding is stale and is redone.
 
-**PEFT.** An adapted layer's block is its effective weight W = W₀ + ΔW (:mod:`priorzoo.peft`): it trains
+**PEFT.** An adapted layer's block is its effective weight W = W₀ + ΔW (:mod:`priorzoo.binding.peft`): it trains
 through its adapters even though W₀ is frozen. The residual keeps W₀ − μ: priorzoo does **not**
 re-centre the prior on W₀. The prior is a density over W; when μ is not W₀ (an SWA mean, a prior learned on
 other weights) the penalty at ΔW = 0 is not zero and pulls W₀ + ΔW toward μ (and, through the frozen
@@ -61,10 +61,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from priorzoo.binding.matching import MatchResult
 from priorzoo.errors import PriorFormatError
 from priorzoo.gaussian import LowRankGaussian, Workspace
-from priorzoo.matching import MatchResult
-from priorzoo.precision import ieee_fp32_matmul, no_autocast
+from priorzoo.numerics import ieee_fp32_matmul, no_autocast
 
 __all__ = ["ConditionalBoundPrior"]
 
@@ -78,7 +78,7 @@ class _Block:
 
     prior_name: str
     param: torch.nn.Parameter | None = None
-    layer: object | None = None  # priorzoo.peft.AdaptedLayer
+    layer: object | None = None  # priorzoo.binding.peft.AdaptedLayer
 
     @property
     def trainable(self) -> bool:
@@ -136,7 +136,7 @@ class ConditionalBoundPrior:
         *,
         dtype: torch.dtype | None = None,
     ) -> None:
-        from priorzoo.peft import peft_view
+        from priorzoo.binding.peft import peft_view
 
         self.prior = prior
         self.match = match
@@ -282,7 +282,7 @@ class ConditionalBoundPrior:
     def _joint(self):
         """A :class:`~priorzoo.BoundPrior` over every matched block (built on first use; for ``tensors=``)."""
         if self._joint_bound is None:
-            from priorzoo.bound import BoundPrior
+            from priorzoo.binding.bound import BoundPrior
 
             model = self._model()
             if model is None:

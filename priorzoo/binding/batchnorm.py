@@ -22,7 +22,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from priorzoo.matching import MatchResult
+from priorzoo.binding.matching import MatchResult
 
 __all__ = ["copy_buffers_"]
 

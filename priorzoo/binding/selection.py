@@ -1,13 +1,13 @@
 """Which parameters: name patterns and the one rule that finds a model's output head.
 
 These are the selection helpers every part of priorzoo shares (the learners' ``include``/``exclude``, the
-head a prior leaves out, :func:`priorzoo.matching.match_parameters`, the PEFT view). They live below
-``matching`` so that modules ``matching`` itself uses (``priorzoo.peft``) can use them without an import cycle;
-``priorzoo.matching`` re-exports every public name.
+head a prior leaves out, :func:`priorzoo.binding.matching.match_parameters`, the PEFT view). They live below
+``matching`` so that modules ``matching`` itself uses (``priorzoo.binding.peft``) can use them without an import cycle;
+``priorzoo.binding.matching`` re-exports every public name.
 
 Example:
     >>> import torch
-    >>> from priorzoo.selection import compile_patterns, head_parameter_names
+    >>> from priorzoo.binding.selection import compile_patterns, head_parameter_names
     >>> compile_patterns("fc.*")("fc.weight")
     True
     >>> sorted(head_parameter_names(torch.nn.Sequential()))

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from priorzoo.binding.matching import MatchResult
 from priorzoo.gaussian import Workspace
-from priorzoo.matching import MatchResult
 
 if TYPE_CHECKING:
     from priorzoo.prior import PriorModel
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 __all__ = ["BoundPrior", "register_binding"]
 
 # bindings for models a plain BoundPrior cannot serve, registered by the modules that implement them
-# (priorzoo.sharded: FSDP2 DTensors), so that PriorModel.bind dispatches to them without importing them
+# (priorzoo.binding.sharded: FSDP2 DTensors), so that PriorModel.bind dispatches to them without importing them
 _BINDINGS: list[tuple[Callable[[Sequence[Tensor]], bool], type[BoundPrior]]] = []
 _MODEL_CHECKS: list[Callable[..., None]] = []
 
@@ -52,8 +52,8 @@ def register_binding(
     raises for models no binding can serve).
 
     Example:
-        >>> from priorzoo.sharded import ShardedBoundPrior
-        >>> any(c is ShardedBoundPrior for _, c in _BINDINGS)  # registered by priorzoo.sharded
+        >>> from priorzoo.binding.sharded import ShardedBoundPrior
+        >>> any(c is ShardedBoundPrior for _, c in _BINDINGS)  # registered by priorzoo.binding.sharded
         True
     """
     _BINDINGS.append((claims, cls))
@@ -62,7 +62,7 @@ def register_binding(
 
 
 def check_model(model: torch.nn.Module, *, where: str) -> None:
-    """Run every registered model check (e.g. FSDP1 / DeepSpeed ZeRO-3 refused by priorzoo.sharded)."""
+    """Run every registered model check (e.g. FSDP1 / DeepSpeed ZeRO-3 refused by priorzoo.binding.sharded)."""
     for check in _MODEL_CHECKS:
         check(model, where=where)
 

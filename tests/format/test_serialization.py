@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from priorzoo import PriorModel
 from priorzoo.errors import PriorFormatError, PriorNotFoundError
-from priorzoo.files import COMMIT_DIR, CONFIG_NAME, INDEX_NAME, STAGING_PREFIX, WEIGHTS_NAME, prior_files
+from priorzoo.format.files import COMMIT_DIR, CONFIG_NAME, INDEX_NAME, STAGING_PREFIX, WEIGHTS_NAME, prior_files
 
 
 def prior(value: float, *, scale: float = 1.0, rank: int = 2, n: int = 3) -> PriorModel:

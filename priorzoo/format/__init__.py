@@ -1,0 +1,12 @@
+"""The prior's on-disk format: what a prior folder holds and how it is written and read.
+
+Owns the config schema (:mod:`~priorzoo.format.config`), the folder's file layout and format constants
+(:mod:`~priorzoo.format.files`), save and load of the safetensors files (:mod:`~priorzoo.format.serialization`),
+the checks a loaded prior's tensors pass (:mod:`~priorzoo.format.checks`) and the model card
+(:mod:`~priorzoo.format.cards`).
+
+May import: the bottom modules (``priorzoo.errors``, ``enums``, ``_version``, ``_validation``, ``gaussian``,
+``numerics``) and its own modules; never the Hub code, the binding, learning, fine-tuning or applications.
+"""
+
+__all__: list[str] = []
