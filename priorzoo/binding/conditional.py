@@ -274,6 +274,12 @@ class ConditionalBoundPrior:
             dtype=self.dtype,
         )
 
+    @property
+    def frozen_half_quad(self) -> Tensor:
+        """½ r_fᵀΣ_ff⁻¹r_f of the frozen blocks (float64, fixed at bind): :meth:`penalty` minus this is the
+        conditional quadratic form ½(w_t − μ_c)ᵀΣ_c⁻¹(w_t − μ_c) of the trained blocks."""
+        return self._const
+
     # ------------------------------------------------------------------ values
     def _values(self) -> list[Tensor]:
         with no_autocast(self.device):

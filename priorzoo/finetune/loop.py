@@ -206,6 +206,9 @@ def train_step(
 
     ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the forward under autocast; the prior term is always
     computed in full precision. ``max_grad_norm`` clips the *total* gradient (data + prior).
+    With a ``scale="learned"`` regulariser the forward and backward run at the sample w̄ + σε and the
+    KL(q‖p)/D gradient at w̄ is added after the backward (:mod:`priorzoo.finetune.learned_scale`); the returned
+    ``prior_term`` is KL/D.
 
     Example:
         >>> import torch
@@ -225,16 +228,22 @@ def train_step(
         if autocast_dtype is not None
         else contextlib.nullcontext()
     )
+    learned = regularizer is not None and regularizer.learned is not None
+    if learned:  # the data term at the sample w̄ + σε; the KL's gradient at w̄ after the backward
+        regularizer.perturb_()
     with ctx:
         logits, labels = forward(model, batch)
         data_loss = loss_fn(logits.float(), labels)
     loss = data_loss
     prior_term = None
-    if regularizer is not None:
+    if regularizer is not None and not learned:
         prior_term = regularizer()
         loss = data_loss + prior_term
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if learned:
+        prior_term = regularizer.add_to_grad_()
+        loss = data_loss + prior_term.to(data_loss.dtype)
     if max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()

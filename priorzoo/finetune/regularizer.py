@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -38,6 +39,7 @@ from priorzoo.binding.bound import BoundPrior
 from priorzoo.binding.matching import Patterns
 from priorzoo.binding.sharded import ShardedBoundPrior
 from priorzoo.finetune._prefetch import PrecomputedPenalty, Prefetched
+from priorzoo.finetune.learned_scale import LearnedScale, is_learned
 from priorzoo.finetune.options import BindOptions
 from priorzoo.gaussian import Workspace
 from priorzoo.prior import PriorModel
@@ -81,14 +83,23 @@ class PriorRegularizer:
             not per process).
         prior_weight: ρ > 0, multiplies the prior term (1 = posterior; a "temperature" on the prior only).
         scale: if given, λ > 0 replaces the prior's own scale; default: :meth:`PriorModel.resolve_scale`
-            (a learned prior whose λ was not chosen uses its ``recommended_scale``).
+            (a learned prior whose λ was not chosen uses its ``recommended_scale``). ``"learned"``: learn
+            one λ_g per group from the training data with the data-emphasized ELBO
+            (:mod:`priorzoo.finetune.learned_scale`; Harvey, Petrov & Hughes, arXiv 2410.19675, 2502.01861):
+            each step then runs at a sample w̄ + σε (:meth:`perturb_` before the forward) and
+            :meth:`add_to_grad_` adds the KL's gradient (the prior term is weighted by 1/D, D = number of
+            trained weights, instead of 1/N); :attr:`scales` reports λ_g and :attr:`sigma` σ.
+        groups, sigma_init, sigma_lr, seed: with ``scale="learned"``: the groups (``"default"`` = {backbone,
+            head}, ``"layer"``, ``"block"``, or a callable), σ's initial value and its own learning rate, the
+            noise seed (see :class:`~priorzoo.finetune.learned_scale.LearnedScale`).
         include, exclude, exclude_head, allow_partial, dtype: forwarded to :meth:`~priorzoo.PriorModel.bind`.
         overlap: let :meth:`prefetch` compute the term in a background thread, overlapped with the model's
             forward and backward (CPU; see :mod:`priorzoo.finetune._prefetch`). False makes
             :meth:`prefetch` a no-op: every use computes the term on the spot.
 
     Raises:
-        ValueError: N ≤ 0 or not an integer, ρ ≤ 0, λ ≤ 0, a prior or model on the meta device.
+        ValueError: N ≤ 0 or not an integer, ρ ≤ 0, λ ≤ 0 (or not ``"learned"``), a prior or model on the
+            meta device; ρ ≠ 1 with ``scale="learned"`` (the method fixes the KL's weight at 1/D).
         priorzoo.PriorMatchError: the prior does not match the model (other architecture, shapes).
 
     Example:
@@ -112,13 +123,17 @@ class PriorRegularizer:
         *,
         num_train_examples: int,
         prior_weight: float = 1.0,
-        scale: float | None = None,
+        scale: float | str | None = None,
         include: Patterns = None,
         exclude: Patterns = None,
         exclude_head: bool = True,
         allow_partial: bool = False,
         dtype: torch.dtype | None = None,
         overlap: bool = True,
+        groups: Any = "default",
+        sigma_init: float = 1e-3,
+        sigma_lr: float = 0.05,
+        seed: int = 0,
     ) -> None:
         if not isinstance(prior, PriorModel):
             raise TypeError(f"`prior` must be a priorzoo.PriorModel; received {type(prior).__name__}")
@@ -128,49 +143,108 @@ class PriorRegularizer:
             raise TypeError(f"`model` must be a torch.nn.Module; received {type(model).__name__}")
         self.num_train_examples = check_num_train_examples(num_train_examples)
         self.prior_weight = check_prior_weight(prior_weight)
-        prior = prior.resolve_scale(check_scale(scale) if scale is not None else None)
+        learned = is_learned(scale)
+        if learned and self.prior_weight != 1.0:
+            raise ValueError(
+                f"`prior_weight` must be 1 with scale='learned' (the data-emphasized ELBO weights the KL by 1/D); "
+                f"received {prior_weight!r}"
+            )
+        prior = prior.resolve_scale(None if learned or scale is None else check_scale(scale))
         _check_prior_device(prior)
         self.prior = prior
         self.model = model
         self._bind_options = BindOptions(
             include=include, exclude=exclude, exclude_head=exclude_head, allow_partial=allow_partial, dtype=dtype
         )
-        self._bound = self._bind()
+        self.learned: LearnedScale | None = None
+        if learned:
+            self._check_model()
+            self.learned = LearnedScale(
+                prior,
+                model,
+                num_train_examples=self.num_train_examples,
+                groups=groups,
+                sigma_init=sigma_init,
+                sigma_lr=sigma_lr,
+                seed=seed,
+                bind=self._bind_options,
+            )
+            self._bound = self.learned.groups[0].bound
+        else:
+            self._bound = self._bind()
         self.overlap = overlap
         self._pending: Prefetched | None = None
         self._warned_stale = False
         self._workspace: Workspace | None = None
 
-    def _bind(self) -> BoundPrior:
+    def _check_model(self) -> None:
         meta = [n for n, p in self.model.named_parameters() if p.device.type == "meta"]
         if meta:
             raise ValueError(
                 f"the model's parameters are on the meta device (e.g. `{meta[0]}`): materialise the model "
                 "(load its weights) before binding a prior to it"
             )
+
+    def _bind(self) -> BoundPrior:
+        self._check_model()
         return self.prior.bind(self.model, **self._bind_options.as_kwargs())
 
     # ------------------------------------------------------------------ state
     @property
     def bound(self) -> BoundPrior:
-        """The :class:`~priorzoo.BoundPrior` (re-bound if the model's parameters were replaced or moved)."""
-        if not self._bound.is_current():
+        """The :class:`~priorzoo.BoundPrior` (re-bound if the model's parameters were replaced or moved; with
+        ``scale="learned"``, the first group's binding, at λ = 1)."""
+        if self.learned is None and not self._bound.is_current():
             self._bound = self._bind()
         return self._bound
 
     @property
     def coefficient(self) -> float:
-        """ρ / N, the factor in front of the penalty."""
+        """ρ / N, the factor in front of the penalty (1/D with ``scale="learned"``)."""
+        if self.learned is not None:
+            return 1.0 / self.learned.num_trained
         return self.prior_weight / self.num_train_examples
 
     @property
     def scale(self) -> float:
-        """λ, the prior's covariance scale."""
+        """λ, the prior's covariance scale (with ``scale="learned"``: the first group's learned λ_g)."""
+        if self.learned is not None:
+            return next(iter(self.learned.scales.values()))
         return self.prior.scale
 
     @property
+    def scales(self) -> dict[str, float]:
+        """λ per group: the learned λ_g (``scale="learned"``), else ``{"backbone": λ}``.
+
+        Example:
+            >>> import torch
+            >>> from priorzoo import PriorModel
+            >>> lin = torch.nn.Linear(2, 1, bias=False)
+            >>> prior = PriorModel.from_tensors({"weight": torch.zeros(1, 2)}, variance=1.0)
+            >>> PriorRegularizer(prior, lin, num_train_examples=4, scale=3.0).scales
+            {'backbone': 3.0}
+        """
+        if self.learned is not None:
+            return self.learned.scales
+        return {"backbone": self.prior.scale}
+
+    @property
+    def sigma(self) -> float | None:
+        """σ of q(w) = N(w̄, σ²I) with ``scale="learned"``, else ``None``."""
+        return self.learned.sigma if self.learned is not None else None
+
+    def perturb_(self) -> None:
+        """With ``scale="learned"``: put the sample w̄ + σε into the weights for this step's forward and
+        backward (:meth:`add_to_grad_` restores w̄). A no-op otherwise."""
+        if self.learned is not None:
+            self.learned.perturb_()
+
+    @property
     def parameters(self) -> list[torch.nn.Parameter]:
-        """The model parameters the prior covers, in prior order."""
+        """The model parameters the prior covers, in prior order (with ``scale="learned"``: every tensor q
+        covers, the head included)."""
+        if self.learned is not None:
+            return self.learned._noise_params
         return self.bound.parameters
 
     @property
@@ -179,6 +253,11 @@ class PriorRegularizer:
         return self.bound.match
 
     def __repr__(self) -> str:
+        if self.learned is not None:
+            return (
+                f"PriorRegularizer(N={self.num_train_examples}, scale='learned', groups={self.learned.group_names}, "
+                f"sigma={self.learned.sigma:.3g})"
+            )
         return (
             f"PriorRegularizer(N={self.num_train_examples}, prior_weight={self.prior_weight:g}, "
             f"scale={self.scale:g}, matched={len(self.bound.prior_names)} parameters)"
@@ -209,6 +288,8 @@ class PriorRegularizer:
             >>> loss = lin(torch.ones(1, 2)).sum() + reg()  # reg() uses the prefetched term
             >>> loss.backward()
         """
+        if self.learned is not None:
+            return False  # the learned term is computed at w̄ after the backward (the weights hold w̄ + σε)
         bound = self.bound
         if not self.overlap or bound.device.type != "cpu" or isinstance(bound, ShardedBoundPrior):
             return False  # (a sharded term is collective: never from a background thread)
@@ -262,8 +343,17 @@ class PriorRegularizer:
         return value, grads
 
     # ------------------------------------------------------------------ values
+    def _refuse_learned(self, what: str) -> None:
+        if self.learned is not None:
+            raise RuntimeError(
+                f"PriorRegularizer.{what} is not available with scale='learned': the data term runs at the sample "
+                "w̄ + σε, the KL at w̄; call perturb_() before the forward and add_to_grad_() after the backward "
+                "(train_step/fit, PriorCallback and PriorTrainer do it for you)"
+            )
+
     def penalty(self) -> Tensor:
         """½(w−μ)ᵀΣ⁻¹(w−μ), differentiable, computed with autocast disabled (the prefetched one if any)."""
+        self._refuse_learned("penalty()")
         if self._pending is None:
             return self.bound.penalty()
         value, grads = self._value_and_grad(own=True)
@@ -277,11 +367,13 @@ class PriorRegularizer:
 
     def log_prob(self) -> Tensor:
         """Exact log p(w) of the matched parameters under the (scaled) prior, float64."""
+        self._refuse_learned("log_prob()")
         return self.bound.log_prob()
 
     @torch.no_grad()
     def gradient(self) -> list[Tensor]:
         """ρ·Σ⁻¹(w−μ)/N for each matched parameter (shaped like it, in the compute dtype), no autograd."""
+        self._refuse_learned("gradient()")
         grads = self._value_and_grad(own=True)[1]
         torch._foreach_mul_(grads, self.coefficient)
         return grads
@@ -310,7 +402,12 @@ class PriorRegularizer:
             2.0
             >>> lin.weight.grad.tolist()
             [[1.0, 1.0]]
+
+        With ``scale="learned"``: restore w̄ (if :meth:`perturb_` put a sample in), re-solve every λ_g, add
+        Σ_g S_g⁻¹(w̄_g − μ_g)/(λ_g D) into ``.grad``, step σ, and return KL(q‖p)/D.
         """
+        if self.learned is not None:
+            return self.learned.add_to_grad_()
         value, grads = self._value_and_grad(own=False)  # used right here: the workspace may hold them
         add_into_grads_(self.bound.parameters, grads, self.coefficient)
         return value * self.coefficient
