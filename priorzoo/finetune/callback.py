@@ -61,11 +61,12 @@ except ImportError as _err:  # pragma: no cover - exercised only without the ext
 from priorzoo._deprecation import UNSET
 from priorzoo.binding.matching import Patterns
 from priorzoo.binding.sharded import check_parameters
+from priorzoo.finetune.learned_scale import LEARNED, is_learned
 from priorzoo.finetune.options import BindOptions
 from priorzoo.finetune.regularizer import PriorRegularizer, check_num_train_examples, check_prior_weight, check_scale
 from priorzoo.prior import PriorModel
 
-__all__ = ["PriorCallback", "check_trainer_setup"]
+__all__ = ["PriorCallback", "check_trainer_setup", "learned_options", "learned_scale_entries"]
 
 
 def check_trainer_setup(args: Any, *, where: str, gradient_hook: bool) -> None:
@@ -155,6 +156,34 @@ def num_train_examples_of(dataset: Any) -> int:
         ) from None
 
 
+def learned_scale_entries(regularizer: PriorRegularizer | None) -> dict[str, float]:
+    """What a learned-scale run adds to the Trainer's logs: ``prior_scale_<group>`` (each λ_g) and
+    ``prior_sigma`` (σ); nothing for a fixed scale.
+
+    Example:
+        >>> learned_scale_entries(None)
+        {}
+    """
+    if regularizer is None or regularizer.learned is None:
+        return {}
+    out = {f"prior_scale_{name}": value for name, value in regularizer.scales.items()}
+    out["prior_sigma"] = regularizer.sigma
+    return out
+
+
+def learned_options(scale: Any, groups: Any, sigma_init: Any, sigma_lr: Any, seed: Any) -> dict[str, Any]:
+    """The learned-scale keywords of :class:`PriorRegularizer` (validated there, when it is built): empty for a
+    fixed scale; ``scale`` itself is checked here (a number > 0, ``"learned"`` or ``None``)."""
+    if not is_learned(scale):
+        if scale is not None:
+            check_scale(scale)
+        return {}
+    from priorzoo.finetune.learned_scale import check_groups
+
+    check_groups(groups)
+    return {"scale": LEARNED, "groups": groups, "sigma_init": sigma_init, "sigma_lr": sigma_lr, "seed": seed}
+
+
 class _PriorTermLog:
     """Running means of the prior term ρ·penalty/N for the Trainer's logs: over the steps since the last log
     (logged as ``<key>``) and over the whole run (``train_<key>``, in the log that ends training)."""
@@ -200,7 +229,13 @@ class PriorCallback(TrainerCallback):
             training data, read when training begins (as ``PriorTrainer`` does).
         prior_weight: ρ > 0 (default 1: the posterior).
         scale: if given, λ > 0 replaces the prior's covariance scale; default:
-            :meth:`PriorModel.resolve_scale` (the ``recommended_scale`` of a learned prior).
+            :meth:`PriorModel.resolve_scale` (the ``recommended_scale`` of a learned prior). ``"learned"``:
+            learn λ_g per group on the training data (data-emphasized ELBO,
+            :mod:`priorzoo.finetune.learned_scale`): the callback puts the sample w̄ + σε into the weights at
+            ``on_step_begin`` and, at ``on_pre_optimizer_step``, restores w̄ and adds the KL's gradient; the
+            logs gain ``prior_scale_<group>`` and ``prior_sigma``.
+        groups, sigma_init, sigma_lr, seed: the learned-scale options (see
+            :class:`~priorzoo.finetune.PriorRegularizer`).
         include, exclude, exclude_head, allow_partial, dtype: forwarded to :meth:`~priorzoo.PriorModel.bind`.
         log_key: name of the logged prior term (default ``prior_term``).
         overlap: start computing the prior term in a background thread as soon as the weights are final
@@ -238,6 +273,10 @@ class PriorCallback(TrainerCallback):
         dtype: torch.dtype | None = None,
         log_key: str = "prior_term",
         overlap: bool = True,
+        groups: Any = "default",
+        sigma_init: float = 1e-3,
+        sigma_lr: float = 0.05,
+        seed: int = 0,
     ) -> None:
         if not isinstance(prior, PriorModel):
             raise TypeError(f"`prior` must be a priorzoo.PriorModel; received {type(prior).__name__}")
@@ -245,7 +284,8 @@ class PriorCallback(TrainerCallback):
             None if num_train_examples is UNSET else check_num_train_examples(num_train_examples)
         )
         self.prior_weight = check_prior_weight(prior_weight)
-        self.prior = prior.resolve_scale(check_scale(scale) if scale is not None else None)
+        self._learned = learned_options(scale, groups, sigma_init, sigma_lr, seed)
+        self.prior = prior.resolve_scale(None if self._learned or scale is None else check_scale(scale))
         self.log_key = str(log_key)
         if not isinstance(overlap, bool):
             raise TypeError(f"`overlap` must be True or False; received {overlap!r}")
@@ -258,9 +298,9 @@ class PriorCallback(TrainerCallback):
         self._log = _PriorTermLog()
 
     @property
-    def scale(self) -> float:
-        """λ, the prior's covariance scale."""
-        return self.prior.scale
+    def scale(self) -> float | str:
+        """λ, the prior's covariance scale, or ``"learned"``."""
+        return LEARNED if self._learned else self.prior.scale
 
     def _regularizer_for(self, model: torch.nn.Module | None) -> PriorRegularizer:
         if model is None:
@@ -273,6 +313,7 @@ class PriorCallback(TrainerCallback):
                 prior_weight=self.prior_weight,
                 overlap=self.overlap,
                 **self._bind_options.as_kwargs(),
+                **self._learned,
             )
         return self.regularizer
 
@@ -303,8 +344,11 @@ class PriorCallback(TrainerCallback):
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         # the weights are final until optimizer.step(): compute the term while the micro-batches run (a
-        # no-op when on_optimizer_step already started it for these weights)
-        self._regularizer_for(model).prefetch()
+        # no-op when on_optimizer_step already started it for these weights); a learned scale instead puts the
+        # sample w̄ + σε in for the step's forward and backward passes
+        reg = self._regularizer_for(model)
+        reg.perturb_()
+        reg.prefetch()
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         # the next step's weights are final from here: start its term now, so that it also overlaps with
@@ -336,6 +380,8 @@ class PriorCallback(TrainerCallback):
         if logs is None:
             return
         added = self._log.entries(logs, self.log_key)
+        if added:
+            added.update(learned_scale_entries(self.regularizer))
         if not added:
             return
         logs.update(added)

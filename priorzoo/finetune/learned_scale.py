@@ -95,11 +95,13 @@ import torch
 from torch import Tensor
 
 from priorzoo._validation import check_float, check_num_train_examples
+from priorzoo.binding.sharded import is_sharded, local_slices
+from priorzoo.finetune._grads import add_into_grads_
+from priorzoo.finetune._grads import local as _local
 from priorzoo.finetune.options import BindOptions
 from priorzoo.gaussian import LowRankGaussian
-from priorzoo.precision import ieee_fp32_matmul, no_autocast
+from priorzoo.numerics import ieee_fp32_matmul, no_autocast
 from priorzoo.prior import PriorModel
-from priorzoo.sharded import is_sharded, local_slices
 
 __all__ = ["GROUPINGS", "LEARNED", "LearnedScale", "group_of", "is_learned", "trace_inverse"]
 
@@ -124,7 +126,8 @@ def is_learned(scale: Any) -> bool:
 
 
 def group_of(name: str, groups: str | Callable[[str], str]) -> str:
-    """The group of a prior-covered model parameter ``name`` under the group specification ``groups``.
+    """The group of the prior parameter ``name`` (the prior's own name, so that a wrapper's prefix such as
+    DDP's ``module.`` does not change it) under the group specification ``groups``.
 
     ``default``: ``backbone``; ``layer``: the module (the name without its last component);
     ``block``: the name up to its first numeric component (``bert.encoder.layer.3``), else its module;
@@ -222,10 +225,6 @@ class _Group:
     workspace: Any = None
 
 
-def _local(t: Tensor) -> Tensor:
-    return t.to_local() if type(t).__name__ == "DTensor" else t
-
-
 def _identity(x: Tensor) -> Tensor:
     return x
 
@@ -234,7 +233,7 @@ def _mesh_sum(parameters: Sequence[Tensor]) -> Callable[[Tensor], Tensor]:
     """Sum over the processes of the parameters' FSDP2 mesh (identity for replicated/plain parameters)."""
     if not is_sharded(parameters):
         return _identity
-    from priorzoo.sharded import _all_reduce_sum
+    from priorzoo.binding.sharded import _all_reduce_sum
 
     first = next(p for p in parameters if type(p).__name__ == "DTensor")
     return _all_reduce_sum(first.device_mesh.get_group())
@@ -257,7 +256,7 @@ class LearnedScale:
         prior: the prior whose shape S is used (``prior.scale`` is λ₀, see the module docstring on ε).
         model: the model being fine-tuned.
         num_train_examples: N (for κ = D/N in :attr:`kappa`; the objective weights the KL by 1/D).
-        groups: ``"default"``, ``"layer"``, ``"block"`` or a callable ``model parameter name -> group``.
+        groups: ``"default"``, ``"layer"``, ``"block"`` or a callable ``prior parameter name -> group``.
         sigma_init: σ at the start (> 0).
         sigma_lr: learning rate of σ's own Adam on ρ = softplus⁻¹(σ) (> 0; relative change of σ per step).
         seed: seeds the noise ε (the same on every process).
@@ -322,8 +321,8 @@ class LearnedScale:
         opts = self.bind_options
         match = opts.check_match(self._shape_prior, self.model)
         by_group: dict[str, set[str]] = {}
-        for mname in match.matched.values():
-            by_group.setdefault(group_of(mname, self.groups_spec), set()).add(mname)
+        for pname in match.matched:  # grouped by the prior's names: the same whatever wraps the model (DDP, ...)
+            by_group.setdefault(group_of(pname, self.groups_spec), set()).add(pname)
         covered: set[int] = set()
         kwargs = opts.as_kwargs()
         for name, members in by_group.items():
@@ -444,8 +443,6 @@ class LearnedScale:
     def _solve(self, sigma: Tensor, *, add_grad: bool) -> tuple[Tensor, Tensor]:
         """λ_g ← closed form at the current w̄ and σ; with ``add_grad`` add S_g⁻¹(w̄_g − μ_g)/(λ_g D) into
         ``.grad``. Returns (KL/D, ∂(KL/D)/∂σ), float64."""
-        from priorzoo.finetune.regularizer import add_into_grads_
-
         d = float(self.num_trained)
         sig2 = sigma.double() ** 2
         kl = torch.zeros((), dtype=torch.float64, device=self.device)

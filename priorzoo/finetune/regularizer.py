@@ -28,7 +28,6 @@ Example:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -38,6 +37,7 @@ from priorzoo._validation import check_num_train_examples, check_prior_weight, c
 from priorzoo.binding.bound import BoundPrior
 from priorzoo.binding.matching import Patterns
 from priorzoo.binding.sharded import ShardedBoundPrior
+from priorzoo.finetune._grads import add_into_grads_
 from priorzoo.finetune._prefetch import PrecomputedPenalty, Prefetched
 from priorzoo.finetune.learned_scale import LearnedScale, is_learned
 from priorzoo.finetune.options import BindOptions
@@ -411,37 +411,3 @@ class PriorRegularizer:
         value, grads = self._value_and_grad(own=False)  # used right here: the workspace may hold them
         add_into_grads_(self.bound.parameters, grads, self.coefficient)
         return value * self.coefficient
-
-
-@torch.no_grad()
-def add_into_grads_(parameters: Sequence[Tensor], grads: Sequence[Tensor], alpha: float) -> None:
-    """``p.grad += alpha · g`` for each trainable parameter, with one foreach add over those that have a
-    gradient (mixed dtypes are cast by the add) and one foreach multiply creating the missing ones (new
-    tensors, never views of ``grads``). DTensor parameters (FSDP2) get their local shard updated."""
-    have_grad, have_g, fresh, fresh_g = [], [], [], []
-    for p, g in zip(parameters, grads):
-        if not p.requires_grad:
-            continue
-        if p.grad is None:
-            fresh.append(p)
-            fresh_g.append(g)
-        else:
-            have_grad.append(_local(p.grad))
-            have_g.append(g)
-    if have_grad:
-        torch._foreach_add_(have_grad, have_g, alpha=alpha)
-    if fresh:
-        for p, g in zip(fresh, torch._foreach_mul(fresh_g, alpha)):
-            g = g if g.dtype == p.dtype else g.to(p.dtype)
-            if type(p).__name__ == "DTensor":  # FSDP2: the local shard becomes a DTensor gradient
-                from torch.distributed.tensor import DTensor
-
-                g = DTensor.from_local(
-                    g, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
-                )
-            p.grad = g
-
-
-def _local(t: Tensor) -> Tensor:
-    """The local shard of a DTensor (its in-place updates change the DTensor), else the tensor itself."""
-    return t.to_local() if type(t).__name__ == "DTensor" else t

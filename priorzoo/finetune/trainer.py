@@ -51,7 +51,10 @@ from priorzoo.binding.sharded import check_parameters
 from priorzoo.finetune.callback import (
     PriorCallback,
     _PriorTermLog,
+    _unscale_if_needed,
     check_trainer_setup,
+    learned_options,
+    learned_scale_entries,
     num_train_examples_of,
     shards_late,
 )
@@ -74,6 +77,13 @@ class PriorTrainerMixin:
         prior_weight: ρ > 0 (default 1).
         scale: if given, λ > 0 replaces the prior's covariance scale (``prior_scale``: its deprecated name);
             default: :meth:`PriorModel.resolve_scale` (the ``recommended_scale`` of a learned prior).
+            ``"learned"``: learn λ_g per group on the training data (data-emphasized ELBO,
+            :mod:`priorzoo.finetune.learned_scale`). The data term then runs at the sample w̄ + σε and the KL
+            at w̄, so the KL's gradient is added after the backward, at ``on_pre_optimizer_step`` (as
+            ``PriorCallback`` does: it is not clipped by ``max_grad_norm``), not inside ``compute_loss``; the
+            logs gain ``prior_term`` (KL/D), ``prior_scale_<group>`` and ``prior_sigma``.
+        prior_groups, prior_sigma_init, prior_sigma_lr, prior_seed: the learned-scale options ``groups``,
+            ``sigma_init``, ``sigma_lr``, ``seed`` of :class:`~priorzoo.finetune.PriorRegularizer`.
         prior_include, prior_exclude, prior_exclude_head, prior_allow_partial, prior_dtype: forwarded to
             :meth:`~priorzoo.PriorModel.bind` as ``include``, ``exclude``, ...
         prior_overlap: on a CPU, start computing the prior term in a background thread as soon as the
@@ -111,6 +121,10 @@ class PriorTrainerMixin:
         prior_dtype: torch.dtype | None = None,
         prior_overlap: bool = True,
         prior_scale: Any = UNSET,
+        prior_groups: Any = "default",
+        prior_sigma_init: float = 1e-3,
+        prior_sigma_lr: float = 0.05,
+        prior_seed: int = 0,
         **kwargs: Any,
     ) -> None:
         scale = renamed_keyword(scale, prior_scale, new="scale", old="prior_scale", where=type(self).__name__)
@@ -122,7 +136,8 @@ class PriorTrainerMixin:
         prior_weight = check_prior_weight(prior_weight)
         if not isinstance(prior_overlap, bool):
             raise TypeError(f"`prior_overlap` must be True or False; received {prior_overlap!r}")
-        prior = prior.resolve_scale(check_scale(scale) if scale is not None else None)
+        self._prior_learned = learned_options(scale, prior_groups, prior_sigma_init, prior_sigma_lr, prior_seed)
+        prior = prior.resolve_scale(None if self._prior_learned or scale is None else check_scale(scale))
         super().__init__(*args, **kwargs)
         trainer: Any = self
         check_trainer_setup(trainer.args, where=type(self).__name__, gradient_hook=False)
@@ -163,6 +178,7 @@ class PriorTrainerMixin:
                 prior_weight=self.prior_weight,
                 overlap=self._prior_overlap,
                 **self._prior_bind_options.as_kwargs(),
+                **self._prior_learned,
             )
         return self.prior_regularizer
 
@@ -189,6 +205,10 @@ class PriorTrainerMixin:
         """The Trainer's loss, plus ρ·penalty/N (times G, see the module docstring) on the last micro-batch."""
         trainer: Any = self
         training = model.training and torch.is_grad_enabled()
+        if self._prior_learned:  # the KL's gradient enters at on_pre_optimizer_step (_PriorStepCheck)
+            return super().compute_loss(  # type: ignore[misc]
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         if training:  # the weights are final until optimizer.step(): compute the term during the forward
             self._prior_regularizer_for(trainer.model).prefetch()
         out = super().compute_loss(  # type: ignore[misc]
@@ -207,7 +227,10 @@ class PriorTrainerMixin:
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Add ``prior_term`` (and ``train_prior_term`` at the end) to the Trainer's logs."""
-        logs.update(self._prior_log.entries(logs, self.prior_log_key))
+        added = self._prior_log.entries(logs, self.prior_log_key)
+        if added:
+            added.update(learned_scale_entries(self.prior_regularizer))
+        logs.update(added)
         super().log(logs, *args, **kwargs)  # type: ignore[misc]
 
 
@@ -224,6 +247,20 @@ class _PriorStepCheck(TrainerCallback):
             check_parameters(model, where=type(self.trainer).__name__)  # FSDP1 / ZeRO-3, from the parameters
         self.trainer._prior_added_this_step = 0
         self.trainer._prior_log.reset()  # a second train() must not average in the first run's terms
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.trainer._prior_learned:  # the sample w̄ + σε for this step's forward and backward passes
+            trainer: Any = self.trainer
+            self.trainer._prior_regularizer_for(trainer.model).perturb_()
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if not self.trainer._prior_learned:
+            return
+        trainer: Any = self.trainer
+        _unscale_if_needed(optimizer)
+        value = self.trainer._prior_regularizer_for(trainer.model).add_to_grad_()  # restores w̄ first
+        self.trainer._prior_added_this_step += 1
+        self.trainer._prior_log.add(value)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         reg = self.trainer.prior_regularizer  # the next step's weights are final: start its prior term
