@@ -560,13 +560,17 @@ class _Builder:
         source["modality"] = "image" if entry.backbone["library"] == "timm" or "image_size" in d else "text"
         learning = {**cfg.learning, "built_by": "upload_scripts/build_zoo.py", "zoo_entry": entry.name}
         recommended = entry.recommended_scale
-        if recommended is None and evaluation is not None:
-            recommended = evaluation.get("recommended_scale")
         results = [*entry.results, *(evaluation["results"] if evaluation else [])]
         new = dataclasses.replace(
             cfg, backbone=backbone, source=source, learning=learning, license=entry.license,
-            recommended_scale=recommended, results=results,
+            recommended_scale=recommended if recommended is not None else cfg.recommended_scale, results=results,
         )  # fmt: skip
+        if recommended is None and evaluation is not None and evaluation.get("recommended_scale") is not None:
+            new.record_measured_scale(  # the card says which task λ was measured on, not the rule of thumb
+                evaluation["recommended_scale"],
+                measured_on=f"selected on validation by the `{entry.evaluate['recipe']}` recipe of "
+                "upload_scripts/zoo_recipes.py (see the transfer results)",
+            )
         folder = PriorModel(new, prior.mean, prior.variance, prior.cov_factor, buffers=prior.buffers).save_pretrained(
             paths.final,
             factor_dtype=entry.storage.get("factor_dtype"),

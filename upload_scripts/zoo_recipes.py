@@ -227,6 +227,7 @@ def _mnist_lowdata(prior: Any, backbone: Mapping[str, Any], settings: Mapping[st
     ):
         for metric in ("accuracy", "nll"):
             row = {**common, "method": method, "metric": metric, "value": round(float(metrics[metric]), 4)}
+            row["role"] = "baseline" if scale is None else "prior"  # only the prior's own rows may be indexed
             if scale is not None:
                 row["scale"] = scale
             row["notes"] = notes

@@ -62,6 +62,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     )
     add_backbone_arguments(p)
     p.add_argument("--data", required=True, help="local folder/CSV/JSON/parquet, or a Hub dataset id (online)")
+    p.add_argument(
+        "--hub-dataset",
+        default=None,
+        metavar="ID",
+        help="the Hub dataset a local --data copies, named in the card's `datasets:` (default: only a --data "
+        "loaded from the Hub is named there)",
+    )
     p.add_argument("--data-format", choices=DATA_FORMATS, default="auto")
     p.add_argument("--split", default="train")
     p.add_argument("--image-column", default=None, help="default: the first Image column")
@@ -245,6 +252,13 @@ def _run(args: argparse.Namespace) -> int:
     if not 0 <= args.validation_fraction < 1:
         raise ValueError(f"`--validation-fraction` must be in [0, 1); received {args.validation_fraction}")
     collect_every = _collect_every(str(args.collect_every))
+    if args.hub_dataset is not None:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(args.hub_dataset)
+        except HFValidationError as err:
+            raise ValueError(f"`--hub-dataset` {args.hub_dataset!r} is not a Hub dataset id ({err})") from None
     _check_output(args.output_dir)
     torch.manual_seed(args.seed)
     ds = load_data(args.data, data_format=args.data_format, split=args.split)
@@ -387,7 +401,9 @@ def _run(args: argparse.Namespace) -> int:
     if local:
         source["local"] = True  # a folder name is no Hub dataset id: the card claims no `datasets:`
     else:
-        source["hub_id"] = args.data
+        source["hub_id"] = args.data  # loaded from the Hub: a Hub dataset
+    if args.hub_dataset:
+        source["hub_id"] = args.hub_dataset  # the user's statement: the local data is a copy of this Hub dataset
     prior = collector.to_prior(
         backbone=bb.describe(),
         source=source,
@@ -411,6 +427,7 @@ def _run(args: argparse.Namespace) -> int:
         accuracy = _source_accuracy(prior, model, make_loader(val_ds, False), forward, device)
         prior.config.results.append(
             {
+                "role": "source",  # the source task, not a transfer result: never in the card's model-index
                 "task_name": "source task",
                 "dataset": source["dataset"],
                 "split": f"held-out {args.validation_fraction:.0%} of {args.split}",

@@ -112,15 +112,22 @@ class PriorConfig:
         parameters: ordered :class:`ParameterSpec` list; the density is over their concatenation.
         scale: λ, multiplies the learned covariance (``Σ = λ(diag(v) + FᵀF) + eps·I``). Must be > 0.
         eps: isotropic jitter added to Σ after scaling; ≥ 0.
-        backbone: provenance of the weights: ``library`` (``timm``/``transformers``/``torch``), ``name``
-            (model name or Hub id), ``revision``, ``architecture``.
-        source: the source task: ``dataset``, ``objective`` (``supervised``, ``simclr``, ``mlm``, ...).
-        learning: how the prior was learned (SWAG snapshots, learning rate, interval, ...).
+        backbone: provenance of the weights: ``library`` (``timm``/``transformers``/``torchvision``/``torch``),
+            ``name`` (model name or Hub id), ``revision``, ``architecture``, ``pretrained`` (whether pre-trained
+            weights were loaded; ``false`` for a random init) and ``hub_id`` (the Hub model they came from:
+            the card's ``base_model``).
+        source: the source task: ``dataset``, ``objective`` (``supervised``, ``simclr``, ``mlm``, ...), and
+            ``hub_id`` (or ``hub_dataset: true`` when ``dataset`` is itself the id) to mark it as a Hub
+            dataset (the card's ``datasets``).
+        learning: how the prior was learned (SWAG snapshots, learning rate, interval, ...), and where
+            ``recommended_scale`` comes from: ``recommended_scale_rule`` (a learner's rule of thumb) or
+            ``recommended_scale_measured`` (see :meth:`record_measured_scale`).
         exclude: glob patterns of parameters deliberately left out of the prior (e.g. the head ``fc.*``).
             They are excluded again when the prior is matched onto a model.
-        recommended_scale: the λ the authors recommend for fine-tuning, when measured.
+        recommended_scale: the λ to fine-tune with by default (measured, or a rule of thumb: see ``learning``).
         license: SPDX id or Hub license name for the card.
-        results: transfer results for the model card (list of dicts: task, dataset, metric, value, ...).
+        results: results for the model card (list of dicts: dataset, metric, value, role, ...; see
+            :mod:`priorzoo.format.cards`).
         buffers: optional non-trainable tensors the prior carries to reproduce the source solution (the
             running statistics of batch-norm layers, ``"<layer>.running_mean"`` etc.), as
             :class:`ParameterSpec`; stored as ``<name>.buffer`` tensors. Not part of the density. Default
@@ -227,6 +234,32 @@ class PriorConfig:
     def num_parameters(self) -> int:
         """P, the dimension of the Gaussian."""
         return sum(p.numel for p in self.parameters)
+
+    # ------------------------------------------------------------------ provenance
+    def record_measured_scale(self, scale: float, *, measured_on: str) -> None:
+        """Recommend a λ measured on a downstream task, and record where, for the model card.
+
+        Sets ``recommended_scale``, writes ``measured_on`` (the task, data and selection it was measured with)
+        to ``learning["recommended_scale_measured"]`` and drops ``learning["recommended_scale_rule"]`` (the
+        rule of thumb a learner records, which no longer describes the recommended value).
+
+        Raises:
+            PriorFormatError: ``scale`` is not a finite number > 0, or ``measured_on`` is empty.
+
+        Example:
+            >>> cfg = PriorConfig(kind="swag", rank=0, parameters=[ParameterSpec("w", (2,))], recommended_scale=1e4,
+            ...                   learning={"recommended_scale_rule": "... = 10000"})
+            >>> cfg.record_measured_scale(3e4, measured_on="validation NLL on my-task (N=60)")
+            >>> cfg.recommended_scale, sorted(cfg.learning)
+            (30000.0, ['recommended_scale_measured'])
+        """
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (scale > 0 and math.isfinite(scale)):
+            raise PriorFormatError(f"`scale` must be a finite number > 0; received {scale!r}")
+        if not isinstance(measured_on, str) or not measured_on.strip():
+            raise PriorFormatError(f"`measured_on` must name the task λ was measured on; received {measured_on!r}")
+        self.recommended_scale = float(scale)
+        self.learning.pop("recommended_scale_rule", None)
+        self.learning["recommended_scale_measured"] = measured_on.strip()
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from _models import tiny_bert_config
+from huggingface_hub import ModelCard
 
 from priorzoo import PriorModel
 from priorzoo.cli import main
@@ -94,6 +95,31 @@ def test_learn_timm_supervised_on_an_image_folder(image_folder, tmp_path) -> Non
     assert (tmp_path / "ckpt" / "swag_fit_state.safetensors").is_file()
 
 
+def test_card_of_a_random_init_on_local_data_claims_only_what_was_measured(tmp_path) -> None:
+    image = pytest.importorskip("PIL.Image")
+    gen = torch.Generator().manual_seed(1)
+    data = tmp_path / "my-data"
+    for cls in ("cat", "dog"):
+        (data / cls).mkdir(parents=True)
+        for i in range(5):
+            pixels = (torch.rand(24, 24, 3, generator=gen) * 255).to(torch.uint8).numpy()
+            image.fromarray(pixels).save(data / cls / f"{i}.png")
+    out = tmp_path / "prior"
+    options = ["--data", str(data), "--epochs", "2", "--batch-size", "4", "--collect-every", "1", "--rank", "2"]
+    _learn(
+        out, "test_resnet.r160_in1k", "--no-pretrained", *options, "--image-size", "32", "--validation-fraction", "0.2"
+    )
+    text = (out / "README.md").read_text()
+    card = ModelCard(text)
+    assert card.data.base_model is None and card.data.datasets is None  # random init, local data
+    assert card.data.eval_results is None  # the held-out source accuracy is no transfer result
+    assert json.loads((out / "config.json").read_text())["backbone"]["pretrained"] is False
+    assert "pretrained=True" not in text and "r160_in1k" not in text and "default_weights" not in text
+    assert "## Source task" in text and "No transfer results were recorded" in text
+    assert "is a rule of thumb, not a measurement" in text
+    assert "transfer experiments below recommend" not in text and "pip install priorzoo\n" not in text
+
+
 def test_learn_timm_simclr_needs_no_labels(image_folder, tmp_path) -> None:
     prior = _learn(
         tmp_path / "ssl-prior",
@@ -115,8 +141,12 @@ def test_learn_timm_simclr_needs_no_labels(image_folder, tmp_path) -> None:
         "cyclic",
         "--cycle-steps",
         "2",
+        "--hub-dataset",
+        "org/images",
     )
     assert prior.config.source["objective"] == "simclr"
+    assert prior.config.source["hub_id"] == "org/images"  # --hub-dataset: the user marks the Hub dataset
+    assert ModelCard.load(tmp_path / "ssl-prior" / "README.md").data.datasets == ["org/images"]
     assert prior.config.learning["schedule"] == "cyclic" and prior.config.learning["snapshots"] == 3
     assert not any("head" in n for n in prior.names)  # the projection head is not part of the prior
 

@@ -19,13 +19,24 @@ from priorzoo.format.cards import card_metadata, model_index, render_card, resul
 from priorzoo.format.config import ParameterSpec, PriorConfig
 
 RESULTS = [
-    {"task": "image-classification", "dataset": "cifar10", "dataset_name": "CIFAR-10", "split": "test",
-     "metric": "accuracy", "value": 0.732, "method": "SGD", "num_train_examples": 1000},
-    {"task": "image-classification", "dataset": "cifar10", "dataset_name": "CIFAR-10", "split": "test",
-     "metric": "accuracy", "value": 0.784, "method": "SGD + learned prior", "num_train_examples": 1000, "scale": 1e5},
-    {"task": "image-classification", "dataset": "oxford_flowers102", "metric": "nll", "value": 1.25,
-     "method": "SGD + learned prior", "source_name": "priorzoo benchmarks", "source_url": "https://example.org/b"},
-    {"task": "image-classification", "dataset": "cifar10", "metric": "accuracy", "value": "n/a", "notes": "diverged"},
+    {"task": "image-classification", "dataset": "uoft-cs/cifar10", "hub_dataset": True, "dataset_name": "CIFAR-10",
+     "split": "test", "metric": "accuracy", "value": 0.732, "method": "SGD", "num_train_examples": 1000,
+     "role": "baseline"},
+    {"task": "image-classification", "dataset": "uoft-cs/cifar10", "hub_dataset": True, "dataset_name": "CIFAR-10",
+     "split": "test", "metric": "accuracy", "value": 0.784, "method": "SGD + learned prior",
+     "num_train_examples": 1000, "scale": 1e5},
+    {"task": "image-classification", "dataset": "uoft-cs/cifar10", "hub_dataset": True, "dataset_name": "CIFAR-10",
+     "split": "test", "metric": "nll", "value": 0.61, "method": "SGD + learned prior", "num_train_examples": 1000,
+     "scale": 1e5},
+    {"task": "image-classification", "dataset": "nelorth/oxford-flowers", "hub_dataset": True, "metric": "nll",
+     "value": 1.25, "method": "SGD + learned prior", "source_name": "priorzoo benchmarks",
+     "source_url": "https://example.org/b"},
+    {"task": "image-classification", "dataset": "my-flowers", "metric": "accuracy", "value": 0.5,
+     "method": "SGD + learned prior"},  # a local dataset: no model-index entry (dataset.type must be a Hub id)
+    {"dataset": "ImageNet-1k", "split": "held-out 10%", "metric": "accuracy", "value": 0.71, "role": "source",
+     "method": "prior mean + source head"},
+    {"task": "image-classification", "dataset": "uoft-cs/cifar10", "hub_dataset": True, "metric": "accuracy",
+     "value": "n/a", "notes": "diverged"},
 ]  # fmt: skip
 
 
@@ -68,7 +79,8 @@ def test_card_parses_with_model_card_and_carries_the_metadata() -> None:
     assert data.base_model == "timm/resnet50.a1_in1k"
     assert data.datasets == ["ILSVRC/imagenet-1k"]
     assert data.model_name == "priorzoo/resnet50-imagenet1k-swag"
-    assert len(data.eval_results) == 3  # the non-numeric "n/a" stays out of the model-index
+    # only the prior's own numeric results on Hub datasets: no baseline, no source number, no local data, no "n/a"
+    assert sorted(e.metric_value for e in data.eval_results) == [0.61, 0.784, 1.25]
     assert front_matter(text) == card_metadata(cfg, repo_id="priorzoo/resnet50-imagenet1k-swag")
 
 
@@ -81,6 +93,7 @@ def test_model_index_round_trips_through_huggingface_hub() -> None:
     by_value = {e.metric_value: e for e in evals}
     assert by_value[0.784].metric_name == "accuracy (SGD + learned prior, N=1000, λ=100000)"
     assert by_value[0.784].dataset_split == "test"
+    assert by_value[0.784].dataset_type == "uoft-cs/cifar10"
     assert by_value[1.25].source_url == "https://example.org/b"
     # two CIFAR-10 numbers share one (task, dataset, split) entry, as huggingface_hub groups them
     assert [len(r["metrics"]) for r in index[0]["results"]] == [2, 1]
@@ -100,7 +113,7 @@ def test_card_without_results_or_provenance_is_valid() -> None:
     card = ModelCard(text)
     assert card.data.eval_results is None
     assert "No transfer results were recorded" in text
-    assert "No λ was measured" in text
+    assert "No recommended λ was recorded" in text
     assert text == render_card(cfg)  # deterministic
 
 
@@ -108,11 +121,17 @@ def test_card_without_results_or_provenance_is_valid() -> None:
     ("backbone", "expected"),
     [
         ({"library": "timm", "name": "resnet50"}, None),  # which weights? ambiguous: left out
-        ({"library": "timm", "name": "resnet50.a1_in1k"}, "timm/resnet50.a1_in1k"),
+        ({"library": "timm", "name": "resnet50.a1_in1k"}, None),  # a name says nothing about loaded weights
+        ({"library": "timm", "name": "resnet50.a1_in1k", "pretrained": True}, "timm/resnet50.a1_in1k"),
         ({"library": "timm", "name": "test_resnet", "pretrained": False}, None),  # trained from scratch
-        ({"library": "transformers", "name": "google-bert/bert-base-uncased"}, "google-bert/bert-base-uncased"),
-        ({"library": "transformers", "name": "/usr/lib/models/minilm"}, None),  # a local folder is no Hub id
-        ({"library": "torch", "architecture": "Net", "hub_id": "org/net"}, "org/net"),
+        ({"library": "timm", "name": "r18", "hub_id": "timm/resnet18.a1_in1k", "pretrained": False}, None),
+        ({"library": "transformers", "name": "google-bert/bert-base-uncased"}, None),  # from_config has it too
+        (
+            {"library": "transformers", "name": "google-bert/bert-base-uncased", "pretrained": True},
+            "google-bert/bert-base-uncased",
+        ),
+        ({"library": "transformers", "name": "/usr/lib/models/minilm", "pretrained": True}, None),  # a folder
+        ({"library": "torch", "architecture": "Net", "hub_id": "org/net"}, "org/net"),  # the user's statement
     ],
 )
 def test_base_model_only_when_it_is_a_hub_id(backbone: dict[str, Any], expected: str | None) -> None:
@@ -140,23 +159,45 @@ def test_body_says_what_how_lambda_and_results() -> None:
     body = text.split("\n---\n", 1)[1]
     assert "A test prior." in body
     assert "SWAG" in body and "| rank K (rows of the low-rank factor) | 20 |" in body
-    assert "| source data | ImageNet-1k |" in body and "| objective | supervised |" in body
+    assert (
+        "| source data | ImageNet-1k ([ILSVRC/imagenet-1k](https://huggingface.co/datasets/ILSVRC/imagenet-1k)) |"
+        in body
+    )
+    assert "| objective | supervised |" in body
+    assert (
+        "| pre-trained weights | pre-trained, [timm/resnet50.a1_in1k](https://huggingface.co/timm/resnet50.a1_in1k) |"
+        in body
+    )
     assert "| snapshots | 40 |" in body and "| lr | 0.001 |" in body
-    assert "**λ = 100000**" in body
-    assert "| image-classification | CIFAR-10 (test) | SGD + learned prior | 1000 | 100000 | accuracy | 0.784 |" in body
+    assert "**λ = 100000** was recorded by the prior's author without saying how it" in body
+    assert (
+        "| image-classification | CIFAR-10 (test) | SGD + learned prior | yes | 1000 | 100000 | accuracy | 0.784 |"
+        in body
+    )
+    assert "| CIFAR-10 (test) | SGD | no (baseline) | 1000 |  | accuracy | 0.732 |" in body  # baselines: body only
     assert "| n/a | diverged |" in body  # non-numeric results still shown in the table
+    source = body.split("## Source task", 1)[1]  # the source number is not a transfer result
+    assert "| ImageNet-1k (held-out 10%) | prior mean + source head | accuracy | 0.71 |" in source
+    assert "0.71 |" not in body.split("## Source task", 1)[0]
+    assert "arxiv.org/abs/2205.10279" in body
     assert "`fc.*`" in body
 
 
 def test_transformers_snippet_matches_the_library_api() -> None:
     cfg = swag_config(
-        backbone={"library": "transformers", "name": "google-bert/bert-base-uncased", "model_type": "bert"},
+        backbone={
+            "library": "transformers",
+            "name": "google-bert/bert-base-uncased",
+            "model_type": "bert",
+            "pretrained": True,
+        },
         source={"dataset": "wikitext", "objective": "mlm"},
         results=[],
     )
     text = render_card(cfg, repo_id="org/bert-prior")
     code = "\n".join(code_blocks(text))
-    assert 'AutoModelForSequenceClassification.from_pretrained("google-bert/bert-base-uncased"' in code
+    assert 'BACKBONE = "google-bert/bert-base-uncased"' in code
+    assert "AutoModelForSequenceClassification.from_pretrained(BACKBONE, num_labels=NUM_LABELS)" in code
     assert "callbacks=[PriorCallback(prior, num_train_examples=len(train_dataset), scale=100000)]" in code
     assert "prior.penalty(model) / N" in code
     # the names the snippet uses exist with these parameters (read from the source: no transformers import)
@@ -175,33 +216,138 @@ def test_transformers_snippet_matches_the_library_api() -> None:
         compile(block, "<card snippet>", "exec")  # every snippet is valid Python
 
 
-def test_timm_snippet_runs_as_written(tmp_path: Path) -> None:
+# ------------------------------------------------------------------------------------------- snippets run
+def run_card_snippets(prior: PriorModel, folder: Path, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """Render the saved prior's card with its folder as the repo and execute every Python block, in order, in one
+    namespace (the later blocks continue the first), offline, in ``workdir``; returns the namespace."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(workdir)
+    text = render_card(PriorModel.from_pretrained(folder).config, repo_id=str(folder))
+    namespace: dict[str, Any] = {"__name__": "card_snippet"}
+    blocks = code_blocks(text)
+    assert blocks
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"<card snippet {i}>", "exec"), namespace)
+    return namespace
+
+
+def mean_prior_of(model: torch.nn.Module, head: str, **config: Any) -> PriorModel:
+    mean = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith(f"{head}.")}
+    return PriorModel.from_tensors(mean, variance=1e-4, exclude=[f"{head}.*"], **config)
+
+
+def test_timm_snippets_run_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
-    source = timm.create_model("test_efficientnet", pretrained=False, num_classes=3)
-    head = set(source.pretrained_cfg["classifier"].split(","))
-    mean = {n: p.detach().clone() for n, p in source.named_parameters() if n.rsplit(".", 1)[0] not in head}
-    prior = PriorModel.from_tensors(
-        mean,
-        variance={n: torch.full_like(m, 1e-4) for n, m in mean.items()},
-        backbone={"library": "timm", "name": "test_efficientnet", "pretrained": False},
-        exclude=[f"{h}.*" for h in head],
-        recommended_scale=10.0,
+    source = timm.create_model("test_resnet", pretrained=False, num_classes=3)
+    prior = mean_prior_of(
+        source,
+        "fc",
+        backbone={"library": "timm", "name": "test_resnet.r160_in1k", "pretrained": False},
+        learning={"image_size": 32, "recommended_scale_rule": "rule = 1000 (50% of the variances at the floor)"},
+        recommended_scale=1e3,
     )
     folder = prior.save_pretrained(tmp_path / "prior")
-    text = render_card(prior.config, repo_id=str(folder))  # a local folder works as the "repo id"
-    snippet = next(b for b in code_blocks(text) if "import timm" in b)
-    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
-    namespace: dict[str, Any] = {
-        "NUM_CLASSES": 5,
-        "train_dataset": list(zip(x, y)),
-        "train_loader": [(x[:2], y[:2]), (x[2:], y[2:])],
-    }
-    exec(compile(snippet, "<timm snippet>", "exec"), namespace)
-    model = namespace["model"]
-    assert model.get_classifier().out_features == 5
-    assert namespace["prior"].scale == 10.0
-    assert torch.isfinite(namespace["loss"])
+    text = (folder / "README.md").read_text()
+    assert "pretrained=True" not in text and "r160_in1k" not in text  # a random init claims no weights
+    ns = run_card_snippets(prior, folder, tmp_path, monkeypatch)
+    assert ns["model"].get_classifier().out_features == ns["NUM_CLASSES"] == 10
+    assert torch.isfinite(ns["loss"])
+    assert len(ns["search"].curve) == 11  # one short run per decade of 1 … 1e10
+    assert ns["prior"].scale == ns["search"].best_scale
+
+
+def _tiny_bert_folder(folder: Path) -> Path:
+    transformers = pytest.importorskip("transformers")
+    from _models import tiny_bert_config
+
+    words = ["a", "great", "dull", "fine", "poor", "film"]
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
+    tokenizer = transformers.BertTokenizerFast(vocab=vocab)
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    transformers.BertForMaskedLM(tiny_bert_config(vocab_size=len(tokenizer))).save_pretrained(folder)
+    return folder
+
+
+def test_transformers_and_peft_snippets_run_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    backbone = _tiny_bert_folder(tmp_path / "tiny-bert")
+    source = transformers.BertForMaskedLM.from_pretrained(backbone)
+    prior = mean_prior_of(  # a masked-LM prior: `bert.*`, the MLM head `cls.*` left out
+        source,
+        "cls",
+        backbone={"library": "transformers", "name": str(backbone), "model_type": "bert", "pretrained": True},
+        source={"dataset": "reviews.csv", "objective": "mlm", "local": True},
+    )
+    prior.config.record_measured_scale(1e3, measured_on="validation NLL of a test task (N=2)")
+    folder = prior.save_pretrained(tmp_path / "prior")
+    ns = run_card_snippets(prior, folder, tmp_path, monkeypatch)
+    assert ns["trainer"].state.global_step > 0
+    assert ns["model"].config.num_labels == ns["NUM_LABELS"] == 2
+    assert torch.isfinite(ns["loss"])
+    assert any("lora_A" in n for n, _ in ns["lora"].named_parameters())
+    assert ns["prior"].scale == ns["search"].best_scale
+
+
+def test_transformers_image_snippets_from_a_random_init(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(
+        image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24
+    )
+    backbone = tmp_path / "tiny-vit"
+    config.save_pretrained(backbone)  # a config only: no weights to load
+    torch.manual_seed(0)
+    source = transformers.ViTForImageClassification(config)
+    prior = mean_prior_of(
+        source,
+        "classifier",
+        backbone={"library": "transformers", "name": str(backbone), "model_type": "vit", "pretrained": False},
+    )
+    folder = prior.save_pretrained(tmp_path / "prior")
+    text = (folder / "README.md").read_text()
+    assert "from_config(AutoConfig.from_pretrained(BACKBONE" in text and "Classification.from_pretrained(" not in text
+    ns = run_card_snippets(prior, folder, tmp_path, monkeypatch)
+    assert ns["trainer"].state.global_step > 0
+    assert ns["model"].classifier.out_features == 2
+
+
+def test_torchvision_snippets_run_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    source = torchvision.models.get_model("resnet18", weights=None, num_classes=3)
+    prior = mean_prior_of(
+        source,
+        "fc",
+        backbone={"library": "torchvision", "name": "resnet18", "architecture": "ResNet", "pretrained": False},
+        learning={"image_size": 32},
+    )
+    folder = prior.save_pretrained(tmp_path / "prior")
+    text = (folder / "README.md").read_text()
+    assert "build_model" not in text and "pretrained=False" in text
+    ns = run_card_snippets(prior, folder, tmp_path, monkeypatch)
+    assert ns["model"].fc.out_features == 10
+    assert torch.isfinite(ns["loss"])
+
+
+def test_plain_torch_snippets_run_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+
+    def net() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+    prior = mean_prior_of(net(), "2", backbone={"library": "torch", "architecture": "Sequential"})
+    folder = prior.save_pretrained(tmp_path / "prior")
+    ns = run_card_snippets(prior, folder, tmp_path, monkeypatch)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    loader = [(x[:8], y[:8]), (x[8:], y[8:])]
+    model = net()
+    start = model[0].weight.detach().clone()
+    assert ns["finetune"](model, loader, 16) is model
+    assert not torch.equal(model[0].weight.detach(), start)  # set to μ, then trained
+    assert ns["choose_scale"](net, loader, loader, 16) > 0
 
 
 def test_save_pretrained_writes_a_card_that_parses(tmp_path: Path) -> None:
@@ -210,7 +356,7 @@ def test_save_pretrained_writes_a_card_that_parses(tmp_path: Path) -> None:
         variance={"w": torch.ones(2, 2)},
         cov_factor={"w": torch.ones(3, 2, 2)},
         license="MIT",
-        results=[{"dataset": "mnist", "metric": "accuracy", "value": 0.5}],
+        results=[{"dataset": "ylecun/mnist", "hub_dataset": True, "metric": "accuracy", "value": 0.5}],
     )
     folder = prior.save_pretrained(tmp_path / "p")
     card = ModelCard.load(folder / "README.md")
@@ -252,3 +398,38 @@ def test_random_init_and_local_data_claim_no_hub_provenance() -> None:
     )
     meta = card_metadata(cfg)
     assert "base_model" not in meta and "datasets" not in meta and "license" not in meta
+
+
+# ------------------------------------------------------------------------------------------- on the Hub
+def test_pushed_card_of_a_random_init_prior_claims_no_hub_provenance(hub_server, monkeypatch, tmp_path) -> None:
+    """learn (random init, local data name) → push to the local Hub server → the card read back from the Hub."""
+    timm = pytest.importorskip("timm")
+    from priorzoo.learn import SWAGCollector
+
+    monkeypatch.setenv("HF_TOKEN", hub_server.token)
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet.r160_in1k", pretrained=False, num_classes=3)  # timm names weights anyway
+    collector = SWAGCollector(model, rank=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 0]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        collector.collect()
+    prior = collector.to_prior(source={"dataset": "my-data", "objective": "supervised"})
+    prior.config.results = [
+        {"dataset": "org/target", "hub_dataset": True, "metric": "accuracy", "value": 0.8, "method": "prior"},
+        {"dataset": "org/target", "hub_dataset": True, "metric": "accuracy", "value": 0.7, "method": "fine-tuning",
+         "role": "baseline"},
+        {"dataset": "my-data", "metric": "accuracy", "value": 0.9, "method": "prior mean", "role": "source"},
+    ]  # fmt: skip
+    prior.push_to_hub("me/r160-my-data-swag")
+    card = ModelCard.load("me/r160-my-data-swag")  # from the server, as a Hub user reads it
+    data = card.data.to_dict()
+    assert "datasets" not in data and "base_model" not in data  # a local data name, no loaded weights
+    assert data["tags"] == ["priorzoo", "bayesian-prior", "swag", "transfer-learning", "timm"]
+    assert [(e.dataset_type, e.metric_value) for e in card.data.eval_results] == [("org/target", 0.8)]
+    assert "r160_in1k" not in card.text and "pretrained=True" not in card.text  # nothing reads as pre-trained
+    assert 'PriorModel.from_pretrained("me/r160-my-data-swag")' in card.text
+    assert "is a rule of thumb, not a measurement" in card.text
