@@ -1,8 +1,7 @@
-"""The steps of ``priorzoo finetune`` (:mod:`priorzoo.cli.finetune`): its data columns and collate, the
-optimizer of its flags, the SGD-stable default λ, the BMA (SWAG) and SGLD phases and the saved outputs.
+"""The steps of ``priorzoo finetune`` (:mod:`priorzoo.cli.finetune`): its data columns, the SGD-stable default λ,
+LoRA, the progress lines and the saved outputs (the training phases are in :mod:`priorzoo.cli._finetune_phases`).
 
-Private to the CLI: the library's own layer is :mod:`priorzoo.finetune` (fit, runners, tune_scale), which
-these call; what is here is the glue between ``argparse`` flags and that layer.
+Private to the CLI: what is here is the glue between ``argparse`` flags and the library.
 
 Example:
     >>> import argparse
@@ -15,49 +14,38 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from priorzoo.data.user import IMAGENET_MEAN, IMAGENET_STD, Columns, image_tensor
+from priorzoo.data.user import Columns
 
 __all__ = [
+    "LR_GRIDS",
     "RESULT_NAME",
+    "Setup",
     "data_columns",
-    "fit_by_epoch",
+    "describe_start",
     "json_default",
     "load_split",
     "log",
-    "make_collate",
-    "optimizer_from_args",
-    "ranked_scales",
+    "lr_candidates",
+    "prepare",
     "save_model",
-    "sgld_phase",
     "stable_scale",
-    "swag_phase",
     "with_lora",
 ]
 
 RESULT_NAME = "priorzoo_finetune.json"
 
 
-def log(args: argparse.Namespace, msg: str) -> None:
-    if not args.quiet:
+def log(args: argparse.Namespace, msg: str, *, result: bool = False) -> None:
+    """Print a progress line (``result``: a line ``--quiet`` keeps), on the main process only."""
+    from priorzoo.cli._trainer import is_main_process
+
+    if (result or not args.quiet) and is_main_process():
         print(msg, flush=True)
-
-
-def optimizer_from_args(
-    model: Any, args: argparse.Namespace, *, lr: float | None = None, kind: str | None = None
-) -> Any:
-    from priorzoo.finetune import make_optimizer
-
-    return make_optimizer(
-        model,
-        kind or args.optimizer,
-        lr=args.lr if lr is None else lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-    )
 
 
 def data_columns(ds: Any, args: argparse.Namespace, others: Sequence[Any] = ()) -> Columns:
@@ -81,39 +69,6 @@ def load_split(path: str | None, args: argparse.Namespace) -> Any:
     if len(ds) == 0:
         raise ValueError(f"the data {path!r} is empty")
     return ds
-
-
-def make_collate(cols: Columns, library: str, tokenizer: Any, args: argparse.Namespace, model: Any) -> Callable:
-    """The DataLoader ``collate_fn``: text → tokenizer batch dict with ``labels``; images → ``(x, y)``."""
-    import torch
-
-    if cols.modality == "image":
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        size = args.image_size or int(cfg.get("input_size", (3, 224, 224))[-1])
-        mean = tuple(cfg.get("mean", IMAGENET_MEAN))
-        std = tuple(cfg.get("std", IMAGENET_STD))
-
-        def collate_images(rows: list[dict[str, Any]]) -> Any:
-            x = torch.stack([image_tensor(r[cols.image], size, mean, std) for r in rows])
-            y = torch.tensor([cols.label_id(r[cols.label]) for r in rows], dtype=torch.long)
-            if library in ("timm", "torchvision"):
-                return x, y
-            return {"pixel_values": x, "labels": y}
-
-        return collate_images
-
-    if tokenizer is None:
-        raise ValueError("text data needs the backbone's tokenizer, and none could be loaded")
-
-    def collate_text(rows: list[dict[str, Any]]) -> Any:
-        texts = [str(r[cols.text]) for r in rows]
-        pairs = [str(r[cols.text_pair]) for r in rows] if cols.text_pair else None
-        enc = tokenizer(texts, pairs, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt")
-        batch = dict(enc)
-        batch["labels"] = torch.tensor([cols.label_id(r[cols.label]) for r in rows], dtype=torch.long)
-        return batch
-
-    return collate_text
 
 
 def with_lora(model: Any, library: str, args: argparse.Namespace) -> Any:
@@ -152,152 +107,11 @@ def stable_scale(prior: Any, scale: float, *, lr: float, weight: float, n: int, 
     return raised
 
 
-def swag_phase(model: Any, args: argparse.Namespace, setup: Any, fit_kwargs: dict[str, Any]) -> tuple[Any, dict, dict]:
-    """``--method bma`` after the MAP run: SWAG over a constant-lr SGD phase, then BMA over ``--num-samples``
-    draws (batch-norm statistics refreshed per draw); the model is left at the SWA mean with its statistics.
-    Returns ``(posterior, {split: (probabilities, labels)}, the phase's history entry)``."""
-    import torch
-
-    from priorzoo.finetune import bma_predict, fit_swag_posterior, refresh_batchnorm_
-
-    train_loader, eval_loaders, device = setup.train_loader, setup.eval_loaders, setup.device
-    predictions: dict[str, Any] = {}
-    steps = args.swag_epochs * len(train_loader)
-    every = max(1, steps // (args.swag_rank + 1))
-    swag_opt = optimizer_from_args(model, args, lr=args.swag_lr or args.lr, kind="sgd")
-    swag, res = fit_swag_posterior(
-        model,
-        train_loader,
-        swag_opt,
-        rank=args.swag_rank,
-        epochs=args.swag_epochs,
-        collect_every=every,
-        **fit_kwargs,
-    )
-    entry = {"steps": res.steps, "seconds": res.seconds, "snapshots": swag.num_collected, "collect_every": every}
-    if swag.num_collected < 2:
-        raise RuntimeError(f"the SWAG phase collected {swag.num_collected} snapshot(s); raise --swag-epochs")
-    posterior = swag.posterior()
-    if eval_loaders:
-        avg = bma_predict(  # = swag.predict(...), without building the posterior a second time
-            model,
-            posterior,
-            eval_loaders,
-            num_samples=args.num_samples,
-            bn_loader=train_loader,
-            generator=torch.Generator(device=device).manual_seed(args.seed),
-        )
-        predictions = {name: (avg.probabilities(name), avg.labels(name)) for name in eval_loaders}
-    # the saved model is the SWA mean, with its BN statistics
-    posterior.init_model_(model, exclude_head=False, allow_partial=True)
-    refresh_batchnorm_(model, train_loader)
-    return posterior, predictions, entry
-
-
-def sgld_phase(model: Any, args: argparse.Namespace, setup: Any, fit_kwargs: dict[str, Any]) -> tuple[dict, dict]:
-    """``--method sgld``: Langevin samples after a burn-in, averaged over the evaluation splits.
-    Returns ``({split: (probabilities, labels)}, the run's history entry)``."""
-    import torch
-
-    from priorzoo.finetune import run_sgld
-
-    eval_loaders = setup.eval_loaders
-    predictions: dict[str, Any] = {}
-    chain = run_sgld(
-        model,
-        setup.train_loader,
-        lr=args.lr,
-        num_train_examples=setup.num_train_examples,
-        epochs=args.epochs,
-        num_samples=args.num_samples,
-        eval_loaders=eval_loaders or None,
-        burn_in_epochs=args.burn_in_epochs,
-        temperature=args.temperature,
-        generator=torch.Generator(device=setup.device).manual_seed(args.seed),
-        **fit_kwargs,
-    )
-    res, averager = chain.fit, chain.averager
-    entry = {
-        "steps": res.steps,
-        "seconds": res.seconds,
-        "burn_in_epochs": chain.burn_in_epochs,
-        "sample_every": chain.sample_every,
-        "samples": chain.num_samples,
-    }
-    if averager is not None:
-        if averager.num_samples == 0:
-            raise RuntimeError("SGLD collected no sample; raise --epochs or lower --burn-in-epochs")
-        predictions = {name: (averager.probabilities(name), averager.labels(name)) for name in eval_loaders}
-    return predictions, entry
-
-
 def json_default(value: Any) -> Any:
     try:
         return float(value)
     except (TypeError, ValueError):
         return repr(value)
-
-
-def ranked_scales(search: Any) -> list[Any]:
-    """The λ points of a search that did not diverge, best first (its metric; ties: smaller λ)."""
-    higher = search.metric == "accuracy"
-    points = [p for p in search.curve if not p.diverged and search.metric in p.metrics]
-    return sorted(points, key=lambda p: ((-1 if higher else 1) * p.metrics[search.metric], p.scale))
-
-
-def fit_by_epoch(
-    model: Any,
-    loader: Any,
-    optimizer: Any,
-    args: argparse.Namespace,
-    val_loader: Any,
-    num_labels: int,
-    epochs_log: list[dict[str, Any]],
-    fit: Callable,
-    fit_kwargs: dict[str, Any],
-) -> Any:
-    """``fit`` one epoch at a time (the same run: one optimizer, the loader reshuffled each epoch), printing a
-    train/validation line per epoch and warning when the loss explodes or validation stays at chance."""
-    total = None
-    first_loss = None
-    chance = 1.0 / num_labels
-    for epoch in range(1, args.epochs + 1):
-        res = fit(model, loader, optimizer, epochs=1, val_loader=val_loader, restore_best=False, **fit_kwargs)
-        entry = dict(res.history[-1]) if res.history else {}
-        entry["epoch"] = epoch
-        epochs_log.append(entry)
-        if total is None:
-            total = res
-        else:
-            total.steps += res.steps
-            total.seconds += res.seconds
-            total.history += res.history
-        line = f"epoch {epoch}/{args.epochs}: train loss {entry.get('train_loss', float('nan')):.4f}"
-        if entry.get("prior_term"):
-            line += f" (prior term {entry['prior_term']:.4g})"
-        if "val_accuracy" in entry:
-            line += f", validation accuracy {entry['val_accuracy']:.4f} nll {entry['val_nll']:.4f}"
-        log(args, line)
-        loss = entry.get("train_loss")
-        if loss is not None:
-            if first_loss is None:
-                first_loss = loss
-            elif loss > 1e3 * max(first_loss, math.log(num_labels)):
-                raise FloatingPointError(
-                    f"the training loss exploded from {first_loss:.3g} to {loss:.3g} in epoch {epoch} (prior term "
-                    f"{entry.get('prior_term', 0.0):.3g}): lower --lr or raise the prior scale λ"
-                )
-            elif loss > 3 * first_loss and loss > 2 * math.log(num_labels):
-                log(args, f"warning: the training loss exploded ({first_loss:.3g} → {loss:.3g}): lower --lr")
-    last = epochs_log[-1] if epochs_log else {}
-    if "val_accuracy" in last and args.epochs >= 2 and last["val_accuracy"] <= chance + 0.02:
-        log(
-            args,
-            f"warning: validation accuracy {last['val_accuracy']:.3f} is at chance (1/{num_labels} = {chance:.3f}) "
-            "after training: check --lr, the labels, and that the backbone's weights loaded",
-        )
-    assert total is not None
-    return total
 
 
 def save_model(model: Any, tokenizer: Any, library: str, folder: Path, result: dict[str, Any]) -> None:
@@ -322,3 +136,151 @@ def save_model(model: Any, tokenizer: Any, library: str, folder: Path, result: d
     if result.get("scale_search") is not None:
         summary["scale_search"] = {k: result["scale_search"][k] for k in ("best_scale", "metric")}
     (folder / RESULT_NAME).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+
+
+LR_GRIDS = {"sgd": (1e-3, 3e-3, 1e-2), "adamw": (1e-5, 3e-5, 1e-4)}
+"""``--lr auto``: the learning rates tried per optimiser (see benchmarks/bench_cli_defaults.py)."""
+
+
+@dataclass
+class Setup:
+    """Everything :func:`prepare` builds: data, model, prior (before any training step).
+
+    Attributes:
+        model, tokenizer, library: the backbone with its new head (``library``: timm/torchvision/transformers).
+        columns: the data columns and label mapping; ``collate``: rows → batch (:func:`priorzoo.data.user.make_collate`).
+        train_dataset, eval_datasets: the training part; ``{"validation"?, "test"?}`` in fixed order.
+        num_train_examples: N, the examples trained on (after any validation split / few-shot cut).
+        prior: the prior of the loss (``None`` for ``--no-prior``); ``prior_info``: what goes into metrics.json.
+        init: ``prior_mean`` or ``backbone``; ``start``: the starting point, recorded and printed.
+        scale: λ before any search.
+    """
+
+    model: Any
+    tokenizer: Any
+    library: str
+    columns: Columns
+    collate: Any
+    train_dataset: Any
+    eval_datasets: dict[str, Any]
+    num_train_examples: int
+    prior: Any
+    prior_info: dict[str, Any]
+    init: str
+    start: dict[str, Any]
+    scale: float | None
+
+
+def lr_candidates(args: argparse.Namespace) -> list[float]:
+    if args.lr != "auto":
+        return [float(args.lr)]
+    return list(args.lr_grid or LR_GRIDS[args.optimizer])
+
+
+def prepare(args: argparse.Namespace) -> Setup:
+    """Load the data, build the backbone, load or build the prior and set the starting weights.
+
+    Example:
+        >>> from priorzoo.cli import build_parser
+        >>> args = build_parser().parse_args(["finetune", "./my-bert", "--prior", "./my-prior",  # doctest: +SKIP
+        ...                                   "--data", "train.csv", "--output-dir", "out"])
+        >>> prepare(args).init  # doctest: +SKIP
+        'prior_mean'
+    """
+    import torch
+
+    from priorzoo import PriorModel
+    from priorzoo.backbones import freeze_, init_head_, load_backbone
+    from priorzoo.data.user import image_input, make_collate
+    from priorzoo.finetune.loop import l2sp_prior
+    from priorzoo.finetune.scale import split_train_validation
+
+    torch.manual_seed(args.seed)
+    train_ds = load_split(args.data, args)
+    val_ds = load_split(args.validation_data, args)
+    test_ds = load_split(args.test_data, args)
+    cols = data_columns(train_ds, args, [d for d in (val_ds, test_ds) if d is not None])
+    cols.check_classification(len(train_ds))
+    train_part: Any = train_ds
+    if val_ds is None and args.tune_scale:
+        train_part, val_ds = split_train_validation(train_ds, float(args.validation_fraction), seed=args.seed)
+    if args.max_train_examples is not None and args.max_train_examples < len(train_part):
+        gen = torch.Generator().manual_seed(args.seed)
+        keep = torch.randperm(len(train_part), generator=gen)[: args.max_train_examples].tolist()
+        train_part = torch.utils.data.Subset(train_part, sorted(keep))
+
+    bb = load_backbone(
+        args.backbone,
+        library=args.library,
+        pretrained=args.pretrained,
+        checkpoint=args.checkpoint,
+        objective="supervised",
+        num_classes=cols.num_labels,
+        modality=cols.modality,
+    )
+    model, tokenizer, library = bb.model, bb.tokenizer, bb.library
+    if not init_head_(model):  # the library's own head init can swamp pre-trained features (see init_head_)
+        log(args, "warning: no task head detected; the new classifier keeps its library initialisation")
+    if library == "transformers" and getattr(model, "config", None) is not None:
+        model.config.id2label = dict(enumerate(cols.names))
+        model.config.label2id = {n: i for i, n in enumerate(cols.names)}
+    image = image_input(model, name=args.backbone, size=args.image_size) if cols.modality == "image" else None
+    collate = make_collate(cols, tokenizer=tokenizer, image=image, max_length=args.max_length)
+
+    # ---- the starting point
+    start: dict[str, Any] = {"weights": "backbone", "backbone_weights": bb.weights, "pretrained": bb.pretrained}
+    prior = None
+    prior_info: dict[str, Any] = {"source": None}
+    init = "backbone"
+    if args.prior is not None:
+        prior = PriorModel.from_pretrained(args.prior, revision=args.revision)
+        prior_info = {"source": args.prior, "revision": args.revision}
+        if args.init_from_prior:
+            prior.init_model_(model, allow_partial=args.allow_partial)
+            init = "prior_mean"
+            start = {"weights": "prior_mean", "prior": args.prior, "buffers": len(prior.buffers)}
+        else:  # check the match now (init_model_ does it otherwise), before any training
+            prior.match(model).check(allow_partial=args.allow_partial)
+    elif args.init_from is not None:
+        source = PriorModel.from_pretrained(args.init_from, revision=args.revision)
+        source.init_model_(model, allow_partial=args.allow_partial)
+        init = "prior_mean"
+        start = {"weights": "prior_mean", "prior": args.init_from, "buffers": len(source.buffers)}
+    if args.l2sp is not None:  # centred on the starting weights (the backbone's, or μ with --init-from)
+        prior = l2sp_prior(model, args.l2sp)
+        prior_info = {"source": "l2sp", "variance": args.l2sp}
+    if args.freeze or args.trainable_layers is not None:
+        frozen = freeze_(model, freeze=args.freeze, trainable_layers=args.trainable_layers)
+        log(args, f"froze {len(frozen)} parameter tensors (their batch norm runs in eval mode)")
+    scale = None
+    if prior is not None:
+        prior_info.update({"kind": prior.kind.value, "rank": prior.rank, "num_parameters": prior.num_parameters})
+        scale = args.scale or prior.config.recommended_scale or prior.scale
+        if args.scale is None and args.optimizer == "sgd" and args.l2sp is None:
+            lr = max(lr_candidates(args))
+            scale = stable_scale(prior, scale, lr=lr, weight=args.prior_weight, n=len(train_part), args=args)
+    if args.lora_r is not None:  # after the prior mean went into the backbone: W₀ = μ, adapters at their init
+        model = with_lora(model, library, args)
+    return Setup(
+        model=model,
+        tokenizer=tokenizer,
+        library=library,
+        columns=cols,
+        collate=collate,
+        train_dataset=train_part,
+        eval_datasets={name: ds for name, ds in (("validation", val_ds), ("test", test_ds)) if ds is not None},
+        num_train_examples=len(train_part),
+        prior=prior,
+        prior_info=prior_info,
+        init=init,
+        start=start,
+        scale=scale,
+    )
+
+
+def describe_start(start: dict[str, Any]) -> str:
+    if start["weights"] == "prior_mean":
+        return f"the prior mean μ of {start['prior']} (its weights and {start['buffers']} batch-norm buffers)"
+    if start.get("backbone_weights"):
+        return f"the backbone's pre-trained weights ({start['backbone_weights']})"
+    return "a random initialisation (no pre-trained weights)"

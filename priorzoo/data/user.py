@@ -16,6 +16,13 @@ and the zoo recipes alike:
 Empty label cells (``None``, or a string of whitespace only) are an error naming the column and the first
 rows, never a class of their own. :meth:`Columns.check_classification` refuses one class or one example.
 
+**One input pipeline.** :func:`image_input` reads the input size and normalisation from the backbone's own
+configuration (timm's ``pretrained_cfg``, a transformers folder's ``preprocessor_config.json``; ImageNet's for
+torchvision), and :func:`make_collate` turns rows into the batches every trainer of priorzoo takes: a dict
+with ``pixel_values`` (images) or the tokenizer's tensors (text), plus ``labels``. ``priorzoo learn``,
+``priorzoo finetune`` and the demo all build their batches here, so a prior is learned and used on the same
+inputs.
+
 Example:
     >>> import datasets
     >>> ds = datasets.Dataset.from_dict({"text": ["a", "b", "c"], "label": ["pos", "neg", "pos"]})
@@ -29,6 +36,7 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +45,12 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "Columns",
+    "ImageInput",
     "check_csv_rows",
+    "image_input",
     "image_tensor",
     "load_data",
+    "make_collate",
 ]
 
 DATA_FORMATS = ("auto", "disk", "imagefolder", "csv", "json", "parquet", "hub")
@@ -299,3 +310,108 @@ def image_tensor(
     arr = np.asarray(img.convert("RGB").resize((size, size)), dtype=np.float32) / 255.0
     x = torch.from_numpy(arr).permute(2, 0, 1)
     return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """How images enter a backbone: resized to ``size`` × ``size``, then ``(x − mean) / std`` per channel.
+
+    Example:
+        >>> ImageInput(224).mean == IMAGENET_MEAN
+        True
+    """
+
+    size: int
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    source: str = "ImageNet defaults"
+
+
+def image_input(model: Any, *, name: str | None = None, size: int | None = None) -> ImageInput:
+    """The input size and normalisation the backbone was pre-trained with, from its own configuration.
+
+    timm models carry them in ``pretrained_cfg`` (``input_size``, ``mean``, ``std``); a transformers image model
+    saved in a folder ``name`` in its ``preprocessor_config.json`` (``size``, ``image_mean``, ``image_std``);
+    torchvision's pre-trained classifiers all use ImageNet's 224 px and mean/std, the default. ``size`` (the
+    ``--image-size`` option) overrides the size only.
+
+    Example:
+        >>> import torch
+        >>> image_input(torch.nn.Linear(2, 2), size=32)
+        ImageInput(size=32, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), source='ImageNet defaults')
+    """
+    import json
+
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if cfg.get("mean") is not None and cfg.get("std") is not None:
+        side = int(cfg.get("input_size", (3, 224, 224))[-1])
+        return ImageInput(
+            size or side, tuple(map(float, cfg["mean"])), tuple(map(float, cfg["std"])), "timm pretrained_cfg"
+        )
+    processor = Path(name) / "preprocessor_config.json" if name else None
+    if processor is not None and processor.is_file():
+        data = json.loads(processor.read_text(encoding="utf-8"))
+        side = data.get("size", 224)
+        if isinstance(side, dict):
+            side = side.get("height") or side.get("shortest_edge") or 224
+        mean = tuple(map(float, data.get("image_mean", IMAGENET_MEAN)))
+        std = tuple(map(float, data.get("image_std", IMAGENET_STD)))
+        return ImageInput(size or int(side), mean, std, "preprocessor_config.json")
+    return ImageInput(size or 224)
+
+
+def make_collate(
+    cols: Columns,
+    *,
+    tokenizer: Any = None,
+    image: ImageInput | None = None,
+    max_length: int = 128,
+    labels: bool = True,
+) -> Any:
+    """The ``collate_fn`` of every priorzoo trainer: rows → ``{"pixel_values": [B, 3, s, s]}`` (images, see
+    :func:`image_input`) or the tokenizer's tensors (text, padded and truncated to ``max_length``), plus
+    ``labels`` (class ids of :meth:`Columns.label_id`) when ``labels`` and the data has a label column.
+
+    Raises:
+        ValueError: text without a tokenizer, images without an :class:`ImageInput`.
+
+    Example:
+        >>> import datasets
+        >>> from PIL import Image
+        >>> ds = datasets.Dataset.from_dict({"image": [Image.new("RGB", (8, 8))], "label": [1]})
+        >>> ds = ds.cast_column("image", datasets.Image())
+        >>> batch = make_collate(Columns(ds), image=ImageInput(16))([ds[0]])
+        >>> tuple(batch["pixel_values"].shape), batch["labels"].tolist()
+        ((1, 3, 16, 16), [1])
+    """
+    import torch
+
+    with_labels = labels and cols.label is not None
+    if cols.modality == "image":
+        if image is None:
+            raise ValueError("image data needs an ImageInput (size and normalisation): see image_input")
+
+        def collate_images(rows: list[dict[str, Any]]) -> dict[str, Any]:
+            out = {
+                "pixel_values": torch.stack(
+                    [image_tensor(r[cols.image], image.size, image.mean, image.std) for r in rows]
+                )
+            }
+            if with_labels:
+                out["labels"] = torch.tensor([cols.label_id(r[cols.label]) for r in rows], dtype=torch.long)
+            return out
+
+        return collate_images
+    if tokenizer is None:
+        raise ValueError("text data needs the backbone's tokenizer, and none could be loaded")
+
+    def collate_text(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        texts = [str(r[cols.text]) for r in rows]
+        pairs = [str(r[cols.text_pair]) for r in rows] if cols.text_pair else None
+        enc = tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        out = dict(enc)
+        if with_labels:
+            out["labels"] = torch.tensor([cols.label_id(r[cols.label]) for r in rows], dtype=torch.long)
+        return out
+
+    return collate_text

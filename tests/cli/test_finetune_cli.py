@@ -80,8 +80,11 @@ def _args(*extra: str) -> list[str]:
 
 
 def _finetune(out: Path, *extra: str) -> dict:
-    """Run `priorzoo finetune ... --output-dir out`, check that it succeeds, return its metrics.json."""
-    code = main(_args(*extra, "--output-dir", str(out)))
+    """Run `priorzoo finetune ... --output-dir out --allow-failure`, check that it succeeds, return its metrics.json.
+
+    The tiny random BERTs here test the mechanics, not learning: a few steps may leave them at chance, which
+    `--allow-failure` lets through (metrics.json still says so)."""
+    code = main(_args(*extra, "--allow-failure", "--output-dir", str(out)))
     assert code == 0
     return json.loads((out / "metrics.json").read_text())
 
@@ -283,39 +286,33 @@ def test_a_diverging_run_fails_in_one_line_and_keeps_metrics_json(bert_folder, t
             str(out),
         )
     )
-    assert code == 2
+    assert code == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("priorzoo finetune: error: ") and "the final run diverged" in err[-1]
+    assert err[-1].startswith("priorzoo finetune: error: status diverged: the training loss became")
     assert "Traceback" not in "\n".join(err)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["status"] == "failed" and "FloatingPointError" in metrics["error"]
-    assert "diverged" in metrics["final_runs"][0] and metrics["arguments"]["lr"] == 1e12
+    assert metrics["status"] == "diverged" and "the training loss became" in metrics["reason"]
+    assert metrics["arguments"]["lr"] == 1e12 and metrics["metrics"] == {}
+    code = main(_args(str(bert_folder), "--no-prior", "--data", str(train), "--epochs", "2", "--lr", "1e12",
+                      "--output-dir", str(out), "--allow-failure"))  # fmt: skip
+    assert code == 0 and json.loads((out / "metrics.json").read_text())["status"] == "diverged"
 
 
-def test_tune_scale_skips_a_scale_that_diverges_in_the_final_run(bert_folder, bert_prior_folder, tmp_path, monkeypatch):
-    import priorzoo.cli.finetune as cli_finetune
-
-    real = cli_finetune._fit_by_epoch
-    calls = []
-
-    def first_run_diverges(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            raise FloatingPointError("the training loss became nan at step 3")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(cli_finetune, "_fit_by_epoch", first_run_diverges)
+def test_tune_scale_returns_the_model_it_scored(bert_folder, bert_prior_folder, tmp_path):
     train = _text_csv(tmp_path / "train.csv", 16, 0)
+    val = _text_csv(tmp_path / "val.csv", 8, 2)
     metrics = _finetune(
         tmp_path / "run", str(bert_folder), "--prior", str(bert_prior_folder), "--data", str(train),
-        "--tune-scale", "--scale-grid", "1,1000", "--epochs", "1", "--lr", "0.05",
+        "--validation-data", str(val), "--tune-scale", "--scale-grid", "1,1000", "--epochs", "2", "--lr", "0.05",
     )  # fmt: skip
     search = metrics["scale_search"]
-    assert search["settings"]["epochs"] == 1  # tuning runs are as long as the final run by default
-    first, second = metrics["final_runs"]
-    assert first["scale"] == search["best_scale"] and "nan" in first["diverged"]
-    assert second["scale"] != first["scale"] and "diverged" not in second
-    assert metrics["prior"]["scale"] == second["scale"] and metrics["status"] == "ok"
+    assert search["settings"]["epochs"] == 2  # tuning runs are as long as the final run by default
+    best = next(p for p in search["curve"] if p["scale"] == search["best_scale"])
+    # no retraining: the model evaluated at the end is the best checkpoint of the best λ's run
+    assert metrics["metrics"]["validation"]["nll"] == pytest.approx(best["metrics"]["nll"], abs=1e-5)
+    assert metrics["prior"]["scale"] == search["best_scale"] and metrics["training"]["map"]["scale"] == best["scale"]
+    steps = [e["step"] for e in best["history"]]
+    assert steps == sorted(set(steps)) and steps[-1] == best["steps"]  # global steps, one entry per epoch
 
 
 @pytest.mark.slow
@@ -341,7 +338,7 @@ def test_torchvision_resnet18_learn_then_finetune_end_to_end(tmp_path, capsys):
     )  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out
-    assert "epoch 1/2: train loss" in printed and "epoch 2/2: train loss" in printed
+    assert "epoch 1 (step 3): train loss" in printed and "epoch 2 (step 6): train loss" in printed
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["status"] == "ok" and metrics["prior"]["init"] == "prior_mean"
     learned = PriorModel.from_pretrained(tmp_path / "prior")
@@ -350,7 +347,7 @@ def test_torchvision_resnet18_learn_then_finetune_end_to_end(tmp_path, capsys):
     assert "source task" in (tmp_path / "prior" / "README.md").read_text()
     recommended = learned.config.recommended_scale
     assert metrics["prior"]["scale"] >= recommended  # the recommended λ, raised when SGD would be unstable
-    assert [e["epoch"] for e in metrics["final_runs"][0]["epochs"]] == [1, 2]
+    assert [e["epoch"] for e in metrics["training"]["map"]["history"]] == [1, 2]
     assert metrics["metrics"]["test"]["num_examples"] == 4
     import torchvision
     from safetensors.torch import load_file

@@ -1,0 +1,335 @@
+"""The runs of ``priorzoo finetune`` and ``priorzoo learn`` on the transformers ``Trainer``.
+
+Every training phase of the CLI — a MAP run, each run of a learning-rate or λ search, the SWAG phase of
+``bma``, the SGLD chain, the SWAG run of ``learn`` — is one ``Trainer.train()`` here, so users get what they
+know from the Trainer instead of a second hand-written loop: evaluation each epoch and
+``load_best_model_at_end`` on the validation NLL, warmup and a decaying learning-rate schedule, checkpoints
+and ``--resume``, ``report_to`` loggers, bf16, gradient accumulation, and multi-process runs under
+``torchrun``/``accelerate launch`` (DDP) with no code of ours. The prior term enters through
+:class:`~priorzoo.finetune.PriorTrainer` (inside ``compute_loss``).
+
+timm and torchvision classifiers take a tensor and return logits; :class:`WithLoss` wraps them so that the
+Trainer sees a module whose ``forward(pixel_values, labels)`` returns ``{"loss", "logits"}`` (mean cross-entropy).
+The prior's names still match: :mod:`priorzoo.binding.matching` finds the ``model.`` prefix.
+
+Private to the CLI: the library's own layer is :mod:`priorzoo.finetune`.
+
+Example:
+    >>> import torch
+    >>> out = WithLoss(torch.nn.Linear(3, 2, bias=False))(torch.zeros(4, 3), labels=torch.tensor([0, 1, 0, 1]))
+    >>> sorted(out), round(float(out["loss"].detach()), 4)
+    (['logits', 'loss'], 0.6931)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "RunResult",
+    "WithLoss",
+    "inner_model",
+    "is_main_process",
+    "train_run",
+    "trainer_model",
+]
+
+
+class WithLoss(nn.Module):
+    """A classifier taking one tensor (timm, torchvision, any ``nn.Module``) as a Trainer model:
+    ``forward(pixel_values, labels=None) -> {"logits", "loss"?}`` with the mean cross-entropy as loss."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        logits = self.model(pixel_values)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = nn.functional.cross_entropy(logits.float(), labels)
+        return out
+
+
+def trainer_model(model: nn.Module, library: str) -> nn.Module:
+    """The module the Trainer trains: transformers models as they are, others wrapped in :class:`WithLoss`."""
+    return model if library == "transformers" else WithLoss(model)
+
+
+def inner_model(model: nn.Module) -> nn.Module:
+    """The backbone inside a :class:`WithLoss` (what is saved and what posteriors are named after)."""
+    return model.model if isinstance(model, WithLoss) else model
+
+
+def is_main_process() -> bool:
+    """Whether this process writes files and prints (process 0 under torchrun, or a single process)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@dataclass
+class RunResult:
+    """What one Trainer run did.
+
+    Attributes:
+        history: one entry per epoch: global ``step``, ``epoch``, ``train_loss`` (data loss, mean over the epoch),
+            ``prior_term``, and ``val_nll``/``val_accuracy`` when there is validation data.
+        steps, seconds: optimiser steps taken, wall-clock time.
+        best_epoch, best_metrics: the epoch whose checkpoint was restored (validation NLL) and its metrics.
+        diverged: why the training loss counts as diverged (``None``: it did not).
+        lr, scale: the learning rate and λ of the run.
+    """
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    steps: int = 0
+    seconds: float = 0.0
+    best_epoch: float | None = None
+    best_metrics: dict[str, float] | None = None
+    diverged: str | None = None
+    lr: float | None = None
+    scale: float | None = None
+    matched: int | None = None
+
+    @property
+    def final_train_loss(self) -> float:
+        """The data loss of the last epoch (``inf`` when the run diverged or logged nothing)."""
+        if self.diverged or not self.history:
+            return math.inf
+        return float(self.history[-1].get("train_loss", math.inf))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "lr": self.lr,
+            "scale": self.scale,
+            "steps": self.steps,
+            "seconds": self.seconds,
+            "best_epoch": self.best_epoch,
+            "best_metrics": self.best_metrics,
+            "diverged": self.diverged,
+            "matched_parameters": self.matched,
+            "history": self.history,
+        }
+
+
+def _accuracy(pred: Any) -> dict[str, float]:
+    import numpy as np
+
+    logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+    return {"accuracy": float((np.asarray(logits).argmax(-1) == np.asarray(pred.label_ids)).mean())}
+
+
+def _epoch_callback(num_labels: int, log: Callable[[str], None], label: str) -> Any:
+    from transformers import TrainerCallback
+
+    class EpochLog(TrainerCallback):
+        """Records one history entry per epoch (global step), prints it, and stops a diverging run."""
+
+        def __init__(self) -> None:
+            self.history: list[dict[str, float]] = []
+            self.diverged: str | None = None
+            self._first: float | None = None
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any):
+            if not logs:
+                return
+            if "loss" in logs:
+                data = float(logs["loss"]) - float(logs.get("prior_term", 0.0))
+                entry = {"step": state.global_step, "epoch": round(float(state.epoch or 0), 4), "train_loss": data}
+                if "prior_term" in logs:
+                    entry["prior_term"] = float(logs["prior_term"])
+                entry["lr"] = float(logs.get("learning_rate", math.nan))
+                self.history.append(entry)
+                self._check(entry, control)
+                if args.eval_strategy == "no":
+                    self._print(entry)
+            if "eval_loss" in logs and self.history:
+                entry = self.history[-1]
+                entry["val_nll"] = float(logs["eval_loss"])
+                if "eval_accuracy" in logs:
+                    entry["val_accuracy"] = float(logs["eval_accuracy"])
+                self._print(entry)
+
+        def _check(self, entry: dict[str, float], control: Any) -> None:
+            loss = entry["train_loss"]
+            if self._first is None:
+                self._first = loss
+            ceiling = 10 * max(self._first, math.log(num_labels))
+            if not math.isfinite(loss) or loss > ceiling:
+                self.diverged = (
+                    f"the training loss became {loss:.4g} at step {entry['step']} (epoch {entry['epoch']:g}; "
+                    f"{'first epoch' if len(self.history) > 1 else 'chance'} level "
+                    f"{max(self._first, math.log(num_labels)):.3g})"
+                )
+                control.should_training_stop = True
+
+        def finish(self) -> None:
+            """After training: a last epoch whose loss is over twice the first epoch's and chance's counts as
+            diverged (a smaller rise leaves the verdict to the chance check of the final model)."""
+            if self.diverged or len(self.history) < 2 or self._first is None:
+                return
+            last = self.history[-1]["train_loss"]
+            if last > 2 * max(self._first, math.log(num_labels)):
+                self.diverged = (
+                    f"the training loss rose from {self._first:.4g} (first epoch) to {last:.4g} (last epoch), above "
+                    f"chance level log {num_labels} = {math.log(num_labels):.3g}"
+                )
+
+        def _print(self, e: dict[str, float]) -> None:
+            line = f"{label}epoch {e['epoch']:g} (step {e['step']}): train loss {e['train_loss']:.4f}"
+            if e.get("prior_term"):
+                line += f" (prior term {e['prior_term']:.4g})"
+            if "val_nll" in e:
+                line += f", validation nll {e['val_nll']:.4f}"
+                if "val_accuracy" in e:
+                    line += f" accuracy {e['val_accuracy']:.4f}"
+            log(line)
+
+    return EpochLog()
+
+
+def train_run(
+    model: nn.Module,
+    *,
+    args: Any,
+    train_dataset: Any,
+    collate: Callable,
+    num_labels: int,
+    folder: Path,
+    lr: float,
+    epochs: int,
+    eval_dataset: Any = None,
+    prior: Any = None,
+    scale: float | None = None,
+    num_train_examples: int | None = None,
+    optimizer: str = "sgd",
+    schedule: str = "cosine",
+    warmup: float = 0.0,
+    patience: int | None = None,
+    callbacks: Sequence[Any] = (),
+    optimizers: tuple[Any, Any] | None = None,
+    clip: float | None = None,
+    log: Callable[[str], None] = print,
+    label: str = "",
+) -> RunResult:
+    """Train ``model`` (in place) in one ``Trainer.train()``; return its history.
+
+    With ``eval_dataset`` the run evaluates each epoch, keeps the best checkpoint by validation NLL (the mean
+    cross-entropy, ``eval_loss``) and restores it at the end (``patience``: stop after that many epochs without
+    improvement). With ``prior`` the loss is ``mean CE + ρ·penalty/N`` (:class:`~priorzoo.finetune.PriorTrainer`).
+    A non-finite or exploding training loss stops the run and is reported in ``RunResult.diverged``. ``clip``
+    overrides ``args.max_grad_norm`` (0: no clipping; SGLD); ``optimizers``: the Trainer's ``(optimizer,
+    scheduler)`` instead of ``optimizer``/``schedule``/``warmup``.
+    Checkpoints go to ``folder`` (removed after a finished run unless ``args.keep_checkpoints``); with
+    ``args.resume`` an interrupted run restarts from its last checkpoint there.
+    """
+    from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
+
+    has_eval = eval_dataset is not None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = str(getattr(args, "device", None) or "")
+    optim_kwargs: dict[str, Any] = {}
+    if optimizers is None:
+        optim_kwargs = (
+            {"optim": "sgd", "optim_args": f"momentum={args.momentum}"}
+            if optimizer == "sgd"
+            else {"optim": "adamw_torch"}
+        )
+    targs = TrainingArguments(
+        output_dir=str(folder),
+        num_train_epochs=epochs,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.eval_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=lr,
+        weight_decay=args.weight_decay,
+        lr_scheduler_type=schedule,
+        warmup_steps=warmup,
+        max_grad_norm=float(args.max_grad_norm if clip is None else clip),
+        eval_strategy="epoch" if has_eval else "no",
+        save_strategy="epoch",
+        save_total_limit=1,
+        load_best_model_at_end=has_eval,
+        metric_for_best_model="eval_loss" if has_eval else None,
+        greater_is_better=False if has_eval else None,
+        logging_strategy="epoch",
+        logging_nan_inf_filter=False,
+        report_to=args.report_to,
+        bf16=args.bf16,
+        seed=args.seed,
+        data_seed=args.seed,
+        dataloader_num_workers=args.num_workers,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        use_cpu=device == "cpu" or (not device and not torch.cuda.is_available()),
+        ddp_backend="gloo" if world > 1 and not torch.cuda.is_available() else None,
+        disable_tqdm=True,
+        save_only_model=False,
+        **optim_kwargs,
+    )
+    epoch_log = _epoch_callback(num_labels, log if is_main_process() else lambda _m: None, label)
+    cbs: list[Any] = [epoch_log, *callbacks]
+    if has_eval and patience is not None:
+        cbs.append(EarlyStoppingCallback(early_stopping_patience=patience))
+    kwargs: dict[str, Any] = {
+        "model": model,
+        "args": targs,
+        "train_dataset": train_dataset,
+        "eval_dataset": eval_dataset,
+        "data_collator": collate,
+        "compute_metrics": _accuracy if has_eval else None,
+        "callbacks": cbs,
+    }
+    if optimizers is not None:
+        kwargs["optimizers"] = optimizers
+    if prior is not None:
+        from priorzoo.finetune.trainer import PriorTrainer
+
+        trainer: Any = PriorTrainer(
+            **kwargs,
+            prior=prior,
+            num_train_examples=num_train_examples,
+            prior_weight=args.prior_weight,
+            scale=scale,
+            prior_allow_partial=args.allow_partial,
+        )
+    else:
+        trainer = Trainer(**kwargs)
+    trainer.remove_callback(PrinterCallback)  # the epoch lines above replace the Trainer's raw log dicts
+    resume = get_last_checkpoint(str(folder)) if args.resume and folder.is_dir() else None
+    if resume is not None:
+        log(f"{label}resuming from {resume}")
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume)
+    epoch_log.finish()
+    result = RunResult(
+        history=epoch_log.history,
+        steps=trainer.state.global_step,
+        seconds=time.perf_counter() - start,
+        diverged=epoch_log.diverged,
+        lr=lr,
+        scale=scale,
+    )
+    regularizer = getattr(trainer, "prior_regularizer", None)
+    if regularizer is not None:
+        result.matched = len(regularizer.match.matched)
+    if has_eval:
+        evals = [e for e in epoch_log.history if "val_nll" in e and math.isfinite(e["val_nll"])]
+        if evals:
+            best = min(evals, key=lambda e: e["val_nll"])
+            result.best_epoch = best["epoch"]
+            result.best_metrics = {"nll": best["val_nll"], "accuracy": best.get("val_accuracy", math.nan)}
+    if not getattr(args, "keep_checkpoints", False) and is_main_process():
+        shutil.rmtree(folder, ignore_errors=True)
+    return result
