@@ -148,7 +148,7 @@ class Setup:
 
     Attributes:
         model, tokenizer, library: the backbone with its new head (``library``: timm/torchvision/transformers).
-        columns: the data columns and label mapping; ``collate``: rows → batch (:func:`priorzoo.data.user.make_collate`).
+        columns: the data columns and label mapping; ``collate``: rows → batch (``make_collate``).
         train_dataset, eval_datasets: the training part; ``{"validation"?, "test"?}`` in fixed order.
         num_train_examples: N, the examples trained on (after any validation split / few-shot cut).
         prior: the prior of the loss (``None`` for ``--no-prior``); ``prior_info``: what goes into metrics.json.
