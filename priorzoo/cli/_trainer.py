@@ -36,10 +36,12 @@ import torch
 from torch import nn
 
 __all__ = [
+    "ObjectiveModel",
     "RunResult",
     "WithLoss",
     "inner_model",
     "is_main_process",
+    "swag_run",
     "train_run",
     "trainer_model",
 ]
@@ -59,6 +61,21 @@ class WithLoss(nn.Module):
         if labels is not None:
             out["loss"] = nn.functional.cross_entropy(logits.float(), labels)
         return out
+
+
+class ObjectiveModel(nn.Module):
+    """A backbone and its source objective (:mod:`priorzoo.learn.objectives`) as a Trainer model:
+    ``forward(**batch) -> {"loss": objective(model, batch)}``; an ``nn.Module`` objective's own parameters
+    (SimCLR's projection head) train with it."""
+
+    def __init__(self, model: nn.Module, objective: Any) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective  # registered as a submodule when it is one
+
+    def forward(self, **batch: Any) -> dict[str, torch.Tensor]:
+        batch.pop("num_items_in_batch", None)
+        return {"loss": self.objective(self.model, batch)}
 
 
 def trainer_model(model: nn.Module, library: str) -> nn.Module:
@@ -333,3 +350,85 @@ def train_run(
     if not getattr(args, "keep_checkpoints", False) and is_main_process():
         shutil.rmtree(folder, ignore_errors=True)
     return result
+
+
+def swag_run(
+    model: nn.Module,
+    objective: Any,
+    train_dataset: Any,
+    collate: Callable,
+    args: Any,
+    *,
+    steps_per_epoch: int,
+    every: int | str,
+) -> Any:
+    """``priorzoo learn``'s training: SGD at a constant (or cyclic, ``--schedule cyclic``) learning rate in one
+    ``Trainer.train()`` with :class:`~priorzoo.learn.SWAGCallback` collecting snapshots of the backbone (the
+    head excluded) once per epoch or every ``every`` steps after ``--warmup-epochs``. With
+    ``--checkpoint-dir`` the Trainer checkpoints there each epoch (the collector inside) and resumes from the
+    last checkpoint. Returns the collector. A diverging loss raises ``FloatingPointError``.
+    """
+    import tempfile
+
+    from transformers import PrinterCallback, Trainer, TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from priorzoo.learn import CyclicCosineSchedule, SWAGCallback, SWAGCollector
+
+    wrapped = ObjectiveModel(model, objective)
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    start = args.warmup_epochs * steps_per_epoch
+    schedule = None
+    if args.schedule == "cyclic":
+        schedule = CyclicCosineSchedule(cycle_steps=args.cycle_steps or steps_per_epoch, start_step=start)
+        scheduler = schedule.scheduler(optimizer)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
+    collector = SWAGCollector(model, args.rank, include=args.include, exclude=args.exclude, min_var=args.min_var)
+    swag = SWAGCallback(
+        collector,
+        every_n_steps=every if isinstance(every, int) and schedule is None else None,
+        every_epoch=every == "epoch" and schedule is None,
+        start_step=start,
+        schedule=schedule,
+    )
+    folder = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(tempfile.mkdtemp(prefix="priorzoo-learn-"))
+    device = str(args.device or "")
+    targs = TrainingArguments(
+        output_dir=str(folder),
+        num_train_epochs=args.epochs,
+        per_device_train_batch_size=args.batch_size,
+        logging_strategy="epoch",
+        logging_nan_inf_filter=False,
+        save_strategy="epoch" if args.checkpoint_dir else "no",
+        save_total_limit=1,
+        report_to="none",
+        seed=args.seed,
+        data_seed=args.seed,
+        dataloader_num_workers=args.num_workers,
+        remove_unused_columns=False,
+        max_grad_norm=0.0,
+        use_cpu=device == "cpu" or (not device and not torch.cuda.is_available()),
+        disable_tqdm=not args.progress,
+    )
+    epoch_log = _epoch_callback(2, print if args.progress and is_main_process() else lambda _m: None, "")
+    trainer = Trainer(
+        model=wrapped,
+        args=targs,
+        train_dataset=train_dataset,
+        data_collator=collate,
+        optimizers=(optimizer, scheduler),
+        callbacks=[swag, epoch_log],
+    )
+    trainer.model_accepts_loss_kwargs = False  # forward(**batch) takes any key; the loss is a mean per batch
+    trainer.remove_callback(PrinterCallback)
+    resume = get_last_checkpoint(str(folder)) if args.checkpoint_dir and folder.is_dir() else None
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    finally:
+        if not args.checkpoint_dir:
+            shutil.rmtree(folder, ignore_errors=True)
+    if epoch_log.diverged:
+        raise FloatingPointError(f"{epoch_log.diverged}: lower --lr")
+    return swag.collector

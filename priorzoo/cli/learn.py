@@ -3,8 +3,11 @@
 The data is a ``datasets`` dataset read from a local folder (``save_to_disk`` output or an image folder
 ``<class>/<image>``), a CSV / JSON(L) / parquet file, or — when online — a Hub dataset id. The objective
 is supervised cross-entropy (images or text with a label column), SimCLR (images, no labels needed) or
-masked-LM (text, transformers ``*ForMaskedLM``). Training runs :func:`priorzoo.learn.swag_fit` with a
-progress bar and writes a complete prior folder (``config.json``, ``prior.safetensors``, ``README.md``).
+masked-LM (text, transformers ``*ForMaskedLM``). Training runs on the transformers ``Trainer`` with
+:class:`priorzoo.learn.SWAGCallback` (constant or cyclic learning rate; ``--checkpoint-dir`` holds its
+checkpoints, and a rerun with the same settings resumes) and writes a complete prior folder
+(``config.json``, ``prior.safetensors``, ``README.md``). When the prior mean is no better than always answering
+the most frequent class on held-out source data, ``learn`` warns and says so in the config and the card.
 
 Example:
     $ priorzoo learn resnet18 --data ./images --objective simclr --epochs 20 --rank 20 --output-dir ./r18-ssl-prior
@@ -16,11 +19,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import warnings
+import sys
 from pathlib import Path
 from typing import Any
 
-from priorzoo.cli._common import check_at_least, default_device, fail
+from priorzoo.cli._common import check_at_least, fail
 from priorzoo.data.user import DATA_FORMATS
 
 __all__ = ["add_backbone_arguments", "build_backbone", "load_local_dataset", "register", "run"]
@@ -221,12 +224,10 @@ def _check_run_settings(checkpoint_dir: str | None, settings: dict[str, Any]) ->
                 "would return that run's prior. Use a new folder, or the same data and settings to resume"
             )
         return
-    from priorzoo.learn.callbacks import FIT_STATE_NAME
-
-    if (folder / FIT_STATE_NAME).is_file():
+    if any(folder.glob("checkpoint-*")):
         raise ValueError(
-            f"`--checkpoint-dir` {checkpoint_dir!r} holds a swag_fit state without {_RUN_SETTINGS} (written by "
-            "another tool or an older priorzoo): its settings cannot be checked. Use a new folder"
+            f"`--checkpoint-dir` {checkpoint_dir!r} holds Trainer checkpoints without {_RUN_SETTINGS} (written by "
+            "another tool or an older priorzoo): their settings cannot be checked. Use a new folder"
         )
     folder.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -238,15 +239,10 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from priorzoo.backbones import freeze_, load_backbone
-    from priorzoo.data.user import Columns, image_tensor, load_data
+    from priorzoo.cli._trainer import swag_run
+    from priorzoo.data.user import Columns, image_input, load_data, make_collate
     from priorzoo.finetune.scale import split_train_validation
-    from priorzoo.learn import (
-        CrossEntropyObjective,
-        CyclicCosineSchedule,
-        MaskedLMObjective,
-        SimCLRObjective,
-        swag_fit,
-    )
+    from priorzoo.learn import CrossEntropyObjective, MaskedLMObjective, SimCLRObjective
 
     check_at_least(args, (("epochs", 1), ("batch_size", 1), ("rank", 2)))
     if not 0 <= args.validation_fraction < 1:
@@ -318,28 +314,11 @@ def _run(args: argparse.Namespace) -> int:
     model, tokenizer, library = bb.model, bb.tokenizer, bb.library
     if args.freeze or args.trainable_layers is not None:
         freeze_(model, freeze=args.freeze, trainable_layers=args.trainable_layers)
-    image_size = args.image_size
-    if modality == "image" and image_size is None:
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        image_size = int(cfg.get("input_size", (3, 224, 224))[-1]) if library == "timm" else 224
+    image = image_input(model, name=args.backbone, size=args.image_size) if modality == "image" else None
     plain_input = library in ("timm", "torchvision")
-
-    def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if modality == "image":
-            out["pixel_values"] = torch.stack([image_tensor(r[cols.image], image_size) for r in rows])
-        else:
-            enc = tokenizer(
-                [str(r[cols.text]) for r in rows],
-                padding=True,
-                truncation=True,
-                max_length=args.max_length,
-                return_tensors="pt",
-            )
-            out.update(dict(enc))
-        if objective_name == "supervised":
-            out["labels"] = torch.tensor([cols.label_id(r[cols.label]) for r in rows], dtype=torch.long)
-        return out
+    collate = make_collate(
+        cols, tokenizer=tokenizer, image=image, max_length=args.max_length, labels=objective_name == "supervised"
+    )
 
     def make_loader(part: Any, shuffle: bool) -> Any:
         return torch.utils.data.DataLoader(
@@ -359,33 +338,7 @@ def _run(args: argparse.Namespace) -> int:
             return m(batch["pixel_values"])
         return m(**{k: v for k, v in batch.items() if k != "labels"})
 
-    schedule = None
-    if args.schedule == "cyclic":
-        steps = args.cycle_steps or len(loader)
-        schedule = CyclicCosineSchedule(cycle_steps=steps, start_step=args.warmup_epochs * len(loader))
-    device = default_device(args.device)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="swag_fit collected")  # reported below as an error
-        collector = swag_fit(
-            model,
-            loader,
-            objective,
-            epochs=args.epochs,
-            warmup_epochs=args.warmup_epochs,
-            rank=args.rank,
-            lr=args.lr,
-            momentum=args.momentum,
-            weight_decay=args.weight_decay,
-            schedule=schedule,
-            collect_every=collect_every,
-            include=args.include,
-            exclude=args.exclude,
-            min_var=args.min_var,
-            device=device,
-            seed=args.seed,
-            checkpoint_dir=args.checkpoint_dir,
-            progress=args.progress,
-        )
+    collector = swag_run(model, objective, train_ds, collate, args, steps_per_epoch=len(loader), every=collect_every)
     if collector.num_collected < 2:
         raise RuntimeError(
             f"only {collector.num_collected} snapshot(s) were collected; a prior needs at least 2 — raise --epochs "
@@ -417,14 +370,26 @@ def _run(args: argparse.Namespace) -> int:
             "schedule": args.schedule if args.schedule == "cyclic" else "constant",
             "collect_every": collect_every,
             "seed": args.seed,
-            **({"image_size": image_size} if modality == "image" else {"max_length": args.max_length}),
+            **({"image_size": image.size} if image is not None else {"max_length": args.max_length}),
         },
         license=args.license,
         bn_data=loader,
         bn_forward=forward,
     )
     if val_ds is not None:
-        accuracy = _source_accuracy(prior, model, make_loader(val_ds, False), forward, device)
+        device = next(model.parameters()).device
+        accuracy, floor = _source_accuracy(prior, model, make_loader(val_ds, False), forward, device)
+        notes = "source solution: the prior mean with batch-norm statistics and the source head"
+        at_chance = accuracy <= floor < 1.0
+        if at_chance:
+            warning = (
+                f"the prior mean scores {accuracy:.4f} on {len(val_ds)} held-out source examples, no better than "
+                f"always answering the most frequent class ({floor:.4f}): this prior's mean is not a trained network "
+                "(check --lr, --epochs, the labels and the backbone's weights)"
+            )
+            print(f"warning: {warning}", file=sys.stderr)
+            notes = f"WARNING: at or below chance ({floor:.4f}, the most frequent class). " + notes
+            prior.config.learning["warning"] = warning
         prior.config.results.append(
             {
                 "role": "source",  # the source task, not a transfer result: never in the card's model-index
@@ -435,7 +400,7 @@ def _run(args: argparse.Namespace) -> int:
                 "metric": "accuracy",
                 "value": round(accuracy, 4),
                 "num_train_examples": len(train_ds),
-                "notes": "source solution: the prior mean with batch-norm statistics and the source head",
+                "notes": notes,
             }
         )
         print(f"source accuracy of the prior mean on {len(val_ds)} held-out examples: {accuracy:.4f}")
@@ -444,8 +409,9 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _source_accuracy(prior: Any, model: Any, loader: Any, forward: Any, device: str) -> float:
-    """Validation accuracy of the prior mean (weights + batch-norm statistics) with the source head."""
+def _source_accuracy(prior: Any, model: Any, loader: Any, forward: Any, device: Any) -> tuple[float, float]:
+    """Validation accuracy of the prior mean (weights + batch-norm statistics) with the source head, and the
+    accuracy of always answering the most frequent validation class."""
     import copy
 
     import torch
@@ -454,6 +420,7 @@ def _source_accuracy(prior: Any, model: Any, loader: Any, forward: Any, device: 
     prior.init_model_(probe, allow_partial=True)
     probe.eval()
     right = total = 0
+    counts: dict[int, int] = {}
     with torch.no_grad():
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -461,4 +428,6 @@ def _source_accuracy(prior: Any, model: Any, loader: Any, forward: Any, device: 
             logits = out if isinstance(out, torch.Tensor) else out.logits
             right += int((logits.argmax(-1) == batch["labels"]).sum())
             total += int(batch["labels"].numel())
-    return right / max(total, 1)
+            for y in batch["labels"].tolist():
+                counts[y] = counts.get(y, 0) + 1
+    return right / max(total, 1), max(counts.values(), default=0) / max(total, 1)

@@ -92,7 +92,8 @@ def test_learn_timm_supervised_on_an_image_folder(image_folder, tmp_path) -> Non
     assert "\ndatasets:" not in card and "base_model:" not in card  # local data, random init: no Hub claims
     assert cfg["learning"]["snapshots"] == 4 and cfg["learning"]["image_size"] == 32
     assert (out / "README.md").read_text().startswith("---")
-    assert (tmp_path / "ckpt" / "swag_fit_state.safetensors").is_file()
+    (checkpoint,) = (tmp_path / "ckpt").glob("checkpoint-*")  # the Trainer's, with the SWAG collector inside
+    assert (checkpoint / "swag_collector.safetensors").is_file()
 
 
 def test_card_of_a_random_init_on_local_data_claims_only_what_was_measured(tmp_path) -> None:
@@ -334,3 +335,33 @@ def test_reusing_a_checkpoint_dir_with_other_settings_is_refused(image_folder, t
     assert "holds the state of another run (data:" in capsys.readouterr().err
     # the same data and settings resume (more epochs continue the run)
     assert main([*base, *common, *ckpt, "--output", str(tmp_path / "a2")]) == 0
+
+
+def test_learn_warns_when_the_prior_mean_is_at_chance_on_held_out_source_data(tmp_path, capsys) -> None:
+    timm = pytest.importorskip("timm")
+    image = pytest.importorskip("PIL.Image")
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(2)
+    data = tmp_path / "images"
+    for cls in ("cat", "dog"):
+        (data / cls).mkdir(parents=True)
+        for i in range(6):
+            pixels = (torch.rand(24, 24, 3, generator=gen) * 255).to(torch.uint8).numpy()
+            image.fromarray(pixels).save(data / cls / f"{i}.png")
+    net = timm.create_model("test_resnet", pretrained=False, num_classes=2)
+    torch.nn.init.zeros_(net.fc.weight)
+    torch.nn.init.zeros_(net.fc.bias)  # every logit equal: the prediction is always class 0, never trained (lr 0)
+    save_file(net.state_dict(), str(tmp_path / "zero-head.safetensors"))
+    out = tmp_path / "prior"
+    prior = _learn(
+        out, "test_resnet", "--no-pretrained", "--checkpoint", str(tmp_path / "zero-head.safetensors"),
+        "--data", str(data), "--epochs", "2", "--batch-size", "4", "--collect-every", "1", "--rank", "2",
+        "--image-size", "32", "--lr", "0", "--validation-fraction", "0.5",
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert "warning: the prior mean scores" in err and "no better than always answering" in err
+    assert "no better than always answering" in prior.config.learning["warning"]
+    (source,) = prior.config.results
+    assert source["notes"].startswith("WARNING: at or below chance")
+    assert "at or below chance" in (out / "README.md").read_text()
