@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from priorzoo.binding.batchnorm import copy_buffers_
+from priorzoo.binding.batchnorm import copy_into_model_
 from priorzoo.binding.bound import BoundPrior, check_model, registered_binding
 from priorzoo.binding.matching import MatchResult, Patterns, match_parameters
 from priorzoo.errors import PriorNotFoundError
@@ -426,6 +426,8 @@ class PriorModel:
         (imported or isotropic priors written without them) and the model has batch norm, a warning says so
         and points to :func:`priorzoo.finetune.refresh_batchnorm_`, which re-estimates them from data.
 
+        A value outside the model's dtype (float64 1e300 into float32) raises ``PriorMatchError``, copying nothing.
+
         Args:
             model: the model to initialise (prefixes such as ``module.``/``bert.`` are matched as by
                 :meth:`match`).
@@ -455,13 +457,7 @@ class PriorModel:
         from priorzoo.binding.peft import check_unmerged
 
         check_unmerged(model)
-        params = dict(model.named_parameters())
-        for pname, mname in result.matched.items():
-            if adapted_only and pname not in result.adapted:
-                continue
-            params[mname].copy_(self.mean[pname])
-        if buffers and not adapted_only:
-            copy_buffers_(self.buffers, model, result, kind=self.kind.value)
+        copy_into_model_(self, model, result, buffers=buffers, adapted_only=adapted_only)
         return result
 
     # ------------------------------------------------------------------ saving
@@ -474,14 +470,16 @@ class PriorModel:
         dtype: torch.dtype | str | None = None,
         card: bool = True,
         repo_id: str | None = None,
+        overwrite: bool = False,
     ) -> Path:
         """Write ``config.json``, the safetensors file(s) and a ``README.md`` card; atomically.
 
-        Everything is written into a temporary folder beside ``save_directory`` first and then moved in,
-        so a failure (disk full, interrupt) leaves any earlier prior there intact and no half-written
-        files. Above ``max_shard_size`` the tensors are split into ``prior-0000i-of-0000N.safetensors``
-        with a ``prior.safetensors.index.json`` (the Hub's sharding convention); stale shards of an
-        earlier save are removed.
+        Files are written under temporary names inside ``save_directory`` and renamed into place,
+        ``config.json`` last (the commit point, :mod:`priorzoo.format.commit`; saves into one folder take a lock), so a
+        failure leaves an earlier prior there intact. They carry one save id derived from their content: the
+        same prior saved twice gives the same bytes, and readers refuse files of two saves. Above
+        ``max_shard_size`` the tensors are split into ``prior-0000i-of-0000N.safetensors`` with a
+        ``prior.safetensors.index.json``; stale shards are removed. A non-empty folder without a prior is refused.
 
         Args:
             save_directory: target folder (created if needed).
@@ -491,6 +489,7 @@ class PriorModel:
             dtype: storage dtype of mean and variance (default float32).
             card: also render the model card ``README.md`` (see :mod:`priorzoo.format.cards`).
             repo_id: the Hub id the card's usage snippet and model-index name (default: a placeholder).
+            overwrite: write into a non-empty folder without a prior too (nothing of it is removed).
 
         Example:
             >>> import tempfile, torch
@@ -507,6 +506,7 @@ class PriorModel:
             dtype=dtype,
             card=card,
             repo_id=repo_id,
+            overwrite=overwrite,
         )
 
     @classmethod

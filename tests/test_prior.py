@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-from _models import shaped_prior
-from safetensors.torch import load_file, save_file
+from _models import rewrite_tensors, shaped_prior
+from safetensors.torch import load_file
 from torch.distributions import LowRankMultivariateNormal
 
 from priorzoo import PriorFormatError, PriorMatchError, PriorModel, PriorNotFoundError
@@ -109,7 +109,7 @@ def test_failed_save_leaves_earlier_prior_intact(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("safetensors.torch.save_file", boom)
+    monkeypatch.setattr("priorzoo.format.commit.write_tensor_file", boom)
     with pytest.raises(OSError, match="disk full"):
         make_prior(3, seed=9).save_pretrained(folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
@@ -165,7 +165,7 @@ def test_missing_tensor(tmp_path):
     folder = make_prior(2).save_pretrained(tmp_path / "p")
     tensors = load_file(folder / WEIGHTS_NAME)
     del tensors["layer.bias.variance"]
-    save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
+    rewrite_tensors(folder / WEIGHTS_NAME, tensors)
     with pytest.raises(PriorFormatError, match=r"missing tensor `layer\.bias\.variance`"):
         PriorModel.from_pretrained(folder)
 
@@ -175,7 +175,7 @@ def test_negative_or_nan_variance(tmp_path, value, match):
     folder = make_prior(2).save_pretrained(tmp_path / "p")
     tensors = load_file(folder / WEIGHTS_NAME)
     tensors["layer.weight.variance"][1, 1] = value
-    save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
+    rewrite_tensors(folder / WEIGHTS_NAME, tensors)
     with pytest.raises(PriorFormatError, match=match):
         PriorModel.from_pretrained(folder)
 
@@ -184,7 +184,7 @@ def test_factor_with_wrong_rank(tmp_path):
     folder = make_prior(2).save_pretrained(tmp_path / "p")
     tensors = load_file(folder / WEIGHTS_NAME)
     tensors["out.weight.cov_factor"] = torch.zeros(3, 2, 4)
-    save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
+    rewrite_tensors(folder / WEIGHTS_NAME, tensors)
     with pytest.raises(PriorFormatError, match=r"cov_factor` has shape \(3, 2, 4\); expected \(2, 2, 4\)"):
         PriorModel.from_pretrained(folder)
 
@@ -193,7 +193,7 @@ def test_tensor_shape_disagrees_with_config(tmp_path):
     folder = make_prior(0).save_pretrained(tmp_path / "p")
     tensors = load_file(folder / WEIGHTS_NAME)
     tensors["layer.bias.mean"] = torch.zeros(5)
-    save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
+    rewrite_tensors(folder / WEIGHTS_NAME, tensors)
     with pytest.raises(PriorFormatError, match=r"`layer\.bias\.mean` has shape \(5,\); the config says \(4,\)"):
         PriorModel.from_pretrained(folder)
 

@@ -1,7 +1,7 @@
 """Faults and hostile inputs through every entry point: kill -9 mid-save, foreign targets, links, hangs.
 
 Each family of the reliability issue has a test here or next to the module it concerns
-(``tests/format/test_serialization.py``, ``tests/format/test_config.py``); these are the ones that cross the
+(``tests/test_serialization.py``, ``tests/test_config.py``); these are the ones that cross the
 Python API, the CLI, the Hub and local folders.
 """
 
@@ -25,7 +25,7 @@ from hub_server import HubServer, patch_hf_env
 
 from priorzoo import PriorModel
 from priorzoo.cli import main
-from priorzoo.errors import PriorFormatError, PriorNotFoundError
+from priorzoo.errors import MixedPriorError, PriorFormatError, PriorNotFoundError
 from priorzoo.format.files import CONFIG_NAME
 from priorzoo.hub import download_prior, upload_prior
 
@@ -80,7 +80,11 @@ def test_kill_9_while_saving_over_a_prior_leaves_the_old_or_the_new_one(tmp_path
         finally:
             os.kill(child.pid, signal.SIGKILL)
             child.wait()
-        scale, mean, factor = _state(folder)
+        try:
+            scale, mean, factor = _state(folder)
+        except MixedPriorError:  # killed between the tensor renames and config.json's: refused, never mixed
+            seen.add("mixed")
+            continue
         assert (scale, mean) in (A, B), f"killed after {delay} s: λ {scale} with mean {mean} is no saved prior"
         assert factor == pytest.approx(0.01)
         seen.add((scale, mean))
@@ -141,10 +145,10 @@ def test_pull_to_replaces_a_prior_as_a_whole(tmp_path, monkeypatch, capsys):
         dest = small(1.0, scale=2.0).save_pretrained(tmp_path / f"dest{fail_at}")
         count = iter(range(1, 100))
 
-        def flaky(src, dst, count=count, fail_at=fail_at):
+        def flaky(src, dst, count=count, fail_at=fail_at, **kw):
             if next(count) == fail_at:
                 raise OSError("simulated crash")
-            return real_replace(src, dst)
+            return real_replace(src, dst, **kw)
 
         monkeypatch.setattr(os, "replace", flaky)
         assert main(["pull", str(new), "--to", str(dest)]) == 2
@@ -278,11 +282,12 @@ def test_every_cli_failure_is_one_line(tmp_path, monkeypatch, capsys):
     assert "nested too deeply" in one_line_error(capsys, "inspect")
 
     f8 = small().save_pretrained(tmp_path / "f8")
-    from safetensors.torch import load_file, save_file
+    from _models import rewrite_tensors
+    from safetensors.torch import load_file
 
     tensors = load_file(f8 / "prior.safetensors")
     tensors["w.cov_factor"] = tensors["w.cov_factor"].to(torch.float8_e5m2)
-    save_file(tensors, f8 / "prior.safetensors", metadata={"format": "pt"})
+    rewrite_tensors(f8 / "prior.safetensors", tensors)
     assert main(["inspect", str(f8)]) == 2
     assert "`w.cov_factor` has dtype float8_e5m2" in one_line_error(capsys, "inspect")
 

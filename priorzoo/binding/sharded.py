@@ -33,7 +33,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,14 +44,14 @@ from torch import Tensor
 from priorzoo.binding.bound import BoundPrior, register_binding
 from priorzoo.binding.matching import MatchResult
 from priorzoo.errors import PriorFormatError, PriorNotFoundError
-from priorzoo.format.files import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
+from priorzoo.format.checks import check_prior_tensors, check_values
+from priorzoo.format.files import open_checked
+from priorzoo.format.tensorfile import TensorFile
 
 if TYPE_CHECKING:
     from priorzoo.prior import PriorModel
 
 __all__ = ["LazyTensor", "ShardedBoundPrior", "check_parameters", "is_sharded", "local_slices", "open_prior"]
-
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def _is_dtensor(t: Any) -> bool:
@@ -219,7 +218,9 @@ register_binding(ShardedBoundPrior, claims=is_sharded, check=check_parameters)  
 
 class LazyTensor:
     """A tensor of a safetensors file read only when (and as far as) it is indexed: ``t[a:b]`` reads rows
-    a..b with ``get_slice``, ``t[...]`` the whole tensor. Has ``shape``, ``dtype`` and ``device`` (cpu).
+    a..b (only the pages that hold them), ``t[...]`` the whole tensor. Has ``shape``, ``dtype`` and ``device``
+    (cpu). Every part read is checked (finite; ≥ 0 for a variance) before it is returned. The file is the one
+    opened when the tensor was made: a later save into the folder does not change what it reads.
 
     Example:
         >>> import tempfile, torch
@@ -232,23 +233,25 @@ class LazyTensor:
 
     device = torch.device("cpu")
 
-    def __init__(self, path: str | os.PathLike, key: str) -> None:
-        from safetensors import safe_open
-
-        self.path = str(path)
+    def __init__(self, source: str | os.PathLike | TensorFile, key: str, *, nonneg: bool = False) -> None:
+        if not isinstance(source, TensorFile):
+            source = TensorFile(open_checked(source), str(source))
+        if key not in source.entries:
+            raise PriorFormatError(f"{source.where}: no tensor `{key}` in it")
+        self.file = source
+        self.path = source.where
         self.key = key
-        with safe_open(self.path, framework="pt") as f:
-            sl = f.get_slice(key)
-            self.shape = torch.Size(sl.get_shape())
-            self.dtype = _ST_DTYPES.get(sl.get_dtype(), torch.float32)
+        self.nonneg = nonneg
+        dtype, shape, _ = source.entries[key]
+        self.shape = torch.Size(shape)
+        self.dtype = dtype
 
     def __getitem__(self, index: Any) -> Tensor:
-        from safetensors import safe_open
-
-        with safe_open(self.path, framework="pt") as f:
-            if index is Ellipsis or len(self.shape) == 0:
-                return f.get_tensor(self.key)
-            return f.get_slice(self.key)[index]
+        if not isinstance(index, tuple) and index is not Ellipsis:
+            index = (index,)
+        out = self.file.read(self.key, None if index is Ellipsis or len(self.shape) == 0 else index)
+        check_values(self.key, out, nonneg=self.nonneg)
+        return out
 
     def detach(self) -> Tensor:
         """The whole tensor, read now (for code that needs a real tensor)."""
@@ -266,12 +269,15 @@ class LazyTensor:
 
 def open_prior(pretrained: str | os.PathLike, **hub_kwargs: Any) -> PriorModel:
     """A :class:`~priorzoo.PriorModel` whose tensors are :class:`LazyTensor` s: binding it to an FSDP2 model
-    reads only this process's slices (safetensors ``get_slice``), never a whole file.
+    reads only this process's slices, never a whole file.
 
     Meant for sharded binding (``PriorRegularizer(open_prior(path), fsdp_model, ...)``); an unsharded
-    binding reads each tensor whole, once. Values are checked when the slices are bound (finite, v ≥ 0 via
-    the covariance checks), not here. ``pretrained`` is a folder or a Hub id (``hub_kwargs`` as in
-    :meth:`~priorzoo.PriorModel.from_pretrained`).
+    binding reads each tensor whole, once. The folder is read as :meth:`~priorzoo.PriorModel.from_pretrained`
+    reads it (:func:`priorzoo.format.serialization.open_prior_folder`: the visible files only, regular files in the
+    folder, the save-id check, each tensor in its shard, nothing missing or foreign), and the same checks of the
+    tensors apply: names, shapes and dtypes against the config here, the values of each slice as it is read
+    (finite, variance ≥ 0); the batch-norm buffers are read and checked whole. ``pretrained`` is a folder or a
+    Hub id (``hub_kwargs`` as in :meth:`~priorzoo.PriorModel.from_pretrained`).
 
     Example:
         >>> import tempfile, torch
@@ -281,32 +287,28 @@ def open_prior(pretrained: str | os.PathLike, **hub_kwargs: Any) -> PriorModel:
         >>> lazy.mean["w"][2:4].shape
         torch.Size([2, 2])
     """
-    from priorzoo.format.config import PriorConfig
+    from priorzoo.format.serialization import BUFFER_SUFFIX, SUFFIXES, open_prior_folder
     from priorzoo.prior import PriorModel
 
     folder = Path(pretrained)
+    if os.fspath(pretrained) == "":
+        raise PriorNotFoundError("`pretrained` is empty: pass a prior folder or a Hub repo id ('org/name')")
     if not folder.is_dir():
         from priorzoo.hub import download_prior
 
         folder = Path(download_prior(str(pretrained), **hub_kwargs))
-    if not (folder / CONFIG_NAME).is_file():
-        raise PriorNotFoundError(f"{str(folder)!r} is not a prior: no {CONFIG_NAME} there")
-    config = PriorConfig.from_json_file(folder / CONFIG_NAME)
-    if (folder / WEIGHTS_NAME).is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as f:
-            weight_map = {k: WEIGHTS_NAME for k in f.keys()}  # noqa: SIM118 - safe_open has keys(), no iteration
-    elif (folder / INDEX_NAME).is_file():
-        weight_map = dict(json.loads((folder / INDEX_NAME).read_text())["weight_map"])
-    else:
-        raise PriorNotFoundError(f"{str(folder)!r} has no {WEIGHTS_NAME} or {INDEX_NAME}")
-    store: dict[str, dict[str, LazyTensor]] = {"mean": {}, "variance": {}, "cov_factor": {}}
-    for name in config.names:
-        for suffix in store:
-            key = f"{name}.{suffix}"
-            if key in weight_map:
-                store[suffix][name] = LazyTensor(folder / weight_map[key], key)
-            elif suffix != "cov_factor" or config.rank > 0:
-                raise PriorFormatError(f"{folder}: the tensor `{key}` listed by {CONFIG_NAME} is not in the files")
-    return PriorModel(config, store["mean"], store["variance"], store["cov_factor"] or None, validate=False)
+    opened = open_prior_folder(folder)
+    try:
+        lazy = {
+            s: {n: LazyTensor(f, key, nonneg=s == "variance") for n, (f, key) in opened.tensors[s].items()}
+            for s in SUFFIXES
+        }
+        buffers = opened.read(BUFFER_SUFFIX)
+        config = opened.prior_config()
+        check_prior_tensors(config, lazy["mean"], lazy["variance"], lazy["cov_factor"] or None, buffers, values=False)
+    except BaseException:
+        opened.close()
+        raise
+    return PriorModel(
+        config, lazy["mean"], lazy["variance"], lazy["cov_factor"] or None, buffers=buffers, validate=False
+    )

@@ -27,20 +27,31 @@ from priorzoo.format.config import PriorConfig, PriorKind
 from priorzoo.format.serialization import BUFFER_SUFFIX as _BUFFER_SUFFIX
 from priorzoo.format.serialization import FLOAT_DTYPES
 
-__all__ = ["check_named_tensors", "check_prior_tensors", "check_tensor_inputs"]
+__all__ = ["check_fits", "check_named_tensors", "check_prior_tensors", "check_tensor_inputs", "check_values"]
+
+_BUFFER_DTYPES = (*FLOAT_DTYPES.values(), torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
-def _check_dtype(name: str, tensor: Tensor) -> None:
-    """A prior's tensors are float16, bfloat16, float32 or float64 (``docs/format.md``), nothing else."""
-    if tensor.dtype not in FLOAT_DTYPES.values():
+def _check_dtype(name: str, tensor: Any, *, buffer: bool = False) -> None:
+    """A prior's tensors are float16, bfloat16, float32 or float64 (``docs/format.md``); a buffer may also be an
+    integer tensor (``num_batches_tracked``); nothing else."""
+    if tensor.dtype not in (_BUFFER_DTYPES if buffer else FLOAT_DTYPES.values()):
+        valid = sorted(FLOAT_DTYPES) + (["int8", "int16", "int32", "int64", "uint8"] if buffer else [])
         raise PriorFormatError(
-            f"`{name}` has dtype {str(tensor.dtype).removeprefix('torch.')}; a prior's tensors are one of "
-            f"{sorted(FLOAT_DTYPES)}"
+            f"`{name}` has dtype {str(tensor.dtype).removeprefix('torch.')}; a prior's "
+            f"{'buffers' if buffer else 'tensors'} are one of {valid}"
         )
 
 
-def _check_values(name: str, tensor: Tensor, *, nonneg: bool) -> None:
-    """One read of the tensor (aminmax) proves it finite (and ≥ 0 for a variance); NaN propagates."""
+def check_values(name: str, tensor: Tensor, *, nonneg: bool) -> None:
+    """One read of the tensor (aminmax) proves it finite (and ≥ 0 for a variance); NaN propagates.
+
+    Example:
+        >>> check_values("w.variance", torch.tensor([1.0, -2.0]), nonneg=True)
+        Traceback (most recent call last):
+        ...
+        priorzoo.errors.PriorFormatError: `w.variance` must be ≥ 0 everywhere (it is a variance); its minimum is -2
+    """
     if tensor.numel() == 0:
         return
     lo, hi = torch.aminmax(tensor.detach() if tensor.dtype.is_floating_point else tensor.float())
@@ -57,9 +68,15 @@ def check_prior_tensors(
     variance: Mapping[str, Tensor],
     cov_factor: Mapping[str, Tensor] | None,
     buffers: Mapping[str, Tensor],
+    *,
+    values: bool = True,
 ) -> None:
     """Raise :class:`~priorzoo.errors.PriorFormatError` naming the first tensor that disagrees with ``cfg``
-    (missing, shape, dtype, non-finite, negative variance) or a tensor the config does not list."""
+    (missing, shape, dtype, non-finite, negative variance) or a tensor the config does not list.
+
+    ``values=False`` checks names, shapes and dtypes of the parameters' tensors only (anything with ``shape``
+    and ``dtype``, e.g. the lazily read tensors of :func:`priorzoo.binding.sharded.open_prior`, whose values are checked
+    as they are read); buffers are always checked whole."""
     for spec in cfg.parameters:
         for suffix, store in (("mean", mean), ("variance", variance)):
             t = store.get(spec.name)
@@ -70,7 +87,8 @@ def check_prior_tensors(
                     f"`{spec.name}.{suffix}` has shape {tuple(t.shape)}; the config says {spec.shape}"
                 )
             _check_dtype(f"{spec.name}.{suffix}", t)
-            _check_values(f"{spec.name}.{suffix}", t, nonneg=suffix == "variance")
+            if values:
+                check_values(f"{spec.name}.{suffix}", t, nonneg=suffix == "variance")
         if cfg.rank > 0:
             f = (cov_factor or {}).get(spec.name)
             if f is None:
@@ -81,7 +99,8 @@ def check_prior_tensors(
                     f"{(cfg.rank, *spec.shape)} (K = {cfg.rank} rows of the parameter's shape)"
                 )
             _check_dtype(f"{spec.name}.cov_factor", f)
-            _check_values(f"{spec.name}.cov_factor", f, nonneg=False)
+            if values:
+                check_values(f"{spec.name}.cov_factor", f, nonneg=False)
     extra = sorted(set(mean) - set(cfg.names))
     if extra:
         raise PriorFormatError(f"tensors for parameters not listed in the config: {extra[:5]}")
@@ -95,7 +114,8 @@ def check_prior_tensors(
             raise PriorFormatError(
                 f"`{name}.{_BUFFER_SUFFIX}` has shape {tuple(getattr(t, 'shape', ()))}; the config says {listed[name]}"
             )
-        _check_values(f"{name}.{_BUFFER_SUFFIX}", t, nonneg=name.endswith("running_var"))
+        _check_dtype(f"{name}.{_BUFFER_SUFFIX}", t, buffer=True)
+        check_values(f"{name}.{_BUFFER_SUFFIX}", t, nonneg=name.endswith("running_var"))
 
 
 def check_tensor_inputs(
@@ -140,3 +160,36 @@ def check_named_tensors(params: Any, names: list[str], mean: Mapping[str, Tensor
             raise PriorFormatError(
                 f"{what}: `{n}` has shape {tuple(params[n].shape)}; the prior has {tuple(mean[n].shape)}"
             )
+
+
+def check_fits(name: str, value: Tensor, dtype: torch.dtype, *, target: str) -> None:
+    """Refuse to copy ``value`` into a tensor of ``dtype`` when a finite value would not survive the cast (it
+    would become ±inf, or wrap around for an integer target).
+
+    Example:
+        >>> big = torch.tensor([1e300], dtype=torch.float64)
+        >>> check_fits("bn.running_var", big, torch.float32, target="`bn`")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        priorzoo.errors.PriorMatchError: `bn.running_var` holds values up to 1e+300 in absolute value, outside ...
+    """
+    if value.numel() == 0 or value.dtype == dtype or dtype == torch.bool:
+        return
+    if dtype.is_floating_point:
+        info: Any = torch.finfo(dtype)
+        if value.dtype.is_floating_point and value.dtype.itemsize < dtype.itemsize:
+            return  # a wider float holds every value of a narrower one
+    else:
+        info = torch.iinfo(dtype)
+    lo, hi = torch.aminmax(value.detach() if value.dtype.is_floating_point else value.detach().double())
+    lo, hi = float(lo), float(hi)
+    if lo >= info.min and hi <= info.max:
+        return
+    from priorzoo.errors import PriorMatchError
+
+    top = max(abs(lo), abs(hi))
+    raise PriorMatchError(
+        f"`{name}` holds values up to {top:g} in absolute value, outside the finite range of "
+        f"{str(dtype).removeprefix('torch.')} (±{info.max:g}) of {target}: refusing to copy it (the value would "
+        f"become {'inf' if dtype.is_floating_point else 'wrapped around'})"
+    )

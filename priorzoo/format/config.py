@@ -134,6 +134,9 @@ class PriorConfig:
             none (priors written before this key load unchanged).
         format_version: the file-format version; a newer one than this library reads is refused.
         priorzoo_version: the library version that wrote the file.
+        save_id: the id of the save that wrote the folder, also in every tensor file's header metadata
+            (``priorzoo_save_id``): a reader refuses files of two saves. Set by the writer; ``None`` (priors
+            written before it, or built in memory) means no check.
 
     Example:
         >>> cfg = PriorConfig(kind="swag", rank=2, parameters=[ParameterSpec("fc.weight", (3, 4))])
@@ -156,6 +159,7 @@ class PriorConfig:
     buffers: list[ParameterSpec] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
     priorzoo_version: str = field(default_factory=_version)
+    save_id: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.format_version, int) or isinstance(self.format_version, bool):
@@ -212,10 +216,10 @@ class PriorConfig:
         if bad:
             raise PriorFormatError(f"`exclude` must be a list of glob pattern strings; received {bad[:3]!r} in it")
         self.exclude = list(self.exclude)
-        for key in ("license", "priorzoo_version"):
+        for key in ("license", "priorzoo_version", "save_id"):
             value = getattr(self, key)
-            if not (isinstance(value, str) or (value is None and key == "license")):
-                valid = "a string or null" if key == "license" else "a string"
+            if not (isinstance(value, str) or (value is None and key != "priorzoo_version")):
+                valid = "a string" if key == "priorzoo_version" else "a string or null"
                 raise PriorFormatError(f"`{key}` must be {valid}; received {value!r}")
         for key in ("backbone", "source", "learning"):
             if not isinstance(getattr(self, key), Mapping):
@@ -269,6 +273,8 @@ class PriorConfig:
             value = getattr(self, f.name)
             if f.name == "kind":
                 value = self.kind.value
+            elif f.name == "save_id" and value is None:
+                continue  # written only by a save
             elif f.name in ("parameters", "buffers"):
                 if f.name == "buffers" and not value:
                     continue  # written only when present: a prior without buffers reads in older releases

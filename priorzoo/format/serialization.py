@@ -1,8 +1,17 @@
-"""Writing and reading prior folders (``docs/format.md``): sharding, canonical headers, atomic save, loading.
+"""Writing and reading prior folders (``docs/format.md``): sharding, the save id, the one reader.
 
 :class:`~priorzoo.prior.PriorModel` keeps thin ``save_pretrained`` / ``from_pretrained`` methods that call
-:func:`save_prior` and :func:`load_prior_folder`; the Hub side lives in :mod:`priorzoo.hub`. Nothing here
-unpickles anything: the tensors are safetensors, the configuration is JSON.
+:func:`save_prior` and :func:`load_prior_folder`; the Hub side lives in :mod:`priorzoo.hub`; the commit (lock,
+temporary names, ``config.json`` renamed last) in :mod:`priorzoo.format.commit`. Nothing here unpickles anything: the
+tensors are safetensors, the configuration is JSON.
+
+Every save has an id, a hash of its content (:func:`save_id_of`: the config, and every tensor's file, name,
+dtype, shape and bytes), so saving the same prior twice gives the same bytes. Each tensor file carries it in
+its header metadata (``priorzoo_save_id``) and ``config.json`` names it (``save_id``). Every reader goes
+through :func:`open_prior_folder`, which reads ``config.json``, opens the tensor files it points to and checks
+that each carries that id: files of two saves (a save landed between the reads, or was killed between its
+renames) are re-read while a save is under way, then refused with :class:`~priorzoo.errors.MixedPriorError`.
+A folder written before save ids (no ``save_id``) is read without the check.
 
 Example:
     >>> import tempfile, torch
@@ -16,32 +25,34 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
-import shutil
-import struct
-import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from priorzoo.errors import PriorFormatError
-from priorzoo.format.config import FORMAT_VERSION, REQUIRED_KEYS, PriorConfig
+from priorzoo.errors import MixedPriorError, PriorFormatError, PriorNotFoundError
+from priorzoo.format.commit import Staging, check_target, replace_prior_files, save_in_progress
+from priorzoo.format.config import FORMAT_VERSION, PriorConfig
 from priorzoo.format.files import (
     CARD_NAME,
-    COMMIT_DIR,
     CONFIG_NAME,
     INDEX_NAME,
-    MANIFEST_NAME,
-    STAGING_PREFIX,
+    SAVE_ID_KEY,
     WEIGHTS_NAME,
-    is_prior_weights,
+    link_roots,
+    open_checked,
     prior_files,
+    read_json,
+    read_shard_index,
 )
+from priorzoo.format.tensorfile import ST_NAMES, TensorFile
 
 if TYPE_CHECKING:
     from priorzoo.prior import PriorModel
@@ -49,20 +60,25 @@ if TYPE_CHECKING:
 __all__ = [
     "BUFFER_SUFFIX",
     "FLOAT_DTYPES",
+    "RETRY_S",
     "SUFFIXES",
+    "OpenedPrior",
     "as_dtype",
     "check_target",
-    "finish_pending",
     "load_prior_folder",
+    "open_prior_folder",
     "parse_size",
     "replace_prior_files",
+    "save_id_of",
     "save_prior",
 ]
 
 SUFFIXES = ("mean", "variance", "cov_factor")
+"""The tensors stored per parameter ``name``: ``name.mean``, ``name.variance``, ``name.cov_factor``."""
 BUFFER_SUFFIX = "buffer"
 """``<buffer name>.buffer``: running statistics a prior carries (``config.buffers``), not part of the density."""
-"""The tensors stored per parameter ``name``: ``name.mean``, ``name.variance``, ``name.cov_factor``."""
+RETRY_S = 2.0
+"""How long a reader re-reads a folder whose files belong to different saves while a save is under way there."""
 FLOAT_DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -106,22 +122,6 @@ def as_dtype(value: torch.dtype | str | None, what: str) -> torch.dtype | None:
     return FLOAT_DTYPES[value]
 
 
-def _canonicalize_header(path: Path) -> None:
-    """Rewrite a safetensors header with sorted JSON keys, in place and at the same length.
-
-    safetensors writes ``__metadata__`` keys in an arbitrary order, so two saves of the same prior could
-    differ byte for byte; canonical bytes let re-uploads of an unchanged prior make no new Hub commit.
-    """
-    with open(path, "r+b") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n))
-        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(text) > n:  # cannot happen: same content, no whitespace added
-            return
-        fh.seek(8)
-        fh.write(text.ljust(n))
-
-
 def _cast(name: str, tensor: Tensor, dtype: torch.dtype, *, variance: bool) -> Tensor:
     """``tensor`` on the CPU in ``dtype``, refusing a cast that would make the file unloadable or singular."""
     out = tensor.detach().to("cpu", dtype=dtype).contiguous()
@@ -162,115 +162,34 @@ def _tensor_dict(prior: PriorModel, factor_dtype: torch.dtype | None, dtype: tor
     return out
 
 
-# --------------------------------------------------------------------------------------------- atomic folders
-def check_target(target: str | os.PathLike, what: str) -> Path:
-    """Refuse a target folder a prior must not be written into; return it as a ``Path``.
+# --------------------------------------------------------------------------------------------- writing
+def save_id_of(config: PriorConfig, files: Iterable[tuple[str, Mapping[str, Tensor]]]) -> str:
+    """The id of a save: sha256 over the config (without ``save_id``) and, per tensor file in order, its name
+    and each tensor's name, dtype, shape and bytes; 32 hex digits. The same prior saved the same way gets the
+    same id (and the same bytes); anything that changes a file changes it. Each tensor is read once, in name
+    order (``files`` may map to :class:`~priorzoo.format.tensorfile.TensorFile` s, read one tensor at a time).
 
-    Refused: an empty path (it would mean the current folder), a path that is a file, and a folder whose
-    ``config.json`` is not a priorzoo prior's (a model folder: its config and card would be replaced).
+    Example:
+        >>> from priorzoo.format.config import ParameterSpec
+        >>> cfg = PriorConfig(kind="diagonal", rank=0, parameters=[ParameterSpec("w", (2,))])
+        >>> len(save_id_of(cfg, [("prior.safetensors", {"w.mean": torch.zeros(2)})]))
+        32
     """
-    if not isinstance(target, (str, os.PathLike)):
-        raise TypeError(f"`{what}` must be a folder path; received {type(target).__name__}")
-    if os.fspath(target) == "":
-        raise ValueError(f"`{what}` is empty: pass a folder path ('.' for the current folder)")
-    path = Path(target)
-    if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"`{what}` {str(path)!r} exists and is not a directory")
-    config = path / CONFIG_NAME
-    if config.is_file():
-        try:
-            data = json.loads(config.read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError):
-            data = None
-        if not (isinstance(data, dict) and all(k in data for k in REQUIRED_KEYS)):
-            keys = sorted(data)[:6] if isinstance(data, dict) else "unreadable JSON"
-            raise FileExistsError(
-                f"`{what}` {str(path)!r} holds a {CONFIG_NAME} that is not a priorzoo prior's (keys: {keys}; a prior's "
-                f"has {list(REQUIRED_KEYS)}), e.g. a model folder: refusing to replace its files. Write the prior into "
-                f"a new or empty folder, or delete {str(config)!r} first if the folder is yours to overwrite"
-            )
-    return path
+    h = hashlib.sha256(b"priorzoo-save-id-1\0")
+    h.update(dataclasses.replace(config, save_id=None).to_json_string().encode())
+    for fname, tensors in files:
+        h.update(f"\0file {fname}".encode())
+        for key in sorted(tensors):
+            t = tensors[key].detach().contiguous()
+            h.update(f"\0{key} {ST_NAMES[t.dtype]} {list(t.shape)}\0".encode())
+            if t.numel():
+                h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()[:32]
 
 
-def finish_pending(target: Path) -> None:
-    """Complete a save into ``target`` that was interrupted after its commit, and remove staging folders of
-    saves interrupted before it (they hold nothing committed)."""
-    for p in target.glob(f"{STAGING_PREFIX}*"):
-        shutil.rmtree(p, ignore_errors=True)
-    commit = target / COMMIT_DIR
-    if not commit.exists():
-        return
-    manifest = commit / MANIFEST_NAME
-    try:
-        names = json.loads(manifest.read_text(encoding="utf-8"))["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        names = None  # no manifest: every file was moved in already (the folder was being removed)
-    if names is not None:
-        for name in names:
-            if (commit / name).exists():
-                os.replace(commit / name, target / name)
-        for p in target.iterdir():
-            if p.is_file() and is_prior_weights(p.name) and p.name not in names:
-                p.unlink()
-        manifest.unlink()
-    shutil.rmtree(commit, ignore_errors=True)
-
-
-def replace_prior_files(target: str | os.PathLike, write: Callable[[Path], None], *, what: str) -> Path:
-    """Replace the prior in ``target`` (created if needed) by the files ``write(staging)`` writes, as a whole.
-
-    ``write`` fills a staging folder created inside ``target`` (so no rename crosses a device, even when
-    ``target`` is a mount point). The staging folder gets a manifest of its files and is renamed to
-    ``.priorzoo-commit`` — the commit point — after which its files are moved into place and stale tensor
-    files of the old prior (say its shards, after an unsharded save) are removed. A kill at any moment leaves
-    a folder that loads as the old prior (before the commit) or the new one (after it: the loader reads a
-    pending commit, see :func:`priorzoo.format.files.prior_files`); the next save finishes or discards what was left.
-    Files get the mode of a newly created file (the umask), like ``config.json``.
-    """
-    path = check_target(target, what)
-    path.mkdir(parents=True, exist_ok=True)
-    finish_pending(path)
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=path))
-    try:
-        write(staging)
-        names = sorted(p.name for p in staging.iterdir())
-        probe = staging / MANIFEST_NAME
-        probe.touch()
-        mode = probe.stat().st_mode & 0o777  # what the umask gives a new file
-        for name in names:
-            os.chmod(staging / name, mode)
-            with open(staging / name, "rb") as fh:
-                os.fsync(fh.fileno())
-        probe.write_text(json.dumps({"files": names}) + "\n", encoding="utf-8")
-        os.replace(staging, path / COMMIT_DIR)  # the commit point
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    finish_pending(path)
-    return path
-
-
-def save_prior(
-    prior: PriorModel,
-    save_directory: str | os.PathLike,
-    *,
-    max_shard_size: int | str = "2GB",
-    factor_dtype: torch.dtype | str | None = None,
-    dtype: torch.dtype | str | None = None,
-    card: bool = True,
-    repo_id: str | None = None,
-) -> Path:
-    """Write ``prior`` as a prior folder; the implementation of :meth:`PriorModel.save_pretrained
-    <priorzoo.prior.PriorModel.save_pretrained>` (see there for the arguments)."""
-    from safetensors.torch import save_file
-
-    factor_dtype = as_dtype(factor_dtype, "factor_dtype")
-    dtype = as_dtype(dtype, "dtype")
-    limit = parse_size(max_shard_size)
-    check_target(save_directory, "save_directory")
-    tensors = _tensor_dict(prior, factor_dtype, dtype)
-
-    # shards: parameters (then buffers) in order, a parameter's tensors kept together
+def _layout(prior: PriorModel, tensors: dict[str, Tensor], limit: int) -> list[tuple[str, dict[str, Tensor]]]:
+    """``[(file name, tensors)]``: parameters (then buffers) in order, a parameter's tensors kept together, a new
+    shard when ``limit`` bytes would be exceeded; one file is ``prior.safetensors``."""
     shards: list[dict[str, Tensor]] = [{}]
     size = 0
     groups = [[f"{n}.{s}" for s in SUFFIXES] for n in prior.names]
@@ -283,40 +202,179 @@ def save_prior(
             size = 0
         shards[-1].update(group)
         size += gsize
-    metadata = {
-        "format": "pt",
-        "priorzoo_version": prior.config.priorzoo_version,
-        "format_version": str(FORMAT_VERSION),
-    }
-    cfg = dataclasses.replace(prior.config)
+    if len(shards) == 1:
+        return [(WEIGHTS_NAME, shards[0])]
+    return [(f"prior-{i:05d}-of-{len(shards):05d}.safetensors", s) for i, s in enumerate(shards, start=1)]
+
+
+def save_prior(
+    prior: PriorModel,
+    save_directory: str | os.PathLike,
+    *,
+    max_shard_size: int | str = "2GB",
+    factor_dtype: torch.dtype | str | None = None,
+    dtype: torch.dtype | str | None = None,
+    card: bool = True,
+    repo_id: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``prior`` as a prior folder; the implementation of :meth:`PriorModel.save_pretrained
+    <priorzoo.prior.PriorModel.save_pretrained>` (see there for the arguments)."""
     from priorzoo._version import __version__
 
-    cfg.priorzoo_version = __version__
+    factor_dtype = as_dtype(factor_dtype, "factor_dtype")
+    dtype = as_dtype(dtype, "dtype")
+    limit = parse_size(max_shard_size)
+    check_target(save_directory, "save_directory", overwrite=overwrite)  # before any work
+    tensors = _tensor_dict(prior, factor_dtype, dtype)
+    files = _layout(prior, tensors, limit)
+    cfg = dataclasses.replace(prior.config, priorzoo_version=__version__, save_id=None)
+    cfg.save_id = save_id_of(cfg, files)
+    metadata = {
+        "format": "pt",
+        "priorzoo_version": cfg.priorzoo_version,
+        "format_version": str(FORMAT_VERSION),
+        SAVE_ID_KEY: cfg.save_id,
+    }
 
-    def write(tmp: Path) -> None:
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / WEIGHTS_NAME), metadata=metadata)
-            _canonicalize_header(tmp / WEIGHTS_NAME)
-        else:
-            total = len(shards)
-            weight_map = {}
-            for i, shard in enumerate(shards, start=1):
-                fname = f"prior-{i:05d}-of-{total:05d}.safetensors"
-                save_file(shard, str(tmp / fname), metadata=metadata)
-                _canonicalize_header(tmp / fname)
-                weight_map.update({k: fname for k in shard})
+    def write(staging: Staging) -> None:
+        for fname, part in files:
+            staging.write_tensors(fname, part, metadata)
+        if len(files) > 1:
             index = {
                 "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                "weight_map": weight_map,
+                "weight_map": {k: fname for fname, part in files for k in part},
             }
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        (tmp / CONFIG_NAME).write_text(cfg.to_json_string(), encoding="utf-8")
+            staging.write_text(INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n")
         if card:
             from priorzoo.format.cards import render_card
 
-            (tmp / CARD_NAME).write_text(render_card(cfg, repo_id=repo_id), encoding="utf-8")
+            staging.write_text(CARD_NAME, render_card(cfg, repo_id=repo_id))
+        staging.write_text(CONFIG_NAME, cfg.to_json_string())
 
-    return replace_prior_files(save_directory, write, what="save_directory")
+    return replace_prior_files(save_directory, write, what="save_directory", overwrite=overwrite)
+
+
+# --------------------------------------------------------------------------------------------- reading
+@dataclasses.dataclass
+class OpenedPrior:
+    """A prior folder opened by :func:`open_prior_folder`: its config and, per suffix (``mean``, ``variance``,
+    ``cov_factor``, ``buffer``), ``name -> (file, tensor key)``; every file belongs to the config's save.
+    Tensors are read from the files as opened, whatever happens to the folder meanwhile."""
+
+    config: PriorConfig
+    tensors: dict[str, dict[str, tuple[TensorFile, str]]]
+    files: list[TensorFile]
+
+    def read(self, suffix: str, device: torch.device | str | None = None) -> dict[str, Tensor]:
+        """Every tensor of ``suffix``, read whole: ``name -> tensor``."""
+        out = {n: f.read(key) for n, (f, key) in self.tensors[suffix].items()}
+        return {n: t.to(device) for n, t in out.items()} if device is not None else out
+
+    def prior_config(self) -> PriorConfig:
+        """The config without its ``save_id``: the id belongs to the folder's files (checked when they were
+        opened), not to the prior read from them, whose next save gets its own."""
+        config = dataclasses.replace(self.config)
+        config.save_id = None
+        return config
+
+    def close(self) -> None:
+        """Unmap the files (tensors already read stay valid)."""
+        for f in self.files:
+            f.close()
+
+
+def _check_save_ids(where: str, config: PriorConfig, files: list[tuple[str, TensorFile]]) -> None:
+    got = {name: f.metadata.get(SAVE_ID_KEY) for name, f in files}
+    if all(v == config.save_id for v in got.values()):
+        return
+    shown = ", ".join(f"`{n}`: {v or 'none'}" for n, v in got.items())
+    raise MixedPriorError(
+        f"{where}: its files belong to different saves: {CONFIG_NAME} names save id {config.save_id or 'none'}, "
+        f"the tensor files carry {shown}. A save into this folder was interrupted between its tensor files and "
+        f"{CONFIG_NAME} (or another program changed a file). Save the prior into it again, or fetch it again"
+    )
+
+
+def _open_once(folder: Path, where: str) -> OpenedPrior:
+    paths = prior_files(folder, where=where)
+    roots = link_roots(folder)
+    data = read_json(paths[CONFIG_NAME], roots=roots)
+    config = PriorConfig.from_dict(data, source=str(paths[CONFIG_NAME]))  # type: ignore[arg-type]
+    opened: list[tuple[str, TensorFile]] = []
+    try:
+        for name, path in paths.items():
+            if name not in (CONFIG_NAME, INDEX_NAME, CARD_NAME):
+                opened.append((name, TensorFile(open_checked(path, roots=roots, where=where), str(path))))
+        _check_save_ids(where, config, opened)
+        expected = read_shard_index(paths[INDEX_NAME], roots=roots) if INDEX_NAME in paths else None
+        store: dict[str, dict[str, tuple[TensorFile, str]]] = {s: {} for s in (*SUFFIXES, BUFFER_SUFFIX)}
+        unexpected = []
+        for fname, f in opened:
+            wrong = [k for k in f.entries if expected is not None and expected.get(k) != fname]
+            if wrong:
+                raise PriorFormatError(f"{folder / fname}: holds tensors the index assigns elsewhere: {wrong[:5]}")
+            for key in f.entries:
+                name, _, suffix = key.rpartition(".")
+                if suffix in store and name and name not in store[suffix]:
+                    store[suffix][name] = (f, key)
+                else:
+                    unexpected.append(key)
+        known = set(config.names)
+        unexpected += [f"{n}.{s}" for s in SUFFIXES for n in store[s] if n not in known]
+        known_buffers = {b.name for b in config.buffers}
+        unexpected += [f"{n}.{BUFFER_SUFFIX}" for n in store[BUFFER_SUFFIX] if n not in known_buffers]
+        absent = sorted(known_buffers - set(store[BUFFER_SUFFIX]))
+        if absent:
+            raise PriorFormatError(f"{folder}: buffer tensor(s) listed in {CONFIG_NAME} are missing: {absent[:5]}")
+        if unexpected:
+            raise PriorFormatError(f"{folder}: tensors not described by {CONFIG_NAME}: {sorted(unexpected)[:5]}")
+        if config.rank == 0 and store["cov_factor"]:
+            raise PriorFormatError(f"{folder}: config rank is 0 but the file holds cov_factor tensors")
+    except BaseException:
+        for _, f in opened:
+            f.close()
+        raise
+    return OpenedPrior(config, store, [f for _, f in opened])
+
+
+def _config_identity(folder: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(folder / CONFIG_NAME)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def open_prior_folder(folder: str | os.PathLike, *, where: str | None = None) -> OpenedPrior:
+    """Open a local prior folder for reading: the one path of every reader (``from_pretrained``, the sharded
+    reader, the CLI). Reads ``config.json``, opens the tensor files :func:`priorzoo.format.files.prior_files` names
+    (regular files in the folder only), checks their headers (dtypes safetensors defines, offsets, sizes), that
+    each belongs to the config's save, that each tensor sits in the shard the index names, and that no tensor is
+    missing from or foreign to the config. The values are checked by the caller
+    (:func:`priorzoo.format.checks.check_prior_tensors`).
+
+    While a save into the folder is under way (its lock is held, or ``config.json`` changed since it was read)
+    a failed read is retried, for up to :data:`RETRY_S` seconds; any failure is retried twice.
+
+    Raises:
+        MixedPriorError: the files still belong to different saves (naming each file's save id).
+        PriorNotFoundError, PriorFormatError: not a prior, or a broken one.
+    """
+    folder = Path(folder)
+    where = where or repr(str(folder))
+    deadline = time.monotonic() + RETRY_S
+    attempt = 0
+    while True:
+        before = _config_identity(folder)
+        try:
+            return _open_once(folder, where)
+        except (PriorFormatError, PriorNotFoundError, FileNotFoundError):
+            attempt += 1
+            busy = save_in_progress(folder) or _config_identity(folder) != before
+            if time.monotonic() > deadline or not (busy or attempt < 3):
+                raise
+            time.sleep(0.01 * attempt)
 
 
 def load_prior_folder(
@@ -325,53 +383,13 @@ def load_prior_folder(
     """Read a local prior folder: ``(config, mean, variance, cov_factor or None, buffers)``, tensors on
     ``device`` (``buffers``: ``name -> tensor``, empty for a prior without ``config.buffers``).
 
-    The tensors' values are validated by :class:`~priorzoo.prior.PriorModel` (finite, variance ≥ 0,
-    shapes as in the config); this checks the files: a config, the tensors (single file or index + shards),
-    each tensor in the shard the index names, no tensor the config does not describe.
+    The files are checked by :func:`open_prior_folder`; the values (finite, variance ≥ 0, shapes and dtypes as
+    in the config) by :class:`~priorzoo.prior.PriorModel`. The config's ``save_id`` is checked and dropped.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    paths = prior_files(folder)
-    config = PriorConfig.from_json_file(paths[CONFIG_NAME])
-    if WEIGHTS_NAME in paths:
-        files = [paths[WEIGHTS_NAME]]
-        expected_map = None
-    else:
-        from priorzoo.format.files import read_shard_index
-
-        expected_map = read_shard_index(paths[INDEX_NAME])
-        files = [paths[f] for f in sorted(set(expected_map.values()))]
-    tensors: dict[str, Tensor] = {}
-    dev = str(device) if device is not None else "cpu"
-    for f in files:
-        try:
-            part = load_file(str(f), device=dev)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-            raise PriorFormatError(f"{f}: corrupted or truncated safetensors file ({err})") from None
-        if expected_map is not None:
-            wrong = [k for k in part if expected_map.get(k) != f.name]
-            if wrong:
-                raise PriorFormatError(f"{f}: holds tensors the index assigns elsewhere: {wrong[:5]}")
-        tensors.update(part)
-    store: dict[str, dict[str, Tensor]] = {s: {} for s in (*SUFFIXES, BUFFER_SUFFIX)}
-    unexpected = []
-    for key, t in tensors.items():
-        name, _, suffix = key.rpartition(".")
-        if suffix in store and name:
-            store[suffix][name] = t
-        else:
-            unexpected.append(key)
-    known = set(config.names)
-    unexpected += [f"{n}.{s}" for s in SUFFIXES for n in store[s] if n not in known]
-    known_buffers = {b.name for b in config.buffers}
-    unexpected += [f"{n}.{BUFFER_SUFFIX}" for n in store[BUFFER_SUFFIX] if n not in known_buffers]
-    absent = sorted(known_buffers - set(store[BUFFER_SUFFIX]))
-    if absent:
-        raise PriorFormatError(f"{folder}: buffer tensor(s) listed in {CONFIG_NAME} are missing: {absent[:5]}")
-    if unexpected:
-        raise PriorFormatError(f"{folder}: tensors not described by {CONFIG_NAME}: {sorted(unexpected)[:5]}")
-    if config.rank == 0 and store["cov_factor"]:
-        raise PriorFormatError(f"{folder}: config rank is 0 but the file holds cov_factor tensors")
-    return config, store["mean"], store["variance"], store["cov_factor"] or None, store[BUFFER_SUFFIX]
+    opened = open_prior_folder(folder)
+    try:
+        mean, variance = opened.read("mean", device), opened.read("variance", device)
+        cov_factor = opened.read("cov_factor", device) or None
+        return opened.prior_config(), mean, variance, cov_factor, opened.read(BUFFER_SUFFIX, device)
+    finally:
+        opened.close()

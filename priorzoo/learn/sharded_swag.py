@@ -69,14 +69,6 @@ if TYPE_CHECKING:
 
 __all__ = ["ShardedSWAGCollector"]
 
-_ST_NAMES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-}
 _MEDIAN_SAMPLE = 1_000_000  # recommend_scale's median: an even stride of at most this many variances
 
 
@@ -317,21 +309,6 @@ def _config(
     )
 
 
-def _header(specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[bytes, dict]:
-    """A safetensors header (canonical: sorted keys, padded to 8 bytes) and each tensor's byte range."""
-    entries: dict[str, Any] = {"__metadata__": metadata}
-    ranges = {}
-    offset = 0
-    for key, (dtype, shape) in specs.items():
-        size = math.prod(shape) * dtype.itemsize
-        entries[key] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-        ranges[key] = (offset, offset + size)
-        offset += size
-    text = json.dumps(entries, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-    text = text.ljust(-(-len(text) // 8) * 8)
-    return len(text).to_bytes(8, "little") + text, ranges
-
-
 def _write_slice(
     path: Path, start: int, dtype: torch.dtype, shape: tuple[int, ...], index: tuple, value: Tensor
 ) -> None:
@@ -373,8 +350,9 @@ def _write_folder(
 
     from priorzoo._version import __version__
     from priorzoo.format.config import FORMAT_VERSION
-    from priorzoo.format.files import CARD_NAME, CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
-    from priorzoo.format.serialization import parse_size, replace_prior_files
+    from priorzoo.format.files import CARD_NAME, CONFIG_NAME, INDEX_NAME, SAVE_ID_KEY, WEIGHTS_NAME, open_checked
+    from priorzoo.format.serialization import parse_size, replace_prior_files, save_id_of
+    from priorzoo.format.tensorfile import TensorFile, header_bytes
 
     limit = parse_size(max_shard_size)
     groups = [[k for k in (f"{n}.mean", f"{n}.variance", f"{n}.cov_factor") if k in specs] for n in names]
@@ -393,11 +371,18 @@ def _write_folder(
         if len(files) == 1
         else [f"prior-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)]
     )
-    metadata = {"format": "pt", "priorzoo_version": config.priorzoo_version, "format_version": str(FORMAT_VERSION)}
+    # the save id hashes the written bytes (save_prior's id, see priorzoo.format.serialization.save_id_of): the files
+    # are laid out with a placeholder of the same length, and process 0 writes the id in once every slice is in
+    metadata = {
+        "format": "pt",
+        "priorzoo_version": __version__,
+        "format_version": str(FORMAT_VERSION),
+        SAVE_ID_KEY: "0" * 32,
+    }
     layout = {}  # key -> (file name, absolute byte offset)
     headers = []
     for fname, keys in zip(fnames, files):
-        head, ranges = _header({k: specs[k] for k in keys}, metadata)
+        head, ranges = header_bytes({k: specs[k] for k in keys}, metadata)
         headers.append((fname, head, ranges[keys[-1]][1] if keys else 0))
         layout.update({k: (fname, len(head) + ranges[k][0]) for k in keys})
 
@@ -442,30 +427,39 @@ def _write_folder(
 
     state = {"sent": False, "agreed": False, "failed": False}
     if not is_writer:
-        staging = Path(receive())
+        staging = receive()  # a priorzoo.format.commit.Staging: `staging / name` is the temporary file of `name`
         write_mine_and_agree(staging)
         return Path(receive())
 
-    cfg = dataclasses.replace(config)
-    cfg.priorzoo_version = __version__
+    cfg = dataclasses.replace(config, priorzoo_version=__version__, save_id=None)
 
-    def write(tmp: Path) -> None:
+    def write(tmp: Any) -> None:
         for fname, head, data_size in headers:
             with open(tmp / fname, "wb") as fh:
                 fh.write(head)
                 fh.truncate(len(head) + data_size)
-        dist.broadcast_object_list([str(tmp)], src=root, group=group)
+        dist.broadcast_object_list([tmp], src=root, group=group)
         state["sent"] = True
         write_mine_and_agree(tmp)
+        written = [TensorFile(open_checked(tmp / fname), fname) for fname in fnames]
+        try:
+            cfg.save_id = save_id_of(cfg, zip(fnames, written))
+        finally:
+            for f in written:
+                f.close()
+        for fname, keys in zip(fnames, files):
+            head, _ = header_bytes({k: specs[k] for k in keys}, {**metadata, SAVE_ID_KEY: cfg.save_id})
+            with open(tmp / fname, "r+b") as fh:
+                fh.write(head)  # the same length: only the id's 32 digits change
         if len(fnames) > 1:
             total = sum(math.prod(s) * d.itemsize for d, s in specs.values())
             index = {"metadata": {"total_size": total}, "weight_map": {k: layout[k][0] for k in specs}}
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        (tmp / CONFIG_NAME).write_text(cfg.to_json_string(), encoding="utf-8")
+            tmp.write_text(INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n")
         if card:
             from priorzoo.format.cards import render_card
 
-            (tmp / CARD_NAME).write_text(render_card(cfg), encoding="utf-8")
+            tmp.write_text(CARD_NAME, render_card(cfg))
+        tmp.write_text(CONFIG_NAME, cfg.to_json_string())
 
     try:
         path = replace_prior_files(save_directory, write, what="save_directory")

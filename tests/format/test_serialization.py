@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from _models import rewrite_tensors
 from safetensors.torch import load_file, save_file
 
 from priorzoo import PriorModel
-from priorzoo.errors import PriorFormatError, PriorNotFoundError
-from priorzoo.format.files import COMMIT_DIR, CONFIG_NAME, INDEX_NAME, STAGING_PREFIX, WEIGHTS_NAME, prior_files
+from priorzoo.errors import MixedPriorError, PriorFormatError, PriorNotFoundError
+from priorzoo.format.files import CONFIG_NAME, INDEX_NAME, LOCK_NAME, TMP_RE, WEIGHTS_NAME, prior_files
 
 
 def prior(value: float, *, scale: float = 1.0, rank: int = 2, n: int = 3) -> PriorModel:
@@ -41,16 +42,25 @@ def save_old_then_new(folder: Path, *, old_shards: bool, new_shards: bool) -> No
 
 
 # --------------------------------------------------------------------------------------------- atomic replace
-@pytest.mark.parametrize(("old_shards", "new_shards"), [(False, True), (True, False), (True, True)])
-def test_a_failing_rename_at_any_step_leaves_the_old_or_the_new_prior(tmp_path, monkeypatch, old_shards, new_shards):
-    # the issue's reproduction: os.replace raises at its k-th call, for every k the save makes
+def load_or_mixed(folder: Path) -> tuple[float, float] | str:
+    """The state of a folder, or ``"mixed"`` when the loader refuses it as files of two saves."""
+    try:
+        return state(folder)
+    except MixedPriorError:
+        return "mixed"
+
+
+@pytest.mark.parametrize(("old_shards", "new_shards"), [(False, False), (False, True), (True, False), (True, True)])
+def test_a_failing_rename_at_any_step_never_gives_a_mixed_prior(tmp_path, monkeypatch, old_shards, new_shards):
+    # os.replace raises at its k-th call, for every k the save makes: the folder reads as the old prior, the
+    # new one, or is refused as files of two saves (tensors renamed, config.json not yet) — never a mixture
     real_replace = os.replace
     old_size, new_size = (200 if old_shards else "2GB"), (200 if new_shards else "2GB")
     calls = []
     prior(OLD[1], scale=OLD[0]).save_pretrained(tmp_path / "count", max_shard_size=old_size)
-    monkeypatch.setattr(os, "replace", lambda src, dst: calls.append(dst) or real_replace(src, dst))
+    monkeypatch.setattr(os, "replace", lambda src, dst, **kw: calls.append(dst) or real_replace(src, dst, **kw))
     prior(NEW[1], scale=NEW[0]).save_pretrained(tmp_path / "count", max_shard_size=new_size)
-    assert len(calls) >= 3  # the commit, then one move per file
+    assert calls[-1] == CONFIG_NAME and len(calls) >= 3  # tensors and card first, config.json last
     seen = set()
     for fail_at in range(1, len(calls) + 1):
         folder = tmp_path / f"p{fail_at}"
@@ -58,49 +68,47 @@ def test_a_failing_rename_at_any_step_leaves_the_old_or_the_new_prior(tmp_path, 
         prior(OLD[1], scale=OLD[0]).save_pretrained(folder, max_shard_size=old_size)
         count = iter(range(1, 100))
 
-        def flaky(src, dst, count=count, fail_at=fail_at):
+        def flaky(src, dst, count=count, fail_at=fail_at, **kw):
             if next(count) == fail_at:
                 raise OSError(f"simulated crash at rename {fail_at}")
-            return real_replace(src, dst)
+            return real_replace(src, dst, **kw)
 
         monkeypatch.setattr(os, "replace", flaky)
         with pytest.raises(OSError, match="simulated crash"):
             prior(NEW[1], scale=NEW[0]).save_pretrained(folder, max_shard_size=new_size)
         monkeypatch.setattr(os, "replace", real_replace)
-        got = state(folder)
-        assert got in (OLD, NEW), f"failing rename {fail_at}: mixed prior {got}"
+        got = load_or_mixed(folder)
+        assert got in (OLD, NEW, "mixed"), f"failing rename {fail_at}: mixed prior {got}"
         seen.add(got)
-        # the next save finishes or discards what the interrupted one left, and leaves nothing behind
-        prior(7.0, scale=9.0).save_pretrained(folder, max_shard_size=old_size)
+        assert not [p for p in folder.iterdir() if p.name.startswith(".priorzoo-")]  # temporaries discarded
+        prior(7.0, scale=9.0).save_pretrained(folder, max_shard_size=old_size)  # the next save repairs it
         assert state(folder) == (9.0, 7.0)
         names = {p.name for p in folder.iterdir()}
-        assert not [n for n in names if n.startswith(".priorzoo-")]
         assert (INDEX_NAME in names) == old_shards and (WEIGHTS_NAME in names) != old_shards
-    assert seen == {OLD, NEW}  # the first rename is the commit: before it old, after it new
+    assert NEW not in seen  # config.json is renamed last: the commit point
 
 
-def test_an_interrupted_save_is_read_as_committed_and_finished_by_the_next_save(tmp_path, monkeypatch):
+def test_a_save_interrupted_after_its_commit_reads_as_the_new_prior(tmp_path, monkeypatch):
+    # killed after config.json was renamed, before the old layout's file was removed: both layouts are there,
+    # and the one whose files carry config.json's save id is the prior
     folder = tmp_path / "p"
     prior(OLD[1], scale=OLD[0]).save_pretrained(folder)
-    real_replace = os.replace
-    calls = []
+    real_unlink = os.unlink
 
-    def crash_after_commit(src, dst):
-        calls.append(Path(dst).name)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # Ctrl-C right after the commit
-        return real_replace(src, dst)
+    def interrupt(path, *args, **kwargs):
+        if path == WEIGHTS_NAME:
+            raise KeyboardInterrupt  # Ctrl-C while removing the old prior's file
+        return real_unlink(path, *args, **kwargs)
 
-    monkeypatch.setattr(os, "replace", crash_after_commit)
+    monkeypatch.setattr(os, "unlink", interrupt)
     with pytest.raises(KeyboardInterrupt):
         prior(NEW[1], scale=NEW[0]).save_pretrained(folder, max_shard_size=200)
-    monkeypatch.setattr(os, "replace", real_replace)
-    assert calls[0] == COMMIT_DIR
-    assert (folder / COMMIT_DIR).is_dir() and (folder / WEIGHTS_NAME).is_file()  # old tensors still in place
+    monkeypatch.setattr(os, "unlink", real_unlink)
+    assert (folder / WEIGHTS_NAME).is_file() and (folder / INDEX_NAME).is_file()
     assert state(folder) == NEW
-    assert set(prior_files(folder)) >= {CONFIG_NAME, INDEX_NAME}
-    prior(NEW[1], scale=NEW[0]).save_pretrained(folder)
-    assert not (folder / COMMIT_DIR).exists() and not (folder / INDEX_NAME).exists()
+    assert WEIGHTS_NAME not in prior_files(folder)
+    prior(NEW[1], scale=NEW[0]).save_pretrained(folder, max_shard_size=200)
+    assert not (folder / WEIGHTS_NAME).exists()
 
 
 def test_a_failure_before_the_commit_keeps_the_old_prior_and_cleans_up(tmp_path, monkeypatch):
@@ -111,36 +119,49 @@ def test_a_failure_before_the_commit_keeps_the_old_prior_and_cleans_up(tmp_path,
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("safetensors.torch.save_file", disk_full)
+    monkeypatch.setattr("priorzoo.format.commit.write_tensor_file", disk_full)
     with pytest.raises(OSError, match="No space left"):
         prior(NEW[1], scale=NEW[0]).save_pretrained(folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
 
-def test_leftover_staging_folders_are_ignored_and_removed(tmp_path):
+def test_temporaries_are_files_of_the_fixed_pattern_inside_the_target(tmp_path, monkeypatch):
+    from priorzoo.format import commit
+
+    seen = []
+    real = commit._commit
+
+    def spy(dir_fd, staging, was_prior, where):
+        seen.extend((p.name, p.is_file()) for p in (tmp_path / "new").iterdir())
+        return real(dir_fd, staging, was_prior, where)
+
+    monkeypatch.setattr(commit, "_commit", spy)
+    prior(OLD[1]).save_pretrained(tmp_path / "new", max_shard_size=200)  # a new folder too
+    temporaries = [(n, f) for n, f in seen if n.startswith(".priorzoo-tmp-")]
+    assert temporaries and all(TMP_RE.fullmatch(n) and is_file for n, is_file in temporaries)
+    assert {n for n, _ in seen} - {n for n, _ in temporaries} == {LOCK_NAME}
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "new"]
+
+
+def test_leftovers_of_interrupted_saves_are_removed_inside_the_target_only(tmp_path):
     folder = prior(OLD[1], scale=OLD[0]).save_pretrained(tmp_path / "p")
-    junk = folder / f"{STAGING_PREFIX}killed"
-    junk.mkdir()
-    (junk / WEIGHTS_NAME).write_bytes(b"half a file")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep me")
+    token = "0123456789abcdef"
+    (folder / f".priorzoo-tmp-{token}-prior.safetensors").write_bytes(b"half a file")
+    (folder / f".priorzoo-tmp-{token}-config.json").symlink_to(outside)  # a link: removed, its target kept
+    junk_dir = folder / f".priorzoo-tmp-{token}-README.md"
+    junk_dir.mkdir()  # a directory named like a leftover: never entered, left alone
+    (junk_dir / "inside").write_text("x")
+    other = folder / ".priorzoo-tmp-notmine"
+    other.write_text("not of the pattern")
     assert state(folder) == OLD
     prior(NEW[1], scale=NEW[0]).save_pretrained(folder)
-    assert not junk.exists() and state(folder) == NEW
-
-
-def test_temporaries_are_created_inside_the_target(tmp_path, monkeypatch):
-    import tempfile
-
-    dirs = []
-    real = tempfile.mkdtemp
-
-    def spy(*args, **kwargs):
-        dirs.append(Path(kwargs["dir"]))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(tempfile, "mkdtemp", spy)
-    prior(OLD[1]).save_pretrained(tmp_path / "new")  # a new folder too: no rename across its parent
-    prior(NEW[1]).save_pretrained(tmp_path / "new")
-    assert dirs == [tmp_path / "new", tmp_path / "new"]
+    assert state(folder) == NEW
+    assert outside.read_text() == "keep me"
+    assert not os.path.lexists(folder / f".priorzoo-tmp-{token}-config.json")
+    assert not (folder / f".priorzoo-tmp-{token}-prior.safetensors").exists()
+    assert (junk_dir / "inside").read_text() == "x" and other.read_text() == "not of the pattern"
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
@@ -254,7 +275,7 @@ def test_a_tensor_of_a_dtype_outside_the_format_is_refused(tmp_path, suffix, dty
     folder = prior(1.0).save_pretrained(tmp_path / "p")
     tensors = load_file(folder / WEIGHTS_NAME)
     tensors[f"layer0.weight.{suffix}"] = tensors[f"layer0.weight.{suffix}"].to(dtype)
-    save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
+    rewrite_tensors(folder / WEIGHTS_NAME, tensors)
     name = str(dtype).removeprefix("torch.")
     with pytest.raises(PriorFormatError, match=rf"`layer0\.weight\.{suffix}` has dtype {name}; .*'bfloat16'"):
         PriorModel.from_pretrained(folder)
