@@ -11,13 +11,18 @@ from pathlib import Path
 TORCHRUN = shutil.which("torchrun")
 
 
-def run_torchrun(worker: str | os.PathLike, *args: str, nproc: int = 2, timeout: int = 300) -> None:
-    """Run ``torchrun --standalone --nproc_per_node=nproc worker *args``; fail with its output if it fails."""
+def run_torchrun(
+    worker: str | os.PathLike, *args: str, nproc: int = 2, timeout: int = 300, module: bool = False
+) -> None:
+    """Run ``torchrun --standalone --nproc_per_node=nproc worker *args`` (``module``: ``-m worker``, a module
+    name such as ``priorzoo.cli``); fail with its output if it fails."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_"))}
     env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(worker).parent), env.get("PYTHONPATH", "")])
+    target = ["-m", str(worker)] if module else [str(worker)]
+    if not module:
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(worker).parent), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
-        [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", str(worker), *args],
+        [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", *target, *args],
         env=env,
         capture_output=True,
         text=True,

@@ -323,6 +323,9 @@ def train_run(
         )
     else:
         trainer = Trainer(**kwargs)
+    # every model here returns the mean loss of its micro-batch (a transformers classifier takes **kwargs but
+    # ignores num_items_in_batch): the Trainer must average micro-batches and processes, not sum them
+    trainer.model_accepts_loss_kwargs = False
     trainer.remove_callback(PrinterCallback)  # the epoch lines above replace the Trainer's raw log dicts
     resume = get_last_checkpoint(str(folder)) if args.resume and folder.is_dir() else None
     if resume is not None:

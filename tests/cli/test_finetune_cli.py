@@ -354,3 +354,77 @@ def test_torchvision_resnet18_learn_then_finetune_end_to_end(tmp_path, capsys):
 
     fresh = torchvision.models.get_model("resnet18", num_classes=2)
     fresh.load_state_dict(load_file(str(out / "model" / "model.safetensors")))
+
+
+def _image_folders(root: Path, sizes=(("train", 4), ("test", 2))) -> Path:
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split, n in sizes:
+        for cls, base in (("cat", 40), ("dog", 200)):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                arr = (base + 30 * torch.rand(16, 16, 3, generator=g)).clamp(0, 255).to(torch.uint8).numpy()
+                Image.fromarray(arr).save(d / f"{i}.png")
+    return root
+
+
+def test_init_from_starts_at_the_prior_mean_and_buffers_without_a_prior_term(tmp_path, capsys):
+    timm = pytest.importorskip("timm")
+    from priorzoo.cli import build_parser
+    from priorzoo.cli.finetune import prepare
+
+    data = _image_folders(tmp_path / "images")
+    net = timm.create_model("test_resnet", pretrained=False, num_classes=2)
+    g = torch.Generator().manual_seed(3)
+    mean = {n: p.detach() + 0.1 * torch.randn(p.shape, generator=g) for n, p in net.named_parameters()}
+    buffers = {n: b + 0.5 for n, b in net.named_buffers() if n.endswith(("running_mean", "running_var"))}
+    prior = PriorModel.from_tensors(mean, variance=1e-3, buffers=buffers, exclude=["fc.*"])
+    folder = prior.save_pretrained(tmp_path / "prior")
+    argv = _args(
+        "test_resnet", "--library", "timm", "--no-pretrained", "--no-prior", "--init-from", str(folder),
+        "--data", str(data / "train"), "--test-data", str(data / "test"), "--image-size", "16", "--epochs", "1",
+        "--lr", "0.01", "--allow-failure", "--output-dir", str(tmp_path / "run"),
+    )  # fmt: skip
+    setup = prepare(build_parser().parse_args(argv))
+    assert setup.prior is None
+    assert setup.start == {"weights": "prior_mean", "prior": str(folder), "buffers": len(buffers)}
+    model_buffers = dict(setup.model.named_buffers())
+    assert all(torch.equal(model_buffers[n], b) for n, b in buffers.items())  # the prior's batch-norm statistics
+    params = dict(setup.model.named_parameters())
+    assert all(torch.equal(params[n], m) for n, m in mean.items() if not n.startswith("fc."))  # at μ
+    assert main(argv) == 0
+    assert "starting point: the prior mean μ of" in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["start"]["weights"] == "prior_mean" and metrics["prior"]["source"] is None
+    assert metrics["prior"]["scale"] is None
+    assert all("prior_term" not in e for e in metrics["training"]["map"]["history"])  # no prior term
+    with pytest.raises(SystemExit):  # --init-from is the control arm of --no-prior / --l2sp, not of --prior
+        build_parser().parse_args([*argv, "--keep-backbone-weights"])
+    assert main(_args("x", "--prior", str(folder), "--init-from", str(folder), "--data", "d.csv",
+                      "--output-dir", str(tmp_path / "o"))) == 2  # fmt: skip
+
+
+def test_trainable_layers_keep_the_frozen_batch_norm_statistics_through_a_trainer_run(tmp_path):
+    pytest.importorskip("timm")
+    from safetensors.torch import load_file
+
+    from priorzoo.cli import build_parser
+    from priorzoo.cli.finetune import prepare
+
+    data = _image_folders(tmp_path / "images")
+    argv = _args(
+        "test_resnet", "--library", "timm", "--no-pretrained", "--no-prior", "--trainable-layers", "1",
+        "--data", str(data / "train"), "--image-size", "16", "--epochs", "2", "--lr", "0.05", "--allow-failure",
+        "--output-dir", str(tmp_path / "run"),
+    )  # fmt: skip
+    start = {k: v.clone() for k, v in prepare(build_parser().parse_args(argv)).model.state_dict().items()}
+    assert main(argv) == 0
+    saved = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
+    frozen_bn = [k for k in start if k.startswith("bn1.") and "running" in k]
+    assert frozen_bn and all(torch.equal(saved[k], start[k]) for k in frozen_bn)  # the stem is frozen: unchanged
+    trained = [k for k in start if k.startswith("layer4.") and k.endswith("running_mean")] or [
+        k for k in start if k.endswith("running_mean")
+    ][-1:]
+    assert any(not torch.equal(saved[k], start[k]) for k in trained)  # the trained block's statistics moved
