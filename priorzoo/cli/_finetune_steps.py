@@ -200,6 +200,7 @@ def prepare(args: argparse.Namespace) -> Setup:
     val_ds = load_split(args.validation_data, args)
     test_ds = load_split(args.test_data, args)
     cols = data_columns(train_ds, args, [d for d in (val_ds, test_ds) if d is not None])
+    val_ds, test_ds = (cols.align(d) if d is not None else None for d in (val_ds, test_ds))  # ids by name
     cols.check_classification(len(train_ds))
     train_part: Any = train_ds
     if val_ds is None and args.tune_scale:

@@ -351,6 +351,8 @@ def _run(args: argparse.Namespace) -> int:
         "objective": objective_name,
         "num_examples": len(train_ds),
     }
+    if objective_name == "supervised":
+        source["label_names"] = cols.names  # class id i is label_names[i] (the one label rule)
     if local:
         source["local"] = True  # a folder name is no Hub dataset id: the card claims no `datasets:`
     else:

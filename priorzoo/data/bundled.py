@@ -191,7 +191,9 @@ def load_bbc_news() -> datasets.Dataset:
 
 def _load_text_folder(folder: Path) -> datasets.Dataset:
     datasets = _require_datasets()
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
+    from priorzoo.datasets import class_names
+
+    classes = class_names(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
     if len(classes) < 2:
         raise ValueError(
             f"{str(folder)!r} must hold one sub-folder of .txt files per class (at least 2); found {classes}"
@@ -215,7 +217,8 @@ def load_text_classification(
 
     Accepts a ``.csv`` / ``.tsv`` / ``.json`` / ``.jsonl`` / ``.parquet`` file with a text and a label column,
     or a folder with one sub-folder of ``.txt`` files per class (the folder names are the classes). Labels
-    may be strings or integers; class ids follow the sorted label values. Rows with an empty text or label
+    are names (strings or integers), mapped to contiguous class ids by the one label rule,
+    :func:`priorzoo.datasets.class_names` (labels 1, 2, 10 are 3 classes). Rows with an empty text or label
     are dropped.
 
     Raises:
@@ -236,6 +239,8 @@ def load_text_classification(
         raise FileNotFoundError(f"no file or folder at {str(path)!r}")
     if path.is_dir():
         return _load_text_folder(path)
+    from priorzoo.datasets import class_names, label_name
+
     datasets = _require_datasets()
     suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
     builders = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -258,11 +263,11 @@ def load_text_classification(
         if t is None or y is None or (isinstance(y, float) and math.isnan(y)):
             continue
         t = " ".join(str(t).split())
-        y = str(y).strip()
+        y = label_name(y) if not (isinstance(y, str) and not y.strip()) else ""
         if t and y:
             texts.append(t)
             labels.append(y)
-    names = sorted(set(labels), key=lambda s: (0, int(s)) if s.lstrip("-").isdigit() else (1, s))
+    names = class_names(labels)
     if len(names) < 2:
         raise ValueError(f"{path.name!r}: column `{label_column}` has {len(names)} distinct label(s); need at least 2")
     index = {n: i for i, n in enumerate(names)}

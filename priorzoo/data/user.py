@@ -5,16 +5,22 @@ folder ``<class>/<image>``), a CSV/TSV, JSON(L) or parquet file, or — online �
 checked row by row first: a row with another number of fields than the header is an error naming its line
 (``datasets`` would otherwise shift the columns silently or fail deep inside pyarrow).
 
-:class:`Columns` finds the input column (image or text, plus an optional text pair) and the label column,
-and maps labels to class ids with **one rule**, used by ``priorzoo learn``, ``priorzoo finetune``, the demo
-and the zoo recipes alike:
+The label rule, used by ``priorzoo learn``, ``priorzoo finetune``, the demo, the bundled corpora
+(:mod:`priorzoo.data`) and the zoo recipes alike, lives in one function, :func:`class_names`: **label values
+are names**, mapped to contiguous class ids ``0 … C−1``.
 
-- a ``datasets.ClassLabel`` column: its own names, in its order;
-- integers ≥ 0: class i is the integer i (names ``"0"`` … ``"max"``);
-- anything else (strings, floats, mixed): the distinct values sorted by their text (``str``).
+- every value is named by a string (:func:`label_name`): an integer (or an integral float) by its decimal
+  digits, a string by itself without surrounding spaces;
+- the distinct names are ordered: those that read as numbers first, by value (so ``1, 2, 10``), then the
+  rest as text; class id i is name i. Integer labels ``1, 2, 10`` are 3 classes and ``0, 10⁸`` are 2,
+  never a 10⁸-class head; the label→id mapping is recorded with the names (``id2label``).
 
-Empty label cells (``None``, or a string of whitespace only) are an error naming the column and the first
-rows, never a class of their own. :meth:`Columns.check_classification` refuses one class or one example.
+:class:`Columns` finds the input column (image or text, plus an optional text pair) and the label column.
+A ``datasets.ClassLabel`` column (an image folder's sub-folder names, a Hub dataset) keeps its own names in
+its own order; evaluation splits are mapped onto the training split's names with :meth:`Columns.align`.
+Empty label cells (``None``, NaN, a string of whitespace only, a ``ClassLabel`` −1) are an error naming the
+column and the first rows, never a class of their own. :meth:`Columns.check_classification` refuses one
+class or one example.
 
 **One input pipeline.** :func:`image_input` reads the input size and normalisation from the backbone's own
 configuration (timm's ``pretrained_cfg``, a transformers folder's ``preprocessor_config.json``; ImageNet's for
@@ -34,8 +40,11 @@ Example:
 from __future__ import annotations
 
 import csv
+import math
+import numbers
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,8 +56,10 @@ __all__ = [
     "Columns",
     "ImageInput",
     "check_csv_rows",
+    "class_names",
     "image_input",
     "image_tensor",
+    "label_name",
     "load_data",
     "make_collate",
 ]
@@ -167,7 +178,64 @@ def load_data(data: str | os.PathLike, *, data_format: str = "auto", split: str 
 
 
 def _is_empty(value: Any) -> bool:
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+        return math.isnan(float(value))
     return value is None or (isinstance(value, str) and not value.strip())
+
+
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+
+
+def label_name(value: Any) -> str:
+    """The class name of one label value: integers (and integral floats) by their digits, strings stripped.
+
+    Raises:
+        ValueError: an empty label (``None``, NaN, blank).
+
+    Example:
+        >>> [label_name(v) for v in (10, 3.0, 0.5, " pos ", True)]
+        ['10', '3', '0.5', 'pos', 'True']
+    """
+    if _is_empty(value):
+        raise ValueError(f"an empty label ({value!r}) has no class name")
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        number = float(value)
+        return str(int(number)) if number.is_integer() else repr(number)
+    return str(value).strip()
+
+
+def _name_order(name: str) -> tuple[int, float, str]:
+    if _NUMBER.fullmatch(name):
+        number = float(name)
+        if math.isfinite(number):
+            return (0, number, name)
+    return (1, 0.0, name)
+
+
+def class_names(values: Iterable[Any]) -> list[str]:
+    """The one label rule: the class names (strings) of some label values, in class-id order.
+
+    Label values are names (see :func:`label_name`); the distinct names are sorted, those that read as
+    numbers first by value, then the others as text. Class id i is ``class_names(...)[i]``: C distinct
+    labels give C contiguous ids ``0 … C−1`` whatever their values (memory follows C, not the largest
+    integer).
+
+    Raises:
+        ValueError: an empty label (``None``, NaN, blank).
+
+    Example:
+        >>> class_names([10, 1, 2, 1])
+        ['1', '2', '10']
+        >>> class_names([0, 10**8])
+        ['0', '100000000']
+        >>> class_names(["pos", "neg", "10", "9"])
+        ['9', '10', 'neg', 'pos']
+    """
+    return sorted({label_name(v) for v in values}, key=_name_order)
 
 
 class Columns:
@@ -187,7 +255,7 @@ class Columns:
 
     Raises:
         ValueError: a named column that does not exist, no input column, no label column when needed, empty
-            label cells, negative integer labels, a split without the label column.
+            label cells, a split without the label column.
     """
 
     def __init__(
@@ -224,53 +292,120 @@ class Columns:
             raise ValueError(f"no image or text column in {sorted(feats)}; pass --image-column / --text-column")
         self.modality = "image" if self.image is not None else "text"
         self.names: list[str] = []
-        self._index: dict[Any, int] | None = None
+        self._index: dict[str, int] = {}
+        self._classlabel = False
         if self.label is None:
             if need_label:
                 raise ValueError(
                     f"no label column in {sorted(feats)} (looked for `label`, `labels`); pass --label-column"
                 )
             return
-        feat = feats[self.label]
-        if isinstance(feat, datasets.ClassLabel):
-            self.names = [str(n) for n in feat.names]
-            return
-        values = self._values(ds, "the training data")
         for i, other in enumerate(others):
             if self.label not in other.features:
                 raise ValueError(
                     f"the label column `{self.label}` is missing in evaluation split {i + 1}; "
                     f"its columns: {sorted(other.features)}"
                 )
-            values |= self._values(other, f"evaluation split {i + 1}")
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            if min(values) < 0:
-                raise ValueError(f"integer labels in `{self.label}` must be ≥ 0; found {min(values)}")
-            self.names = [str(i) for i in range(max(values) + 1)]
+        splits = [(ds, "the training data"), *((o, f"evaluation split {i + 1}") for i, o in enumerate(others))]
+        names = [self._names(d, where) for d, where in splits]
+        if isinstance(feats[self.label], datasets.ClassLabel):
+            # an image folder's sub-folders / a Hub ClassLabel: its names in its own order (the ids it stores);
+            # names only an evaluation split has join after them
+            self._classlabel = True
+            self.names = list(names[0])
+            extra = set().union(*names[1:]) - set(self.names) if len(names) > 1 else set()
+            self.names += sorted(extra, key=_name_order)
         else:
-            ordered = sorted(values, key=str)
-            self.names = [str(v) for v in ordered]
-            self._index = {v: i for i, v in enumerate(ordered)}
+            self.names = class_names(set().union(*names))
+        self._index = {n: i for i, n in enumerate(self.names)}
 
-    def _values(self, ds: Any, where: str) -> set[Any]:
+    def _names(self, ds: Any, where: str) -> list[str]:
+        """The class names a split's label column holds (a ClassLabel: all of its names, in its order)."""
+        import datasets
+
         column = ds[self.label]
-        empty = [i for i, v in enumerate(column) if _is_empty(v)]
+        feat = ds.features[self.label]
+        if isinstance(feat, datasets.ClassLabel):
+            n = len(feat.names)
+            empty = [i for i, v in enumerate(column) if v is None or not 0 <= v < n]
+        else:
+            empty = [i for i, v in enumerate(column) if _is_empty(v)]
         if empty:
             rows = ", ".join(str(i) for i in empty[:5]) + (f", … (+{len(empty) - 5} more)" if len(empty) > 5 else "")
             raise ValueError(
                 f"the label column `{self.label}` has {len(empty)} empty cell(s) in {where} (rows {rows}); "
                 "every example needs a label: fill them in or drop those rows"
             )
-        return set(column)
+        if isinstance(feat, datasets.ClassLabel):
+            return [str(name) for name in feat.names]
+        return class_names(set(column))
 
     @property
     def num_labels(self) -> int:
         """How many classes."""
         return len(self.names)
 
+    @property
+    def id2label(self) -> dict[int, str]:
+        """The class names by class id (what a transformers ``config.id2label`` and a prior's source record).
+
+        Example:
+            >>> import datasets
+            >>> Columns(datasets.Dataset.from_dict({"text": ["a", "b", "c"], "label": [10, 1, 2]})).id2label
+            {0: '1', 1: '2', 2: '10'}
+        """
+        return dict(enumerate(self.names))
+
     def label_id(self, value: Any) -> int:
-        """The class id of a label value (see the module docstring for the rule)."""
-        return int(value) if self._index is None else self._index[value]
+        """The class id of a label value of the training split (or of a split passed through :meth:`align`).
+
+        Raises:
+            ValueError: a label that is not one of :attr:`names` (the message lists some valid ones).
+        """
+        if self._classlabel:
+            return int(value)
+        name = label_name(value)
+        if name not in self._index:
+            shown = ", ".join(repr(n) for n in self.names[:10]) + (", …" if len(self.names) > 10 else "")
+            raise ValueError(f"label {value!r} of `{self.label}` is not one of the {self.num_labels} classes ({shown})")
+        return self._index[name]
+
+    def align(self, ds: Any) -> Any:
+        """An evaluation split whose label column reads like the training split's, so that :meth:`label_id`
+        gives every split the same class ids. Only a split with a ``ClassLabel`` of other names than the
+        training split's (an image folder with other sub-folders), or a ``ClassLabel`` where the training
+        labels are plain values (or the reverse), is rewritten, by name; any other split is returned as is.
+
+        Example:
+            >>> import datasets
+            >>> train = datasets.Dataset.from_dict({"text": ["a", "b"], "label": ["cat", "dog"]})
+            >>> val = datasets.Dataset.from_dict({"text": ["c"], "label": [0]}).cast_column(
+            ...     "label", datasets.ClassLabel(names=["dog"]))
+            >>> cols = Columns(train, others=[val])
+            >>> [cols.label_id(v) for v in cols.align(val)["label"]]
+            [1]
+        """
+        import datasets
+
+        if self.label is None:
+            return ds
+        feat = ds.features[self.label]
+        own = isinstance(feat, datasets.ClassLabel)
+        if own and self._classlabel and [str(n) for n in feat.names] == self.names[: len(feat.names)]:
+            return ds  # the same ids (a prefix of the joint names)
+        if not own and not self._classlabel:
+            return ds
+        features = ds.features.copy()
+        if self._classlabel:
+            features[self.label] = datasets.ClassLabel(names=self.names)
+        else:
+            features[self.label] = datasets.Value("string")
+
+        def relabel(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+            names = [feat.int2str(v) if own else label_name(v) for v in batch[self.label]]
+            return {self.label: [self._index[n] for n in names] if self._classlabel else names}
+
+        return ds.map(relabel, batched=True, features=features, keep_in_memory=True)
 
     def check_classification(self, num_examples: int, *, what: str = "the training data") -> None:
         """Refuse data a classifier (or a prior learned from one) cannot use: fewer than 2 classes or examples.

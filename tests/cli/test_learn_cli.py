@@ -86,6 +86,7 @@ def test_learn_timm_supervised_on_an_image_folder(image_folder, tmp_path) -> Non
         "split": "train",
         "objective": "supervised",
         "num_examples": 8,
+        "label_names": ["cat", "dog"],
         "local": True,
     }
     card = (out / "README.md").read_text()
