@@ -255,12 +255,13 @@ def _load_fit_state(
     tensors, meta = load_safetensors_with_meta(path, what="swag_fit checkpoint")
     if meta.get("format") != "priorzoo.swag_fit":
         raise ValueError(f"{path}: not a swag_fit checkpoint (format {meta.get('format')!r})")
-    model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
-    if isinstance(objective, nn.Module):
-        objective.load_state_dict({k[len("objective.") :]: v for k, v in tensors.items() if k.startswith("objective.")})
+    # the collector's state is checked first: a refused one leaves the model untouched as well
     collector.load_state_dict(
         {**meta["collector"], **{k[len("collector.") :]: v for k, v in tensors.items() if k.startswith("collector.")}}
     )
+    model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
+    if isinstance(objective, nn.Module):
+        objective.load_state_dict({k[len("objective.") :]: v for k, v in tensors.items() if k.startswith("objective.")})
     optimizer.load_state_dict(unflatten_tree(meta["optimizer"], tensors))
     if scheduler is not None and meta.get("scheduler") is not None:
         scheduler.load_state_dict(unflatten_tree(meta["scheduler"], tensors))

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from priorzoo.learn._common import atomic_save_safetensors, load_safetensors_with_meta
 
-__all__ = ["SWAGStateMixin", "read_state_file", "write_state_file"]
+__all__ = ["SWAGStateMixin", "check_state_values", "read_state_file", "write_state_file"]
 
 _STATE_FORMAT = "priorzoo.swag_collector"
 _STATE_VERSION = 1
@@ -43,6 +43,136 @@ def read_state_file(path: str | os.PathLike) -> dict[str, Any]:
     if missing:
         raise ValueError(f"{path}: SWAGCollector state lacks tensor(s) {missing}")
     return {**meta, **tensors}
+
+
+def _count(state: Mapping[str, Any], key: str, default: int | None = None) -> int:
+    value = state.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"saved `{key}` is {value!r}; expected an integer ≥ 0")
+    return value
+
+
+def _tensor(state: Mapping[str, Any], key: str, shape: tuple[int, ...]) -> Tensor:
+    value = state.get(key)
+    if not isinstance(value, Tensor):
+        raise ValueError(f"saved `{key}` is {type(value).__name__}; expected a floating tensor of shape {shape}")
+    if not value.dtype.is_floating_point:
+        raise ValueError(f"saved `{key}` has dtype {value.dtype}; expected a floating dtype")
+    if tuple(value.shape) != shape:
+        raise ValueError(f"saved `{key}` has shape {tuple(value.shape)}; expected {shape}")
+    bad = ~torch.isfinite(value)
+    if bool(bad.any()):
+        first = int(bad.flatten().nonzero()[0])
+        raise ValueError(
+            f"saved `{key}` holds {int(bad.sum())} non-finite value(s) (element {first}: "
+            f"{value.flatten()[first].item()}); expected finite values"
+        )
+    return value
+
+
+def check_state_values(
+    state: Mapping[str, Any], *, rank: int, num_parameters: int, buffers: Mapping[str, tuple[int, ...]]
+) -> None:
+    """Refuse a resume state whose numbers no SWAG run can produce; reads only, changes nothing.
+
+    With T = ``num_collected`` snapshots, K = ``rank`` and P parameters (Welford, as in ``collect``):
+
+    - ``mean`` [P], ``m2`` [P] (M₂ = Σ_j (w_j − w̄_{j−1})(w_j − w̄_j), i.e. T·(E[w²] − w̄²)) and
+      ``deviations`` [min(T, K), P] are finite floating tensors; ``m2`` ≥ 0 (a second moment below the
+      squared mean is no variance);
+    - M₂ = Σ_j j/(j−1)·d_j² over all snapshots, so M₂ ≥ the same sum over the stored deviations
+      (oldest stored: snapshot T − min(T, K) + 1), with equality while T ≤ K;
+    - the first snapshot's deviation is exactly 0 (w̄_1 = w_1): a stored all-zero oldest row next to
+      non-zero ones says the state holds snapshot 1, i.e. T ≤ K (a ``num_collected`` raised above K);
+    - ``buffer_snapshots`` ≤ T, and the batch-norm sums are this collector's statistics, finite, with
+      non-negative variance sums.
+
+    Raises:
+        ValueError: naming the tensor or count, what was received and what is valid.
+
+    Example:
+        >>> import torch
+        >>> state = {"num_collected": 10**9, "mean": torch.zeros(2), "m2": -torch.ones(2),
+        ...          "deviations": torch.zeros(2, 2)}
+        >>> check_state_values(state, rank=2, num_parameters=2, buffers={})
+        Traceback (most recent call last):
+        ...
+        ValueError: saved `m2` (Welford's M₂ = T·(E[w²] − w̄²)) has 2 negative value(s), down to -1.0 (element 0); ...
+    """
+    n = _count(state, "num_collected")
+    m = min(n, rank)
+    _tensor(state, "mean", (num_parameters,))
+    m2 = _tensor(state, "m2", (num_parameters,)).double()
+    devs = _tensor(state, "deviations", (m, num_parameters))
+    if n == 0 and bool(m2.ne(0).any()):
+        raise ValueError("saved `m2` is non-zero but `num_collected` is 0; expected zeros before any snapshot")
+    neg = m2 < 0
+    if bool(neg.any()):
+        first = int(neg.nonzero()[0])
+        raise ValueError(
+            f"saved `m2` (Welford's M₂ = T·(E[w²] − w̄²)) has {int(neg.sum())} negative value(s), down to "
+            f"{m2.min().item()} (element {first}); a second moment below the squared mean is no variance: "
+            "expected m2 ≥ 0"
+        )
+    if m:
+        d2 = devs.double().square()
+        first_j = n - m + 1
+        gains = torch.tensor([j / (j - 1) if j > 1 else 0.0 for j in range(first_j, n + 1)], dtype=torch.float64)
+        stored = (gains[:, None] * d2).sum(0)
+        # M₂ and the rows are rounded to their dtypes: allow their relative precision, generously
+        tol = 64 * (torch.finfo(devs.dtype).eps + torch.finfo(state["m2"].dtype).eps)
+        short = stored - m2 > tol * stored + torch.finfo(devs.dtype).tiny
+        if bool(short.any()):
+            i = int(short.nonzero()[0])
+            raise ValueError(
+                f"saved `m2` is smaller than the stored `deviations` allow: element {i} has m2 {m2[i].item():.6g} "
+                f"but the last {m} snapshot(s) alone add {stored[i].item():.6g} (Σ j/(j−1)·d_j², j = {first_j}…{n}); "
+                "expected m2 ≥ that sum: `m2`, `deviations` or `num_collected` was altered"
+            )
+        zero_rows = [i for i in range(m) if not bool(devs[i].ne(0).any())]
+        if n > rank and zero_rows == [0] and m > 1:
+            raise ValueError(
+                f"saved `num_collected` is {n} (> K = {rank}), but the oldest stored deviation is exactly zero, as "
+                "only the first snapshot's is (w̄_1 = w_1): the state holds snapshots 1…K, so `num_collected` "
+                f"must be ≤ {rank}; expected the count the state was saved with"
+            )
+        if n <= rank and bool(devs[0].ne(0).any()):
+            raise ValueError(
+                f"saved `deviations` row 0 is snapshot 1's (`num_collected` {n} ≤ K = {rank}), which is exactly "
+                f"zero, but it holds {int(devs[0].ne(0).sum())} non-zero value(s): `num_collected` or "
+                "`deviations` was altered"
+            )
+        if n <= rank:
+            over = (m2 - stored).abs() > tol * stored.abs() + torch.finfo(devs.dtype).tiny
+            if bool(over.any()):
+                i = int(over.nonzero()[0])
+                raise ValueError(
+                    f"saved `m2` does not match the stored `deviations`: with all {n} snapshots stored, "
+                    f"M₂ = Σ j/(j−1)·d_j², but element {i} has m2 {m2[i].item():.6g} and the deviations give "
+                    f"{stored[i].item():.6g}: `m2`, `deviations` or `num_collected` was altered"
+                )
+    nb = _count(state, "buffer_snapshots", 0)
+    if nb > n:
+        raise ValueError(f"saved `buffer_snapshots` is {nb}; expected ≤ `num_collected` ({n})")
+    for key in state:
+        if not key.startswith(("buffer_sum.", "buffer_last.")):
+            continue
+        name = key.split(".", 1)[1]
+        if name not in buffers:
+            raise ValueError(
+                f"saved `{key}` is not a batch-norm statistic of this collector; expected one of "
+                f"{sorted(buffers)[:6] or 'none (no batch norm, or buffers=False)'}"
+            )
+        value = state[key]
+        if key.startswith("buffer_last."):
+            if not isinstance(value, Tensor) or tuple(value.shape) != buffers[name]:
+                raise ValueError(f"saved `{key}` is not a tensor of shape {buffers[name]}")
+            continue
+        value = _tensor(state, key, buffers[name])
+        if name.endswith("running_var") and bool((value < 0).any()):
+            raise ValueError(f"saved `{key}` has negative values (down to {value.min().item()}); expected ≥ 0")
+        if nb == 0:
+            raise ValueError(f"saved `{key}` is present but `buffer_snapshots` is 0; expected ≥ 1")
 
 
 class SWAGStateMixin:
@@ -123,11 +253,15 @@ class SWAGStateMixin:
                 f"the saved state covers {len(saved)} parameters and this collector {len(mine)}; they differ "
                 f"in: {', '.join(diff) or 'order'}. Use the same model and include/exclude patterns"
             )
-        m = min(int(state["num_collected"]), self.rank)
-        P = self.num_parameters
-        for key, shape in (("mean", (P,)), ("m2", (P,)), ("deviations", (m, P))):
-            if tuple(state[key].shape) != shape:
-                raise ValueError(f"saved `{key}` has shape {tuple(state[key].shape)}; expected {shape}")
+        check_state_values(state, rank=self.rank, num_parameters=self.num_parameters, buffers=self._buffer_shapes())
+
+    def _buffer_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of every batch-norm statistic this collector averages (its local block when sharded)."""
+        from priorzoo.learn._common import running_statistics
+
+        if not self.buffer_layers:
+            return {}
+        return {n: tuple(t.shape) for n, t in running_statistics(self.model, skip=self.head_names).items()}
 
     def _check_sharding(self, state: Mapping[str, Any]) -> None:
         """An unsharded collector refuses the state of one process of a sharded run (key ``shard``)."""
