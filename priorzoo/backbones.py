@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from priorzoo.binding.matching import Patterns, compile_patterns, head_parameter_names
+from priorzoo.format.provenance import file_record, names_local_file, public_name
 
 __all__ = [
     "LIBRARIES",
@@ -69,6 +70,8 @@ class Backbone:
         pretrained: whether pre-trained weights were loaded (from the Hub/cache, a folder or a checkpoint).
         weights: where they came from (a Hub id, a folder, a file), ``None`` for a random init.
         skipped: checkpoint tensors not loaded (the old head of another shape).
+        checkpoint: the ``checkpoint=`` file's :func:`priorzoo.format.provenance.file_record` (its name and
+            sha256, never its path), when one was loaded.
     """
 
     model: nn.Module
@@ -78,11 +81,13 @@ class Backbone:
     pretrained: bool
     weights: str | None = None
     skipped: list[str] = field(default_factory=list)
+    checkpoint: dict[str, str] | None = None
 
     def describe(self) -> dict[str, Any]:
         """Provenance for a prior's ``config.backbone``: ``library``, ``name``, ``architecture``, ``pretrained``
         and, only when pre-trained weights were loaded from the Hub, ``hub_id`` (what the card's
-        ``base_model`` is made of).
+        ``base_model`` is made of). Nothing local is recorded by its path: a local folder by its name, a
+        checkpoint file by its name and sha256 (``checkpoint``, ``checkpoint_sha256``).
 
         Example:
             >>> import torch
@@ -91,17 +96,22 @@ class Backbone:
         """
         out: dict[str, Any] = {
             "library": self.library,
-            "name": self.name,
+            "name": public_name(self.name),
             "architecture": type(self.model).__name__,
             "pretrained": self.pretrained,
         }
+        if names_local_file(self.name):
+            out["local"] = True  # a folder's name is no Hub id
         cfg = getattr(self.model, "config", None)
         if self.library == "transformers" and cfg is not None and hasattr(cfg, "model_type"):
             out["model_type"] = str(cfg.model_type)
-        if self.pretrained and self.weights and _looks_like_hub_id(self.weights):
+        if self.checkpoint is not None:
+            out["checkpoint"] = self.checkpoint["file"]
+            out["checkpoint_sha256"] = self.checkpoint["sha256"]
+        elif self.pretrained and self.weights and _looks_like_hub_id(self.weights):
             out["hub_id"] = self.weights
         elif self.pretrained and self.weights:
-            out["weights"] = self.weights
+            out["weights"] = public_name(self.weights)
         return out
 
 
@@ -288,9 +298,11 @@ def load_backbone(
         if pretrained and checkpoint is None:
             weights = str(name)
     skipped: list[str] = []
+    record = None
     if checkpoint is not None:
         skipped = load_checkpoint_(model, checkpoint)
         weights = str(checkpoint)
+        record = file_record(checkpoint)
     return Backbone(
         model=model,
         tokenizer=tokenizer,
@@ -299,6 +311,7 @@ def load_backbone(
         pretrained=weights is not None,
         weights=weights,
         skipped=skipped,
+        checkpoint=record,
     )
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 import torch
 
@@ -27,7 +30,10 @@ def test_checkpoint_file_loads_the_backbone_and_skips_the_old_head(tmp_path) -> 
     assert b.pretrained and b.weights == str(path) and sorted(b.skipped) == ["fc.bias", "fc.weight"]
     assert torch.equal(b.model.conv1.weight, source.conv1.weight)
     assert b.model.fc.out_features == 3
-    assert b.describe()["weights"] == str(path) and "hub_id" not in b.describe()
+    described = b.describe()  # published with a prior: the file's name and sha256, never its local path
+    assert described["checkpoint"] == "r18.pth" and "hub_id" not in described and "weights" not in described
+    assert described["checkpoint_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert str(tmp_path) not in json.dumps(described)
 
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=r"is not a readable state dict"):

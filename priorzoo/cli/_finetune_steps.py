@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from priorzoo.data.user import Columns
+from priorzoo.format.provenance import strip_local_paths
 
 __all__ = [
     "LR_GRIDS",
@@ -135,6 +136,7 @@ def save_model(model: Any, tokenizer: Any, library: str, folder: Path, result: d
     summary = {k: result[k] for k in ("method", "prior", "num_train_examples", "label_names", "backbone")}
     if result.get("scale_search") is not None:
         summary["scale_search"] = {k: result["scale_search"][k] for k in ("best_scale", "metric")}
+    summary = strip_local_paths(summary)  # published with the model: names, never local paths
     (folder / RESULT_NAME).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
 
 

@@ -2,8 +2,9 @@
 
 Owns the config schema (:mod:`~priorzoo.format.config`), the folder's file layout and format constants
 (:mod:`~priorzoo.format.files`), save and load of the safetensors files (:mod:`~priorzoo.format.serialization`),
-the checks a loaded prior's tensors pass (:mod:`~priorzoo.format.checks`) and the model card
-(:mod:`~priorzoo.format.cards`).
+the checks a loaded prior's tensors pass (:mod:`~priorzoo.format.checks`), the model card
+(:mod:`~priorzoo.format.cards`) and how published provenance names local files
+(:mod:`~priorzoo.format.provenance`: by name and sha256, never by path).
 
 May import: the bottom modules (``priorzoo.errors``, ``enums``, ``_version``, ``_validation``, ``gaussian``,
 ``numerics``) and its own modules; never the Hub code, the binding, learning, fine-tuning or applications.

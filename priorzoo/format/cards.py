@@ -190,7 +190,7 @@ def _base_model(backbone: Mapping[str, Any]) -> str | None:
         if explicit:
             return explicit
     name = backbone.get("name")
-    if pretrained is not True or not isinstance(name, str):
+    if pretrained is not True or not isinstance(name, str) or backbone.get("local"):  # a folder's name: no Hub id
         return None
     library = backbone.get("library")
     if library == "timm":

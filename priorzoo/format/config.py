@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from priorzoo.errors import PriorFormatError
+from priorzoo.format.provenance import is_local_path, strip_local_paths
 
 __all__ = ["FORMAT_VERSION", "REQUIRED_KEYS", "ParameterSpec", "PriorConfig", "PriorKind"]
 
@@ -121,7 +122,9 @@ class PriorConfig:
             dataset (the card's ``datasets``).
         learning: how the prior was learned (SWAG snapshots, learning rate, interval, ...), and where
             ``recommended_scale`` comes from: ``recommended_scale_rule`` (a learner's rule of thumb) or
-            ``recommended_scale_measured`` (see :meth:`record_measured_scale`).
+            ``recommended_scale_measured`` (see :meth:`record_measured_scale`). In ``backbone``, ``source``,
+            ``learning`` and ``results`` a local path is kept as its last component only
+            (:func:`priorzoo.format.provenance.strip_local_paths`): these are published with the prior.
         exclude: glob patterns of parameters deliberately left out of the prior (e.g. the head ``fc.*``).
             They are excluded again when the prior is matched onto a model.
         recommended_scale: the λ to fine-tune with by default (measured, or a rule of thumb: see ``learning``).
@@ -224,9 +227,14 @@ class PriorConfig:
         for key in ("backbone", "source", "learning"):
             if not isinstance(getattr(self, key), Mapping):
                 raise PriorFormatError(f"`{key}` must be a JSON object; received {getattr(self, key)!r}")
-            setattr(self, key, dict(getattr(self, key)))
+            # published provenance records no local path (priorzoo.format.provenance): a path becomes its last component
+            value = dict(getattr(self, key))
+            if key == "backbone" and isinstance(value.get("name"), str) and is_local_path(value["name"]):
+                value.setdefault("local", True)  # its folder name is no Hub id (the card's base_model)
+            setattr(self, key, strip_local_paths(value))
         if not isinstance(self.results, list):
             raise PriorFormatError(f"`results` must be a list of objects; received {self.results!r:.200}")
+        self.results = strip_local_paths(self.results)
 
     # ------------------------------------------------------------------ derived
     @property

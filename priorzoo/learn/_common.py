@@ -25,6 +25,7 @@ from priorzoo.binding.matching import (
     select_parameters,
     warn_if_output_layer,
 )
+from priorzoo.format.provenance import names_local_file, public_name
 
 __all__: list[str] = []
 
@@ -79,7 +80,9 @@ def describe_backbone(model: torch.nn.Module) -> dict[str, Any]:
         out = {"library": "transformers", "architecture": type(inner).__name__, "model_type": str(hf_cfg.model_type)}
         name = getattr(hf_cfg, "_name_or_path", "") or getattr(hf_cfg, "name_or_path", "")
         if name:
-            out["name"] = str(name)
+            out["name"] = public_name(str(name))  # a local folder by its name, never its path
+            if names_local_file(str(name)):
+                out["local"] = True  # a folder's name is no Hub id
         return out
     return {"library": "torch", "architecture": type(inner).__name__}
 

@@ -366,3 +366,33 @@ def test_learn_warns_when_the_prior_mean_is_at_chance_on_held_out_source_data(tm
     (source,) = prior.config.results
     assert source["notes"].startswith("WARNING: at or below chance")
     assert "at or below chance" in (out / "README.md").read_text()
+
+
+def _files_mentioning(folder, *needles: str) -> list[str]:
+    return [
+        f"{f.name}: {n}"
+        for f in sorted(folder.rglob("*"))
+        if f.is_file()
+        for n in needles
+        if n.encode() in f.read_bytes()
+    ]
+
+
+def test_a_learned_prior_records_no_local_path(image_folder, tmp_path) -> None:
+    """The checkpoint by file name and sha256; the data, output and checkpoint folders by nothing local."""
+    import hashlib
+    import os
+
+    timm = pytest.importorskip("timm")
+    weights = tmp_path / "weights" / "start.pth"
+    weights.parent.mkdir()
+    torch.save(timm.create_model("test_resnet", num_classes=2).state_dict(), weights)
+    out = tmp_path / "prior"
+    options = ["test_resnet", "--no-pretrained", "--checkpoint", str(weights), "--data", str(image_folder)]
+    options += ["--epochs", "2", "--batch-size", "4", "--collect-every", "1", "--rank", "3", "--image-size", "32"]
+    _learn(out, *options, "--checkpoint-dir", str(tmp_path / "ckpt"))
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["backbone"]["checkpoint"] == "start.pth"
+    assert cfg["backbone"]["checkpoint_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert "start.pth" in (out / "README.md").read_text()
+    assert _files_mentioning(out, str(tmp_path), os.path.expanduser("~")) == []
