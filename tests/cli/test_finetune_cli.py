@@ -158,6 +158,36 @@ def test_init_from_prior_is_the_default_and_can_be_turned_off(bert_folder, bert_
         assert prior.scale == 1.0 and setup.scale == 10.0
 
 
+def test_integer_labels_are_names_and_splits_share_their_ids(bert_folder, tmp_path):
+    """A 2-row CSV with labels 0 and 10⁸ has 2 classes (never a 10⁸-class head); a test split whose labels
+    read as text ("100000000", "x") gets the same ids by name."""
+    from priorzoo.cli import build_parser
+    from priorzoo.cli.finetune import prepare
+
+    train = tmp_path / "train.csv"
+    train.write_text("text,label\ngood movie,0\nawful plot,100000000\n")
+    test = tmp_path / "test.csv"
+    test.write_text("text,label\nawful movie,100000000\ngood plot,0\nfine actor,x\n")
+    args = build_parser().parse_args(
+        _args(
+            str(bert_folder),
+            "--no-prior",
+            "--data",
+            str(train),
+            "--test-data",
+            str(test),
+            "--output-dir",
+            str(tmp_path),
+        )
+    )
+    setup = prepare(args)
+    assert setup.columns.names == ["0", "100000000", "x"]
+    assert setup.model.classifier.out_features == 3
+    assert setup.model.config.id2label == {0: "0", 1: "100000000", 2: "x"}
+    labels = torch.cat([batch["labels"] for batch in setup.eval_loaders["test"]])
+    assert labels.tolist() == [1, 0, 2]
+
+
 def test_timm_image_folder_l2sp_bma(tmp_path):
     timm = pytest.importorskip("timm")
     from PIL import Image
