@@ -191,7 +191,7 @@ def load_bbc_news() -> datasets.Dataset:
 
 def _load_text_folder(folder: Path) -> datasets.Dataset:
     datasets = _require_datasets()
-    from priorzoo.datasets import class_names
+    from priorzoo.data.user import class_names
 
     classes = class_names(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
     if len(classes) < 2:
@@ -218,7 +218,7 @@ def load_text_classification(
     Accepts a ``.csv`` / ``.tsv`` / ``.json`` / ``.jsonl`` / ``.parquet`` file with a text and a label column,
     or a folder with one sub-folder of ``.txt`` files per class (the folder names are the classes). Labels
     are names (strings or integers), mapped to contiguous class ids by the one label rule,
-    :func:`priorzoo.datasets.class_names` (labels 1, 2, 10 are 3 classes). Rows with an empty text or label
+    :func:`priorzoo.data.user.class_names` (labels 1, 2, 10 are 3 classes). Rows with an empty text or label
     are dropped.
 
     Raises:
@@ -239,7 +239,7 @@ def load_text_classification(
         raise FileNotFoundError(f"no file or folder at {str(path)!r}")
     if path.is_dir():
         return _load_text_folder(path)
-    from priorzoo.datasets import class_names, label_name
+    from priorzoo.data.user import class_names, label_name
 
     datasets = _require_datasets()
     suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix

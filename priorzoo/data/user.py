@@ -6,7 +6,7 @@ checked row by row first: a row with another number of fields than the header is
 (``datasets`` would otherwise shift the columns silently or fail deep inside pyarrow).
 
 The label rule, used by ``priorzoo learn``, ``priorzoo finetune``, the demo, the bundled corpora
-(:mod:`priorzoo.data`) and the zoo recipes alike, lives in one function, :func:`class_names`: **label values
+(:mod:`priorzoo.data.bundled`) and the zoo recipes alike, lives in one function, :func:`class_names`: **label values
 are names**, mapped to contiguous class ids ``0 … C−1``.
 
 - every value is named by a string (:func:`label_name`): an integer (or an integral float) by its decimal
