@@ -516,8 +516,8 @@ def make_collate(
         >>> ds = datasets.Dataset.from_dict({"image": [Image.new("RGB", (8, 8))], "label": [1]})
         >>> ds = ds.cast_column("image", datasets.Image())
         >>> batch = make_collate(Columns(ds), image=ImageInput(16))([ds[0]])
-        >>> tuple(batch["pixel_values"].shape), batch["labels"].tolist()
-        ((1, 3, 16, 16), [1])
+        >>> tuple(batch["pixel_values"].shape), batch["labels"].tolist()  # label 1 is the only class: id 0
+        ((1, 3, 16, 16), [0])
     """
     import torch
 

@@ -184,7 +184,8 @@ def test_integer_labels_are_names_and_splits_share_their_ids(bert_folder, tmp_pa
     assert setup.columns.names == ["0", "100000000", "x"]
     assert setup.model.classifier.out_features == 3
     assert setup.model.config.id2label == {0: "0", 1: "100000000", 2: "x"}
-    labels = torch.cat([batch["labels"] for batch in setup.eval_loaders["test"]])
+    test_ds = setup.eval_datasets["test"]
+    labels = setup.collate([test_ds[i] for i in range(len(test_ds))])["labels"]
     assert labels.tolist() == [1, 0, 2]
 
 
