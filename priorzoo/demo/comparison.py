@@ -27,7 +27,7 @@ from priorzoo.demo.config import ALL_METHODS, INIT_ONLY, METHODS, FinetuneSettin
 from priorzoo.demo.results import MethodResult
 from priorzoo.finetune.runners import seeded_loader
 
-__all__ = ["average_variance", "compare_methods", "count_units"]
+__all__ = ["average_variance", "compare_methods", "count_units", "method_units"]
 
 
 def _check_methods(methods: Sequence[str] | None) -> tuple[str, ...]:
@@ -44,19 +44,31 @@ def _check_methods(methods: Sequence[str] | None) -> tuple[str, ...]:
     return tuple(m for m in ALL_METHODS if m in methods)
 
 
+def method_units(settings: FinetuneSettings, num_train: int, method: str) -> int:
+    """Progress-bar units of one method of :func:`compare_methods` (its own bar): training batches of its grid
+    runs, or for BMA its SWAG steps plus one per posterior sample.
+
+    Example:
+        >>> s = FinetuneSettings(lr_grid=(0.1,), l2sp_variances=(1.0,), epochs=2, bma_epochs=2, bma_samples=3,
+        ...                      batch_size=10)
+        >>> method_units(s, 20, "fine-tuning"), method_units(s, 20, "learned prior + BMA")
+        (4, 7)
+    """
+    steps_per_epoch = math.ceil(num_train / settings.batch_size)
+    if method == METHODS[3]:
+        return settings.bma_epochs * steps_per_epoch + settings.bma_samples
+    return settings.grid_size * settings.epochs * steps_per_epoch
+
+
 def count_units(settings: FinetuneSettings, num_train: int, methods: Sequence[str] | None = None) -> int:
-    """Progress-bar units :func:`compare_methods` will report for ``num_train`` training examples.
+    """Progress-bar units :func:`compare_methods` will report for ``num_train`` training examples (all methods).
 
     Example:
         >>> count_units(FinetuneSettings(lr_grid=(0.1,), l2sp_variances=(1.0,), epochs=2, bma_epochs=2,
         ...                              bma_samples=3, batch_size=10), 20)
         19
     """
-    chosen = _check_methods(methods)
-    steps_per_epoch = math.ceil(num_train / settings.batch_size)
-    runs = sum(m != METHODS[3] for m in chosen) * settings.grid_size
-    bma = (settings.bma_epochs * steps_per_epoch + settings.bma_samples) if METHODS[3] in chosen else 0
-    return runs * settings.epochs * steps_per_epoch + bma
+    return sum(method_units(settings, num_train, m) for m in _check_methods(methods))
 
 
 def average_variance(prior: Any) -> float:
@@ -118,7 +130,8 @@ def compare_methods(
         include, exclude: which model parameters the priors cover (default: the learned prior's names).
         forward: ``forward(model, batch) -> (logits, labels)``
             (default :func:`priorzoo.finetune.loop.default_forward`).
-        progress: an object with ``update(n)`` and ``stage(text)`` (the demo's bar), or ``None``.
+        progress: an object with ``phase(name, total)`` (a new bar per method, :func:`method_units`),
+            ``stage(text)`` and ``update(n)`` (the demo's :class:`~priorzoo.demo._progress.Progress`), or ``None``.
         methods: which methods to run, any of :data:`ALL_METHODS` (default :data:`METHODS`, the four);
             ``learned prior + BMA`` needs ``learned prior``.
         make_source_model: returns a fresh model at the pre-trained (source) weights with the same new head,
@@ -218,7 +231,10 @@ def compare_methods(
 
         def stage(i: int, v: float) -> None:
             if progress is not None:
-                progress.stage(f"{name} {i + 1}/{len(values)}")
+                progress.stage(f"{knob} {i + 1}/{len(values)}")
+
+        if progress is not None:
+            progress.phase(name, method_units(s, n_train, name))
 
         try:  # the selection metric first; ties (frequent for accuracy on a small split) go to the lower NLL
             search = grid_search(
@@ -284,7 +300,7 @@ def compare_methods(
 
     # ---- BMA: SWAG over the downstream run at the selected λ, then the averaged predictive
     if progress is not None:
-        progress.stage("learned prior + BMA")
+        progress.phase(METHODS[3], method_units(s, n_train, METHODS[3]))
     start = time.perf_counter()
     torch.manual_seed(s.seed + 1)
     swag = DownstreamSWAG(lp_model, rank=s.bma_rank, exclude_head=False)  # the head is part of the posterior

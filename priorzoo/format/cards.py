@@ -603,6 +603,9 @@ def render_card(
         backbone_items=_backbone_items(bb),
         weights_desc=_weights_desc(config, base_model),
         init_comment=_init_comment(config),
+        # a prior over some layers only (recorded as `covered_layers`): the snippets let the rest train without it
+        partial=", allow_partial=True" if bb.get("covered_layers") else "",
+        covered_desc=", ".join(str(x) for x in bb.get("covered_layers") or []),
         base_model=base_model,
         pretrained=_load_weights(config, base_model),
         model_ref=model_ref,

