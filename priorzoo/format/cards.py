@@ -178,7 +178,8 @@ def _base_model(backbone: Mapping[str, Any]) -> str | None:
     An explicit ``hub_id`` (or ``base_model``) is the user's statement of it, unless ``pretrained: false``
     contradicts it (a random init, whatever ``hub_id`` timm's ``pretrained_cfg`` names). Otherwise only
     ``pretrained: true`` turns a name into a claim: a timm name with a pretrained tag (``resnet50.a1_in1k``)
-    maps to ``timm/<name>``, a transformers name that is a Hub id is used as it is. A bare name without
+    maps to ``timm/<name>``, a transformers name that is a Hub id is used as it is (not a local folder's name,
+    recorded with ``local: true``). A bare name without
     ``pretrained: true`` says nothing about the weights (a transformers config's ``_name_or_path`` is the
     same for ``from_pretrained`` and ``from_config``), so it claims nothing.
     """
@@ -518,9 +519,8 @@ def _weights_desc(config: PriorConfig, base_model: str | None) -> str:
     if base_model:
         return f"pre-trained, [{base_model}](https://huggingface.co/{base_model})"
     if pretrained:
-        return "pre-trained, from weights that are not a Hub model" + (
-            f" ({config.backbone['weights']})" if config.backbone.get("weights") else ""
-        )
+        source = config.backbone.get("checkpoint") or config.backbone.get("weights")
+        return "pre-trained, from weights that are not a Hub model" + (f" (`{source}`)" if source else "")
     return "not recorded"
 
 
@@ -603,6 +603,7 @@ def render_card(
         backbone_items=_backbone_items(bb),
         weights_desc=_weights_desc(config, base_model),
         init_comment=_init_comment(config),
+        backbone_local=bool(bb.get("local")),
         # a prior over some layers only (recorded as `covered_layers`): the snippets let the rest train without it
         partial=", allow_partial=True" if bb.get("covered_layers") else "",
         covered_desc=", ".join(str(x) for x in bb.get("covered_layers") or []),

@@ -131,6 +131,7 @@ def test_card_without_results_or_provenance_is_valid() -> None:
             "google-bert/bert-base-uncased",
         ),
         ({"library": "transformers", "name": "/usr/lib/models/minilm", "pretrained": True}, None),  # a folder
+        ({"library": "transformers", "name": "minilm", "local": True, "pretrained": True}, None),  # its name
         ({"library": "torch", "architecture": "Net", "hub_id": "org/net"}, "org/net"),  # the user's statement
     ],
 )
@@ -138,6 +139,21 @@ def test_base_model_only_when_it_is_a_hub_id(backbone: dict[str, Any], expected:
     cfg = PriorConfig(kind="isotropic", rank=0, parameters=[ParameterSpec("w", (2,))], backbone=backbone)
     assert card_metadata(cfg).get("base_model") == expected
     assert ModelCard(render_card(cfg)).data.base_model == expected
+
+
+def test_weights_row_says_where_the_weights_came_from() -> None:
+    def row(backbone: dict[str, Any]) -> str:
+        cfg = PriorConfig(kind="isotropic", rank=0, parameters=[ParameterSpec("w", (2,))], backbone=backbone)
+        return next(line for line in render_card(cfg).splitlines() if line.startswith("| pre-trained weights |"))
+
+    assert row({"library": "timm", "name": "resnet18", "pretrained": False}).endswith(
+        "random initialisation (`pretrained: false`) |"
+    )
+    checkpoint = {"library": "timm", "name": "resnet18", "pretrained": True, "checkpoint": "ckpt.pth"}
+    assert (
+        row(checkpoint) == "| pre-trained weights | pre-trained, from weights that are not a Hub model (`ckpt.pth`) |"
+    )
+    assert row({"library": "timm", "name": "resnet18"}) == "| pre-trained weights | not recorded |"
 
 
 def test_result_rows_default_the_task_from_the_backbone() -> None:
@@ -278,12 +294,21 @@ def test_transformers_and_peft_snippets_run_as_written(tmp_path: Path, monkeypat
     prior = mean_prior_of(  # a masked-LM prior: `bert.*`, the MLM head `cls.*` left out
         source,
         "cls",
-        backbone={"library": "transformers", "name": str(backbone), "model_type": "bert", "pretrained": True},
+        backbone={
+            "library": "transformers",
+            "name": str(backbone),  # recorded as the folder's name (no local path is published)
+            "local": True,
+            "model_type": "bert",
+            "pretrained": True,
+        },
         source={"dataset": "reviews.csv", "objective": "mlm", "local": True},
     )
     prior.config.record_measured_scale(1e3, measured_on="validation NLL of a test task (N=2)")
     folder = prior.save_pretrained(tmp_path / "prior")
-    ns = run_card_snippets(prior, folder, tmp_path, monkeypatch)
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.base_model is None  # a local folder's name is no Hub model
+    assert 'BACKBONE = "tiny-bert"  # the prior was learned on a local folder of this name' in card.text
+    ns = run_card_snippets(prior, folder, tmp_path, monkeypatch)  # in tmp_path, where tiny-bert/ is
     assert ns["trainer"].state.global_step > 0
     assert ns["model"].config.num_labels == ns["NUM_LABELS"] == 2
     assert torch.isfinite(ns["loss"])
