@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from priorzoo.binding.batchnorm import freeze_batchnorm_, is_frozen_batchnorm
 from priorzoo.binding.matching import Patterns, compile_patterns, head_parameter_names
 from priorzoo.format.provenance import file_record, names_local_file, public_name
 
@@ -243,7 +244,7 @@ def load_backbone(
         >>> b.library, b.pretrained, b.model.fc.out_features
         ('torchvision', False, 3)
     """
-    from priorzoo.learn._common import require
+    from priorzoo.extras import require
 
     lib = _pick_library(str(name), library)
     weights: str | None = None
@@ -329,7 +330,7 @@ def _replace_torchvision_head(model: nn.Module, num_classes: int) -> None:
 def _transformers(
     name: str, pretrained: bool, objective: str, num_classes: int, modality: str, load_tokenizer: bool
 ) -> tuple[nn.Module, Any]:
-    from priorzoo.learn._common import require
+    from priorzoo.extras import require
 
     transformers = require("transformers", what=f"the transformers backbone {name!r}")
     try:
@@ -459,70 +460,4 @@ def freeze_(model: nn.Module, *, freeze: Patterns = None, trainable_layers: int 
         params[n].requires_grad_(False)
         out.append(n)
     freeze_batchnorm_(model)
-    return out
-
-
-_FROZEN_BN = "_priorzoo_frozen_batchnorm"
-"""Attribute set on a batch-norm layer that :func:`freeze_batchnorm_` keeps in eval mode."""
-
-
-def _keep_eval(module: nn.Module, args: Any) -> None:
-    """Forward pre-hook of a frozen batch-norm layer: run it in eval mode whatever ``model.train()`` set."""
-    module.training = False
-
-
-def is_frozen_batchnorm(module: nn.Module) -> bool:
-    """Whether ``module`` is a batch-norm layer that :func:`freeze_batchnorm_` keeps in eval mode.
-
-    Example:
-        >>> import torch
-        >>> is_frozen_batchnorm(torch.nn.BatchNorm1d(2))
-        False
-    """
-    return bool(getattr(module, _FROZEN_BN, False))
-
-
-def freeze_batchnorm_(model: nn.Module) -> list[str]:
-    r"""Keep the batch-norm layers of the frozen part of ``model`` in eval mode during training; returns their names.
-
-    A batch-norm layer in train mode normalises with the statistics of the current batch and moves its running
-    statistics toward them, whether or not its weights train. In a frozen part of a pre-trained network that
-    (i) feeds the trained layers features normalised by batch statistics they were never trained with (noisy
-    at small batch sizes) and (ii) lets the running statistics drift, so that evaluation sees a network no
-    step trained. Frozen therefore means: the layer's running statistics are used and never updated,
-
-    .. math:: \mathrm{BN}(x) = \gamma (x - \hat\mu_{\text{run}}) / \sqrt{\hat\sigma^2_{\text{run}} + \epsilon} + \beta
-
-    A layer is frozen when none of its parameters trains (``requires_grad=False``); a layer without affine
-    parameters when none of its parent module's parameters trains. Such a layer gets a forward pre-hook that
-    sets its ``training`` flag to False before every forward, so that ``model.train()`` — which the
-    transformers ``Trainer``, DDP wrappers and user loops call — cannot switch it back; the hook travels with
-    ``copy.deepcopy``. :func:`priorzoo.finetune.refresh_batchnorm_` leaves these layers' statistics alone.
-    Calling it again is a no-op for layers already frozen.
-
-    Example:
-        >>> import torch
-        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 2, 1))
-        >>> _ = [p.requires_grad_(False) for p in net[:2].parameters()]
-        >>> freeze_batchnorm_(net)
-        ['1']
-        >>> _ = net.train(); _ = net(torch.randn(2, 3, 4, 4))
-        >>> net[1].training, float(net[1].running_mean.abs().sum())
-        (False, 0.0)
-    """
-    out = []
-    modules = dict(model.named_modules())
-    for name, module in modules.items():
-        if not isinstance(module, nn.modules.batchnorm._BatchNorm) or is_frozen_batchnorm(module):
-            continue
-        own = list(module.parameters(recurse=False))
-        if not own:
-            parent = modules.get(name.rpartition(".")[0]) if name else None
-            own = list(parent.parameters()) if parent is not None else []
-        if not own or any(p.requires_grad for p in own):
-            continue
-        module.register_forward_pre_hook(_keep_eval)
-        setattr(module, _FROZEN_BN, True)
-        module.training = False
-        out.append(name)
     return out

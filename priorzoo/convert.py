@@ -530,6 +530,6 @@ def from_laplace_torch(
 
 
 def _describe(model: nn.Module) -> dict[str, Any]:
-    from priorzoo.learn._common import describe_backbone
+    from priorzoo.learn.provenance import describe_backbone
 
     return describe_backbone(model)

@@ -142,7 +142,7 @@ def summarize(prior: PriorModel, *, scale: float | None = None) -> dict[str, Any
     floor_info = None
     min_var = cfg.learning.get("min_var")
     if prior.kind.value == "swag" and isinstance(min_var, (int, float)) and min_var > 0:
-        from priorzoo.learn._common import variance_floor_fraction
+        from priorzoo.learn.recommended_scale import variance_floor_fraction
 
         floor = 0.5 * float(min_var)
         floor_info = {"floor": floor, "fraction": variance_floor_fraction(prior.variance, floor)}

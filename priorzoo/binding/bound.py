@@ -22,18 +22,31 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from priorzoo.binding.matching import MatchResult
-from priorzoo.gaussian import Workspace
+from priorzoo.format.record import PriorRecord
+from priorzoo.gaussian import LowRankGaussian, Workspace
 
-if TYPE_CHECKING:
-    from priorzoo.prior import PriorModel
+__all__ = ["BindablePrior", "BoundPrior", "register_binding"]
 
-__all__ = ["BoundPrior", "register_binding"]
+
+@runtime_checkable
+class BindablePrior(PriorRecord, Protocol):
+    """What a binding reads from a prior (:class:`priorzoo.PriorModel` is one): its tensors and config, and the
+    Gaussian over a subset of its names on a device and in a dtype."""
+
+    def gaussian(
+        self,
+        names: Sequence[str] | None = None,
+        *,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> LowRankGaussian: ...
+
 
 # bindings for models a plain BoundPrior cannot serve, registered by the modules that implement them
 # (priorzoo.binding.sharded: FSDP2 DTensors), so that PriorModel.bind dispatches to them without importing them
@@ -90,7 +103,7 @@ class BoundPrior:
     """
 
     def __init__(
-        self, prior: PriorModel, model: torch.nn.Module, match: MatchResult, *, dtype: torch.dtype | None = None
+        self, prior: BindablePrior, model: torch.nn.Module, match: MatchResult, *, dtype: torch.dtype | None = None
     ) -> None:
         self._take_matched(prior, model, match)
         self.device = self.parameters[0].device
@@ -103,7 +116,7 @@ class BoundPrior:
         self._signature = self._current_signature()
         self.gaussian = prior.gaussian(self.prior_names, device=self.device, dtype=dtype)
 
-    def _take_matched(self, prior: PriorModel, model: torch.nn.Module, match: MatchResult) -> None:
+    def _take_matched(self, prior: BindablePrior, model: torch.nn.Module, match: MatchResult) -> None:
         """Keep the prior, the match and the model's matched parameters in prior order (every binding's start)."""
         self.prior = prior
         self.match = match

@@ -35,7 +35,7 @@ re-centre the prior on W₀. The prior is a density over W; when μ is not W₀ 
 other weights) the penalty at ΔW = 0 is not zero and pulls W₀ + ΔW toward μ (and, through the frozen
 blocks' W₀ − μ, toward the conditional mean μ_c). To start at the prior mean instead, set the base weights
 from it with :meth:`~priorzoo.PriorModel.init_model_` before training; an isotropic prior centred on the
-current weights (L2-SP on ΔW, :func:`~priorzoo.finetune.l2sp_prior`) is the re-centred baseline.
+current weights (L2-SP on ΔW, :func:`~priorzoo.learn.isotropic_prior`) is the re-centred baseline.
 
 Example:
     >>> import torch
@@ -61,6 +61,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from priorzoo.binding.bound import BindablePrior
 from priorzoo.binding.matching import MatchResult
 from priorzoo.errors import PriorFormatError
 from priorzoo.gaussian import LowRankGaussian, Workspace
@@ -130,7 +131,7 @@ class ConditionalBoundPrior:
 
     def __init__(
         self,
-        prior,
+        prior: BindablePrior,
         model: torch.nn.Module,
         match: MatchResult,
         *,

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from priorzoo._validation import short_list as _short
 from priorzoo.binding.selection import (
     Patterns,
     compile_patterns,
@@ -43,6 +42,7 @@ from priorzoo.binding.selection import (
     warn_if_output_layer,
 )
 from priorzoo.errors import PriorMatchError
+from priorzoo.validation import short_list as _short
 
 __all__ = [
     "MatchResult",

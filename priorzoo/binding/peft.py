@@ -379,7 +379,7 @@ def effective_weights(
     """``plain name -> `` a detached copy of every *trainable* block of a PEFT model: W₀ + ΔW for an adapted
     layer, the tensor itself for a trainable plain parameter; frozen weights and the head left out.
 
-    What an L2-SP prior N(W, σ²I) on a LoRA model is centred on (:func:`priorzoo.finetune.l2sp_prior`): its
+    What an L2-SP prior N(W, σ²I) on a LoRA model is centred on (:func:`priorzoo.learn.isotropic_prior`): its
     penalty is then ‖ΔW − ΔW_now‖²/(2σ²) over the adapted layers (‖ΔW‖²/(2σ²) at the adapters' init).
 
     Args:
@@ -433,7 +433,7 @@ def check_unmerged(model: torch.nn.Module) -> None:
     Example:
         >>> check_unmerged(torch.nn.Linear(2, 2))
     """
-    from priorzoo._validation import short_list as _short
+    from priorzoo.validation import short_list as _short
 
     merged = [n for n, m in model.named_modules() if _is_peft_module(m) and getattr(m, "merged_adapters", None)]
     if merged:

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from priorzoo.binding.bound import BoundPrior, register_binding
+from priorzoo.binding.bound import BindablePrior, BoundPrior, register_binding
 from priorzoo.binding.matching import MatchResult
 from priorzoo.errors import PriorFormatError, PriorNotFoundError
 from priorzoo.format.checks import check_prior_tensors, check_values
@@ -160,7 +160,7 @@ class ShardedBoundPrior(BoundPrior):
     """
 
     def __init__(
-        self, prior: PriorModel, model: torch.nn.Module, match: MatchResult, *, dtype: torch.dtype | None = None
+        self, prior: BindablePrior, model: torch.nn.Module, match: MatchResult, *, dtype: torch.dtype | None = None
     ) -> None:
         self._take_matched(prior, model, match)
         unsharded = [n for n, p in zip(self.prior_names, self.parameters) if not _is_dtensor(p)]

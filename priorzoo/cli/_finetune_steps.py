@@ -194,8 +194,8 @@ def prepare(args: argparse.Namespace) -> Setup:
     from priorzoo import PriorModel
     from priorzoo.backbones import freeze_, init_head_, load_backbone
     from priorzoo.data.user import image_input, make_collate
-    from priorzoo.finetune.loop import l2sp_prior
     from priorzoo.finetune.scale import split_train_validation
+    from priorzoo.learn import isotropic_prior
 
     torch.manual_seed(args.seed)
     train_ds = load_split(args.data, args)
@@ -250,7 +250,7 @@ def prepare(args: argparse.Namespace) -> Setup:
         init = "prior_mean"
         start = {"weights": "prior_mean", "prior": args.init_from, "buffers": len(source.buffers)}
     if args.l2sp is not None:  # centred on the starting weights (the backbone's, or μ with --init-from)
-        prior = l2sp_prior(model, args.l2sp)
+        prior = isotropic_prior(model, args.l2sp)
         prior_info = {"source": "l2sp", "variance": args.l2sp}
     if args.freeze or args.trainable_layers is not None:
         frozen = freeze_(model, freeze=args.freeze, trainable_layers=args.trainable_layers)

@@ -130,7 +130,7 @@ def load_data(data: str | os.PathLike, *, data_format: str = "auto", split: str 
     """
     if data_format not in DATA_FORMATS:
         raise ValueError(f"`data_format` must be one of {', '.join(DATA_FORMATS)}; received {data_format!r}")
-    from priorzoo.learn._common import require
+    from priorzoo.extras import require
 
     datasets = require("datasets", what="reading training data")
     path = Path(data)

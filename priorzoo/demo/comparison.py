@@ -129,7 +129,7 @@ def compare_methods(
         settings: the :class:`FinetuneSettings`.
         include, exclude: which model parameters the priors cover (default: the learned prior's names).
         forward: ``forward(model, batch) -> (logits, labels)``
-            (default :func:`priorzoo.finetune.loop.default_forward`).
+            (default :func:`priorzoo.batches.default_forward`).
         progress: an object with ``phase(name, total)`` (a new bar per method, :func:`method_units`),
             ``stage(text)`` and ``update(n)`` (the demo's :class:`~priorzoo.demo._progress.Progress`), or ``None``.
         methods: which methods to run, any of :data:`ALL_METHODS` (default :data:`METHODS`, the four);
@@ -163,6 +163,7 @@ def compare_methods(
         >>> [r.method for r in rows]
         ['fine-tuning', 'L2-SP', 'learned prior', 'learned prior + BMA']
     """
+    from priorzoo.batches import default_forward
     from priorzoo.finetune import (
         BindOptions,
         DownstreamSWAG,
@@ -171,10 +172,9 @@ def compare_methods(
         fit_fresh,
         fit_swag_posterior,
         grid_search,
-        l2sp_prior,
         make_optimizer,
     )
-    from priorzoo.finetune.loop import default_forward
+    from priorzoo.learn import isotropic_prior
 
     s = settings
     chosen = _check_methods(methods)
@@ -285,7 +285,7 @@ def compare_methods(
         rows[INIT_ONLY], _ = tune(INIT_ONLY, "lr", s.lr_grid, lambda lr: (lr, None), make_model)
     if METHODS[1] in chosen:
         # N(w₀, σ²I) centred on the pre-trained weights: σ² = 1 at scale σ², so one prior serves the whole grid
-        l2sp_base = l2sp_prior(source_model(), 1.0, include=include, exclude=exclude, exclude_head=False)
+        l2sp_base = isotropic_prior(source_model(), 1.0, include=include, exclude=exclude, exclude_head=False)
         rows[METHODS[1]], _ = tune(
             METHODS[1], "variance", s.l2sp_variances, lambda var: (s.lr, l2sp_base.with_scale(var)), source_model
         )

@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from priorzoo._validation import check_positive_int
 from priorzoo.enums import Metric, OptimizerKind
+from priorzoo.validation import check_positive_int
 
 __all__ = ["ALL_METHODS", "INIT_ONLY", "METHODS", "DemoConfig", "FinetuneSettings"]
 

@@ -32,9 +32,9 @@ import importlib
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from priorzoo.finetune.batchnorm import refresh_batchnorm_
+from priorzoo.binding.batchnorm import refresh_batchnorm_
 from priorzoo.finetune.bayes import SGLD, DownstreamSWAG, bma_predict
-from priorzoo.finetune.loop import evaluate, fit, l2sp_prior, train_step
+from priorzoo.finetune.loop import evaluate, fit, train_step
 from priorzoo.finetune.metrics import classification_metrics
 from priorzoo.finetune.options import BindOptions
 from priorzoo.finetune.regularizer import PriorRegularizer
@@ -68,7 +68,6 @@ __all__ = [
     "fit_fresh",
     "fit_swag_posterior",
     "grid_search",
-    "l2sp_prior",
     "log_grid",
     "make_optimizer",
     "refresh_batchnorm_",

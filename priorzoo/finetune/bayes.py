@@ -44,16 +44,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from priorzoo.batches import ForwardFn, default_forward
+from priorzoo.binding.batchnorm import has_batchnorm, refresh_batchnorm_
 from priorzoo.binding.matching import Patterns
-from priorzoo.finetune.batchnorm import has_batchnorm, refresh_batchnorm_
-from priorzoo.finetune.loop import (
-    ForwardFn,
-    check_num_train_examples,
-    default_forward,
-    predict_proba,
-)
+from priorzoo.finetune.loop import predict_proba
 from priorzoo.finetune.metrics import classification_metrics
 from priorzoo.prior import PriorModel
+from priorzoo.validation import check_num_train_examples
 
 __all__ = [
     "SGLD",

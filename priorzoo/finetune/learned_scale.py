@@ -5,7 +5,7 @@ variational objective" (arXiv 2410.19675) and "Learning Hyperparameters via a Da
 Objective" (arXiv 2502.01861, AISTATS 2026) learn the strength of the prior on the training set alone, in one
 run, instead of on a validation grid. This module implements their objective from the papers' equations
 (not from their research code) for every prior priorzoo binds (isotropic / L2-SP, diagonal, SWAG low rank,
-imported), plain, frozen/PEFT (:mod:`priorzoo.conditional`) and FSDP2-sharded (:mod:`priorzoo.sharded`).
+imported), plain, frozen/PEFT (:mod:`priorzoo.binding.conditional`) and FSDP2-sharded (:mod:`priorzoo.binding.sharded`).
 
 **Variational family.** Over the D trained weights, q(w) = N(w̄, σ²I): the trained weights are the mean w̄,
 and one scalar σ = softplus(ρ) is learned with them. Each optimiser step draws one reparameterised sample
@@ -54,7 +54,7 @@ weights' learning rate. A prototype on a real ImageNet backbone found that σ in
 weights' learning rate did not move in a 60-step run (it needed ~10× that rate, or an initialisation near
 its scale). Defaults: ``sigma_init`` 1e-3, ``sigma_lr`` 0.05 (σ can change by ~e³ in 60 steps).
 
-**PEFT.** The prior lives on the effective weights W = W₀ + ΔW (:mod:`priorzoo.conditional`): the KL is
+**PEFT.** The prior lives on the effective weights W = W₀ + ΔW (:mod:`priorzoo.binding.conditional`): the KL is
 evaluated for N(W̄, σ²I) over the covered blocks' effective weights (D_g their number), so the learned λ_g
 equal those of the merged model at the same weights and σ; the reparameterised sample perturbs the tensors
 the optimiser trains (``lora_A``/``lora_B``), which is exact for plain models and a surrogate under PEFT.
@@ -94,7 +94,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from priorzoo._validation import check_float, check_num_train_examples
 from priorzoo.binding.sharded import is_sharded, local_slices
 from priorzoo.finetune._grads import add_into_grads_
 from priorzoo.finetune._grads import local as _local
@@ -102,6 +101,7 @@ from priorzoo.finetune.options import BindOptions
 from priorzoo.gaussian import LowRankGaussian
 from priorzoo.numerics import ieee_fp32_matmul, no_autocast
 from priorzoo.prior import PriorModel
+from priorzoo.validation import check_float, check_num_train_examples
 
 __all__ = ["GROUPINGS", "LEARNED", "LearnedScale", "group_of", "is_learned", "trace_inverse"]
 

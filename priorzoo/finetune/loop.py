@@ -53,7 +53,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,131 +61,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from priorzoo._validation import check_num_train_examples, check_positive_int, check_prior_weight, check_scale
-from priorzoo.binding.matching import Patterns
+from priorzoo.batches import Batch, ForwardFn, default_forward, move_to_device
 from priorzoo.enums import Metric
 from priorzoo.finetune.metrics import classification_metrics, probabilities
 from priorzoo.finetune.regularizer import PriorRegularizer
-from priorzoo.learn._common import move_to_device as _move_batch
-from priorzoo.prior import PriorModel
+from priorzoo.validation import check_positive_int
 
 __all__ = [
     "FitResult",
     "PriorRegularizer",
-    "check_num_train_examples",
-    "check_prior_weight",
-    "check_scale",
-    "default_forward",
     "evaluate",
     "fit",
-    "l2sp_prior",
-    "move_to_device",
     "predict_proba",
     "train_step",
 ]
 
-Batch = Any
-ForwardFn = Callable[[torch.nn.Module, Batch], tuple[Tensor, Tensor]]
-"""``forward(model, batch) -> (logits [B, C], labels [B])``."""
-
-
-# ---------------------------------------------------------------------- the L2-SP baseline
-def l2sp_prior(
-    model: torch.nn.Module,
-    variance: float,
-    *,
-    include: Patterns = None,
-    exclude: Patterns = None,
-    exclude_head: bool = True,
-    head: Patterns = None,
-) -> PriorModel:
-    r"""The L2-SP baseline: an isotropic prior N(w₀, σ²I) centred on the model's current weights w₀.
-
-    Its penalty is ‖w − w₀‖²/(2σ²) (Li, Grandvalet & Davoine, "Explicit Inductive Bias for Transfer
-    Learning with Convolutional Networks", ICML 2018), the baseline the replications of Shwartz-Ziv et al.
-    found competitive with learned priors. The model's task head (see
-    :func:`priorzoo.binding.matching.head_parameter_names`) is left out unless ``exclude_head=False``.
-
-    Args:
-        model: the backbone (with its new head) at its pre-trained weights.
-        variance: σ² > 0.
-        include, exclude: glob patterns / a predicate on the model's parameter names.
-        exclude_head: leave the task head out (default).
-        head: the head's parameters explicitly (patterns or a predicate; ``[]``: none).
-
-    Example:
-        >>> import torch
-        >>> m = torch.nn.Linear(2, 2)
-        >>> l2sp_prior(m, 0.01).kind.value
-        'isotropic'
-    """
-    if (
-        isinstance(variance, bool)
-        or not isinstance(variance, (int, float))
-        or not (math.isfinite(variance) and variance > 0)
-    ):
-        raise ValueError(f"the L2-SP variance σ² must be a finite number > 0; received {variance!r}")
-    from priorzoo.binding.peft import effective_weights, is_peft_model
-
-    if is_peft_model(model):  # centred on the effective weights W₀ + ΔW: L2-SP on ΔW (see priorzoo.binding.peft)
-        centre = effective_weights(model, include=include, exclude=exclude, exclude_head=exclude_head, head=head)
-        return PriorModel.from_tensors(centre, variance=float(variance), source={"objective": "l2sp"})
-    from priorzoo.learn.baselines import isotropic_prior
-
-    return isotropic_prior(
-        model, float(variance), include=include, exclude=exclude, exclude_head=exclude_head, head=head
-    )
-
 
 # ---------------------------------------------------------------------- a plain loop
-def move_to_device(batch: Batch, device: torch.device | str | None) -> Batch:
-    """Recursively move the tensors of a batch (mapping / sequence / tensor) to ``device``.
-
-    Example:
-        >>> import torch
-        >>> move_to_device({"x": torch.zeros(1)}, "cpu")["x"].device.type
-        'cpu'
-    """
-    return _move_batch(batch, device, non_blocking=True)
-
-
-def default_forward(model: torch.nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
-    """``(logits, labels)`` of a batch: a mapping with ``labels`` (the rest go to ``model(**inputs)``, and
-    ``outputs.logits`` or ``outputs[0]`` is taken) or a pair ``(inputs, labels)`` (``model(inputs)``).
-
-    Example:
-        >>> import torch
-        >>> logits, labels = default_forward(torch.nn.Linear(3, 2), (torch.zeros(4, 3), torch.zeros(4).long()))
-        >>> tuple(logits.shape)
-        (4, 2)
-    """
-    if isinstance(batch, Mapping):
-        if "labels" not in batch:
-            raise KeyError(f"a mapping batch needs a `labels` entry; received keys {sorted(batch)}")
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        out = model(**inputs)
-        labels = batch["labels"]
-    elif isinstance(batch, (list, tuple)) and len(batch) == 2:
-        out = model(batch[0])
-        labels = batch[1]
-    else:
-        raise TypeError(
-            "a batch must be a mapping with `labels` or a pair (inputs, labels); pass forward=... for "
-            f"anything else; received {type(batch).__name__}"
-        )
-    if isinstance(out, Tensor):
-        logits = out
-    elif hasattr(out, "logits"):
-        logits = out.logits
-    elif isinstance(out, (tuple, list)):
-        logits = out[0]
-    elif isinstance(out, Mapping) and "logits" in out:
-        logits = out["logits"]
-    else:
-        raise TypeError(f"cannot find logits in the model output of type {type(out).__name__}")
-    return logits, labels
-
-
 def _device_of(model: torch.nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
@@ -220,7 +112,7 @@ def train_step(
     """
     model.train()
     device = _device_of(model)
-    batch = move_to_device(batch, device)
+    batch = move_to_device(batch, device, non_blocking=True)
     if regularizer is not None:
         regularizer.prefetch()  # computed while the forward runs (CPU); the weights are final until step()
     ctx = (
@@ -272,7 +164,7 @@ def predict_proba(
     probs, labels = [], []
     try:
         for batch in loader:
-            logits, y = forward(model, move_to_device(batch, device))
+            logits, y = forward(model, move_to_device(batch, device, non_blocking=True))
             probs.append(probabilities(logits).cpu())
             labels.append(y.detach().cpu())
     finally:

@@ -33,7 +33,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from priorzoo._validation import check_num_train_examples, check_prior_weight, check_scale
 from priorzoo.binding.bound import BoundPrior
 from priorzoo.binding.matching import Patterns
 from priorzoo.binding.sharded import ShardedBoundPrior
@@ -43,6 +42,7 @@ from priorzoo.finetune.learned_scale import LearnedScale, is_learned
 from priorzoo.finetune.options import BindOptions
 from priorzoo.gaussian import Workspace
 from priorzoo.prior import PriorModel
+from priorzoo.validation import check_num_train_examples, check_prior_weight, check_scale
 
 __all__ = ["PriorRegularizer", "check_num_train_examples", "check_prior_weight", "check_scale"]
 

@@ -32,13 +32,13 @@ from typing import Any
 
 import torch
 
-from priorzoo._validation import check_num_train_examples, check_positive_int
 from priorzoo.enums import Metric, OptimizerKind
 from priorzoo.finetune.bayes import SGLD, DownstreamSWAG, PredictiveAverager
 from priorzoo.finetune.loop import FitResult, fit
 from priorzoo.finetune.options import BindOptions
 from priorzoo.finetune.regularizer import PriorRegularizer
 from priorzoo.prior import PriorModel
+from priorzoo.validation import check_num_train_examples, check_positive_int
 
 __all__ = [
     "GridPoint",

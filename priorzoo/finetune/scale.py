@@ -23,14 +23,14 @@ from typing import Any
 
 import torch
 
-from priorzoo._validation import check_num_train_examples, check_positive_int, check_scale
+from priorzoo.batches import ForwardFn, default_forward
 from priorzoo.binding.matching import Patterns
 from priorzoo.enums import Metric, OptimizerKind
-from priorzoo.finetune.loop import ForwardFn, default_forward
 from priorzoo.finetune.options import BindOptions
 from priorzoo.finetune.runners import GridPoint, fit_fresh, grid_search
 from priorzoo.finetune.runners import make_optimizer as _make_optimizer
 from priorzoo.prior import PriorModel
+from priorzoo.validation import check_num_train_examples, check_positive_int, check_scale
 
 __all__ = ["ScalePoint", "ScaleSearchResult", "log_grid", "split_train_validation", "tune_scale"]
 

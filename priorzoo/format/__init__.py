@@ -6,7 +6,7 @@ the checks a loaded prior's tensors pass (:mod:`~priorzoo.format.checks`), the m
 (:mod:`~priorzoo.format.cards`) and how published provenance names local files
 (:mod:`~priorzoo.format.provenance`: by name and sha256, never by path).
 
-May import: the bottom modules (``priorzoo.errors``, ``enums``, ``_version``, ``_validation``, ``gaussian``,
+May import: the bottom modules (``priorzoo.errors``, ``enums``, ``_version``, ``validation``, ``gaussian``,
 ``numerics``) and its own modules; never the Hub code, the binding, learning, fine-tuning or applications.
 """
 

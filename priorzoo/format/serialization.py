@@ -32,7 +32,6 @@ import re
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -52,10 +51,8 @@ from priorzoo.format.files import (
     read_json,
     read_shard_index,
 )
+from priorzoo.format.record import PriorRecord
 from priorzoo.format.tensorfile import ST_NAMES, TensorFile
-
-if TYPE_CHECKING:
-    from priorzoo.prior import PriorModel
 
 __all__ = [
     "BUFFER_SUFFIX",
@@ -148,7 +145,7 @@ def _cast(name: str, tensor: Tensor, dtype: torch.dtype, *, variance: bool) -> T
     return out
 
 
-def _tensor_dict(prior: PriorModel, factor_dtype: torch.dtype | None, dtype: torch.dtype | None) -> dict[str, Tensor]:
+def _tensor_dict(prior: PriorRecord, factor_dtype: torch.dtype | None, dtype: torch.dtype | None) -> dict[str, Tensor]:
     """The tensors to write, cast (and range-checked) before anything is written."""
     out: dict[str, Tensor] = {}
     for n in prior.names:
@@ -187,7 +184,7 @@ def save_id_of(config: PriorConfig, files: Iterable[tuple[str, Mapping[str, Tens
     return h.hexdigest()[:32]
 
 
-def _layout(prior: PriorModel, tensors: dict[str, Tensor], limit: int) -> list[tuple[str, dict[str, Tensor]]]:
+def _layout(prior: PriorRecord, tensors: dict[str, Tensor], limit: int) -> list[tuple[str, dict[str, Tensor]]]:
     """``[(file name, tensors)]``: parameters (then buffers) in order, a parameter's tensors kept together, a new
     shard when ``limit`` bytes would be exceeded; one file is ``prior.safetensors``."""
     shards: list[dict[str, Tensor]] = [{}]
@@ -208,7 +205,7 @@ def _layout(prior: PriorModel, tensors: dict[str, Tensor], limit: int) -> list[t
 
 
 def save_prior(
-    prior: PriorModel,
+    prior: PriorRecord,
     save_directory: str | os.PathLike,
     *,
     max_shard_size: int | str = "2GB",

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from priorzoo.learn._common import recommend_scale
 from priorzoo.learn.baselines import empirical_fisher, fisher_prior, isotropic_prior
 from priorzoo.learn.callbacks import swag_fit
 from priorzoo.learn.objectives import (
@@ -38,6 +37,7 @@ from priorzoo.learn.objectives import (
     mask_tokens,
     nt_xent_loss,
 )
+from priorzoo.learn.recommended_scale import recommend_scale
 from priorzoo.learn.schedules import ConstantLRSchedule, CyclicCosineSchedule
 from priorzoo.learn.sharded_swag import ShardedSWAGCollector
 from priorzoo.learn.swag import SWAGCollector

@@ -42,15 +42,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from priorzoo.batches import move_to_device
+from priorzoo.binding.batchnorm import running_statistics
 from priorzoo.binding.matching import Patterns
-from priorzoo.learn._common import (
-    check_float,
-    describe_backbone,
-    move_to_device,
-    recorded_exclude,
-    running_statistics,
-    select_prior_parameters,
-)
+from priorzoo.learn.provenance import describe_backbone, recorded_exclude, select_prior_parameters
+from priorzoo.validation import check_float
 
 if TYPE_CHECKING:
     from priorzoo.prior import PriorModel
@@ -79,7 +75,12 @@ def isotropic_prior(
     source: Mapping[str, Any] | None = None,
     license: str | None = None,
 ) -> PriorModel:
-    r"""L2-SP prior N(w⁰, λσ²I) centred on the model's current weights w⁰ (kind ``isotropic``).
+    r"""The L2-SP prior N(w⁰, λσ²I) centred on the model's current weights w⁰ (kind ``isotropic``).
+
+    Its fine-tuning penalty is ‖w − w⁰‖²/(2Nλσ²) (Li, Grandvalet & Davoine, "Explicit Inductive Bias for Transfer
+    Learning with Convolutional Networks", ICML 2018), the baseline the replications of Shwartz-Ziv et al. found
+    competitive with learned priors. On a PEFT model (LoRA) the prior covers the adapted layers, centred on their
+    effective weights W₀ + ΔW (:func:`priorzoo.binding.peft.effective_weights`): L2-SP on ΔW.
 
     Args:
         model: the pre-trained backbone (its head is left out unless ``exclude_head=False``).
@@ -100,22 +101,29 @@ def isotropic_prior(
         (['0.weight', '0.bias'], 0.5, ['1.*'])
     """
     check_float(variance, "variance", minimum=0.0, strict=True)
+    from priorzoo.binding.peft import effective_weights, is_peft_model
     from priorzoo.prior import PriorModel
 
-    params, head_names = _select(model, include, exclude, exclude_head, head, "isotropic_prior")
-    mean = {n: p.detach().to("cpu", torch.float32, copy=True) for n, p in params.items()}
+    if is_peft_model(model):
+        mean = effective_weights(model, include=include, exclude=exclude, exclude_head=exclude_head, head=head)
+        recorded: list[str] = []
+        buffers = None
+    else:
+        params, head_names = _select(model, include, exclude, exclude_head, head, "isotropic_prior")
+        mean = {n: p.detach().to("cpu", torch.float32, copy=True) for n, p in params.items()}
+        recorded, buffers = recorded_exclude(model, params, exclude), running_statistics(model, skip=head_names)
     return PriorModel.from_tensors(
         mean,
         float(variance),
-        copy=False,  # already copied above
+        copy=False,  # both branches built fresh copies
         kind="isotropic",
         scale=scale,
         backbone=dict(backbone) if backbone is not None else describe_backbone(model),
         source=source,
         learning={"method": "isotropic", "variance": float(variance), "reference": "L2-SP, Li et al. 2018"},
-        exclude=recorded_exclude(model, params, exclude),
+        exclude=recorded,
         license=license,
-        buffers=running_statistics(model, skip=head_names),
+        buffers=buffers,
     )
 
 

@@ -35,18 +35,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from priorzoo.batches import move_to_device
 from priorzoo.binding.matching import Patterns
-from priorzoo.learn._common import (
-    atomic_save_safetensors,
-    check_positive_int,
-    flatten_tree,
-    load_safetensors_with_meta,
-    move_to_device,
-    require,
-    unflatten_tree,
-)
+from priorzoo.extras import require
+from priorzoo.learn.checkpoint import atomic_save_safetensors, flatten_tree, load_safetensors_with_meta, unflatten_tree
 from priorzoo.learn.schedules import _Schedule
 from priorzoo.learn.swag import SWAGCollector
+from priorzoo.validation import check_positive_int
 
 __all__ = ["COLLECTOR_STATE_NAME", "FIT_STATE_NAME", "SWAGCallback", "swag_fit"]
 

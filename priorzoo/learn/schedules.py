@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from priorzoo.learn._common import check_float, check_positive_int
+from priorzoo.validation import check_float, check_positive_int
 
 __all__ = ["ConstantLRSchedule", "CyclicCosineSchedule"]
 

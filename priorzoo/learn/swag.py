@@ -66,19 +66,20 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
+from priorzoo.binding.batchnorm import norm_buffers, refresh_batchnorm_, running_statistics
 from priorzoo.binding.matching import Patterns
-from priorzoo.learn._common import (
-    check_float,
-    check_positive_int,
-    describe_backbone,
-    norm_buffers,
-    recommend_scale,
-    recorded_exclude,
-    select_prior_parameters,
-)
+from priorzoo.learn.provenance import describe_backbone, recorded_exclude, select_prior_parameters
+from priorzoo.learn.recommended_scale import recommend_scale
 from priorzoo.learn.schedules import ConstantLRSchedule, CyclicCosineSchedule, _Schedule  # noqa: F401 (re-exported)
-from priorzoo.learn.swag_buffers import SWAGBuffersMixin
-from priorzoo.learn.swag_state import SWAGStateMixin, _dtype_name
+from priorzoo.learn.swag_state import (
+    STATE_FORMAT,
+    STATE_VERSION,
+    check_state_values,
+    dtype_name,
+    read_state_file,
+    write_state_file,
+)
+from priorzoo.validation import check_float, check_positive_int
 
 if TYPE_CHECKING:
     from priorzoo.prior import PriorModel
@@ -88,7 +89,7 @@ __all__ = ["ConstantLRSchedule", "CyclicCosineSchedule", "SWAGCollector"]
 _DEFAULT_CHUNK = 1 << 18  # elements per fused update (1 MiB float32): big enough to amortise op overhead
 
 
-class SWAGCollector(SWAGBuffersMixin, SWAGStateMixin):
+class SWAGCollector:
     r"""Streaming SWAG statistics over a model's parameters; call :meth:`collect` at each snapshot.
 
     Args:
@@ -226,7 +227,7 @@ class SWAGCollector(SWAGBuffersMixin, SWAGStateMixin):
     def __repr__(self) -> str:
         return (
             f"SWAGCollector(rank={self.rank}, parameters={len(self.names)}, numel={self.num_parameters}, "
-            f"collected={self._n}, moment_dtype={_dtype_name(self.moment_dtype)}, device={self.device})"
+            f"collected={self._n}, moment_dtype={dtype_name(self.moment_dtype)}, device={self.device})"
         )
 
     @staticmethod
@@ -438,7 +439,7 @@ class SWAGCollector(SWAGBuffersMixin, SWAGStateMixin):
             bn_data, bn_forward, bn_batches: with ``bn_data`` (an iterable of source batches), the
                 batch-norm running statistics carried by the prior are recomputed for the SWA mean w̄
                 (``priorzoo.finetune.refresh_batchnorm_``: ``bn_forward(model, batch)`` runs the model,
-                default :func:`priorzoo.finetune.loop.default_forward`; at most ``bn_batches`` batches), as
+                default :func:`priorzoo.batches.default_forward`; at most ``bn_batches`` batches), as
                 SWA/SWAG practice does (``torch.optim.swa_utils.update_bn``). Without it the prior carries
                 the running statistics averaged over the snapshots. The model's own weights and statistics
                 are left as they were.
@@ -530,7 +531,7 @@ class SWAGCollector(SWAGBuffersMixin, SWAGStateMixin):
             "max_rank": self.rank,
             "rank": rank,
             "min_var": floor,
-            "moments": f"welford-{_dtype_name(self.moment_dtype)}",
+            "moments": f"welford-{dtype_name(self.moment_dtype)}",
             "reference": "Maddox et al. 2019, A Simple Baseline for Bayesian Uncertainty in Deep Learning",
         }
         return rank, floor, record
@@ -580,3 +581,202 @@ class SWAGCollector(SWAGBuffersMixin, SWAGStateMixin):
         """The user's string ``exclude`` patterns plus the names of every other trainable parameter left
         out (the head, or whatever ``include`` did not pick)."""
         return recorded_exclude(self.model, self.names, self.exclude)
+
+    # ------------------------------------------------------------------ batch-norm running statistics
+    def _collect_buffers(self, model: torch.nn.Module) -> None:
+        if not self.buffer_layers:
+            return
+        stats = running_statistics(model, skip=self.head_names)
+        for name, t in stats.items():
+            if t.dtype.is_floating_point:
+                acc = self._buffer_sum.get(name)
+                self._buffer_sum[name] = t.double() if acc is None else acc.add_(t)
+            else:
+                self._buffer_last[name] = t
+        self._buffer_n += 1
+
+    def running_statistics(self) -> dict[str, Tensor]:
+        """The batch-norm running statistics averaged over the snapshots (``num_batches_tracked``: the
+        latest), ``"<layer>.running_mean"`` etc.; empty without batch norm or with ``buffers=False``.
+
+        Example:
+            >>> import torch
+            >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+            >>> from priorzoo.learn import SWAGCollector
+            >>> c = SWAGCollector(net, rank=2); c.collect()
+            >>> sorted(c.running_statistics())
+            ['1.num_batches_tracked', '1.running_mean', '1.running_var']
+        """
+        if not self._buffer_n:
+            return {}
+        out = {n: (t / self._buffer_n).float() for n, t in self._buffer_sum.items()}
+        out.update({n: t.clone() for n, t in self._buffer_last.items()})
+        order = list(running_statistics(self.model, skip=self.head_names))
+        return {n: out[n] for n in order if n in out}
+
+    @torch.no_grad()
+    def _statistics_of_mean(
+        self, data: Any, forward: Callable[[torch.nn.Module, Any], Any] | None, num_batches: int | None
+    ) -> dict[str, Tensor]:
+        """Recompute the running statistics for the SWA mean: copy w̄ into the model, re-estimate them on
+        ``data`` (:func:`priorzoo.finetune.refresh_batchnorm_`), read them, then put the weights and
+        statistics back."""
+        named = dict(self.model.named_parameters())
+        saved = {n: named[n].detach().clone() for n in self.names}
+        buffers = dict(self.model.named_buffers())
+        saved_buffers = {n: b.detach().clone() for n, b in buffers.items()}
+        try:
+            for n, t in self._unflatten(self._mean).items():
+                named[n].copy_(t.to(named[n].dtype))
+            kwargs: dict[str, Any] = {"num_batches": num_batches}
+            if forward is not None:
+                kwargs["forward"] = forward
+            refresh_batchnorm_(self.model, data, **kwargs)
+            return running_statistics(self.model, skip=self.head_names)
+        finally:
+            for n, t in saved.items():
+                named[n].copy_(t)
+            for n, t in saved_buffers.items():
+                buffers[n].copy_(t)
+
+    # ------------------------------------------------------------------ resume state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: metadata (JSON-able) plus tensors ``mean``, ``m2``, ``deviations``.
+
+        Deviations are stored oldest first (``[min(T, K), P]``), so the state is independent of where the
+        ring buffer happened to wrap.
+
+        Example:
+            >>> import torch
+            >>> from priorzoo.learn import SWAGCollector
+            >>> c = SWAGCollector(torch.nn.Linear(2, 2), rank=3); c.collect()
+            >>> sorted(k for k, v in c.state_dict().items() if isinstance(v, torch.Tensor))
+            ['deviations', 'm2', 'mean']
+        """
+        return {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "rank": self.rank,
+            "num_collected": self._n,
+            "min_var": self.min_var,
+            "moment_dtype": dtype_name(self.moment_dtype),
+            "factor_dtype": dtype_name(self.factor_dtype),
+            "parameters": [{"name": n, "shape": list(self.shapes[n])} for n in self.names],
+            "mean": self._mean.clone(),
+            "m2": self._m2.clone(),
+            "deviations": self.deviations(),
+            "buffer_snapshots": self._buffer_n,
+            **{f"buffer_sum.{n}": t.clone() for n, t in self._buffer_sum.items()},
+            **{f"buffer_last.{n}": t.clone() for n, t in self._buffer_last.items()},
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; the collector must select the same parameters with the same K.
+
+        Raises:
+            ValueError: another format, rank, parameter list or shapes, inconsistent tensors, or the state of
+                one process of a sharded (FSDP2) collector.
+
+        Example:
+            >>> import torch
+            >>> from priorzoo.learn import SWAGCollector
+            >>> lin = torch.nn.Linear(2, 2)
+            >>> a = SWAGCollector(lin, rank=3); a.collect()
+            >>> b = SWAGCollector(lin, rank=3); b.load_state_dict(a.state_dict())
+            >>> b.num_collected
+            1
+        """
+        self._check_state(state)
+        self._apply_state(state)
+
+    def _check_state(self, state: Mapping[str, Any]) -> None:
+        """Raise ValueError if ``state`` cannot be loaded into this collector; changes nothing."""
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a SWAGCollector state (format {state.get('format')!r}, expected {STATE_FORMAT!r})")
+        if int(state.get("version", 0)) > STATE_VERSION:
+            raise ValueError(
+                f"SWAGCollector state version {state.get('version')} is newer than this priorzoo reads "
+                f"({STATE_VERSION}); upgrade priorzoo"
+            )
+        self._check_sharding(state)
+        if state["rank"] != self.rank:
+            raise ValueError(
+                f"the saved state has rank K = {state['rank']} but this collector has rank {self.rank}; build "
+                f"the collector with rank={state['rank']} to resume"
+            )
+        saved = [(p["name"], tuple(p["shape"])) for p in state["parameters"]]
+        mine = [(n, self.shapes[n]) for n in self.names]
+        if saved != mine:
+            diff = [f"`{s[0]}` {s[1]}" for s in saved if s not in mine][:3] + [
+                f"`{m[0]}` {m[1]} (here)" for m in mine if m not in saved
+            ][:3]
+            raise ValueError(
+                f"the saved state covers {len(saved)} parameters and this collector {len(mine)}; they differ "
+                f"in: {', '.join(diff) or 'order'}. Use the same model and include/exclude patterns"
+            )
+        check_state_values(state, rank=self.rank, num_parameters=self.num_parameters, buffers=self._buffer_shapes())
+
+    def _buffer_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of every batch-norm statistic this collector averages (its local block when sharded)."""
+        if not self.buffer_layers:
+            return {}
+        return {n: tuple(t.shape) for n, t in running_statistics(self.model, skip=self.head_names).items()}
+
+    def _check_sharding(self, state: Mapping[str, Any]) -> None:
+        """An unsharded collector refuses the state of one process of a sharded run (key ``shard``)."""
+        shard = state.get("shard")
+        if shard is not None:
+            raise ValueError(
+                f"the saved state is process {shard.get('process')}'s shard of a {shard.get('world_size')}-process "
+                "sharded (FSDP2) SWAGCollector, but this collector is unsharded; resume it on "
+                f"{shard.get('world_size')} processes with the same fully_shard layout"
+            )
+
+    @torch.no_grad()
+    def _apply_state(self, state: Mapping[str, Any]) -> None:
+        """Copy a checked state in (see :meth:`_check_state`)."""
+        n = int(state["num_collected"])
+        devs = state["deviations"]
+        m = min(n, self.rank)
+        self._mean.copy_(state["mean"])
+        self._m2.copy_(state["m2"])
+        self._ring.zero_()
+        # snapshot j (1-based) lives in slot (j − 1) mod K, exactly as an uninterrupted run would have it
+        for i in range(m):
+            j = n - m + 1 + i
+            self._ring[(j - 1) % self.rank].copy_(devs[i])
+        self._n = n
+        # batch-norm statistics (absent from states written before priorzoo carried them: start afresh)
+        self._buffer_n = int(state.get("buffer_snapshots", 0))
+        self._buffer_sum = {k[len("buffer_sum.") :]: v.clone() for k, v in state.items() if k.startswith("buffer_sum.")}
+        self._buffer_last = {
+            k[len("buffer_last.") :]: v.clone() for k, v in state.items() if k.startswith("buffer_last.")
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the state to one safetensors file (tensors + a JSON header entry), atomically; no pickle.
+
+        Example:
+            >>> import tempfile, os, torch
+            >>> from priorzoo.learn import SWAGCollector
+            >>> c = SWAGCollector(torch.nn.Linear(2, 2), rank=3); c.collect()
+            >>> path = c.save(os.path.join(tempfile.mkdtemp(), "swag.safetensors"))
+            >>> c2 = SWAGCollector(torch.nn.Linear(2, 2), rank=3); c2.load(path); c2.num_collected
+            1
+        """
+        return write_state_file(self.state_dict(), path)
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Restore the state written by :meth:`save` (see :meth:`load_state_dict` for the checks).
+
+        Example:
+            >>> collector.load("checkpoints/swag.safetensors")  # doctest: +SKIP
+        """
+        if Path(path).is_dir() and any(Path(path).glob("rank-*-of-*.safetensors")):
+            files = sorted(f.name for f in Path(path).glob("rank-*-of-*.safetensors"))
+            raise ValueError(
+                f"{path} is the state of a sharded (FSDP2) SWAGCollector, one file per process ({', '.join(files)}), "
+                "but this collector is unsharded; resume it on as many processes, with the same fully_shard layout"
+            )
+        self.load_state_dict(read_state_file(path))

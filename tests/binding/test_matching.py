@@ -184,7 +184,6 @@ def test_an_output_layer_not_named_like_a_head_is_not_assumed() -> None:
 def test_learned_priors_leave_the_plain_head_out_and_warn_about_an_unnamed_output_layer() -> None:
     import warnings
 
-    from priorzoo.finetune import l2sp_prior
     from priorzoo.learn import SWAGCollector, isotropic_prior
 
     net = _PlainNet()
@@ -192,7 +191,7 @@ def test_learned_priors_leave_the_plain_head_out_and_warn_about_an_unnamed_outpu
         warnings.simplefilter("error")  # the detected head: nothing to warn about
         assert SWAGCollector(net, rank=2).names == ["features.0.weight", "features.0.bias"]
         assert isotropic_prior(net).names == ["features.0.weight", "features.0.bias"]
-        assert l2sp_prior(net, 0.1).names == ["features.0.weight", "features.0.bias"]
+        assert isotropic_prior(net, 0.1).names == ["features.0.weight", "features.0.bias"]
 
     seq = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
     for build in (lambda **kw: SWAGCollector(seq, rank=2, **kw), lambda **kw: isotropic_prior(seq, **kw)):

@@ -339,11 +339,11 @@ def test_downstream_swag_over_a_lora_run_samples_the_adapters():
 
 
 def test_l2sp_on_a_lora_model_is_the_squared_norm_of_delta_w():
-    from priorzoo.finetune import l2sp_prior
+    from priorzoo.learn import isotropic_prior
 
     base = tiny_bert()
     model = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query", "value"]))
-    prior = l2sp_prior(model, 0.5)
+    prior = isotropic_prior(model, 0.5)
     assert sorted(prior.names) == sorted(peft_view(model).adapted)  # the adapted layers, no head, no frozen
     assert float(prior.penalty(model)) == 0.0  # B = 0: ΔW = 0
     perturb_adapters(model)
@@ -353,7 +353,7 @@ def test_l2sp_on_a_lora_model_is_the_squared_norm_of_delta_w():
     )
     assert float(prior.penalty(model).detach()) == pytest.approx(want, rel=1e-5)
     with pytest.raises(ValueError, match="no trainable adapted layer"):
-        l2sp_prior(model, 0.5, include="embeddings.*")
+        isotropic_prior(model, 0.5, include="embeddings.*")
 
 
 def test_a_lora_step_is_host_sync_free_and_its_op_count_does_not_grow_with_the_frozen_blocks():

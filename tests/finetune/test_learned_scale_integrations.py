@@ -14,8 +14,9 @@ from finetune_helpers import max_abs_diff, one_step_args, params_of, text_exampl
 
 transformers = pytest.importorskip("transformers")
 
-from priorzoo.finetune import PriorCallback, PriorRegularizer, PriorTrainer, l2sp_prior, train_step  # noqa: E402
+from priorzoo.finetune import PriorCallback, PriorRegularizer, PriorTrainer, train_step  # noqa: E402
 from priorzoo.finetune.learned_scale import LearnedScale  # noqa: E402
+from priorzoo.learn import isotropic_prior  # noqa: E402
 
 LR = 0.1
 N = 4
@@ -95,7 +96,7 @@ def test_peft_learned_scales_equal_the_merged_model(which):
     pytest.importorskip("peft")
     model, merged, prior = _peft_and_merged()
     if which == "l2sp_on_delta_w":
-        prior = l2sp_prior(model, 0.01)  # centred on W₀ + ΔW now
+        prior = isotropic_prior(model, 0.01)  # centred on W₀ + ΔW now
         with torch.no_grad():  # move the adapters so that the residual is not zero
             for n, p in model.named_parameters():
                 if "lora_B" in n:

@@ -15,7 +15,7 @@ from finetune_helpers import max_abs_diff, params_of, text_examples
 from priorzoo import PriorMatchError, PriorModel
 from priorzoo.errors import PriorFormatError
 from priorzoo.finetune import SGLD, PriorRegularizer, train_step, tune_scale
-from priorzoo.finetune.loop import l2sp_prior
+from priorzoo.learn import isotropic_prior
 
 N = 20
 LR = 0.05
@@ -164,7 +164,7 @@ def test_regularizer_rebinds_after_the_model_moves_dtype():
 def test_l2sp_prior_is_isotropic_around_the_starting_weights_and_skips_the_head():
     pytest.importorskip("transformers")
     model = tiny_bert()
-    prior = l2sp_prior(model, 0.01)
+    prior = isotropic_prior(model, 0.01)
     assert prior.kind.value == "isotropic"
     assert not any(n.startswith("classifier") for n in prior.names)
     reg = PriorRegularizer(prior, model, num_train_examples=10)
@@ -352,10 +352,11 @@ def test_fp16_gradients_are_unscaled_before_the_prior_gradient_is_added():
 def test_l2sp_prior_with_exclude_binds_to_its_model():
     import torch
 
-    from priorzoo.finetune import PriorRegularizer, l2sp_prior
+    from priorzoo.finetune import PriorRegularizer
+    from priorzoo.learn import isotropic_prior
 
     m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 3))
-    prior = l2sp_prior(m, 0.01, exclude="1.*")
+    prior = isotropic_prior(m, 0.01, exclude="1.*")
     assert prior.names == ["0.weight", "0.bias"]
     reg = PriorRegularizer(prior, m, num_train_examples=10)
     assert reg().item() == 0.0

@@ -17,7 +17,7 @@ from _models import prior_folder_tensors
 from _torchrun import TORCHRUN, run_torchrun
 
 from priorzoo.learn import SWAGCollector
-from priorzoo.learn._common import load_safetensors_with_meta
+from priorzoo.learn.checkpoint import load_safetensors_with_meta
 
 FILES = ["rank-00000-of-00002.safetensors", "rank-00001-of-00002.safetensors"]
 

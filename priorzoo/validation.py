@@ -2,7 +2,7 @@
 what is valid).
 
 Example:
-    >>> from priorzoo._validation import check_positive_int
+    >>> from priorzoo.validation import check_positive_int
     >>> check_positive_int(3, "epochs")
     3
 """
