@@ -1,6 +1,6 @@
 # priorzoo: the two commands the README promises, plus lint.
 #   make demo   set up, then run the main job (`priorzoo demo`) offline on its embedded default
-#   make test   set up, then run the test suite (what .ci/run calls)
+#   make test   set up, lint (ruff check, ruff format --check), then run the test suite (what .ci/run calls)
 PYTHON ?= python
 PIP ?= $(PYTHON) -m pip
 
@@ -15,11 +15,11 @@ setup:
 demo: setup
 	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 priorzoo demo
 
-test: setup
+test: setup lint
 	$(PYTHON) -m pytest -q
 
 lint:
-	ruff check . && ruff format --check .
+	$(PYTHON) -m ruff check . && $(PYTHON) -m ruff format --check .
 
 format:
-	ruff format . && ruff check --fix .
+	$(PYTHON) -m ruff format . && $(PYTHON) -m ruff check --fix .
