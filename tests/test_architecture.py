@@ -280,7 +280,7 @@ def test_the_all_order_is_ruffs() -> None:
 
 
 def test_every_module_has_a_sorted_all() -> None:
-    alls = {name: _all_of(path) for name, path in _package_modules().items()}
+    alls = {name: _all_of(path) for name, path in _package_modules().items() if path.name != "__main__.py"}
     assert [name for name, names in alls.items() if names is None] == []
     assert {name: names for name, names in alls.items() if names != sorted(names or [], key=_isort_key)} == {}
 
