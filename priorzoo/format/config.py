@@ -324,12 +324,9 @@ class PriorConfig:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> PriorConfig:
-        """Read and validate ``config.json`` at ``path``."""
+        """Read and validate ``config.json`` at ``path`` (opened as a prior's file: a regular file, or a link to
+        one inside its folder; see :func:`priorzoo.format.files.open_checked`)."""
+        from priorzoo.format.files import read_json
+
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise PriorFormatError(f"{path}: not valid JSON ({err})") from None
-        except RecursionError:
-            raise PriorFormatError(f"{path}: not a prior config (JSON nested too deeply to read)") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_json(path), source=str(path))  # type: ignore[arg-type]
