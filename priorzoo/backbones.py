@@ -46,6 +46,7 @@ from priorzoo.format.provenance import file_record, names_local_file, public_nam
 __all__ = [
     "LIBRARIES",
     "Backbone",
+    "backbone_suggestions",
     "freeze_",
     "freeze_batchnorm_",
     "head_parameter_names",
@@ -210,6 +211,58 @@ def load_checkpoint_(model: nn.Module, path: str | os.PathLike) -> list[str]:
     return skipped
 
 
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _offline_hint(pretrained: bool) -> str:
+    """The fix for a download that failed offline (``HF_HUB_OFFLINE``) with pre-trained weights asked for."""
+    if not (pretrained and _offline()):
+        return ""
+    return (
+        "; HF_HUB_OFFLINE is set, so nothing can be downloaded: pass --no-pretrained (random init), "
+        "--checkpoint FILE (a state dict) or a local model folder"
+    )
+
+
+def backbone_suggestions(name: str, *, library: str = "auto", limit: int = 3) -> list[str]:
+    """Known backbone names close to ``name``: timm's and torchvision's ``list_models()`` and the folders of the
+    current directory, each tagged with where it comes from (for "did you mean" messages).
+
+    Example:
+        >>> backbone_suggestions("resnet181", library="torchvision")[0]
+        'resnet18 (torchvision)'
+    """
+    import difflib
+
+    from priorzoo.learn._common import require
+
+    known: dict[str, str] = {}
+    if library in ("auto", "torchvision"):
+        try:
+            tv = require("torchvision", "torchvision", what="backbone names")
+            known.update({n: f"{n} (torchvision: --library torchvision)" for n in tv.models.list_models()})
+        except ImportError:
+            pass
+    if library in ("auto", "timm"):
+        try:
+            timm = require("timm", what="backbone names")
+            known.update({n: f"{n} (timm)" for n in timm.list_models()})
+        except ImportError:
+            pass
+    if library in ("auto", "transformers", "timm"):
+        known.update({p.name: f"{p.name} (local folder)" for p in Path(".").iterdir() if p.is_dir()})
+    hits = difflib.get_close_matches(Path(name).name, list(known), n=limit, cutoff=0.75)
+    if library == "torchvision":
+        return [f"{h} (torchvision)" for h in hits]
+    return [known[h] for h in hits]
+
+
+def _did_you_mean(name: str, library: str) -> str:
+    hits = backbone_suggestions(name, library=library)
+    return f"; did you mean {', '.join(hits)}?" if hits else ""
+
+
 def load_backbone(
     name: str,
     *,
@@ -269,7 +322,8 @@ def load_backbone(
                     cfg = getattr(model, "pretrained_cfg", {}) or {}
                     weights = cfg.get("hf_hub_id") or str(name)
         except (RuntimeError, OSError) as err:
-            raise ValueError(f"cannot create timm model {name!r} (pretrained={pretrained}): {err}") from None
+            hint = _did_you_mean(str(name), "timm") if "Unknown model" in str(err) else _offline_hint(pretrained)
+            raise ValueError(f"cannot create timm model {name!r} (pretrained={pretrained}): {err}{hint}") from None
         tokenizer = None
     elif lib == "torchvision":
         tv = require("torchvision", "torchvision", what=f"the torchvision backbone {name!r}")
@@ -281,7 +335,8 @@ def load_backbone(
                 **({"num_classes": num_classes} if num_classes and builder_weights is None else {}),
             )
         except (ValueError, KeyError) as err:
-            raise ValueError(f"cannot create torchvision model {name!r}: {err}") from None
+            hint = _did_you_mean(str(name), "torchvision")
+            raise ValueError(f"cannot create torchvision model {name!r}: {err}{hint}") from None
         except (OSError, RuntimeError) as err:
             raise ValueError(
                 f"cannot download torchvision's pre-trained weights for {name!r} ({err}); offline, pass "
@@ -336,9 +391,15 @@ def _transformers(
     try:
         config = transformers.AutoConfig.from_pretrained(name)
     except OSError as err:
-        raise ValueError(
-            f"cannot load the transformers config of {name!r} ({err}); offline, pass a local model folder"
-        ) from None
+        hint = _did_you_mean(name, "auto") if not Path(name).exists() else ""
+        if hint:  # most likely a mistyped timm / torchvision name, not a failed transformers download
+            first = str(err).split(".")[0]
+            raise ValueError(
+                f"unknown backbone {name!r}: not a timm model, a torchvision model or a local folder, and not "
+                f"loadable as a transformers Hub id ({first}){hint}"
+            ) from None
+        hint = _offline_hint(pretrained) or "; offline, pass a local model folder"
+        raise ValueError(f"cannot load the transformers config of {name!r} ({err}){hint}") from None
     if objective == "mlm":
         auto = transformers.AutoModelForMaskedLM
     elif objective == "supervised" and modality == "text":

@@ -108,3 +108,50 @@ def image_tensor(
     arr = np.asarray(img.convert("RGB").resize((size, size)), dtype=np.float32) / 255.0
     x = torch.from_numpy(arr).permute(2, 0, 1)
     return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def quiet_libraries() -> None:
+    """Silence the progress bars and info logs of ``datasets``, ``transformers`` and ``huggingface_hub`` (the
+    CLI prints its own lines: "reading N images from …", one line per epoch); errors still show."""
+    import importlib
+
+    for module, calls in (
+        ("datasets", ("disable_progress_bars", "utils.logging.set_verbosity_error")),
+        ("transformers", ("utils.logging.set_verbosity_error", "utils.logging.disable_progress_bar")),
+        ("huggingface_hub", ("utils.disable_progress_bars",)),
+    ):
+        try:
+            root = importlib.import_module(module)
+        except ImportError:
+            continue
+        for dotted in calls:
+            target: Any = root
+            for part in dotted.split("."):
+                target = getattr(target, part, None)
+            if callable(target):
+                target()
+
+
+def reading_line(path: str) -> str:
+    """What a command prints before it reads local data: ``reading 50 images from ./train (5 class folders)``,
+    ``reading train.csv``, or ``reading the Hub dataset org/name``.
+
+    Example:
+        >>> reading_line("no/such/file.csv")
+        'reading the Hub dataset no/such/file.csv'
+    """
+    from pathlib import Path
+
+    folder = Path(path)
+    if folder.is_dir():
+        images = [p for p in folder.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES]
+        if images:
+            classes = {p.parent for p in images}
+            return f"reading {len(images)} images from {path} ({len(classes)} class folders)"
+        return f"reading the dataset saved in {path}"
+    if folder.is_file():
+        return f"reading {path}"
+    return f"reading the Hub dataset {path}"

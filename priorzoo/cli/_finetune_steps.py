@@ -64,8 +64,10 @@ def data_columns(ds: Any, args: argparse.Namespace, others: Sequence[Any] = ()) 
 def load_split(path: str | None, args: argparse.Namespace) -> Any:
     if path is None:
         return None
+    from priorzoo.cli._common import reading_line
     from priorzoo.data.user import load_data
 
+    log(args, reading_line(path))
     ds = load_data(path, data_format=args.data_format, split="train")
     if len(ds) == 0:
         raise ValueError(f"the data {path!r} is empty")

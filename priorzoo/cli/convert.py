@@ -40,7 +40,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         q.add_argument("--output-dir", default=None, help="folder to write the prior into")
         q.add_argument("--scale", type=float, default=1.0, help="λ stored in the prior")
         q.add_argument("--eps", type=float, default=0.0, help="ε stored in the prior")
-        q.add_argument("--license", default=None)
+        q.add_argument("--license", default=None, help="license of the prior, for its model card")
         q.add_argument("--dataset", default=None, help="source dataset, for the card")
         q.add_argument("--objective", default=None, help="source objective, for the card")
 
@@ -64,29 +64,29 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     s = sub.add_parser(
         "swa-gaussian", help="swa_gaussian SWAG state dict", formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    s.add_argument("path")
+    s.add_argument("path", help="the swa_gaussian SWAG checkpoint (.pt, read with weights_only=True)")
     common(s)
     s.add_argument("--prefix", default="base.", help="prefix of the wrapped model in the keys")
     s.add_argument("--exclude", action="append", default=None, help="glob of parameters to leave out (repeatable)")
-    s.add_argument("--swag-scale", type=float, default=0.5)
-    s.add_argument("--max-num-models", type=int, default=None)
+    s.add_argument("--swag-scale", type=float, default=0.5, help="swa_gaussian's sampling scale (its default 0.5)")
+    s.add_argument("--max-num-models", type=int, default=None, help="deviations kept (default: all in the checkpoint)")
 
     la = sub.add_parser(
         "laplace", help="laplace-torch DiagLaplace state dict", formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    la.add_argument("path")
+    la.add_argument("path", help="the laplace-torch posterior state (.pt, read with weights_only=True)")
     common(la)
     la.add_argument("--model", required=True, help="timm name or transformers name/folder of the fitted model")
-    la.add_argument("--library", choices=("auto", "timm", "transformers"), default="auto")
-    la.add_argument("--num-classes", type=int, default=1000)
+    la.add_argument("--library", choices=("auto", "timm", "transformers"), default="auto", help="library of --model")
+    la.add_argument("--num-classes", type=int, default=1000, help="outputs of the fitted model's head")
     la.add_argument(
         "--pretrained",
         action=argparse.BooleanOptionalAction,
         default=False,
         help="only the architecture is needed, so no weights are downloaded by default",
     )
-    la.add_argument("--include", action="append", default=None)
-    la.add_argument("--exclude", action="append", default=None)
+    la.add_argument("--include", action="append", default=None, help="glob of parameters to keep (repeatable)")
+    la.add_argument("--exclude", action="append", default=None, help="glob of parameters to leave out (repeatable)")
     p.set_defaults(func=run)
     return p
 

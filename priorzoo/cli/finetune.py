@@ -299,8 +299,11 @@ class RunFailed(Exception):
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``priorzoo finetune`` (see ``priorzoo finetune --help``); returns the exit code."""
+    from priorzoo.cli._common import quiet_libraries
+
     try:
         check_args(args)
+        quiet_libraries()
         finetune(args)
         return 0
     except RunFailed as err:

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from priorzoo.cli._common import check_at_least, fail
+from priorzoo.cli._common import check_at_least, fail, quiet_libraries, reading_line
 from priorzoo.data.user import DATA_FORMATS
 
 __all__ = ["add_backbone_arguments", "build_backbone", "load_local_dataset", "register", "run"]
@@ -72,12 +72,17 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         help="the Hub dataset a local --data copies, named in the card's `datasets:` (default: only a --data "
         "loaded from the Hub is named there)",
     )
-    p.add_argument("--data-format", choices=DATA_FORMATS, default="auto")
-    p.add_argument("--split", default="train")
+    p.add_argument("--data-format", choices=DATA_FORMATS, default="auto", help="how to read --data (auto: by path)")
+    p.add_argument("--split", default="train", help="split of a dataset with several (save_to_disk / Hub)")
     p.add_argument("--image-column", default=None, help="default: the first Image column")
     p.add_argument("--text-column", default=None, help="default: `text`, else the first string column")
     p.add_argument("--label-column", default=None, help="default: `label` or `labels`")
-    p.add_argument("--objective", choices=("supervised", "simclr", "mlm"), default="supervised")
+    p.add_argument(
+        "--objective",
+        choices=("supervised", "simclr", "mlm"),
+        default="supervised",
+        help="source task: labels (cross-entropy), SimCLR on images, masked-LM on text",
+    )
     p.add_argument(
         "--output-dir",
         "--output",
@@ -91,13 +96,18 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         default=0.1,
         help="supervised: hold out this share to report the prior mean's source accuracy in the card (0: none)",
     )
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=10, help="epochs of SGD, warmup included")
     p.add_argument("--warmup-epochs", type=int, default=0, help="epochs of training before the first snapshot")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="training batch size")
     p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (the SWA lr with --schedule constant)")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--schedule", choices=("constant", "cyclic"), default="constant")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="SGD weight decay")
+    p.add_argument(
+        "--schedule",
+        choices=("constant", "cyclic"),
+        default="constant",
+        help="SWA learning rate: constant or cyclic cosine",
+    )
     p.add_argument(
         "--cycle-steps", type=int, default=None, help="steps per cycle of --schedule cyclic (one snapshot each)"
     )
@@ -105,7 +115,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "--collect-every", default="epoch", help='"epoch" or a number of optimizer steps (constant schedule)'
     )
     p.add_argument("--rank", type=int, default=20, help="K, deviations kept for the low-rank factor")
-    p.add_argument("--min-var", type=float, default=1e-6)
+    p.add_argument("--min-var", type=float, default=1e-6, help="floor of the SWAG diagonal variance")
     p.add_argument("--include", action="append", default=None, help="glob of parameters to include (repeatable)")
     p.add_argument("--exclude", action="append", default=None, help="glob of parameters to exclude (repeatable)")
     p.add_argument("--image-size", type=int, default=None, help="default: the timm model's input size, else 224")
@@ -113,11 +123,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-examples", type=int, default=None, help="use only the first N examples")
     p.add_argument("--temperature", type=float, default=0.5, help="NT-Xent temperature (simclr)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the data order, split and initialisation")
+    p.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes")
     p.add_argument("--checkpoint-dir", default=None, help="write resumable state here each epoch; rerun to resume")
-    p.add_argument("--license", default=None)
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--license", default=None, help="license of the prior, for its model card (e.g. apache-2.0)")
+    p.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar and one line per epoch"
+    )
     p.set_defaults(func=run)
     return p
 
@@ -256,7 +268,9 @@ def _run(args: argparse.Namespace) -> int:
         except HFValidationError as err:
             raise ValueError(f"`--hub-dataset` {args.hub_dataset!r} is not a Hub dataset id ({err})") from None
     _check_output(args.output_dir)
+    quiet_libraries()
     torch.manual_seed(args.seed)
+    print(reading_line(args.data), flush=True)
     ds = load_data(args.data, data_format=args.data_format, split=args.split)
     if args.max_examples is not None:
         ds = ds.select(range(min(args.max_examples, len(ds))))
