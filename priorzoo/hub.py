@@ -1,20 +1,28 @@
-"""Getting prior folders to and from the Hugging Face Hub.
+"""Getting prior folders to and from the Hugging Face Hub, on huggingface_hub's public API.
 
 A prior on the Hub is a model repo, or a subfolder of one (several priors in one repo, like PEFT
 adapters), holding the files of ``docs/format.md``: ``config.json``, then ``prior.safetensors`` or
 ``prior.safetensors.index.json`` plus every shard it names, and the ``README.md`` card. Everything here
 goes through ``huggingface_hub``'s own client, so the usual machinery applies: ``HF_ENDPOINT``,
-``HF_TOKEN`` / ``token=``, the shared cache (``HF_HUB_CACHE`` / ``cache_dir=``) and offline mode
-(``HF_HUB_OFFLINE=1`` / ``local_files_only=True``).
+``HF_TOKEN`` / ``hf auth login`` / ``token=``, the shared cache (``HF_HUB_CACHE`` / ``cache_dir=``), offline
+mode (``HF_HUB_OFFLINE=1`` / ``local_files_only=True``) and the ``HF_HUB_ETAG_TIMEOUT`` /
+``HF_HUB_DOWNLOAD_TIMEOUT`` timeouts, used as the user set them. Nothing here changes huggingface_hub's
+client or any other process-wide setting; :mod:`priorzoo.hub_limits` bounds priorzoo's own downloads.
 
-- :func:`download_prior` resolves a local folder or ``"org/name"`` (+ ``revision``, ``subfolder``) to a
-  local folder holding exactly one prior's files. Every file after ``config.json`` is fetched at the
-  commit ``config.json`` came from, so a push landing mid-download cannot mix two versions. Every failure
-  is a :class:`~priorzoo.errors.PriorNotFoundError` that names what was looked for, where, and why.
-- :func:`upload_prior` pushes a saved prior folder as one commit (shards and all), creating the repo and
-  branch when needed, deleting shards of an earlier save that the new one no longer has, and making no
-  commit at all when the repo already holds identical files.
-- :func:`list_priors` lists the priors on the Hub (``library_name: priorzoo``).
+- :func:`fetch_prior` / :func:`download_prior` resolve a local folder or ``"org/name"`` (+ ``revision``,
+  ``subfolder``) to one prior. The revision is resolved to a commit **once** (``HfApi.model_info``), and
+  every file of the prior is fetched at that commit (``hf_hub_download(revision=<commit>)``), so a push
+  landing mid-download cannot mix two versions (huggingface_hub on its own resolves ``main`` with a HEAD and
+  then GETs the ``main`` URL again). The files are then checked by the loader: when they belong to two saves
+  (:class:`~priorzoo.errors.MixedPriorError`, e.g. a cache snapshot poisoned by an older client), they are
+  fetched again at the same commit with ``force_download=True``, and refused if still mixed. Every failure
+  to find the prior is a :class:`~priorzoo.errors.PriorNotFoundError` naming what, where, and why.
+- :func:`upload_prior` pushes a saved prior folder as one ``create_commit`` (shards and all), creating the
+  repo and branch when needed, deleting tensor files of an earlier save the new one no longer has,
+  guarded by ``parent_commit``, optionally as a pull request; huggingface_hub skips the commit when nothing
+  changed. It returns huggingface_hub's ``CommitInfo`` (``.oid``, ``.commit_url``, ``.pr_url``).
+
+Listing the priors on the Hub is :mod:`priorzoo.hub_list`.
 
 Example:
     >>> import tempfile, torch
@@ -26,20 +34,20 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 from huggingface_hub import (
+    CommitInfo,
     CommitOperationAdd,
     CommitOperationDelete,
     HfApi,
     constants,
-    hf_hub_download,
-    try_to_load_from_cache,
+    snapshot_download,
 )
 from huggingface_hub.errors import (
     EntryNotFoundError,
@@ -53,8 +61,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
-from priorzoo._network import HubTimeoutError, bounded
-from priorzoo.errors import PriorNotFoundError
+from priorzoo.errors import MixedPriorError, PriorNotFoundError
 from priorzoo.format.files import (
     CARD_NAME,
     CONFIG_NAME,
@@ -65,19 +72,40 @@ from priorzoo.format.files import (
     prior_files,
     read_shard_index,
 )
+from priorzoo.hub_limits import HubLimits, HubTimeoutError, Progress, run_bounded
 
-__all__ = ["LIBRARY_NAME", "download_prior", "list_priors", "upload_prior"]
+__all__ = ["LIBRARY_NAME", "download_prior", "fetch_prior", "hub_api", "refuse_offline", "upload_prior"]
 
 LIBRARY_NAME = "priorzoo"
 """The ``library_name`` of prior repos on the Hub (front matter of their card, and a tag)."""
 
+T = TypeVar("T")
 _COMMIT_RE = re.compile(r"[0-9a-f]{40}")
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "the Hub could not be reached": OSError, and the base errors of the HTTP client
+    huggingface_hub uses (httpx2 / httpx / requests, whichever are installed)."""
+    import importlib
+
+    found: list[type[BaseException]] = [OSError]
+    for module, name in (("httpx2", "HTTPError"), ("httpx", "HTTPError"), ("requests", "RequestException")):
+        with contextlib.suppress(ImportError, AttributeError):
+            found.append(getattr(importlib.import_module(module), name))
+    return tuple(found)
+
+
+_UNREACHABLE = _network_errors()
 
 
 def _version() -> str:
     from priorzoo._version import __version__
 
     return __version__
+
+
+def hub_api(token: str | bool | None) -> HfApi:
+    return HfApi(token=token, library_name=LIBRARY_NAME, library_version=_version())
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -98,56 +126,19 @@ def _offline(local_files_only: bool) -> str | None:
     return None
 
 
-def _hashes(path: Path) -> tuple[int, str, str]:
-    """(size, sha256, git blob sha1) of a file, streamed: what the Hub reports for LFS / regular files."""
-    size = path.stat().st_size
-    sha256, git = hashlib.sha256(), hashlib.sha1(b"blob %d\0" % size)
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            sha256.update(chunk)
-            git.update(chunk)
-    return size, sha256.hexdigest(), git.hexdigest()
-
-
-def _same_content(local: Path, remote: Any) -> bool:
-    """Whether a local file equals a remote ``RepoFile`` (LFS/Xet files by sha256, others by git oid)."""
-    size, sha256, git_oid = _hashes(local)
-    if remote.size != size:
-        return False
-    if remote.lfs is not None:
-        return remote.lfs.sha256 == sha256
-    return remote.blob_id == git_oid
-
-
-def _prior_files(folder: Path) -> dict[str, Path]:
-    """A local prior folder's files to upload (name -> path); raise if it is not a complete prior or a file
-    resolves outside it."""
-    if not folder.is_dir():
-        raise PriorNotFoundError(f"Can't upload {str(folder)!r}: it is not a directory")
-    return prior_files(folder, where=f"Can't upload {str(folder)!r}: it", upload=True)
-
-
-# --------------------------------------------------------------------------------------------- download
-def _check_local(folder: Path, pretrained: str, subfolder: str | None) -> Path:
-    where = f"local folder {_where(pretrained, None, subfolder)}"
-    if not folder.is_dir():
-        raise PriorNotFoundError(f"Can't find '{CONFIG_NAME}' at {where}: no such subfolder")
-    if subfolder and not folder.resolve().is_relative_to(Path(pretrained).resolve()):
-        raise ValueError(f"`subfolder` {subfolder!r} leads outside the folder {pretrained!r} (a link)")
-    prior_files(folder, where=where)
-    return folder
-
-
-def _repo_listing(
-    repo_id: str, revision: str | None, subfolder: str | None, token: str | bool | None, offline: str | None
-) -> str:
-    """Best-effort description of what the repo does hold, to explain why no prior was found."""
+def refuse_offline(what: str) -> None:
+    offline = _offline(False)
     if offline:
-        return ""
-    try:
-        files = HfApi(token=token).list_repo_files(repo_id, revision=revision)
-    except (HfHubHTTPError, OSError):
-        return ""
+        raise OfflineModeIsEnabled(f"Can't {what}: you are offline ({offline}); unset HF_HUB_OFFLINE to go online")
+
+
+def _cache(cache_dir: str | Path | None) -> str:
+    return str(cache_dir or constants.HF_HUB_CACHE)
+
+
+def _listing(files: Iterable[str], subfolder: str | None) -> str:
+    """What the repo does hold, to explain why no prior was found there."""
+    files = list(files)
     prefix = f"{subfolder}/" if subfolder else ""
     here = [f[len(prefix) :] for f in files if f.startswith(prefix)]
     text = f"files present: {here[:10] or 'none'}"
@@ -160,25 +151,20 @@ def _repo_listing(
     return text
 
 
-def _refuse_offline(what: str) -> None:
-    offline = _offline(False)
-    if offline:
-        raise OfflineModeIsEnabled(f"Can't {what}: you are offline ({offline}); unset HF_HUB_OFFLINE to go online")
-
-
-def _cache(cache_dir: str | Path | None) -> str:
-    return str(cache_dir or constants.HF_HUB_CACHE)
-
-
-def _reason(
-    err: BaseException, *, offline: str | None, cache_dir: str | Path | None, listing: Callable[[], str]
-) -> str:
-    """Why a download failed, in one clause, from huggingface_hub's exception."""
+def _reason(err: BaseException, *, offline: str | None, cache_dir: str | Path | None, unreachable: bool = False) -> str:
+    """Why a download failed, in one clause, from huggingface_hub's (or priorzoo's) exception; with
+    ``unreachable``, ``err`` is why the Hub could not be asked and the cache did not hold the prior either."""
     cache = _cache(cache_dir)
+    detail = (str(err).strip().splitlines() or [""])[0]
     if isinstance(err, HubTimeoutError):
         return (
-            f"the Hub at {constants.ENDPOINT} could not be reached in time ({err}) and it is not in the cache "
-            f"(cache_dir {cache!r}); set PRIORZOO_HUB_DEADLINE / PRIORZOO_HUB_READ_TIMEOUT for a slow link"
+            f"the Hub at {constants.ENDPOINT} did not answer in time ({detail}) and it is not in the cache "
+            f"(cache_dir {cache!r})"
+        )
+    if unreachable:
+        return (
+            f"the Hub at {constants.ENDPOINT} could not be reached and it is not in the cache (cache_dir {cache!r}): "
+            f"{type(err).__name__}: {detail}"
         )
     if isinstance(err, GatedRepoError):
         return "the repository is gated: accept its conditions on the Hub and pass a `token`"
@@ -189,93 +175,133 @@ def _reason(
         )
     if isinstance(err, RevisionNotFoundError):
         return "revision not found (no such branch, tag or commit in the repository)"
-    if isinstance(err, LocalEntryNotFoundError):
-        if offline:
-            return f"you are offline ({offline}) and it is not in the cache (cache_dir {cache!r})"
-        cause = err.__cause__ or err
-        detail = (str(cause).strip().splitlines() or [""])[0]
-        return (
-            f"the Hub at {constants.ENDPOINT} could not be reached and it is not in the cache "
-            f"(cache_dir {cache!r}): {type(cause).__name__}: {detail}"
-        )
-    if isinstance(err, EntryNotFoundError):
-        listed = listing()
-        return "the repo holds no prior there" + (f" ({listed})" if listed else "")
-    if isinstance(err, OfflineModeIsEnabled):
-        return f"you are offline (HF_HUB_OFFLINE=1) and it is not in the cache (cache_dir {cache!r})"
-    if isinstance(err, HfHubHTTPError):
-        status = err.response.status_code if err.response is not None else "?"
-        detail = (str(err).strip().splitlines() or [""])[0]
-        return f"HTTP error {status} from the Hub at {constants.ENDPOINT}: {detail}"
-    return f"{type(err).__name__}: {err}"
+    if isinstance(err, OfflineModeIsEnabled) or (isinstance(err, LocalEntryNotFoundError) and offline):
+        return f"you are offline ({offline or 'HF_HUB_OFFLINE=1'}) and it is not in the cache (cache_dir {cache!r})"
+    if isinstance(err, HfHubHTTPError) and err.response is not None:
+        return f"HTTP error {err.response.status_code} from the Hub at {constants.ENDPOINT}: {detail}"
+    return (
+        f"the Hub at {constants.ENDPOINT} could not be reached and it is not in the cache (cache_dir {cache!r}): "
+        f"{type(err).__name__}: {detail}"
+    )
 
 
-def download_prior(
-    pretrained: str | os.PathLike[str],
-    *,
-    revision: str | None = None,
-    token: str | bool | None = None,
-    cache_dir: str | Path | None = None,
-    local_files_only: bool = False,
-    subfolder: str | None = None,
-) -> Path:
-    """Return a local folder holding one prior's files, downloading them from the Hub when needed.
+def _check_local(folder: Path, pretrained: str, subfolder: str | None) -> Path:
+    where = f"local folder {_where(pretrained, None, subfolder)}"
+    if not folder.is_dir():
+        raise PriorNotFoundError(f"Can't find '{CONFIG_NAME}' at {where}: no such subfolder")
+    if subfolder and not folder.resolve().is_relative_to(Path(pretrained).resolve()):
+        raise ValueError(f"`subfolder` {subfolder!r} leads outside the folder {pretrained!r} (a link)")
+    prior_files(folder, where=where)
+    return folder
 
-    ``pretrained`` is a local folder (returned as it is, joined with ``subfolder``, after checking that it
-    holds a prior) or a Hub repo id. From a repo, ``config.json`` is fetched at ``revision`` (branch, tag
-    or commit; default ``main``), then ``prior.safetensors`` — or ``prior.safetensors.index.json`` and every
-    shard it lists — and ``README.md`` when there is one, all at the commit ``config.json`` came from. Files
-    go through the shared huggingface_hub cache, so a second call downloads nothing, and with
-    ``HF_HUB_OFFLINE=1`` or ``local_files_only=True`` the cached copy is used without any request.
 
-    Args:
-        pretrained: a local folder or a Hub repo id (``"org/name"``).
-        revision: branch, tag or commit id on the Hub (ignored for a local folder).
-        token: Hub token; ``None`` uses the saved/``HF_TOKEN`` token, ``False`` sends none.
-        cache_dir: huggingface_hub cache folder (default ``HF_HUB_CACHE``).
-        local_files_only: use only the cache, never the network.
-        subfolder: folder inside the repo (or local folder) that holds the prior.
+# --------------------------------------------------------------------------------------------- download
+_SHARD_PATTERN = "prior-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].safetensors"
+"""``files.SHARD_RE`` as an fnmatch pattern, for ``snapshot_download(allow_patterns=…)``."""
 
-    Returns:
-        The folder holding ``config.json`` and the tensors (inside the cache's snapshot for a repo).
 
-    Raises:
-        PriorNotFoundError: no prior there; the message says which file was looked for, where, and why
-            (repository not found, revision not found, offline and not cached, the repo holds no prior…).
-        PriorFormatError: the repo's shard index is malformed.
+class _Fetch:
+    """One download of one prior's files at one commit: ``snapshot_download`` resolves the revision to a
+    commit once (or reads the cache's ref offline) and fetches every file at that commit."""
 
-    Example:
-        >>> folder = download_prior("priorzoo/resnet50-imagenet-swag", revision="v1")  # doctest: +SKIP
-        >>> sorted(p.name for p in folder.iterdir())  # doctest: +SKIP
-        ['README.md', 'config.json', 'prior.safetensors']
-    """
-    sub = clean_subfolder(subfolder)
-    name = os.fspath(pretrained)
-    if not isinstance(name, str):
-        raise TypeError(f"`pretrained` must be a folder path or a Hub repo id, received {pretrained!r}")
-    local = Path(name)
-    if local.is_dir():
-        return _check_local(local / sub if sub else local, name, sub)
-    try:
-        validate_repo_id(name)
-    except HFValidationError as err:
-        raise PriorNotFoundError(
-            f"Can't find a prior at {name!r}: it is neither an existing local folder nor a valid Hub repo id "
-            f"('org/name'). {err}"
-        ) from None
+    def __init__(
+        self,
+        name: str,
+        sub: str | None,
+        *,
+        revision: str | None,
+        token: str | bool | None,
+        cache_dir: str | Path | None,
+        offline: str | None,
+        force: bool,
+        cause: BaseException | None = None,
+    ) -> None:
+        self.name, self.sub, self.revision, self.token = name, sub, revision, token
+        self.cache_dir, self.offline, self.force, self.cause = cache_dir, offline, force, cause
+        self.commit: str | None = None
 
-    offline = _offline(local_files_only)
-    try:
-        with bounded():
-            return _download(name, sub, revision=revision, token=token, cache_dir=cache_dir, offline=offline)
-    except PriorNotFoundError as err:
-        if offline is not None or not isinstance(err.__cause__, HubTimeoutError):
-            raise
-        try:  # the Hub did not answer in time: a cached copy is what huggingface_hub would fall back to
-            return _download(name, sub, revision=revision, token=token, cache_dir=cache_dir, offline="unreachable")
-        except PriorNotFoundError:
+    def fail(self, filename: str, err: BaseException | None, reason: str | None = None) -> PriorNotFoundError:
+        if reason is not None:
             pass
-        raise
+        elif self.cause is not None:  # the Hub could not be reached, and the cache does not hold it
+            reason = _reason(self.cause, offline=None, cache_dir=self.cache_dir, unreachable=True)
+        elif isinstance(err, LocalEntryNotFoundError) and self.offline is None and err.__cause__ is not None:
+            reason = _reason(err.__cause__, offline=None, cache_dir=self.cache_dir, unreachable=True)
+        else:
+            assert err is not None
+            reason = _reason(err, offline=self.offline, cache_dir=self.cache_dir)
+        if isinstance(err, RepositoryNotFoundError) and not Path(self.name).exists():
+            reason += f"; there is no local folder {self.name!r} either"
+        where = _where(self.name, self.revision, self.sub)
+        return PriorNotFoundError(f"Can't find '{filename}' at {where}: {reason}")
+
+    def snapshot(self, progress: Progress | None) -> Path:
+        """The snapshot folder of the commit, holding the prior's files that the repo has there."""
+        patterns = [f"{self.sub}/{n}" if self.sub else n for n in (CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME, CARD_NAME)]
+        patterns.append(f"{self.sub}/{_SHARD_PATTERN}" if self.sub else _SHARD_PATTERN)
+        if progress is not None:
+            progress.begin(
+                f"resolving {_where(self.name, self.revision, None)} to a commit",
+                then=f"downloading the files of {_where(self.name, self.revision, self.sub)}",
+            )
+        try:
+            folder = snapshot_download(
+                self.name,
+                revision=self.revision,
+                allow_patterns=patterns,
+                cache_dir=self.cache_dir,
+                token=self.token,
+                local_files_only=self.offline is not None,
+                force_download=self.force,
+                library_name=LIBRARY_NAME,
+                library_version=_version(),
+                tqdm_class=progress.tqdm_class if progress is not None else None,
+            )
+        except (HfHubHTTPError, EntryNotFoundError, OfflineModeIsEnabled, ValueError, *_UNREACHABLE) as err:
+            raise self.fail(CONFIG_NAME, err) from err
+        self.commit = Path(folder).name if _COMMIT_RE.fullmatch(Path(folder).name) else self.revision
+        return Path(folder)
+
+    def listing(self) -> str:
+        """What the repo holds at the commit (best effort, online only), to explain a missing prior."""
+        if self.offline is not None:
+            return ""
+        try:
+            files = hub_api(self.token).list_repo_files(self.name, revision=self.commit or self.revision)
+        except (HfHubHTTPError, *_UNREACHABLE):
+            return ""
+        return f" ({_listing(files, self.sub)})"
+
+    def files(self, progress: Progress | None) -> Path:
+        """Fetch config, tensors (one file, or index + every shard it names) and card at one commit; return
+        the folder holding them."""
+        snapshot = self.snapshot(progress)
+        folder = snapshot / self.sub if self.sub else snapshot
+        where = _where(self.name, self.revision, self.sub)
+        if not (folder / CONFIG_NAME).is_file():
+            if self.offline is not None:
+                raise self.fail(CONFIG_NAME, LocalEntryNotFoundError("not cached"))
+            raise self.fail(CONFIG_NAME, None, "the repo holds no prior there" + self.listing())
+        if not (folder / WEIGHTS_NAME).is_file():
+            if not (folder / INDEX_NAME).is_file():
+                why = (
+                    f"you are offline ({self.offline}) and they are not in the cache (cache_dir "
+                    f"{_cache(self.cache_dir)!r})"
+                    if self.offline
+                    else f"the repo has a '{CONFIG_NAME}' but no tensors" + self.listing()
+                )
+                raise PriorNotFoundError(f"Can't find '{WEIGHTS_NAME}' or '{INDEX_NAME}' at {where}: {why}")
+            for shard in sorted(set(read_shard_index(folder / INDEX_NAME).values())):
+                if not (folder / shard).is_file():
+                    raise PriorNotFoundError(
+                        f"Can't find shard '{shard}' listed in '{INDEX_NAME}' at {where}: "
+                        + (
+                            f"you are offline ({self.offline}) and it is not in the cache"
+                            if self.offline
+                            else "it is not in the repo"
+                        )
+                    )
+        return folder
 
 
 def _download(
@@ -286,83 +312,171 @@ def _download(
     token: str | bool | None,
     cache_dir: str | Path | None,
     offline: str | None,
+    force: bool,
+    limits: HubLimits | None,
+) -> tuple[Path, str | None]:
+    """The folder holding one prior's files of one commit, and that commit."""
+    kwargs: dict[str, Any] = dict(revision=revision, token=token, cache_dir=cache_dir, force=force)
+    if offline is not None:
+        fetch = _Fetch(name, sub, offline=offline, **kwargs)
+        return fetch.files(None), fetch.commit
+    online = _Fetch(name, sub, offline=None, **kwargs)
+    try:
+        folder = run_bounded(online.files, limits, what=f"downloading {_where(name, revision, sub)}")
+        return folder, online.commit
+    except HubTimeoutError as err:
+        cause = err
+    # the Hub did not answer in time: a cached copy is what huggingface_hub itself falls back to when it
+    # cannot reach the Hub
+    fetch = _Fetch(name, sub, offline="unreachable", cause=cause, **kwargs)
+    return fetch.files(None), fetch.commit
+
+
+def fetch_prior(
+    pretrained: str | os.PathLike[str],
+    read: Callable[[Path], T],
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool = False,
+    subfolder: str | None = None,
+    force_download: bool = False,
+    limits: HubLimits | None = None,
+) -> T:
+    """Find one prior (a local folder, or a Hub repo at one resolved commit) and return ``read(folder)``.
+
+    ``read`` is the loader (``PriorModel.from_pretrained`` passes the folder reader that checks that every
+    file belongs to one save). When it raises :class:`~priorzoo.errors.MixedPriorError` for files from the
+    Hub cache, the files are downloaded again at the same commit with ``force_download=True`` and read once
+    more; if they are still mixed the error is raised. A local folder is read as it is.
+
+    Args:
+        pretrained: a local folder or a Hub repo id (``"org/name"``).
+        read: called with the folder holding ``config.json`` and the tensors; its result is returned.
+        revision: branch, tag or commit id on the Hub (default ``main``), resolved to a commit once.
+        token: Hub token; ``None`` uses ``HF_TOKEN`` or the saved login, ``False`` sends none.
+        cache_dir: huggingface_hub cache folder (default ``HF_HUB_CACHE``).
+        local_files_only: use only the cache, never the network.
+        subfolder: folder inside the repo (or local folder) that holds the prior.
+        force_download: download every file again even when cached.
+        limits: the stall rule of :mod:`priorzoo.hub_limits` (default: from ``PRIORZOO_HUB_*``).
+
+    Raises:
+        PriorNotFoundError: no prior there (repository, revision or file missing; offline and not cached;
+            the Hub unreachable and nothing cached).
+        MixedPriorError: the files still belong to two saves after a fresh download at the resolved commit
+            (or offline, where nothing can be fetched again).
+
+    Example:
+        >>> fetch_prior("priorzoo/resnet50-imagenet-swag", lambda folder: folder.name)  # doctest: +SKIP
+        'f3c1a0…'
+    """
+    name = os.fspath(pretrained)
+    if not isinstance(name, str):
+        raise TypeError(f"`pretrained` must be a folder path or a Hub repo id, received {pretrained!r}")
+    if name == "":
+        raise PriorNotFoundError("`pretrained` is empty: pass a prior folder or a Hub repo id ('org/name')")
+    sub = clean_subfolder(subfolder)
+    local = Path(name)
+    if local.is_dir():
+        return read(_check_local(local / sub if sub else local, name, sub))
+    try:
+        validate_repo_id(name)
+    except HFValidationError as err:
+        raise PriorNotFoundError(
+            f"Can't find a prior at {name!r}: it is neither an existing local folder nor a valid Hub repo id "
+            f"('org/name'). {err}"
+        ) from None
+    offline = _offline(local_files_only)
+    kwargs: dict[str, Any] = dict(token=token, cache_dir=cache_dir, limits=limits)
+    folder, commit = _download(name, sub, revision=revision, offline=offline, force=force_download, **kwargs)
+    try:
+        return read(folder)
+    except MixedPriorError as err:
+        where = f"{_where(name, revision, sub)} at commit {commit}"
+        if offline is not None:
+            raise MixedPriorError(
+                f"the cached copy of {where} mixes files of two saves and you are offline ({offline}): "
+                f"go online to fetch it again. {err}"
+            ) from err
+        if force_download:
+            raise MixedPriorError(f"{where} mixes files of two saves as downloaded: {err}") from err
+        first = err
+    folder, _ = _download(name, sub, revision=commit, offline=None, force=True, **kwargs)
+    try:
+        return read(folder)
+    except MixedPriorError as err:
+        raise MixedPriorError(
+            f"{where} mixes files of two saves, in the cache ({first}) and again as downloaded afresh: {err}"
+        ) from err
+
+
+def _check_prior(folder: Path) -> Path:
+    """Read a prior folder through the loader (every file of one save, tensors valid); return the folder."""
+    from priorzoo.format.serialization import load_prior_folder
+
+    load_prior_folder(folder)
+    return folder
+
+
+def download_prior(
+    pretrained: str | os.PathLike[str],
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool = False,
+    subfolder: str | None = None,
+    force_download: bool = False,
 ) -> Path:
-    """:func:`download_prior` for a repo id (``offline``: why the network must not be used, or ``None``)."""
-    common: dict[str, Any] = dict(
-        repo_id=name,
-        subfolder=sub,
+    """Return a local folder holding one prior's files, downloading them from the Hub when needed.
+
+    ``pretrained`` is a local folder (returned as it is, joined with ``subfolder``, after checking that it
+    holds a prior) or a Hub repo id. From a repo, ``revision`` (branch, tag or commit; default ``main``) is
+    resolved to a commit once, and ``config.json``, ``prior.safetensors`` — or the index and every shard it
+    lists — and ``README.md`` are all fetched at that commit, then checked to belong to one save (see
+    :func:`fetch_prior`). Files go through the shared huggingface_hub cache, so a second call downloads
+    nothing, and with ``HF_HUB_OFFLINE=1`` or ``local_files_only=True`` the cached copy is used without any
+    request.
+
+    Args:
+        pretrained: a local folder or a Hub repo id (``"org/name"``).
+        revision: branch, tag or commit id on the Hub (ignored for a local folder).
+        token: Hub token; ``None`` uses the saved/``HF_TOKEN`` token, ``False`` sends none.
+        cache_dir: huggingface_hub cache folder (default ``HF_HUB_CACHE``).
+        local_files_only: use only the cache, never the network.
+        subfolder: folder inside the repo (or local folder) that holds the prior.
+        force_download: download every file again even when cached.
+
+    Returns:
+        The folder holding ``config.json`` and the tensors (inside the cache's snapshot of the commit).
+
+    Raises:
+        PriorNotFoundError: no prior there; the message says which file was looked for, where, and why
+            (repository not found, revision not found, offline and not cached, the repo holds no prior…).
+        PriorFormatError: the files are not a valid prior (a malformed shard index, bad tensors…).
+        MixedPriorError: the files of the commit belong to two saves even when downloaded afresh.
+
+    Example:
+        >>> folder = download_prior("priorzoo/resnet50-imagenet-swag", revision="v1")  # doctest: +SKIP
+        >>> sorted(p.name for p in folder.iterdir())  # doctest: +SKIP
+        ['README.md', 'config.json', 'prior.safetensors']
+    """
+    sub = clean_subfolder(subfolder)
+    name = os.fspath(pretrained)
+    if isinstance(name, str) and Path(name).is_dir():
+        return _check_local(Path(name) / sub if sub else Path(name), name, sub)
+    return fetch_prior(
+        pretrained,
+        _check_prior,
+        revision=revision,
         token=token,
         cache_dir=cache_dir,
-        local_files_only=offline is not None,
-        library_name=LIBRARY_NAME,
-        library_version=_version(),
+        local_files_only=local_files_only,
+        subfolder=subfolder,
+        force_download=force_download,
     )
-
-    def fail(filename: str, rev: str | None, err: BaseException) -> PriorNotFoundError:
-        def listing() -> str:
-            return _repo_listing(name, rev, sub, token, offline)
-
-        reason = _reason(err, offline=offline, cache_dir=cache_dir, listing=listing)
-        if isinstance(err, RepositoryNotFoundError) and not Path(name).exists():
-            reason += f"; there is no local folder {name!r} either"
-        return PriorNotFoundError(f"Can't find '{filename}' at {_where(name, rev, sub)}: {reason}")
-
-    try:
-        config_path = Path(hf_hub_download(filename=CONFIG_NAME, revision=revision, **common))
-    except (HfHubHTTPError, EntryNotFoundError, OSError, ValueError) as err:
-        raise fail(CONFIG_NAME, revision, err) from err
-
-    # pin the rest to the commit config.json was resolved to: …/snapshots/<commit>/<subfolder>/config.json
-    snapshot = config_path.parent
-    for _ in sub.split("/") if sub else ():
-        snapshot = snapshot.parent
-    commit = snapshot.name if _COMMIT_RE.fullmatch(snapshot.name) else revision
-
-    def fetch(filename: str, *, optional: bool = False) -> Path | None:
-        """Path of a file at ``commit``; ``None`` when it does not exist there (known from the cache's
-        record of missing files, or a 404)."""
-        if commit is not None and _COMMIT_RE.fullmatch(commit):
-            cached = try_to_load_from_cache(
-                name, f"{sub}/{filename}" if sub else filename, cache_dir=cache_dir, revision=commit
-            )
-            if isinstance(cached, str):
-                return Path(cached)
-            if cached is not None:  # the cache recorded a 404 for this file at this commit
-                return None
-        try:
-            return Path(hf_hub_download(filename=filename, revision=commit, **common))
-        except EntryNotFoundError as err:
-            # a 404 says the file is not there; a cache miss offline leaves the question to the caller
-            if isinstance(err, LocalEntryNotFoundError) and not optional and offline is None:
-                raise fail(filename, revision, err) from err
-            return None
-        except (HfHubHTTPError, OSError, ValueError) as err:
-            raise fail(filename, revision, err) from err
-
-    if fetch(WEIGHTS_NAME) is None:
-        index_path = fetch(INDEX_NAME)
-        if index_path is None:
-            listed = _repo_listing(name, commit, sub, token, offline)
-            why = (
-                f"you are offline ({offline}) and they are not in the cache (cache_dir {_cache(cache_dir)!r})"
-                if offline
-                else f"the repo has a '{CONFIG_NAME}' but no tensors" + (f" ({listed})" if listed else "")
-            )
-            raise PriorNotFoundError(
-                f"Can't find '{WEIGHTS_NAME}' or '{INDEX_NAME}' at {_where(name, revision, sub)}: {why}"
-            )
-        for shard in sorted(set(read_shard_index(index_path).values())):
-            if fetch(shard) is None:
-                raise PriorNotFoundError(
-                    f"Can't find shard '{shard}' listed in '{INDEX_NAME}' at {_where(name, revision, sub)}: "
-                    + (
-                        f"you are offline ({offline}) and it is not in the cache"
-                        if offline
-                        else "it is not in the repo"
-                    )
-                )
-    fetch(CARD_NAME, optional=True)
-    return config_path.parent
 
 
 # --------------------------------------------------------------------------------------------- upload
@@ -376,63 +490,54 @@ def upload_prior(
     revision: str | None = None,
     subfolder: str | None = None,
     create_pr: bool = False,
-) -> str:
-    """Upload a saved prior folder to ``repo_id`` as one commit; return the commit id.
+) -> CommitInfo:
+    """Upload a saved prior folder to ``repo_id`` as one commit; return huggingface_hub's ``CommitInfo``.
 
     Creates the repo when missing (``private`` applies only then) and the branch ``revision`` when it does
-    not exist yet (from ``main``). The commit holds the prior's files only — ``config.json``, the
-    safetensors file or index + all shards, ``README.md`` — under ``subfolder`` if given, and deletes the
-    prior tensor files of an earlier save in that same (sub)folder that this save no longer has (e.g.
-    shards after re-saving unsharded). Files already identical on the Hub (same size and sha256 / git
-    oid) are not re-uploaded; if nothing differs, no commit is made and the current head commit is
-    returned, so pushing twice is harmless. The commit is made against the head it was compared with
-    (``parent_commit``), so a concurrent push makes it fail instead of silently interleaving.
+    not exist yet (from ``main``). The commit (``HfApi.create_commit``) holds the prior's files only —
+    ``config.json``, the safetensors file or index + all shards, ``README.md`` — under ``subfolder`` if
+    given, and deletes the tensor files of an earlier save in that same (sub)folder that this save no longer
+    has (shards after re-saving unsharded, the single file after re-saving sharded). It is made against the
+    head it was compared with (``parent_commit``), so a concurrent push makes it fail instead of silently
+    interleaving. huggingface_hub uploads no file the Hub already holds identically and, when nothing
+    differs, makes no commit at all: the ``CommitInfo`` then names the current head, so pushing twice is
+    harmless. With ``create_pr`` the change is opened as a pull request (``.pr_url``) and the branch is left
+    as it is.
 
     Args:
         folder: a folder written by ``PriorModel.save_pretrained``.
         repo_id: ``"org/name"``.
         private: visibility of a newly created repo.
-        token: Hub token with write access (``None``: the saved/``HF_TOKEN`` token).
+        token: Hub token with write access (``None``: ``HF_TOKEN`` or the saved login).
         commit_message: defaults to "Upload priorzoo prior".
         revision: target branch (default ``main``); created if missing.
         subfolder: folder inside the repo for this prior (several priors in one repo).
         create_pr: open a pull request with the change instead of committing to the branch.
 
     Returns:
-        The 40-hex commit id now holding the prior (the pull request's commit with ``create_pr``).
+        ``CommitInfo``: ``.oid`` (the commit now holding the prior), ``.commit_url``, ``.pr_url`` (with
+        ``create_pr``).
 
     Raises:
         PriorNotFoundError: ``folder`` is not a complete prior folder.
         PriorFormatError: its shard index is malformed or names missing shards.
         ValueError: ``repo_id`` is not a valid repo id, or ``revision`` is a tag/commit, not a branch.
         huggingface_hub.errors.OfflineModeIsEnabled: HF_HUB_OFFLINE is set.
-        huggingface_hub.errors.HfHubHTTPError: the Hub refused (no write access, …).
+        huggingface_hub.errors.HfHubHTTPError: the Hub refused (no write access, the branch moved…).
 
     Example:
-        >>> upload_prior("./resnet50-swag", "me/resnet50-imagenet-swag", private=True)  # doctest: +SKIP
-        'f3c1…'
+        >>> info = upload_prior("./resnet50-swag", "me/resnet50-imagenet-swag", private=True)  # doctest: +SKIP
+        >>> info.commit_url  # doctest: +SKIP
+        'https://huggingface.co/me/resnet50-imagenet-swag/commit/f3c1…'
     """
     folder = Path(folder)
-    names = _prior_files(folder)
+    if not folder.is_dir():
+        raise PriorNotFoundError(f"Can't upload {str(folder)!r}: it is not a directory")
+    names = prior_files(folder, where=f"Can't upload {str(folder)!r}: it", upload=True)
     validate_repo_id(repo_id)
-    _refuse_offline(f"upload to {repo_id!r}")
-    with bounded():
-        return _upload(folder, names, repo_id, private, token, commit_message, revision, subfolder, create_pr)
-
-
-def _upload(
-    folder: Path,
-    names: dict[str, Path],
-    repo_id: str,
-    private: bool | None,
-    token: str | bool | None,
-    commit_message: str | None,
-    revision: str | None,
-    subfolder: str | None,
-    create_pr: bool,
-) -> str:
+    refuse_offline(f"upload to {repo_id!r}")
     sub = clean_subfolder(subfolder)
-    api = HfApi(token=token, library_name=LIBRARY_NAME, library_version=_version())
+    api = hub_api(token)
     api.create_repo(repo_id, private=private, exist_ok=True)
 
     branch = revision or constants.DEFAULT_REVISION
@@ -446,29 +551,24 @@ def _upload(
             heads[branch] = api.repo_info(repo_id, revision=branch).sha
     head = heads.get(branch)
 
-    remote: dict[str, Any] = {}
-    if head is not None:
-        try:
-            for entry in api.list_repo_tree(repo_id, path_in_repo=sub, revision=head):
-                if hasattr(entry, "blob_id"):  # a RepoFile (RepoFolder has no blob)
-                    remote[PurePosixPath(entry.path).name] = entry
-        except EntryNotFoundError:  # the subfolder does not exist yet
-            pass
-
     def in_repo(name: str) -> str:
         return f"{sub}/{name}" if sub else name
 
+    remote: list[str] = []
+    if head is not None:
+        with contextlib.suppress(EntryNotFoundError):  # no such subfolder yet: nothing to delete
+            remote = [
+                PurePosixPath(e.path).name
+                for e in api.list_repo_tree(repo_id, path_in_repo=sub, revision=head)
+                if hasattr(e, "blob_id")  # a RepoFile (a RepoFolder has no blob)
+            ]
     operations: list[CommitOperationAdd | CommitOperationDelete] = [
-        CommitOperationAdd(path_in_repo=in_repo(n), path_or_fileobj=path)
-        for n, path in names.items()
-        if n not in remote or not _same_content(path, remote[n])
+        CommitOperationAdd(path_in_repo=in_repo(n), path_or_fileobj=path) for n, path in names.items()
     ]
     operations += [
         CommitOperationDelete(path_in_repo=in_repo(n)) for n in sorted(remote) if is_prior_weights(n) and n not in names
     ]
-    if not operations and head is not None:
-        return head
-    info = api.create_commit(
+    return api.create_commit(
         repo_id,
         operations=operations,
         commit_message=commit_message or "Upload priorzoo prior",
@@ -476,38 +576,3 @@ def _upload(
         create_pr=create_pr,
         parent_commit=head,
     )
-    return info.oid
-
-
-# --------------------------------------------------------------------------------------------- discovery
-def list_priors(
-    *,
-    search: str | None = None,
-    author: str | None = None,
-    token: str | bool | None = None,
-    limit: int | None = None,
-) -> list[Any]:
-    """List the priors on the Hub: model repos whose card says ``library_name: priorzoo``.
-
-    Args:
-        search: substring of the repo id.
-        author: user or organisation.
-        token: Hub token (private repos you can see are included).
-        limit: at most this many results.
-
-    Returns:
-        ``huggingface_hub.ModelInfo`` objects (``.id``, ``.tags``, ``.card_data`` with ``base_model`` …).
-
-    Raises:
-        huggingface_hub.errors.OfflineModeIsEnabled: HF_HUB_OFFLINE is set.
-        huggingface_hub.errors.HfHubHTTPError: the Hub could not answer.
-
-    Example:
-        >>> [m.id for m in list_priors(author="priorzoo")]  # doctest: +SKIP
-        ['priorzoo/resnet50-imagenet-swag', 'priorzoo/vit-b16-imagenet-swag']
-    """
-    _refuse_offline("list the priors on the Hub")
-    api = HfApi(token=token, library_name=LIBRARY_NAME, library_version=_version())
-    with bounded():
-        infos = api.list_models(filter=LIBRARY_NAME, search=search, author=author, limit=limit, cardData=True)
-        return [i for i in infos if i.library_name == LIBRARY_NAME or LIBRARY_NAME in (i.tags or [])]

@@ -26,7 +26,7 @@ import tempfile
 import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -34,12 +34,14 @@ from torch import Tensor
 from priorzoo.binding.batchnorm import copy_into_model_
 from priorzoo.binding.bound import BoundPrior, check_model, registered_binding
 from priorzoo.binding.matching import MatchResult, Patterns, match_parameters
-from priorzoo.errors import PriorNotFoundError
 from priorzoo.format.checks import check_named_tensors, check_prior_tensors, check_tensor_inputs
 from priorzoo.format.config import ParameterSpec, PriorConfig, PriorKind
-from priorzoo.format.files import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, clean_subfolder
+from priorzoo.format.files import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
 from priorzoo.format.serialization import load_prior_folder, save_prior
 from priorzoo.gaussian import LowRankGaussian
+
+if TYPE_CHECKING:
+    from huggingface_hub import CommitInfo
 
 __all__ = ["CONFIG_NAME", "INDEX_NAME", "WEIGHTS_NAME", "BoundPrior", "PriorModel"]
 
@@ -520,11 +522,13 @@ class PriorModel:
         local_files_only: bool = False,
         subfolder: str | None = None,
         device: torch.device | str | None = None,
+        force_download: bool = False,
     ) -> PriorModel:
         """Load a prior from a local folder or a Hub repo id (``"org/name"``); never unpickles anything.
 
         A local folder is tried first; anything else is resolved through ``huggingface_hub``
-        (``revision``, ``token``, ``cache_dir``, ``local_files_only``, ``subfolder`` as in transformers).
+        (``revision``, ``token``, ``cache_dir``, ``local_files_only``, ``subfolder``, ``force_download`` as in
+        transformers) at one resolved commit (see :func:`priorzoo.hub.fetch_prior`).
         Every tensor is read and validated once (finite; variance ≥ 0; shapes as in the config).
 
         Raises:
@@ -540,29 +544,14 @@ class PriorModel:
             >>> PriorModel.from_pretrained(folder).kind.value
             'isotropic'
         """
-        path = Path(pretrained)
-        if os.fspath(pretrained) == "":
-            raise PriorNotFoundError("`pretrained` is empty: pass a prior folder or a Hub repo id ('org/name')")
-        if path.is_dir():
-            sub = clean_subfolder(subfolder)
-            folder = path / sub if sub else path
-            if not folder.is_dir():
-                raise PriorNotFoundError(f"no subfolder {subfolder!r} in the prior folder {str(path)!r}")
-            if sub and not folder.resolve().is_relative_to(path.resolve()):
-                raise ValueError(f"`subfolder` {subfolder!r} leads outside the folder {str(path)!r} (a link)")
-        else:
-            from priorzoo.hub import download_prior
+        from priorzoo.hub import fetch_prior
 
-            folder = download_prior(
-                str(pretrained),
-                revision=revision,
-                token=token,
-                cache_dir=cache_dir,
-                local_files_only=local_files_only,
-                subfolder=subfolder,
-            )
-        config, mean, variance, cov_factor, buffers = load_prior_folder(folder, device=device)
-        return cls(config, mean, variance, cov_factor, buffers=buffers)
+        def read(folder: Path) -> PriorModel:
+            config, mean, variance, cov_factor, buffers = load_prior_folder(folder, device=device)
+            return cls(config, mean, variance, cov_factor, buffers=buffers)
+
+        hub = dict(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
+        return fetch_prior(pretrained, read, subfolder=subfolder, force_download=force_download, **hub)
 
     def push_to_hub(
         self,
@@ -575,13 +564,15 @@ class PriorModel:
         subfolder: str | None = None,
         max_shard_size: int | str = "2GB",
         factor_dtype: torch.dtype | str | None = None,
-    ) -> str:
-        """Save to a temporary folder and upload it to ``repo_id`` as one commit; returns the commit id.
+        create_pr: bool = False,
+    ) -> CommitInfo:
+        """Save to a temporary folder and upload it to ``repo_id`` as one commit (or a pull request).
 
-        Re-pushing an unchanged prior makes no new commit (see :func:`priorzoo.hub.upload_prior`).
+        Returns huggingface_hub's ``CommitInfo`` (``.oid``, ``.commit_url``, ``.pr_url``). Re-pushing an
+        unchanged prior makes no new commit (see :func:`priorzoo.hub.upload_prior`).
 
         Example:
-            >>> prior.push_to_hub("me/resnet50-imagenet-swag", private=True)  # doctest: +SKIP
+            >>> prior.push_to_hub("me/resnet50-imagenet-swag", private=True).commit_url  # doctest: +SKIP
         """
         from priorzoo.hub import upload_prior
 
@@ -597,4 +588,5 @@ class PriorModel:
                 commit_message=commit_message or f"Upload priorzoo {self.kind.value} prior",
                 revision=revision,
                 subfolder=subfolder,
+                create_pr=create_pr,
             )

@@ -56,7 +56,7 @@ import json
 import re
 import secrets
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -155,6 +155,10 @@ class HubServer:
         requests: ``(method, path)`` of every request received, in order (to assert "no network").
         outage: set to an HTTP status (e.g. 403 from a proxy) to answer every request with it, without any
             Hub error code, as a broken network path would.
+        on_request: ``hook(method, path)`` called for every request before it is handled (outside the server's
+            lock, so the hook may change the repos, e.g. :meth:`push` a commit between a client's requests).
+        drip: seconds between two bytes of a file download's body (``GET …/resolve/…``), to play a Hub that
+            trickles; ``None`` (default) sends bodies at once. A dripping answer stops when the server closes.
 
     Args:
         user: name of the user owning ``token``.
@@ -168,6 +172,9 @@ class HubServer:
         self.lfs_suffixes = tuple(lfs_suffixes)
         self.requests: list[tuple[str, str]] = []
         self.outage: int | None = None
+        self.on_request: Callable[[str, str], None] | None = None
+        self.drip: float | None = None
+        self._closing = threading.Event()
         self._tokens = {self.token: user}
         self._repos: dict[tuple[str, str], _Repo] = {}
         self._lfs: dict[str, bytes] = {}
@@ -197,6 +204,7 @@ class HubServer:
 
     def close(self) -> None:
         """Stop serving, wait for in-flight requests to finish and release the port."""
+        self._closing.set()
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
@@ -228,6 +236,30 @@ class HubServer:
         with self._lock:
             repo = self._get(repo_type, repo_id)
             return {p: b.data for p, b in repo.commits[self._resolve(repo, revision)].files.items()}
+
+    def push(
+        self,
+        repo_id: str,
+        files: Mapping[str, bytes],
+        *,
+        delete: tuple[str, ...] = (),
+        revision: str = "main",
+        message: str = "server-side push",
+        repo_type: str = "model",
+    ) -> str:
+        """Commit ``files`` (added or replaced) and ``delete`` (paths removed) on branch ``revision`` directly,
+        as another client's push would; return the new commit id."""
+        with self._lock:
+            repo = self._get(repo_type, repo_id)
+            head = repo.branches[revision]
+            snapshot = dict(repo.commits[head].files)
+            for path in delete:
+                del snapshot[path]
+            lfs = self.lfs_suffixes
+            snapshot.update({p: _Blob(d, lfs=bool(lfs) and p.endswith(lfs)) for p, d in files.items()})
+            commit = self._commit(repo, head, snapshot, message, "", repo.owner)
+            repo.branches[revision] = commit.oid
+            return commit.oid
 
     def _get(self, repo_type: str, repo_id: str) -> _Repo:
         try:
@@ -442,7 +474,15 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(key, value)
         self.send_header("Connection", "close")
         self.end_headers()
-        if self.command != "HEAD":
+        if self.command == "HEAD":
+            pass
+        elif self.hub.drip is not None and "/resolve/" in self.path:
+            for i in range(len(body)):
+                if self.hub._closing.wait(self.hub.drip):
+                    break
+                self.wfile.write(body[i : i + 1])
+                self.wfile.flush()
+        else:
             self.wfile.write(body)
         self.close_connection = True
 
@@ -465,6 +505,8 @@ class _Handler(BaseHTTPRequestHandler):
         query = parse_qs(split.query)
         with self.hub._lock:
             self.hub.requests.append((method, split.path))
+        if self.hub.on_request is not None:
+            self.hub.on_request(method, split.path)
         try:
             if self.hub.outage is not None:
                 raise _HTTPError(self.hub.outage, "the test hub server is simulating an outage")

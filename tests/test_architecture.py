@@ -40,7 +40,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ),
     ),
     ("format", ("priorzoo.format",)),
-    ("hub", ("priorzoo.hub", "priorzoo._network")),
+    ("hub", ("priorzoo.hub", "priorzoo.hub_limits", "priorzoo.hub_list")),
     ("binding", ("priorzoo.binding", "priorzoo.prior", "priorzoo")),
     ("learn", ("priorzoo.learn",)),
     ("finetune", ("priorzoo.finetune",)),

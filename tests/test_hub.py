@@ -9,39 +9,31 @@ from pathlib import Path
 import pytest
 import torch
 from hub_server import HubServer, patch_hf_env, set_hf_offline
-from huggingface_hub import CommitOperationAdd, HfApi
-from huggingface_hub.errors import OfflineModeIsEnabled
-from safetensors.torch import save_file
+from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+from safetensors.torch import load_file, save_file
 
 from priorzoo import PriorModel
-from priorzoo.errors import PriorFormatError, PriorNotFoundError
-from priorzoo.hub import download_prior, list_priors, upload_prior
+from priorzoo.errors import MixedPriorError, PriorFormatError, PriorNotFoundError
+from priorzoo.hub import download_prior, fetch_prior, upload_prior
+from priorzoo.hub_list import list_priors
 
 CARD = "---\nlibrary_name: priorzoo\ntags:\n- priorzoo\n- bayesian-prior\n---\n# A prior\n"
 SHA = re.compile(r"[0-9a-f]{40}")
 
 
 def write_prior(folder: Path, *, seed: int = 0, shards: int = 1, card: bool = True) -> Path:
-    """A prior folder in the on-disk format: config.json, tensors (one file or an index + shards), card."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """A prior folder written by ``save_pretrained``: config.json, tensors (one file, or an index + one shard
+    per layer), and a short card."""
     g = torch.Generator().manual_seed(seed)
     names = [f"layer{i}.weight" for i in range(max(shards, 2))]
-    tensors = {}
-    for n in names:
-        tensors[f"{n}.mean"] = torch.randn(3, 4, generator=g)
-        tensors[f"{n}.variance"] = torch.rand(3, 4, generator=g)
-    config = {"format_version": 1, "kind": "diagonal", "rank": 0, "seed": seed, "names": names}
-    (folder / "config.json").write_text(json.dumps(config))
-    if shards == 1:
-        save_file(tensors, str(folder / "prior.safetensors"), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, n in enumerate(names[:shards], start=1):
-            shard = f"prior-{i:05d}-of-{shards:05d}.safetensors"
-            part = {k: v for k, v in tensors.items() if k.startswith(n + ".")}
-            save_file(part, str(folder / shard), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(part, shard))
-        (folder / "prior.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    prior = PriorModel.from_tensors(
+        {n: torch.randn(3, 4, generator=g) for n in names},
+        variance={n: torch.rand(3, 4, generator=g) + 0.1 for n in names},
+        source={"seed": seed},
+    )
+    prior.save_pretrained(folder, max_shard_size="2GB" if shards == 1 else 96, card=False)
+    assert len(list(folder.glob("prior-*-of-*.safetensors"))) == (0 if shards == 1 else shards)
     if card:
         (folder / "README.md").write_text(CARD)
     return folder
@@ -66,8 +58,10 @@ def token_env(hub_server: HubServer, monkeypatch: pytest.MonkeyPatch) -> str:
 # --------------------------------------------------------------------------------------------- round trips
 def test_upload_then_download_gives_identical_files(hub_server: HubServer, token_env: str, tmp_path: Path) -> None:
     local = write_prior(tmp_path / "p")
-    commit = upload_prior(local, "org/prior")
-    assert SHA.fullmatch(commit)
+    info = upload_prior(local, "org/prior")
+    assert isinstance(info, CommitInfo) and SHA.fullmatch(info.oid)
+    assert info.commit_url == f"{hub_server.url}/org/prior/commit/{info.oid}" and info.pr_url is None
+    commit = info.oid
     assert hub_server.commit_count("org/prior") == 2  # initial commit + exactly one upload commit
     assert HfApi().model_info("org/prior").sha == commit
 
@@ -95,7 +89,7 @@ def test_sharded_prior_uploads_and_downloads_as_a_unit(hub_server: HubServer, to
 
     # re-saved unsharded: the stale index and shards go away in the same commit that adds the new file
     single = write_prior(tmp_path / "single", seed=1)
-    commit = upload_prior(single, "org/big")
+    commit = upload_prior(single, "org/big").oid
     assert hub_server.commit_count("org/big") == 3
     assert sorted(hub_server.files("org/big")) == [".gitattributes", "README.md", "config.json", "prior.safetensors"]
     assert contents(download_prior("org/big", revision=commit)) == contents(single)
@@ -103,9 +97,9 @@ def test_sharded_prior_uploads_and_downloads_as_a_unit(hub_server: HubServer, to
 
 def test_pinned_revisions_commit_branch_and_tag(hub_server: HubServer, token_env: str, tmp_path: Path) -> None:
     v1, v2, v3 = (write_prior(tmp_path / f"v{i}", seed=i) for i in (1, 2, 3))
-    c1 = upload_prior(v1, "org/prior")
-    c2 = upload_prior(v2, "org/prior", revision="dev")  # creates the branch from main
-    c3 = upload_prior(v3, "org/prior")
+    c1 = upload_prior(v1, "org/prior").oid
+    c2 = upload_prior(v2, "org/prior", revision="dev").oid  # creates the branch from main
+    c3 = upload_prior(v3, "org/prior").oid
     assert len({c1, c2, c3}) == 3
     HfApi().create_tag("org/prior", tag="v1.0", revision=c1)
 
@@ -147,12 +141,120 @@ def test_private_repo_needs_the_token(hub_server: HubServer, tmp_path: Path) -> 
 
 
 def test_pull_request_leaves_the_branch_alone(hub_server: HubServer, token_env: str, tmp_path: Path) -> None:
-    first = upload_prior(write_prior(tmp_path / "v1", seed=1), "org/prior")
+    first = upload_prior(write_prior(tmp_path / "v1", seed=1), "org/prior").oid
     proposal = write_prior(tmp_path / "v2", seed=2)
-    pr_commit = upload_prior(proposal, "org/prior", create_pr=True)
+    pr = upload_prior(proposal, "org/prior", create_pr=True)
+    assert pr.pr_url == f"{hub_server.url}/org/prior/discussions/1" and pr.pr_revision == "refs/pr/1"
+    pr_commit = pr.oid
     assert HfApi().model_info("org/prior").sha == first
     assert contents(download_prior("org/prior", revision="refs/pr/1")) == contents(proposal)
     assert download_prior("org/prior", revision="refs/pr/1").name == pr_commit
+
+
+# --------------------------------------------------------------------------------------------- one commit
+def push_once_before(server: HubServer, path_part: str, method: str, repo_id: str, files: dict[str, bytes]) -> list:
+    """Make ``server`` commit ``files`` to ``repo_id`` (as another client's push) just before the first
+    ``method`` request whose path contains ``path_part`` is answered; returns the list that receives the commit."""
+    pushed: list[str] = []
+
+    def hook(m: str, path: str) -> None:
+        if not pushed and m == method and path_part in path:
+            pushed.append(server.push(repo_id, files, message="a concurrent push"))
+
+    server.on_request = hook
+    return pushed
+
+
+def test_a_push_landing_between_resolving_and_downloading_cannot_mix_commits(
+    hub_server: HubServer, token_env: str, tmp_path: Path
+) -> None:
+    v1, v2 = write_prior(tmp_path / "v1", seed=1, shards=2), write_prior(tmp_path / "v2", seed=2, shards=2)
+    first = upload_prior(v1, "org/prior").oid
+    # huggingface_hub alone resolves `main` with a HEAD, then GETs the `main` URL: the push lands in between
+    pushed = push_once_before(
+        hub_server, "/resolve/", "GET", "org/prior", {n: p.read_bytes() for n, p in contents_paths(v2)}
+    )
+    folder = download_prior("org/prior")
+    assert pushed, "the concurrent push never happened"
+    assert folder.name == first and contents(folder) == contents(v1)  # every file of the resolved commit
+    hub_server.on_request = None
+    again = download_prior("org/prior")  # the next call sees the new commit, whole
+    assert again.name == pushed[0] and contents(again) == contents(v2)
+
+
+def contents_paths(folder: Path) -> list[tuple[str, Path]]:
+    return [(p.name, p) for p in sorted(folder.iterdir()) if p.is_file()]
+
+
+def test_a_mixed_snapshot_in_the_cache_is_fetched_again_at_the_same_commit(
+    hub_server: HubServer, token_env: str, tmp_path: Path
+) -> None:
+    v1, v2 = write_prior(tmp_path / "v1", seed=1), write_prior(tmp_path / "v2", seed=2)
+    commit = upload_prior(v1, "org/prior").oid
+    snapshot = download_prior("org/prior")
+    # poison the cache as an older client racing a push would: v2's config stored under v1's commit
+    blob = (snapshot / "config.json").resolve()
+    blob.chmod(0o644)
+    blob.write_bytes((v2 / "config.json").read_bytes())
+    reads: list[dict] = []
+
+    def read(folder: Path) -> bytes:
+        config = json.loads((folder / "config.json").read_text())
+        reads.append(config)
+        if config != json.loads((v1 / "config.json").read_text()):
+            raise MixedPriorError(f"`config.json` of another save in {folder}")
+        return (folder / "prior.safetensors").read_bytes()
+
+    before = len(hub_server.requests)
+    assert fetch_prior("org/prior", read) == (v1 / "prior.safetensors").read_bytes()
+    assert len(reads) == 2  # the poisoned copy, then the one fetched again
+    assert any(m == "GET" and f"/resolve/{commit}/config.json" in p for m, p in hub_server.requests[before:])
+    assert contents(download_prior("org/prior", revision=commit)) == contents(v1)  # the cache is healed
+
+
+def test_a_prior_that_is_still_mixed_after_a_fresh_download_is_refused(
+    hub_server: HubServer, token_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upload_prior(write_prior(tmp_path / "v1", seed=1), "org/prior")
+
+    def read(folder: Path) -> None:
+        raise MixedPriorError("`prior.safetensors` carries save id b, `config.json` names a")
+
+    with pytest.raises(MixedPriorError, match=r"'org/prior' at commit [0-9a-f]{40} mixes files of two saves, in "):
+        fetch_prior("org/prior", read)
+    with pytest.raises(MixedPriorError, match="as downloaded: "):
+        fetch_prior("org/prior", read, force_download=True)
+    set_hf_offline(monkeypatch)
+    with pytest.raises(MixedPriorError, match=r"you are offline \(HF_HUB_OFFLINE=1\): go online to fetch it again"):
+        fetch_prior("org/prior", read)
+
+
+def test_a_push_landing_before_the_commit_is_refused_by_parent_commit(
+    hub_server: HubServer, token_env: str, tmp_path: Path
+) -> None:
+    upload_prior(write_prior(tmp_path / "v1", seed=1), "org/prior")
+    other = push_once_before(hub_server, "/commit/", "POST", "org/prior", {"notes.txt": b"someone else"})
+    with pytest.raises(HfHubHTTPError, match="412"):
+        upload_prior(write_prior(tmp_path / "v2", seed=2), "org/prior")
+    assert other and HfApi().model_info("org/prior").sha == other[0]  # nothing interleaved on top of it
+
+
+def test_switching_layouts_deletes_the_other_layouts_files(
+    hub_server: HubServer, token_env: str, tmp_path: Path
+) -> None:
+    upload_prior(write_prior(tmp_path / "single", seed=1), "org/prior")
+    upload_prior(write_prior(tmp_path / "sharded", seed=2, shards=3), "org/prior")
+    assert sorted(hub_server.files("org/prior")) == [
+        ".gitattributes",
+        "README.md",
+        "config.json",
+        "prior-00001-of-00003.safetensors",
+        "prior-00002-of-00003.safetensors",
+        "prior-00003-of-00003.safetensors",
+        "prior.safetensors.index.json",
+    ]
+    upload_prior(write_prior(tmp_path / "two", seed=3, shards=2), "org/prior")  # 3 shards -> 2: the third goes
+    assert "prior-00003-of-00003.safetensors" not in hub_server.files("org/prior")
 
 
 # --------------------------------------------------------------------------------------------- idempotency
@@ -160,15 +262,16 @@ def test_second_upload_of_an_unchanged_folder_makes_no_commit(
     hub_server: HubServer, token_env: str, tmp_path: Path
 ) -> None:
     local = write_prior(tmp_path / "p", shards=2)
-    first = upload_prior(local, "org/prior", subfolder="x")
+    first = upload_prior(local, "org/prior", subfolder="x").oid
     before = len(hub_server.requests)
-    assert upload_prior(local, "org/prior", subfolder="x") == first
+    assert upload_prior(local, "org/prior", subfolder="x").oid == first
     assert hub_server.commit_count("org/prior") == 2
-    assert not [r for r in hub_server.requests[before:] if "/commit/" in r[1] or "/preupload/" in r[1]]
+    assert not [r for r in hub_server.requests[before:] if r[0] == "POST" and "/commit/" in r[1]]
 
     # one changed shard: one new commit that carries just that file
-    save_file({"layer1.weight.mean": torch.ones(3, 4)}, str(local / "prior-00002-of-00002.safetensors"))
-    second = upload_prior(local, "org/prior", subfolder="x")
+    shard = local / "prior-00002-of-00002.safetensors"
+    save_file({k: torch.ones(3, 4) for k in load_file(shard)}, str(shard), metadata={"format": "pt"})
+    second = upload_prior(local, "org/prior", subfolder="x").oid
     assert second != first
     assert hub_server.commit_count("org/prior") == 3
     changed = [k for k, v in hub_server.files("org/prior").items() if hub_server.files("org/prior", first).get(k) != v]
@@ -181,13 +284,13 @@ def test_idempotency_holds_for_lfs_files(tmp_path: Path, monkeypatch: pytest.Mon
     with HubServer(lfs_suffixes=(".safetensors",)) as server:
         patch_hf_env(monkeypatch, server.url, tmp_path / "home")
         local = write_prior(tmp_path / "p", shards=2)
-        first = upload_prior(local, "org/lfs", token=server.token)
+        first = upload_prior(local, "org/lfs", token=server.token).oid
         tree = HfApi(token=server.token).list_repo_tree("org/lfs")
         assert {e.path for e in tree if getattr(e, "lfs", None)} == {
             "prior-00001-of-00002.safetensors",
             "prior-00002-of-00002.safetensors",
         }
-        assert upload_prior(local, "org/lfs", token=server.token) == first
+        assert upload_prior(local, "org/lfs", token=server.token).oid == first
         assert server.commit_count("org/lfs") == 2
         assert contents(download_prior("org/lfs")) == contents(local)
 
@@ -215,8 +318,8 @@ def test_second_online_download_fetches_nothing_new(hub_server: HubServer, token
     download_prior("org/sharded")
     before = len(hub_server.requests)
     download_prior("org/sharded")
-    # one HEAD of config.json to see whether `main` moved; the cache (and its record of missing files) does the rest
-    assert hub_server.requests[before:] == [("HEAD", "/org/sharded/resolve/main/config.json")]
+    # one request to resolve `main` to a commit; every file of that commit is in the cache
+    assert hub_server.requests[before:] == [("GET", "/api/models/org/sharded/revision/main")]
 
 
 def test_download_into_a_given_cache_dir(hub_server: HubServer, token_env: str, tmp_path: Path) -> None:
@@ -305,7 +408,7 @@ def test_hub_errors_fall_back_to_the_cache_or_explain(hub_server: HubServer, tok
     upload_prior(write_prior(tmp_path / "p"), "org/prior")
     cached = download_prior("org/prior")
     hub_server.outage = 403  # e.g. a proxy refusing; 5xx and refused connections behave the same, after retries
-    assert download_prior("org/prior") == cached  # huggingface_hub falls back to the cached snapshot
+    assert download_prior("org/prior") == cached  # the cached snapshot, as huggingface_hub itself falls back to
     with pytest.raises(PriorNotFoundError, match=r"could not be reached and it is not in the cache.*403"):
         download_prior("org/other")
 
@@ -356,7 +459,9 @@ def test_prior_model_push_then_from_pretrained_by_id(
     prior = PriorModel.from_tensors(mean, variance, factor, scale=2.0)
     point = {n: torch.randn(*s, generator=g) for n, s in shapes.items()}
 
-    commit = prior.push_to_hub("org/model-prior", subfolder="swag", max_shard_size=max_shard_size)
+    info = prior.push_to_hub("org/model-prior", subfolder="swag", max_shard_size=max_shard_size)
+    assert isinstance(info, CommitInfo)
+    commit = info.oid
     prior.push_to_hub("org/model-prior", subfolder="swag", max_shard_size=max_shard_size, revision="other")
     sharded = any("-of-" in f for f in hub_server.files("org/model-prior"))
     assert sharded == (max_shard_size != "2GB")
@@ -376,7 +481,7 @@ def test_prior_model_push_then_from_pretrained_by_id(
 
 def test_prior_model_repush_makes_no_commit(hub_server: HubServer, token_env: str) -> None:
     prior = PriorModel.from_tensors({"w": torch.zeros(4)}, {"w": torch.ones(4)}, {"w": torch.ones(2, 4)})
-    commits = {prior.push_to_hub("org/again") for _ in range(4)}
+    commits = {prior.push_to_hub("org/again").oid for _ in range(4)}
     assert len(commits) == 1
     assert hub_server.commit_count("org/again") == 2
 

@@ -600,7 +600,7 @@ class _Builder:
             commit_message=f"build_zoo: {entry.name}",
             revision=entry.revision,
             subfolder=entry.subfolder,
-        )
+        ).oid
         changed = commit != before
         where = f"{constants.ENDPOINT}/{entry.repo_id}"
         self.log(

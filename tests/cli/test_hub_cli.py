@@ -50,6 +50,7 @@ def test_push_pull_inspect_round_trip(
     assert main(["push", str(local), REPO, "--message", "first prior"]) == 0
     out = capsys.readouterr().out
     assert f"pushed {local} to {hub_server.url}/{REPO} (main): commit" in out
+    assert re.search(rf"  {re.escape(hub_server.url)}/{REPO}/commit/[0-9a-f]{{40}}\n", out)
     assert hub_server.commit_count(REPO) == 2  # the repo's initial commit + the prior
 
     # the generated card was re-rendered for the repo: snippets and model-index name it
@@ -66,7 +67,7 @@ def test_push_pull_inspect_round_trip(
     assert hub_server.commit_count(REPO) == 2
 
     dest = tmp_path / "pulled"
-    assert main(["pull", REPO, "--to", str(dest)]) == 0
+    assert main(["pull", REPO, "--local-dir", str(dest)]) == 0
     out = capsys.readouterr().out
     assert re.search(rf"pulled {REPO} @ [0-9a-f]{{40}}: valid prior", out)
     assert "kind swag, rank K = 4, 3 tensors, 256 weights" in out
@@ -123,7 +124,8 @@ def test_revision_subfolder_private_and_keep_card(
     capsys.readouterr()
     assert hub_server.files("me/zoo", revision="dev")["swag/b/README.md"] == (b / "README.md").read_bytes()
 
-    assert main(["pull", "me/zoo", "--revision", "dev", "--subfolder", "swag/b", "--to", str(tmp_path / "b2")]) == 0
+    b2 = str(tmp_path / "b2")
+    assert main(["pull", "me/zoo", "--revision", "dev", "--subfolder", "swag/b", "--local-dir", b2]) == 0
     assert "(subfolder swag/b): valid prior" in capsys.readouterr().out
     assert files_of(tmp_path / "b2") == files_of(b)
 
@@ -158,9 +160,21 @@ def test_clear_errors(hub_server: HubServer, token: str, tmp_path: Path, capsys:
     clutter = tmp_path / "clutter"
     clutter.mkdir()
     (clutter / "notes.txt").write_text("mine")
-    assert main(["pull", REPO, "--to", str(clutter)]) == 2
+    assert main(["pull", REPO, "--local-dir", str(clutter)]) == 2
     assert "non-empty folder that holds no prior" in capsys.readouterr().err
     assert sorted(p.name for p in clutter.iterdir()) == ["notes.txt"]
+
+    # a folder that holds only a hidden side folder is not empty either: nothing of it is followed or replaced
+    side = tmp_path / "side"
+    (side / ".priorzoo-commit").mkdir(parents=True)
+    (side / ".priorzoo-commit" / "manifest.json").write_text('{"files": ["../outside.txt"]}')
+    assert main(["pull", REPO, "--local-dir", str(side)]) == 2
+    assert "non-empty folder that holds no prior (it holds ['.priorzoo-commit'])" in capsys.readouterr().err
+    assert not (tmp_path / "outside.txt").exists() and not (side / "config.json").exists()
+
+    with pytest.raises(SystemExit):  # hf's spelling only: no alias, and no abbreviation of `--token`
+        main(["pull", REPO, "--to", str(tmp_path / "old-spelling")])
+    assert "unrecognized arguments: --to" in capsys.readouterr().err
 
 
 def test_list_shows_the_priors(
@@ -175,7 +189,8 @@ def test_list_shows_the_priors(
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "org/one-prior" in out and "other/two-prior" in out and "2 prior(s)" in out
-    assert re.search(r"org/one-prior\s+swag\s+-\s+mit", out)
+    assert re.search(r"repo\s+kind\s+base model\s+architecture\s+license", out)
+    assert re.search(r"org/one-prior\s+swag\s+-\s+\S+\s+mit", out)
 
     assert main(["list", "--author", "other", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -183,3 +198,51 @@ def test_list_shows_the_priors(
     assert rows[0]["kind"] == "swag" and rows[0]["license"] == "mit" and "priorzoo" in rows[0]["tags"]
     assert main(["list", "--search", "one"]) == 0
     assert "other/two-prior" not in capsys.readouterr().out
+
+
+def test_list_by_backbone(
+    hub_server: HubServer, token: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    g = torch.Generator().manual_seed(0)
+    r18 = PriorModel.from_tensors(
+        {"fc.weight": torch.randn(2, 3, generator=g)},
+        variance=1.0,
+        backbone={
+            "library": "timm",
+            "name": "resnet18.a1_in1k",
+            "hub_id": "timm/resnet18.a1_in1k",
+            "pretrained": True,
+            "architecture": "resnet18",
+        },
+    )
+    main(["push", str(r18.save_pretrained(tmp_path / "r18")), "zoo/r18-swag"])
+    main(["push", str(make_prior(tmp_path / "tiny")), "zoo/tiny-swag"])
+    hand = make_prior(tmp_path / "hand", seed=1)  # a card that records the architecture, as priorzoo's cards do
+    (hand / "README.md").write_text("---\nlibrary_name: priorzoo\npriorzoo:\n  architecture: ConvNeXt\n---\n# hand\n")
+    main(["push", str(hand), "zoo/hand-swag", "--keep-card"])
+    capsys.readouterr()
+
+    for name in ("timm/resnet18.a1_in1k", "resnet18.a1_in1k", "RESNET18"):
+        assert main(["list", "--backbone", name]) == 0
+        out = capsys.readouterr().out
+        assert "zoo/r18-swag" in out and "zoo/tiny-swag" not in out and "1 prior(s)" in out, (name, out)
+        assert re.search(r"zoo/r18-swag\s+\S+\s+timm/resnet18\.a1_in1k\s", out)
+    assert main(["list", "--backbone", "convnext", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["id"], r["architecture"]) for r in rows] == [("zoo/hand-swag", ["ConvNeXt"])]
+    assert main(["list", "--backbone", "vit_base_patch16_224"]) == 0
+    out = capsys.readouterr().out
+    assert "no priors found" in out and "backbone 'vit_base_patch16_224'" in out
+
+
+def test_push_create_pr(hub_server: HubServer, token: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["push", str(make_prior(tmp_path / "a")), REPO]) == 0
+    head = hub_server.files(REPO)
+    assert main(["push", str(make_prior(tmp_path / "b", seed=1)), REPO, "--create-pr"]) == 0
+    out = capsys.readouterr().out
+    assert f"opened a pull request on {hub_server.url}/{REPO} (main): {hub_server.url}/{REPO}/discussions/1" in out
+    assert hub_server.files(REPO) == head  # main is untouched
+    assert (
+        hub_server.files(REPO, revision="refs/pr/1")["prior.safetensors"]
+        == (tmp_path / "b" / "prior.safetensors").read_bytes()
+    )

@@ -1,4 +1,5 @@
-"""`--output-dir` is the one spelling of the output folder across the CLI (old flags stay as aliases)."""
+"""`--output-dir` is the one spelling of the output folder across the CLI (old flags stay as aliases); `pull`
+spells its copy `--local-dir`, as `hf download` does."""
 
 from __future__ import annotations
 
@@ -13,8 +14,7 @@ from priorzoo.cli import build_parser, main
         ["demo", "--output-dir", "out"],
         ["demo", "--output", "out"],
         ["demo", "-o", "out"],
-        ["pull", "me/prior", "--output-dir", "out"],
-        ["pull", "me/prior", "--to", "out"],
+        ["pull", "me/prior", "--local-dir", "out"],  # `hf download`'s spelling (a copy besides the cache)
         ["finetune", "bert", "--no-prior", "--data", "d.csv", "--output-dir", "out"],
         ["learn", "resnet18", "--data", "d", "--output-dir", "out"],
         ["learn", "resnet18", "--data", "d", "--output", "out"],
@@ -22,7 +22,7 @@ from priorzoo.cli import build_parser, main
 )
 def test_output_folder_flags(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
-    assert (getattr(args, "output_dir", None) or getattr(args, "to", None)) == "out"
+    assert (getattr(args, "output_dir", None) or getattr(args, "local_dir", None)) == "out"
 
 
 def test_convert_takes_the_output_folder_once(tmp_path, capsys) -> None:

@@ -1,0 +1,217 @@
+r"""A bounded wait for priorzoo's own Hub calls: a stall rule on the average rate, and an optional deadline.
+
+What huggingface_hub already bounds (measured against servers on 127.0.0.1, ``benchmarks/results/
+hub_timeouts_hf_only.md``): every read of a file request waits at most ``HF_HUB_ETAG_TIMEOUT`` (metadata
+HEAD) or ``HF_HUB_DOWNLOAD_TIMEOUT`` (GET) seconds, 10 s each by default, and a request that times out is
+retried (five times, with 1-8 s pauses), so a server that *never answers* ends a download in about a minute.
+A server that *drips* a byte now and then passes every per-read timeout: one byte every 5 s holds a
+download for as long as the server keeps it up. ``HfApi`` calls such as ``model_info`` take no timeout at
+all unless given one (priorzoo passes ``HF_HUB_ETAG_TIMEOUT``). The user's ``HF_HUB_*`` values are used as
+they are; nothing here changes huggingface_hub's client or any process-wide setting.
+
+priorzoo adds one rule on top, for its own downloads only. The call runs in a worker thread; the caller
+watches its progress as huggingface_hub reports it through the public ``tqdm_class`` parameter (its bars are
+updated every ``huggingface_hub.constants.DOWNLOAD_CHUNK_SIZE`` bytes = 10 MiB of a file, and when a file
+ends) and through the worker's own steps (a request about to be sent). Between two progress events at most
+:math:`E` bytes can arrive unseen (what the bars still expect, at most one chunk per parallel download;
+:math:`E = 0` while metadata is awaited), so when
+
+.. math::  t - t_{\text{last}} > W \quad\text{and}\quad \frac{E}{t - t_{\text{last}}} < r_{\min}
+
+the average rate over the last :math:`t - t_{\text{last}} > W` seconds is provably below the floor
+:math:`r_{\min}`, and the call is given up with :class:`HubTimeoutError`. The rule bounds the average rate
+over a window, not the gap between two bytes: a byte every 5 s on a 2 KB ``config.json`` ends after
+:math:`W` seconds; on a 10 MiB chunk after :math:`W + E/r_{\min}`. An abandoned worker stops at its next
+progress report and starts no new request; a request it is blocked in ends with huggingface_hub's own
+timeouts (or, for a dripping server, when the server closes).
+
+- ``PRIORZOO_HUB_STALL_WINDOW`` :math:`W` (default 30 s);
+- ``PRIORZOO_HUB_MIN_RATE`` :math:`r_{\min}` in bytes per second (default 51200: 50 KiB/s);
+- ``PRIORZOO_HUB_DEADLINE`` (default none): an overall limit on one priorzoo Hub operation.
+
+Example:
+    >>> limits_from_env({"PRIORZOO_HUB_STALL_WINDOW": "5"}).window
+    5.0
+    >>> run_bounded(lambda progress: 42, HubLimits(window=1.0), what="a quick call")
+    42
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+__all__ = ["HubLimits", "HubTimeoutError", "Progress", "limits_from_env", "run_bounded"]
+
+T = TypeVar("T")
+
+
+class HubTimeoutError(TimeoutError):
+    """A priorzoo Hub operation was given up: its average rate fell below the floor, or its deadline passed."""
+
+
+@dataclass(frozen=True)
+class HubLimits:
+    """The limits of one priorzoo Hub operation: stall window (s), minimum rate (bytes/s), deadline (s or None)."""
+
+    window: float = 30.0
+    min_rate: float = 51200.0
+    deadline: float | None = None
+
+    def describe(self) -> str:
+        text = f"stall window {self.window:g} s, minimum rate {self.min_rate:g} B/s"
+        return text + (f", deadline {self.deadline:g} s" if self.deadline is not None else "")
+
+
+_ENV = {"window": "PRIORZOO_HUB_STALL_WINDOW", "min_rate": "PRIORZOO_HUB_MIN_RATE", "deadline": "PRIORZOO_HUB_DEADLINE"}
+
+
+def limits_from_env(environ: Mapping[str, str] | None = None) -> HubLimits:
+    """The :class:`HubLimits` that the ``PRIORZOO_HUB_*`` variables ask for (defaults for the others).
+
+    Example:
+        >>> limits_from_env({"PRIORZOO_HUB_MIN_RATE": "0"})
+        Traceback (most recent call last):
+        ...
+        ValueError: `PRIORZOO_HUB_MIN_RATE` must be a number > 0; received '0'
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, float] = {}
+    for key, var in _ENV.items():
+        text = environ.get(var)
+        if text is None or text == "":
+            continue
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not 0 < value < float("inf"):
+            raise ValueError(f"`{var}` must be a number > 0; received {text!r}")
+        values[key] = value
+    return HubLimits(**values)
+
+
+class Progress:
+    """What a worker reports to its watcher: the step it is in, and the progress bars huggingface_hub drives.
+
+    ``tqdm_class`` is a progress-bar class for huggingface_hub's public ``tqdm_class`` parameter: it shows
+    huggingface_hub's usual bar, reports each update here, and lets the watcher read how many bytes the bar
+    still expects; once the watcher gave up, its next update raises.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()  # a bar's close() may run from tqdm's __del__ while it is held
+        self.last = time.monotonic()
+        self.step = "starting"
+        self.next_step: str | None = None
+        self.bars: list[Any] = []
+        self.cancelled = threading.Event()
+        self.tqdm_class = _progress_bar_class(self)
+
+    def event(self) -> None:
+        """Something arrived (a response, a chunk, a finished file): the quiet time starts again."""
+        if self.cancelled.is_set():
+            raise HubTimeoutError(f"given up while {self.step} (the watcher stopped waiting)")
+        with self._lock:
+            self.last = time.monotonic()
+
+    def begin(self, step: str, *, then: str | None = None) -> None:
+        """A new step (a request about to be sent); ``then`` names the step once bytes start to arrive."""
+        self.step, self.next_step = step, then
+        self.event()
+
+    def unseen(self) -> int:
+        """At most how many bytes can arrive before the next report: what the byte bars still expect, capped
+        at one chunk of huggingface_hub per parallel download (0 while no body is being read)."""
+        from huggingface_hub import constants
+
+        with self._lock:
+            bars = list(self.bars)
+        due = [max(int((b.total or 0) - b.n), 0) for b in bars if getattr(b, "unit", "") == "B"]
+        return min(max(due, default=0), _PARALLEL * constants.DOWNLOAD_CHUNK_SIZE)
+
+    def stalled(self, limits: HubLimits) -> str | None:
+        """Why the worker counts as stalled now (the rule of the module docstring), else ``None``."""
+        unseen = self.unseen()
+        with self._lock:
+            quiet = time.monotonic() - self.last
+        if quiet > limits.window and unseen / quiet < limits.min_rate:
+            return (
+                f"stalled while {self.step}: under {limits.min_rate:g} bytes/s over the last {quiet:.0f} s "
+                f"(at most {unseen} bytes arrived unseen)"
+            )
+        return None
+
+
+_PARALLEL = 8  # snapshot_download's default max_workers: files downloaded at once
+
+
+def _progress_bar_class(progress: Progress) -> type:
+    from huggingface_hub.utils import tqdm as hf_tqdm
+
+    class _Watched(hf_tqdm):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            with progress._lock:
+                progress.bars.append(self)
+            if progress.next_step is not None:
+                progress.step, progress.next_step = progress.next_step, None
+            progress.event()
+
+        def update(self, n: float | None = 1) -> bool | None:
+            out = super().update(n)
+            progress.event()
+            return out
+
+        def close(self) -> None:
+            with progress._lock:
+                if self in progress.bars:
+                    progress.bars.remove(self)
+            super().close()
+
+    return _Watched
+
+
+def run_bounded(fn: Callable[[Progress], T], limits: HubLimits | None = None, *, what: str, poll: float = 0.25) -> T:
+    """Run ``fn(progress)`` in a worker thread and return its result, giving up by the rule of the module.
+
+    ``fn`` calls ``progress.begin(step)`` before each request and passes ``progress.tqdm_class`` to
+    huggingface_hub's downloads. Exceptions of ``fn`` are raised here.
+
+    Raises:
+        HubTimeoutError: the worker stalled (its average rate over more than the window fell below the
+            floor) or the deadline passed; the message names the step, the limits, and how to change them.
+    """
+    limits = limits or limits_from_env()
+    progress = Progress()
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["value"] = fn(progress)
+        except BaseException as err:  # handed to the caller
+            box["error"] = err
+
+    worker = threading.Thread(target=work, name=f"priorzoo-hub: {what}", daemon=True)
+    start = time.monotonic()
+    worker.start()
+    while True:
+        worker.join(poll)
+        if not worker.is_alive():
+            break
+        why = progress.stalled(limits)
+        if why is None and limits.deadline is not None and time.monotonic() - start > limits.deadline:
+            why = f"not done within the {limits.deadline:g} s deadline (while {progress.step})"
+        if why is not None:
+            progress.cancelled.set()
+            raise HubTimeoutError(
+                f"{what}: {why}; limits: {limits.describe()} (PRIORZOO_HUB_STALL_WINDOW, PRIORZOO_HUB_MIN_RATE, "
+                "PRIORZOO_HUB_DEADLINE)"
+            )
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
