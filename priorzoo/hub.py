@@ -413,10 +413,12 @@ def fetch_prior(
 
 
 def _check_prior(folder: Path) -> Path:
-    """Read a prior folder through the loader (every file of one save, tensors valid); return the folder."""
-    from priorzoo.format.serialization import load_prior_folder
+    """Open a prior folder as the loader does (regular files, valid headers, every tensor file of the save
+    ``config.json`` names: else :class:`~priorzoo.errors.MixedPriorError`) without reading the tensors; return
+    the folder."""
+    from priorzoo.format.serialization import open_prior_folder
 
-    load_prior_folder(folder)
+    open_prior_folder(folder).close()
     return folder
 
 
@@ -435,10 +437,10 @@ def download_prior(
     ``pretrained`` is a local folder (returned as it is, joined with ``subfolder``, after checking that it
     holds a prior) or a Hub repo id. From a repo, ``revision`` (branch, tag or commit; default ``main``) is
     resolved to a commit once, and ``config.json``, ``prior.safetensors`` — or the index and every shard it
-    lists — and ``README.md`` are all fetched at that commit, then checked to belong to one save (see
-    :func:`fetch_prior`). Files go through the shared huggingface_hub cache, so a second call downloads
-    nothing, and with ``HF_HUB_OFFLINE=1`` or ``local_files_only=True`` the cached copy is used without any
-    request.
+    lists — and ``README.md`` are all fetched at that commit, then opened as the loader opens them (headers,
+    and every tensor file of the save ``config.json`` names; see :func:`fetch_prior`). Files go through the
+    shared huggingface_hub cache, so a second call downloads nothing, and with ``HF_HUB_OFFLINE=1`` or
+    ``local_files_only=True`` the cached copy is used without any request.
 
     Args:
         pretrained: a local folder or a Hub repo id (``"org/name"``).

@@ -212,6 +212,31 @@ def test_a_mixed_snapshot_in_the_cache_is_fetched_again_at_the_same_commit(
     assert contents(download_prior("org/prior", revision=commit)) == contents(v1)  # the cache is healed
 
 
+@pytest.mark.parametrize("reader", ["from_pretrained", "download_prior"])
+def test_the_loader_finds_a_poisoned_cache_snapshot_and_it_is_fetched_again(
+    hub_server: HubServer, token_env: str, tmp_path: Path, reader: str
+) -> None:
+    v1, v2 = write_prior(tmp_path / "v1", seed=1, shards=2), write_prior(tmp_path / "v2", seed=2, shards=2)
+    commit = upload_prior(v1, "org/prior").oid
+    snapshot = download_prior("org/prior")
+    # what huggingface_hub alone leaves when a push lands between its HEAD and its GET: the next save's
+    # config.json (another save id) stored under the old commit's snapshot
+    blob = (snapshot / "config.json").resolve()
+    blob.chmod(0o644)
+    blob.write_bytes((v2 / "config.json").read_bytes())
+    with pytest.raises(MixedPriorError):
+        PriorModel.from_pretrained(snapshot)  # the loader sees it: the save ids differ
+
+    before = len(hub_server.requests)
+    if reader == "from_pretrained":
+        loaded = PriorModel.from_pretrained("org/prior")
+        assert torch.equal(loaded.mean["layer0.weight"], PriorModel.from_pretrained(v1).mean["layer0.weight"])
+    else:
+        assert download_prior("org/prior") == snapshot
+    assert contents(snapshot) == contents(v1)  # healed in the cache, at the same commit
+    assert ("GET", f"/org/prior/resolve/{commit}/config.json") in hub_server.requests[before:]
+
+
 def test_a_prior_that_is_still_mixed_after_a_fresh_download_is_refused(
     hub_server: HubServer, token_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

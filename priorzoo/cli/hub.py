@@ -217,28 +217,23 @@ def run_push(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------- pull
 def _copy_prior(src: Path, to: str) -> Path:
-    """Copy a prior's files (links resolved) into ``to``, replacing an older prior there as a whole.
+    """Copy a prior's files into ``to`` through priorzoo's save path: the target checks (new, empty, or holding
+    a prior; any other entry, a hidden side folder included, is refused), the writers' lock, temporary files and
+    ``config.json`` renamed last (see :mod:`priorzoo.format.commit`). The files are copied byte for byte, so
+    they keep their save id; each source is opened as the loader opens it (a regular file, or a link into the
+    cache's blobs)."""
+    from priorzoo.format.commit import Staging
+    from priorzoo.format.files import link_roots, open_checked, prior_files
+    from priorzoo.format.serialization import replace_prior_files
 
-    ``to`` must be new, empty, or hold a prior's ``config.json``: anything else in it (a file, a hidden side
-    folder) makes it a folder that is not ours to overwrite.
-    """
-    from priorzoo.format.files import CONFIG_NAME, prior_files
-    from priorzoo.format.serialization import check_target, replace_prior_files
+    files, roots = prior_files(src), link_roots(src)
 
-    dest = check_target(to, "--local-dir")
-    if dest.is_dir() and any(dest.iterdir()) and not (dest / CONFIG_NAME).is_file():
-        present = sorted(p.name for p in dest.iterdir())[:10]
-        raise FileExistsError(
-            f"`--local-dir` {str(dest)!r} is a non-empty folder that holds no prior (it holds {present}); pass an "
-            "empty or new folder (or one holding a prior, which is replaced)"
-        )
-    files = prior_files(src)
-
-    def write(staging: Path) -> None:
+    def write(staging: Staging) -> None:
         for name, path in files.items():
-            shutil.copyfile(path, staging / name)
+            with os.fdopen(open_checked(path, roots=roots), "rb") as fin, os.fdopen(staging.create(name), "wb") as fout:
+                shutil.copyfileobj(fin, fout, 1 << 20)
 
-    return replace_prior_files(dest, write, what="--local-dir")
+    return replace_prior_files(to, write, what="--local-dir")
 
 
 def run_pull(args: argparse.Namespace) -> int:

@@ -169,7 +169,7 @@ def test_clear_errors(hub_server: HubServer, token: str, tmp_path: Path, capsys:
     (side / ".priorzoo-commit").mkdir(parents=True)
     (side / ".priorzoo-commit" / "manifest.json").write_text('{"files": ["../outside.txt"]}')
     assert main(["pull", REPO, "--local-dir", str(side)]) == 2
-    assert "non-empty folder that holds no prior (it holds ['.priorzoo-commit'])" in capsys.readouterr().err
+    assert "non-empty folder that holds no prior (no config.json; it has '.priorzoo-commit')" in capsys.readouterr().err
     assert not (tmp_path / "outside.txt").exists() and not (side / "config.json").exists()
 
     with pytest.raises(SystemExit):  # hf's spelling only: no alias, and no abbreviation of `--token`
