@@ -235,7 +235,7 @@ def backbone_suggestions(name: str, *, library: str = "auto", limit: int = 3) ->
     """
     import difflib
 
-    from priorzoo.learn._common import require
+    from priorzoo.extras import require
 
     known: dict[str, str] = {}
     if library in ("auto", "torchvision"):
