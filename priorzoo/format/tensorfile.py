@@ -21,13 +21,11 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import mmap
 import os
 import struct
-import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -59,8 +57,8 @@ _MAX_HEADER = 100_000_000
 
 
 class TensorFile(Mapping[str, Tensor]):
-    """The header and tensors of one safetensors file, read from ``fd`` (which this object takes over); as a
-    mapping, ``file[name]`` reads tensor ``name`` whole.
+    """The header and tensors of one safetensors file, read from ``fd`` (which this object takes over: it maps
+    the file and closes ``fd``); as a mapping, ``file[name]`` reads tensor ``name`` whole.
 
     Attributes:
         metadata: the header's ``__metadata__`` (string values only), ``{}`` when absent.
@@ -88,9 +86,9 @@ class TensorFile(Mapping[str, Tensor]):
                 raise self._bad(f"header is not JSON: {str(err)[:100]}") from None
             self.metadata, self.entries = self._parse(header, size - 8 - n, 8 + n)
             if size > 0:
-                self._mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+                self._mm = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
         finally:
-            os.close(fd)
+            os.close(fd)  # the map holds the file
 
     def _bad(self, why: str) -> PriorFormatError:
         return PriorFormatError(f"{self.where}: corrupted or truncated safetensors file ({why})")
@@ -129,22 +127,21 @@ class TensorFile(Mapping[str, Tensor]):
         return meta, entries
 
     def read(self, name: str, index: Any = None) -> Tensor:
-        """Tensor ``name`` (a new CPU tensor), or only ``index`` of it (a tuple of slices): only the pages that
-        hold the requested elements are read."""
+        """Tensor ``name``, or a contiguous copy of only ``index`` of it (a tuple of slices): only the pages that
+        hold the requested elements are read. The whole tensor is a view of the file's private (copy-on-write)
+        map, as safetensors gives: no copy, writable, and unchanged by later renames over the file's name."""
         dtype, shape, offset = self.entries[name]
         numel = math.prod(shape)
         if self._mm is None or numel == 0:
             whole = torch.empty(shape, dtype=dtype)
-        else:
-            with warnings.catch_warnings():  # a read-only map: nothing writes through it, every result is copied
-                warnings.simplefilter("ignore", UserWarning)
-                if offset % dtype.itemsize == 0:
-                    whole = torch.frombuffer(self._mm, dtype=dtype, count=numel, offset=offset).reshape(shape)
-                else:
-                    raw = torch.frombuffer(self._mm, dtype=torch.uint8, count=numel * dtype.itemsize, offset=offset)
-                    whole = raw.clone().view(dtype).reshape(shape)
-        part = whole if index is None or index is Ellipsis else whole[index]
-        return part.clone(memory_format=torch.contiguous_format)
+        elif offset % dtype.itemsize == 0:
+            whole = torch.frombuffer(self._mm, dtype=dtype, count=numel, offset=offset).reshape(shape)
+        else:  # a file written unaligned by another tool: copy the bytes to aligned memory
+            raw = torch.frombuffer(self._mm, dtype=torch.uint8, count=numel * dtype.itemsize, offset=offset)
+            whole = raw.clone().view(dtype).reshape(shape)
+        if index is None or index is Ellipsis:
+            return whole
+        return whole[index].clone(memory_format=torch.contiguous_format)
 
     def __getitem__(self, name: str) -> Tensor:
         return self.read(name)
@@ -156,11 +153,9 @@ class TensorFile(Mapping[str, Tensor]):
         return len(self.entries)
 
     def close(self) -> None:
-        """Unmap the file (tensors already read stay valid)."""
-        if self._mm is not None:
-            with contextlib.suppress(BufferError):  # a view still exported: the map goes with it
-                self._mm.close()
-            self._mm = None
+        """Let go of the file: it is unmapped when no tensor read from it remains (a whole tensor is a view of
+        the map and holds it; unmapping it explicitly would leave such tensors pointing at nothing)."""
+        self._mm = None
 
     def __enter__(self) -> TensorFile:
         return self

@@ -396,3 +396,19 @@ def test_init_model_refuses_a_buffer_or_mean_outside_the_model_dtype_and_changes
     with pytest.raises(PriorMatchError, match=r"`weight\.mean` holds values up to 1e\+06.*float16"):
         big.init_model_(lin)
     assert torch.isfinite(lin.weight).all()
+
+
+def test_loaded_tensors_are_private_and_outlive_the_files(tmp_path):
+    import gc
+    import shutil
+
+    folder = prior(1.0).save_pretrained(tmp_path / "p")
+    loaded = PriorModel.from_pretrained(folder)
+    prior(2.0).save_pretrained(folder)  # renamed over the files the prior was read from
+    shutil.rmtree(folder)
+    gc.collect()
+    assert all(bool((t == 1.0).all()) for t in loaded.mean.values())
+    other = prior(3.0).save_pretrained(tmp_path / "q")
+    first = PriorModel.from_pretrained(other)
+    first.mean["layer0.weight"].add_(1.0)  # writable, and private to this prior
+    assert bool((PriorModel.from_pretrained(other).mean["layer0.weight"] == 3.0).all())
