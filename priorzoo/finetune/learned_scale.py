@@ -59,6 +59,13 @@ evaluated for N(W̄, σ²I) over the covered blocks' effective weights (D_g thei
 equal those of the merged model at the same weights and σ; the reparameterised sample perturbs the tensors
 the optimiser trains (``lora_A``/``lora_B``), which is exact for plain models and a surrogate under PEFT.
 
+**Cost, overlapped.** Per step: one draw of D normal numbers, one copy of w̄ (restored exactly from it), one
+dot product ε·∇NLL, and the prior's value and gradient at w̄ (the same two passes over the factor as a fixed λ).
+On a CPU (``overlap=True``, plain bindings), the prior term at w̄ (from the saved copy, so the in-place sample
+cannot race with it) and the next step's ε are computed in a background thread while the model's forward
+and backward run, as :meth:`~priorzoo.finetune.PriorRegularizer.prefetch` does for a fixed λ; the random stream
+is the same either way.
+
 **Distributed.** Under DDP every process draws the same ε (one generator seeded identically), so the
 replicated weights stay equal and the learned scales are those of one process. Under FSDP2 each process
 perturbs its own shard (the same global draw, sliced), and the group sums (quadratic forms, ‖w_head‖², the
@@ -87,6 +94,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -94,6 +102,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from priorzoo.binding.bound import BoundPrior
 from priorzoo.binding.sharded import is_sharded, local_slices
 from priorzoo.finetune._grads import add_into_grads_
 from priorzoo.finetune._grads import local as _local
@@ -261,6 +270,8 @@ class LearnedScale:
         sigma_lr: learning rate of σ's own Adam on ρ = softplus⁻¹(σ) (> 0; relative change of σ per step).
         seed: seeds the noise ε (the same on every process).
         bind: which parameters the prior covers (:class:`~priorzoo.finetune.BindOptions`).
+        overlap: on a CPU, compute the prior term at w̄ and the next ε in a background thread during the
+            forward and backward (same results; plain, unsharded bindings only).
 
     Raises:
         ValueError: σ or its learning rate not a finite number > 0, N ≤ 0, an unknown ``groups``.
@@ -285,6 +296,7 @@ class LearnedScale:
         sigma_lr: float = 0.05,
         seed: int = 0,
         bind: BindOptions | None = None,
+        overlap: bool = True,
     ) -> None:
         if not isinstance(prior, PriorModel):
             raise TypeError(f"`prior` must be a priorzoo.PriorModel; received {type(prior).__name__}")
@@ -313,6 +325,13 @@ class LearnedScale:
         self._reduce = _mesh_sum(params)
         self._noise: list[Tensor] | None = None
         self._saved: list[Tensor] | None = None
+        self._next_noise: list[Tensor] | None = None
+        self._pending: _Background | None = None
+        self.overlap = (
+            bool(overlap)
+            and self.device.type == "cpu"
+            and all(type(g.bound) is BoundPrior for g in self.groups if g.bound is not None)
+        )
         self._scales: dict[str, Tensor] | None = None
         self.last_kl: Tensor | None = None
 
@@ -395,6 +414,17 @@ class LearnedScale:
         return torch.nn.functional.softplus(self.rho.detach())
 
     # ------------------------------------------------------------------ the step
+    def _draw_noise(self, params: Sequence[torch.nn.Parameter]) -> list[Tensor]:
+        """ε ~ N(0, I), one tensor per trained tensor (its local shard under FSDP2: the global draw, sliced)."""
+        noise = []
+        for p in params:
+            loc = _local(p)
+            full = torch.randn(p.shape, generator=self._generator, device=self.device, dtype=torch.float32)
+            if type(p).__name__ == "DTensor":  # the same global draw on every process, sliced to this shard
+                full = full[local_slices(p)]
+            noise.append(full.to(loc.dtype))
+        return noise
+
     @torch.no_grad()
     def perturb_(self) -> None:
         """w ← w̄ + σε in place, ε ~ N(0, I) fresh (a no-op if already perturbed); call before the forward."""
@@ -402,18 +432,15 @@ class LearnedScale:
             return
         params = self._noise_params
         locals_ = [_local(p) for p in params]
-        noise = []
-        for p, loc in zip(params, locals_):
-            if type(p).__name__ == "DTensor":  # the same global draw on every process, sliced to this shard
-                full = torch.randn(p.shape, generator=self._generator, device=self.device, dtype=torch.float32)
-                noise.append(full[local_slices(p)].to(loc.dtype))
-            else:
-                noise.append(
-                    torch.randn(p.shape, generator=self._generator, device=self.device, dtype=torch.float32).to(
-                        loc.dtype
-                    )
-                )
+        if self._pending is not None:  # the background thread of the previous step drew this ε
+            self._pending.wait()
+        noise, self._next_noise = self._next_noise, None
+        if noise is None or len(noise) != len(params):
+            noise = self._draw_noise(params)
         self._saved = [t.detach().clone() for t in locals_]
+        if self.overlap:  # the prior term at w̄ (the saved copy) and the next ε, while forward/backward run
+            saved = {id(p): t for p, t in zip(params, self._saved)}
+            self._pending = _Background(self, [[saved[id(p)] for p in g.params] for g in self.groups], params)
         torch._foreach_add_(locals_, noise, alpha=self.sigma)
         self._noise = noise
 
@@ -448,11 +475,14 @@ class LearnedScale:
         kl = torch.zeros((), dtype=torch.float64, device=self.device)
         trace_over_lambda = torch.zeros((), dtype=torch.float64, device=self.device)
         scales: dict[str, Tensor] = {}
-        for g in self.groups:
-            if g.bound is not None:
-                if g.workspace is None or g.workspace.owner is not g.bound.gaussian:
-                    g.workspace = g.bound.new_workspace()
-                value, grads = g.bound.value_and_grad(workspace=g.workspace)
+        pending, self._pending = self._pending, None
+        precomputed = pending.result() if pending is not None else None
+        for i, g in enumerate(self.groups):
+            if precomputed is not None and precomputed[i] is not None:
+                value, grads = precomputed[i]
+                quad = 2.0 * (value.double() - _frozen_term(g.bound))
+            elif g.bound is not None:
+                value, grads = g.bound.value_and_grad(workspace=self._workspace(g))
                 quad = 2.0 * (value.double() - _frozen_term(g.bound))
             else:
                 locs = [_local(p).detach() for p in g.params]
@@ -471,6 +501,11 @@ class LearnedScale:
         self._scales = scales
         dkl_dsigma = (sigma.double() * trace_over_lambda - d / sigma.double()) / d
         return kl / d, dkl_dsigma
+
+    def _workspace(self, g: _Group) -> Any:
+        if g.workspace is None or g.workspace.owner is not g.bound.gaussian:
+            g.workspace = g.bound.new_workspace()
+        return g.workspace
 
     def add_to_grad_(self) -> Tensor:
         """Restore w̄ (if perturbed), re-solve λ_g, add ∇_w̄ KL/D into ``.grad`` and step σ; return KL/D.
@@ -517,6 +552,48 @@ class LearnedScale:
             "kappa": self.kappa,
             "groups": {g.name: g.numel for g in self.groups},
         }
+
+
+class _Background:
+    """The prior term of every group at w̄ (from the saved copy) and the next step's ε, in a daemon thread."""
+
+    def __init__(self, owner: LearnedScale, tensors: list[list[Tensor]], params: list[torch.nn.Parameter]) -> None:
+        self._owner = owner
+        self._tensors = tensors
+        self._params = params
+        self._result: list[Any] | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="priorzoo-learned-scale", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            owner = self._owner
+            out: list[Any] = []
+            with torch.no_grad():
+                for g, tensors in zip(owner.groups, self._tensors):
+                    if g.bound is None:
+                        out.append(None)
+                        continue
+                    out.append(
+                        g.bound.value_and_grad(
+                            [t.view(p.shape) for t, p in zip(tensors, g.params)], workspace=owner._workspace(g)
+                        )
+                    )
+                self._result = out
+                owner._next_noise = owner._draw_noise(self._params)
+        except BaseException as err:  # re-raised in the caller's thread by result()
+            self._error = err
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def result(self) -> list[Any]:
+        self.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
 
 
 def _member_of(members: set[str]) -> Callable[[str], bool]:

@@ -204,6 +204,8 @@ class FitResult:
         best_step, best_metrics: the evaluation with the best validation ``metric`` (``None`` without one).
         stopped_early: training stopped because ``patience`` evaluations brought no improvement.
         seconds: wall-clock time.
+        learned_scale: with a ``scale="learned"`` regulariser, its final state (``scales`` λ_g, ``sigma``,
+            ``kappa``, ``groups``); ``None`` otherwise.
     """
 
     steps: int = 0
@@ -212,6 +214,7 @@ class FitResult:
     best_metrics: dict[str, float] | None = None
     stopped_early: bool = False
     seconds: float = 0.0
+    learned_scale: dict[str, Any] | None = None
 
 
 def fit(
@@ -330,4 +333,6 @@ def fit(
     if restore_best and best_state is not None:
         model.load_state_dict(best_state)
     result.seconds = time.perf_counter() - start
+    if regularizer is not None and regularizer.learned is not None:
+        result.learned_scale = regularizer.learned.state()
     return result

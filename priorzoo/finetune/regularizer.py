@@ -168,6 +168,7 @@ class PriorRegularizer:
                 sigma_lr=sigma_lr,
                 seed=seed,
                 bind=self._bind_options,
+                overlap=overlap,
             )
             self._bound = self.learned.groups[0].bound
         else:

@@ -107,6 +107,8 @@ def fit_fresh(
     prior_weight: float = 1.0,
     bind: BindOptions | None = None,
     seed: int = 0,
+    scale: float | str | None = None,
+    learned_options: Mapping[str, Any] | None = None,
     **fit_kwargs: Any,
 ) -> tuple[torch.nn.Module, FitResult]:
     """One run of a search: seed torch's global RNG, build ``make_model()``, bind ``prior`` (if any) as a
@@ -121,6 +123,10 @@ def fit_fresh(
         prior_weight: ρ.
         bind: which parameters the prior covers (:class:`~priorzoo.finetune.BindOptions`).
         seed: seeds the global RNG before the model is built.
+        scale: λ for the prior (default: the prior's own), or ``"learned"`` (data-emphasized ELBO, no
+            validation data needed; see :mod:`priorzoo.finetune.learned_scale`); ``learned_options``:
+            its ``groups``/``sigma_init``/``sigma_lr``/``seed``. The learned λ_g and σ are in the result's
+            ``learned_scale``.
         fit_kwargs: passed to :func:`~priorzoo.finetune.fit` (``epochs``, ``val_loader``, ``metric``, ...).
 
     Returns:
@@ -144,7 +150,9 @@ def fit_fresh(
             model,
             num_train_examples=num_train_examples,
             prior_weight=prior_weight,
+            scale=scale,
             **(bind or BindOptions()).as_kwargs(),
+            **dict(learned_options or {}),
         )
     result = fit(model, train_loader, make_optimizer(model), regularizer=regularizer, **fit_kwargs)
     return model, result

@@ -261,3 +261,22 @@ def test_prior_weight_other_than_one_is_refused_with_learned_scale():
     net = _net()
     with pytest.raises(ValueError, match="`prior_weight` must be 1"):
         PriorRegularizer(_prior(net, "isotropic"), net, num_train_examples=4, scale="learned", prior_weight=2.0)
+
+
+@pytest.mark.parametrize("kind", ["isotropic", "lowrank"])
+def test_overlapped_steps_equal_steps_computed_on_the_spot(kind):
+    """The background thread (prior term at the saved w̄, next ε) changes nothing: same weights, λ_g and σ."""
+    results = []
+    for overlap in (True, False):
+        net = _net()
+        reg = PriorRegularizer(_prior(net, kind), net, num_train_examples=24, scale="learned", overlap=overlap)
+        assert reg.learned.overlap is overlap
+        data = [
+            (torch.randn(8, P_IN, generator=torch.Generator().manual_seed(i)), torch.tensor([0, 1] * 4))
+            for i in range(3)
+        ]
+        fit(net, data, torch.optim.SGD(net.parameters(), lr=0.1), regularizer=reg, epochs=2)
+        results.append(({n: p.detach().clone() for n, p in net.named_parameters()}, reg.scales, reg.sigma))
+    (w1, s1, sig1), (w2, s2, sig2) = results
+    assert all(torch.equal(w1[n], w2[n]) for n in w1)
+    assert s1 == s2 and sig1 == sig2
