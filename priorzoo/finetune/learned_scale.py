@@ -327,6 +327,8 @@ class LearnedScale:
         self._saved: list[Tensor] | None = None
         self._next_noise: list[Tensor] | None = None
         self._pending: _Background | None = None
+        self._bufs: dict[str, list[Tensor]] = {}
+        self._step = 0
         self.overlap = (
             bool(overlap)
             and self.device.type == "cpu"
@@ -414,15 +416,28 @@ class LearnedScale:
         return torch.nn.functional.softplus(self.rho.detach())
 
     # ------------------------------------------------------------------ the step
-    def _draw_noise(self, params: Sequence[torch.nn.Parameter]) -> list[Tensor]:
-        """ε ~ N(0, I), one tensor per trained tensor (its local shard under FSDP2: the global draw, sliced)."""
-        noise = []
-        for p in params:
-            loc = _local(p)
-            full = torch.randn(p.shape, generator=self._generator, device=self.device, dtype=torch.float32)
+    def _buffers(
+        self, key: str, params: Sequence[torch.nn.Parameter], dtype: torch.dtype | None = None
+    ) -> list[Tensor]:
+        """Persistent buffers shaped like the local tensors, in ``dtype`` (default theirs), allocated once: a fresh
+        P-sized allocation pays its page faults every step."""
+        bufs = self._bufs.get(key)
+        locals_ = [_local(p) for p in params]
+        if bufs is None or [b.shape for b in bufs] != [t.shape for t in locals_]:
+            bufs = [torch.empty(t.shape, dtype=dtype or t.dtype, device=t.device) for t in locals_]
+            self._bufs[key] = bufs
+        return bufs
+
+    def _draw_noise(self, params: Sequence[torch.nn.Parameter], key: str) -> list[Tensor]:
+        """ε ~ N(0, I) into the buffers ``key``, one tensor per trained tensor (its local shard under FSDP2: the
+        global draw, sliced), drawn in float32 whatever the parameters' dtype."""
+        noise = self._buffers(key, params, torch.float32)
+        for p, buf in zip(params, noise):
             if type(p).__name__ == "DTensor":  # the same global draw on every process, sliced to this shard
-                full = full[local_slices(p)]
-            noise.append(full.to(loc.dtype))
+                full = torch.empty(p.shape, device=self.device, dtype=torch.float32)
+                buf.copy_(full.normal_(generator=self._generator)[local_slices(p)])
+            else:
+                buf.normal_(generator=self._generator)
         return noise
 
     @torch.no_grad()
@@ -434,13 +449,17 @@ class LearnedScale:
         locals_ = [_local(p) for p in params]
         if self._pending is not None:  # the background thread of the previous step drew this ε
             self._pending.wait()
+        key = f"noise{self._step % 2}"  # two noise buffers: the background thread fills the next step's
         noise, self._next_noise = self._next_noise, None
         if noise is None or len(noise) != len(params):
-            noise = self._draw_noise(params)
-        self._saved = [t.detach().clone() for t in locals_]
+            noise = self._draw_noise(params, key)
+        self._saved = self._buffers("saved", params)
+        torch._foreach_copy_(self._saved, [t.detach() for t in locals_])
+        self._step += 1
         if self.overlap:  # the prior term at w̄ (the saved copy) and the next ε, while forward/backward run
             saved = {id(p): t for p, t in zip(params, self._saved)}
-            self._pending = _Background(self, [[saved[id(p)] for p in g.params] for g in self.groups], params)
+            tensors = [[saved[id(p)] for p in g.params] for g in self.groups]
+            self._pending = _Background(self, tensors, params, f"noise{self._step % 2}")
         torch._foreach_add_(locals_, noise, alpha=self.sigma)
         self._noise = noise
 
@@ -456,8 +475,8 @@ class LearnedScale:
         if self._noise is None:
             return torch.zeros((), dtype=torch.float64, device=self.device)
         params = self._noise_params
-        parts = [
-            torch.dot(e.reshape(-1).double(), _local(p.grad).reshape(-1).double())
+        parts = [  # per tensor in float32 (a float64 cast of every gradient costs more than the step's other work)
+            torch.dot(e.reshape(-1), _local(p.grad).reshape(-1).float()).double()
             for p, e in zip(params, self._noise)
             if p.grad is not None
         ]
@@ -487,7 +506,9 @@ class LearnedScale:
             else:
                 locs = [_local(p).detach() for p in g.params]
                 quad = self._reduce(
-                    torch.stack([t.double().pow(2).sum() for t in locs]).sum().reshape(1).to(self.device)
+                    torch.stack([torch.dot(t.reshape(-1).float(), t.reshape(-1).float()).double() for t in locs])
+                    .sum()
+                    .reshape(1)
                 )[0]
                 grads = locs
             lam = (quad + sig2 * g.trace) / g.numel
@@ -557,10 +578,13 @@ class LearnedScale:
 class _Background:
     """The prior term of every group at w̄ (from the saved copy) and the next step's ε, in a daemon thread."""
 
-    def __init__(self, owner: LearnedScale, tensors: list[list[Tensor]], params: list[torch.nn.Parameter]) -> None:
+    def __init__(
+        self, owner: LearnedScale, tensors: list[list[Tensor]], params: list[torch.nn.Parameter], key: str
+    ) -> None:
         self._owner = owner
         self._tensors = tensors
         self._params = params
+        self._key = key
         self._result: list[Any] | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="priorzoo-learned-scale", daemon=True)
@@ -581,7 +605,7 @@ class _Background:
                         )
                     )
                 self._result = out
-                owner._next_noise = owner._draw_noise(self._params)
+                owner._next_noise = owner._draw_noise(self._params, self._key)
         except BaseException as err:  # re-raised in the caller's thread by result()
             self._error = err
 
