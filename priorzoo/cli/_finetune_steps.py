@@ -252,8 +252,9 @@ def prepare(args: argparse.Namespace) -> Setup:
         init = "prior_mean"
         start = {"weights": "prior_mean", "prior": args.init_from, "buffers": len(source.buffers)}
     if args.l2sp is not None:  # centred on the starting weights (the backbone's, or μ with --init-from)
-        prior = isotropic_prior(model, args.l2sp)
-        prior_info = {"source": "l2sp", "variance": args.l2sp}
+        learned_l2sp = args.l2sp == "learned"  # shape I, its scale learned on the training data
+        prior = isotropic_prior(model, 1.0 if learned_l2sp else args.l2sp)
+        prior_info = {"source": "l2sp", "variance": None if learned_l2sp else args.l2sp}
     if args.freeze or args.trainable_layers is not None:
         frozen = freeze_(model, freeze=args.freeze, trainable_layers=args.trainable_layers)
         log(args, f"froze {len(frozen)} parameter tensors (their batch norm runs in eval mode)")
@@ -261,7 +262,9 @@ def prepare(args: argparse.Namespace) -> Setup:
     if prior is not None:
         prior_info.update({"kind": prior.kind.value, "rank": prior.rank, "num_parameters": prior.num_parameters})
         scale = args.scale or prior.config.recommended_scale or prior.scale
-        if args.scale is None and args.optimizer == "sgd" and args.l2sp is None:
+        if args.scale == "learned" or args.l2sp == "learned":
+            scale = "learned"  # λ per group from the data-emphasized ELBO (priorzoo.finetune.learned_scale)
+        elif args.scale is None and args.optimizer == "sgd" and args.l2sp is None:
             lr = max(lr_candidates(args))
             scale = stable_scale(prior, scale, lr=lr, weight=args.prior_weight, n=len(train_part), args=args)
     if args.lora_r is not None:  # after the prior mean went into the backbone: W₀ = μ, adapters at their init

@@ -105,7 +105,8 @@ class RunResult:
         steps, seconds: optimiser steps taken, wall-clock time.
         best_epoch, best_metrics: the epoch whose checkpoint was restored (validation NLL) and its metrics.
         diverged: why the training loss counts as diverged (``None``: it did not).
-        lr, scale: the learning rate and λ of the run.
+        lr, scale: the learning rate and λ of the run (``"learned"``: learned on the training data).
+        learned_scale: with a learned scale, the final λ per group, σ and κ (:meth:`LearnedScale.state`).
     """
 
     history: list[dict[str, float]] = field(default_factory=list)
@@ -115,8 +116,9 @@ class RunResult:
     best_metrics: dict[str, float] | None = None
     diverged: str | None = None
     lr: float | None = None
-    scale: float | None = None
+    scale: float | str | None = None
     matched: int | None = None
+    learned_scale: dict[str, Any] | None = None
 
     @property
     def final_train_loss(self) -> float:
@@ -135,6 +137,7 @@ class RunResult:
             "best_metrics": self.best_metrics,
             "diverged": self.diverged,
             "matched_parameters": self.matched,
+            "learned_scale": self.learned_scale,
             "history": self.history,
         }
 
@@ -227,7 +230,7 @@ def train_run(
     epochs: int,
     eval_dataset: Any = None,
     prior: Any = None,
-    scale: float | None = None,
+    scale: float | str | None = None,
     num_train_examples: int | None = None,
     optimizer: str = "sgd",
     schedule: str = "cosine",
@@ -344,6 +347,8 @@ def train_run(
     regularizer = getattr(trainer, "prior_regularizer", None)
     if regularizer is not None:
         result.matched = len(regularizer.match.matched)
+        if regularizer.learned is not None:
+            result.learned_scale = regularizer.learned.state()
     if has_eval:
         evals = [e for e in epoch_log.history if "val_nll" in e and math.isfinite(e["val_nll"])]
         if evals:

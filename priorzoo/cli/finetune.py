@@ -10,9 +10,12 @@ NLL) when there is validation data, warmup and a decaying learning rate, checkpo
 Inference: ``map`` (a point estimate), ``bma`` (MAP, then SWAG over a constant-learning-rate phase and
 Bayesian model averaging over S samples, batch-norm statistics refreshed per sample) or ``sgld`` (Langevin
 samples after a burn-in, averaged the same way). ``--tune-scale`` picks λ on validation data with one
-early-stopped run per λ and keeps the model of the best run (the model it scored). ``--lr auto`` (the
-default) trains the full schedule at each learning rate of a short list and keeps the run with the lowest
-final training loss: it needs no validation data.
+early-stopped run per λ and keeps the model of the best run (the model it scored). ``--scale learned`` (and
+``--l2sp learned``) learns one λ per group (backbone, head) on the training data instead, in the same run,
+with the data-emphasized ELBO (:mod:`priorzoo.finetune.learned_scale`): no validation data, and
+metrics.json records the learned λ, σ and the learning rate. ``--lr auto`` (the default) trains the full
+schedule at each learning rate of a short list and keeps the run with the lowest final training loss: it
+needs no validation data.
 
 Starting point: with ``--prior`` the covered weights (and batch-norm statistics) start at the prior mean μ
 (``--keep-backbone-weights``: the backbone's own); ``--init-from PRIOR`` starts a ``--no-prior`` or ``--l2sp``
@@ -70,6 +73,11 @@ def _lr(text: str) -> float | str:
     return "auto" if text == "auto" else _positive_float(text)
 
 
+def _scale_or_learned(text: str) -> float | str:
+    """A positive number or ``learned`` (the scale learned on the training data: data-emphasized ELBO)."""
+    return "learned" if text == "learned" else _positive_float(text)
+
+
 def _grid(text: str) -> list[float]:
     return [_positive_float(t) for t in text.replace(" ", "").split(",") if t]
 
@@ -99,16 +107,19 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     which.add_argument("--no-prior", action="store_true", help="baseline: plain fine-tuning (no prior term)")
     which.add_argument(
         "--l2sp",
-        type=_positive_float,
+        type=_scale_or_learned,
         metavar="SIGMA2",
-        help="baseline: isotropic prior N(w₀, σ²I) centred on the starting weights w₀",
+        help="baseline: isotropic prior N(w₀, σ²I) centred on the starting weights w₀ (`learned`: σ² learned on the "
+        "training data, as --scale learned)",
     )
     g.add_argument("--revision", default=None, help="Hub revision of --prior / --init-from")
     g.add_argument(
         "--scale",
-        type=_positive_float,
+        type=_scale_or_learned,
         default=None,
-        help="covariance scale λ (default: the prior's recommended_scale, else its stored scale)",
+        help="covariance scale λ (default: the prior's recommended_scale, else its stored scale); `learned`: one λ "
+        "per group (backbone, head) learned on the training data with the data-emphasized ELBO (Harvey, Petrov & "
+        "Hughes 2024), no validation data needed; metrics.json records the learned λ, σ and the lr",
     )
     g.add_argument("--tune-scale", action="store_true", help="choose λ on validation data first (one run per λ)")
     g.add_argument("--scale-grid", type=_grid, default=None, help="λ values, comma-separated (default 1,10,…,1e10)")
@@ -241,8 +252,13 @@ def check_args(args: argparse.Namespace) -> None:
     has_prior = args.prior is not None or args.l2sp is not None
     if not has_prior and (args.scale is not None or args.tune_scale):
         raise ValueError("`--scale` / `--tune-scale` need a prior (`--prior` or `--l2sp`); `--no-prior` has no λ")
-    if args.scale is not None and args.tune_scale:
-        raise ValueError("give either `--scale λ` or `--tune-scale`, not both")
+    learned = args.scale == "learned" or args.l2sp == "learned"
+    if (args.scale is not None or learned) and args.tune_scale:
+        raise ValueError("give either `--scale λ` (or `learned`) or `--tune-scale`, not both")
+    if args.l2sp == "learned" and args.scale is not None:
+        raise ValueError("`--l2sp learned` learns the scale already: leave out `--scale`")
+    if learned and args.method == "sgld":
+        raise ValueError("a learned scale (`--scale learned` / `--l2sp learned`) is for --method map or bma, not sgld")
     if args.scale_grid is not None and not args.tune_scale:
         raise ValueError("`--scale-grid` is only used with `--tune-scale`")
     if args.scale_grid is not None and not args.scale_grid:
@@ -377,11 +393,15 @@ def _finetune(args: argparse.Namespace, progress: dict[str, Any]) -> dict[str, A
     n_train = setup.num_train_examples
     progress["start"] = setup.start
     _log(args, f"starting point: {describe_start(setup.start)}", result=True)
-    if args.l2sp is not None:
+    if args.l2sp == "learned":
+        what = "L2-SP N(w₀, λI) with λ learned on the training data"
+    elif args.l2sp is not None:
         what = f"L2-SP N(w₀, σ²I) with σ² = {args.l2sp:g}"
     elif prior is not None:
         what = f"prior {args.prior}" + (
-            f", λ = {setup.scale:g}" if setup.scale is not None and not args.tune_scale else ""
+            ", λ learned on the training data"
+            if setup.scale == "learned"
+            else (f", λ = {setup.scale:g}" if setup.scale is not None and not args.tune_scale else "")
         )
     else:
         what = "no prior term"
@@ -458,6 +478,8 @@ def _finetune(args: argparse.Namespace, progress: dict[str, Any]) -> dict[str, A
     }
     if args.l2sp is not None:
         prior_record["sigma2"] = args.l2sp
+    if scale == "learned" and chosen is not None:  # λ per group, σ and κ of the run that was kept
+        prior_record["learned_scale"] = chosen.learned_scale
     result: dict[str, Any] = {
         "status": status,
         "reason": reason,

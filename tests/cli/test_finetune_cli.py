@@ -275,6 +275,9 @@ def test_sgld_without_prior(bert_folder, tmp_path):
         (["--l2sp", "0.1", "--scale-grid", "1,10"], "only used with"),
         (["--l2sp", "0.1", "--epochs", "0"], "--epochs"),
         (["--l2sp", "0.1", "--method", "bma", "--swag-rank", "1"], "--swag-rank"),
+        (["--l2sp", "learned", "--tune-scale"], "not both"),
+        (["--l2sp", "learned", "--scale", "10"], "leave out `--scale`"),
+        (["--l2sp", "learned", "--method", "sgld"], "not sgld"),
     ],
 )
 def test_bad_option_combinations(extra, message, tmp_path, capsys):
@@ -287,6 +290,35 @@ def test_bad_option_combinations(extra, message, tmp_path, capsys):
 def test_argparse_refusals(extra, tmp_path):
     with pytest.raises(SystemExit):
         main(_args("bert", *extra, "--data", "d.csv", "--output-dir", str(tmp_path)))
+
+
+@pytest.mark.parametrize("which", ["prior", "l2sp"])
+def test_learned_scale_records_scales_sigma_and_lr(which, bert_folder, bert_prior_folder, tmp_path):
+    """`--scale learned` / `--l2sp learned` with `--lr auto`: no validation split, metrics.json records the learned λ
+    per group, σ and the chosen lr."""
+    train = _text_csv(tmp_path / "train.csv", 16, 0)
+    test = _text_csv(tmp_path / "test.csv", 8, 1)
+    prior = ["--prior", str(bert_prior_folder), "--scale", "learned"] if which == "prior" else ["--l2sp", "learned"]
+    metrics = _finetune(
+        tmp_path / "run",
+        str(bert_folder),
+        *prior,
+        "--data",
+        str(train),
+        "--test-data",
+        str(test),
+        "--epochs",
+        "2",
+        "--lr",
+        "auto",
+        "--lr-grid",
+        "0.01,0.05",
+    )
+    assert metrics["prior"]["scale"] == "learned" and metrics["num_train_examples"] == 16  # no validation split
+    learned = metrics["prior"]["learned_scale"]
+    assert sorted(learned["scales"]) == ["backbone", "head"] and all(v > 0 for v in learned["scales"].values())
+    assert learned["sigma"] > 0 and learned["sigma"] != pytest.approx(1e-3)
+    assert metrics["lr"] in (0.01, 0.05)
 
 
 def test_prior_for_another_model_is_a_clean_error(bert_folder, tmp_path, capsys):
