@@ -38,7 +38,7 @@ from torch import Tensor
 from priorzoo.binding.bound import BoundPrior
 from priorzoo.gaussian import Workspace
 
-__all__ = ["PrecomputedPenalty", "Prefetched", "weights_signature"]
+__all__ = ["Background", "PrecomputedPenalty", "Prefetched", "weights_signature"]
 
 
 def weights_signature(parameters: list[torch.nn.Parameter]) -> tuple[tuple[int, int], ...]:
@@ -114,3 +114,48 @@ class PrecomputedPenalty(torch.autograd.Function):
         ]
         ctx.grads = None
         return (None, None, *out)
+
+
+class Background:
+    """For :class:`~priorzoo.finetune.learned_scale.LearnedScale`: the prior term of every group at w̄ (from the
+    saved copy of the weights, so the sample w̄ + σε put into them meanwhile cannot race with it) and the next
+    step's ε, in a daemon thread started before the forward pass."""
+
+    def __init__(self, owner: Any, tensors: list[list[Tensor]], params: list[torch.nn.Parameter], key: str) -> None:
+        self._owner = owner
+        self._tensors = tensors
+        self._params = params
+        self._key = key
+        self._result: list[Any] | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="priorzoo-learned-scale", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            owner = self._owner
+            out: list[Any] = []
+            with torch.no_grad():
+                for g, tensors in zip(owner.groups, self._tensors):
+                    if g.bound is None:
+                        out.append(None)
+                        continue
+                    out.append(
+                        g.bound.value_and_grad(
+                            [t.view(p.shape) for t, p in zip(tensors, g.params)], workspace=owner._workspace(g)
+                        )
+                    )
+                self._result = out
+                owner._next_noise = owner._draw_noise(self._params, self._key)
+        except BaseException as err:  # re-raised in the caller's thread by result()
+            self._error = err
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def result(self) -> list[Any]:
+        self.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result

@@ -13,7 +13,7 @@ w = w̄ + σ·ε, ε ~ N(0, I) fresh every step; predictions are made at w̄ (or
 :meth:`LearnedScale.posterior` + :func:`~priorzoo.finetune.bma_predict`).
 
 **Prior, per group g** (default groups: the prior-covered ``backbone`` and the ``head``, every trained tensor
-the prior does not cover; per layer or per block as options, see :func:`group_of`):
+the prior does not cover; per layer or per block as options, see :func:`~priorzoo.finetune.scale_groups.group_of`):
 p_g = N(μ_g, λ_g S_g), with S_g the prior's shape at λ = 1 (I for L2-SP, diag(v) for a diagonal prior,
 diag(v) + FᵀF for SWAG) and a zero-mean isotropic p_head = N(0, λ_head I) for the new head. Several prior groups
 are independent: each is the prior's *marginal* over its blocks.
@@ -93,8 +93,6 @@ Example:
 from __future__ import annotations
 
 import math
-import re
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -106,20 +104,18 @@ from priorzoo.binding.bound import BoundPrior
 from priorzoo.binding.sharded import is_sharded, local_slices
 from priorzoo.finetune._grads import add_into_grads_
 from priorzoo.finetune._grads import local as _local
+from priorzoo.finetune._prefetch import Background
 from priorzoo.finetune.options import BindOptions
+from priorzoo.finetune.scale_groups import GROUPINGS, check_groups, group_of
 from priorzoo.gaussian import LowRankGaussian
 from priorzoo.numerics import ieee_fp32_matmul, no_autocast
 from priorzoo.prior import PriorModel
 from priorzoo.validation import check_float, check_num_train_examples
 
-__all__ = ["GROUPINGS", "LEARNED", "LearnedScale", "group_of", "is_learned", "trace_inverse"]
+__all__ = ["GROUPINGS", "LEARNED", "LearnedScale", "check_groups", "group_of", "is_learned", "trace_inverse"]
 
 LEARNED = "learned"
 """The value of ``scale=`` that asks for the learned scales."""
-
-GROUPINGS = ("default", "layer", "block")
-"""The named group specifications: ``default`` ({backbone, head}), ``layer`` (one group per module of the
-prior-covered weights, plus the head), ``block`` (one group per numbered block, e.g. ``encoder.layer.3``)."""
 
 _CHUNK = 1 << 16
 
@@ -132,59 +128,6 @@ def is_learned(scale: Any) -> bool:
         (True, False, False)
     """
     return isinstance(scale, str) and scale == LEARNED
-
-
-def group_of(name: str, groups: str | Callable[[str], str]) -> str:
-    """The group of the prior parameter ``name`` (the prior's own name, so that a wrapper's prefix such as
-    DDP's ``module.`` does not change it) under the group specification ``groups``.
-
-    ``default``: ``backbone``; ``layer``: the module (the name without its last component);
-    ``block``: the name up to its first numeric component (``bert.encoder.layer.3``), else its module;
-    a callable: ``groups(name)``.
-
-    Raises:
-        ValueError: an unknown specification (naming the valid ones).
-
-    Example:
-        >>> group_of("bert.encoder.layer.3.attention.self.query.weight", "block")
-        'bert.encoder.layer.3'
-        >>> group_of("0.weight", "layer")
-        '0'
-    """
-    if callable(groups):
-        out = groups(name)
-        if not isinstance(out, str) or not out or out == "head":
-            raise ValueError(
-                f"the `groups` callable must return a non-empty group name other than 'head'; for `{name}` it "
-                f"returned {out!r}"
-            )
-        return out
-    check_groups(groups)
-    if groups == "default":
-        return "backbone"
-    module = name.rsplit(".", 1)[0] if "." in name else name
-    if groups == "layer":
-        return module
-    parts = name.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if re.fullmatch(r"\d+", part):
-            return ".".join(parts[: i + 1])
-    return module
-
-
-def check_groups(groups: Any) -> str | Callable[[str], str]:
-    """``groups`` if it is one of :data:`GROUPINGS` or a callable, else a ValueError naming the valid ones.
-
-    Example:
-        >>> check_groups("layer")
-        'layer'
-    """
-    if callable(groups) or (isinstance(groups, str) and groups in GROUPINGS):
-        return groups
-    raise ValueError(
-        f"`groups` must be one of {', '.join(repr(g) for g in GROUPINGS)} or a callable name -> group; "
-        f"received {groups!r}"
-    )
 
 
 @torch.no_grad()
@@ -326,7 +269,7 @@ class LearnedScale:
         self._noise: list[Tensor] | None = None
         self._saved: list[Tensor] | None = None
         self._next_noise: list[Tensor] | None = None
-        self._pending: _Background | None = None
+        self._pending: Background | None = None
         self._bufs: dict[str, list[Tensor]] = {}
         self._step = 0
         self.overlap = (
@@ -459,7 +402,7 @@ class LearnedScale:
         if self.overlap:  # the prior term at w̄ (the saved copy) and the next ε, while forward/backward run
             saved = {id(p): t for p, t in zip(params, self._saved)}
             tensors = [[saved[id(p)] for p in g.params] for g in self.groups]
-            self._pending = _Background(self, tensors, params, f"noise{self._step % 2}")
+            self._pending = Background(self, tensors, params, f"noise{self._step % 2}")
         torch._foreach_add_(locals_, noise, alpha=self.sigma)
         self._noise = noise
 
@@ -573,51 +516,6 @@ class LearnedScale:
             "kappa": self.kappa,
             "groups": {g.name: g.numel for g in self.groups},
         }
-
-
-class _Background:
-    """The prior term of every group at w̄ (from the saved copy) and the next step's ε, in a daemon thread."""
-
-    def __init__(
-        self, owner: LearnedScale, tensors: list[list[Tensor]], params: list[torch.nn.Parameter], key: str
-    ) -> None:
-        self._owner = owner
-        self._tensors = tensors
-        self._params = params
-        self._key = key
-        self._result: list[Any] | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="priorzoo-learned-scale", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            owner = self._owner
-            out: list[Any] = []
-            with torch.no_grad():
-                for g, tensors in zip(owner.groups, self._tensors):
-                    if g.bound is None:
-                        out.append(None)
-                        continue
-                    out.append(
-                        g.bound.value_and_grad(
-                            [t.view(p.shape) for t, p in zip(tensors, g.params)], workspace=owner._workspace(g)
-                        )
-                    )
-                self._result = out
-                owner._next_noise = owner._draw_noise(self._params, self._key)
-        except BaseException as err:  # re-raised in the caller's thread by result()
-            self._error = err
-
-    def wait(self) -> None:
-        self._thread.join()
-
-    def result(self) -> list[Any]:
-        self.wait()
-        if self._error is not None:
-            raise self._error
-        assert self._result is not None
-        return self._result
 
 
 def _member_of(members: set[str]) -> Callable[[str], bool]:
