@@ -310,7 +310,7 @@ def bma_metrics(model: torch.nn.Module, sigma: float, test: Any, samples: int, s
 
 def run_config(fresh, prior, checkpoint, train, test, spec, seed, size_index) -> dict[str, Any]:
     """Every arm on one (size, seed)."""
-    from priorzoo.finetune import l2sp_prior
+    from priorzoo.learn import isotropic_prior
 
     n = len(train)
     batch = min(spec["batch_size"], n)
@@ -328,7 +328,7 @@ def run_config(fresh, prior, checkpoint, train, test, spec, seed, size_index) ->
 
     avg_var = statistics.fmean(float(v.mean()) for v in prior.variance.values())
     scales = [v / avg_var for v in spec["l2sp_variances"]]
-    l2sp_unit = l2sp_prior(at_checkpoint(), 1.0, exclude=["classifier.*"])
+    l2sp_unit = isotropic_prior(at_checkpoint(), 1.0, exclude=["classifier.*"])
     out: dict[str, Any] = {"n": n, "epochs": epochs, "seed": seed, "arms": {}}
 
     def record(arm: str, model: Any, info: dict, seconds: float) -> None:
