@@ -240,8 +240,9 @@ def _mnist_lowdata(prior: Any, backbone: Mapping[str, Any], settings: Mapping[st
 
 
 def evaluate(prior: Any, backbone: Mapping[str, Any], settings: Mapping[str, Any], *, image_size: int) -> dict:
-    """Run the ``[evaluate]`` recipe of an entry; returns ``results`` rows (see :mod:`priorzoo.format.cards`), the
-    ``recommended_scale`` (the λ chosen on validation) and the validation ``curve``.
+    """Run the ``[evaluate]`` recipe of an entry; returns ``results`` rows (see
+    :mod:`priorzoo.format.card_results`), the ``recommended_scale`` (the λ chosen on validation) and the
+    validation ``curve``.
 
     Example:
         >>> evaluate(prior, {"library": "timm", "name": "test_resnet"},  # doctest: +SKIP

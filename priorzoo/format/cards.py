@@ -18,22 +18,7 @@ from (:func:`scale_provenance`: measured on a named task, or the rule of thumb, 
 learned, every recorded result, and code that runs as written for its backbone's library (timm, transformers
 with a PEFT variant, torchvision; a function for any other PyTorch model).
 
-Results live in ``config.results``, one dict per number::
-
-    {"dataset": "cifar10",             # the dataset's name, or its Hub id with "hub_dataset": True; required
-     "hub_dataset": False,             # True: `dataset` is a Hub dataset id (model-index ``dataset.type``)
-     "dataset_name": "CIFAR-10",       # pretty name (default: ``dataset``)
-     "role": "prior",                  # "prior": fine-tuned with this prior (the default); "baseline": a
-                                       # method without it; "source": the prior's own source-task number
-     "task": "image-classification",   # Hub task id (default: from the backbone's modality)
-     "split": "test", "dataset_config": None,
-     "metric": "accuracy",             # metric id (model-index ``metrics[].type``); required
-     "value": 0.91,                    # a number (non-numbers are shown in the body only)
-     "method": "SGD + learned prior",  # what was run, shown in the table
-     "num_train_examples": 100,        # downstream training-set size N
-     "scale": 1e4,                     # λ used
-     "metric_name": None,              # default: "<metric> (<method>, N=<n>, λ=<scale>)"
-     "notes": "", "source_name": None, "source_url": None}
+Results live in ``config.results`` (schema: :mod:`priorzoo.format.card_results`).
 
 Example:
     >>> from priorzoo.format.config import PriorConfig, ParameterSpec
@@ -45,7 +30,6 @@ Example:
 from __future__ import annotations
 
 import json
-import math
 import re
 import shlex
 from collections.abc import Mapping
@@ -53,10 +37,20 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from priorzoo.format.card_results import (
+    RESULT_ROLES,
+    backbone_modality,
+    eval_results,
+    finite_number,
+    format_number,
+    hub_repo_id,
+    model_index,
+    result_rows,
+)
 from priorzoo.format.config import PriorConfig
 
 if TYPE_CHECKING:
-    from huggingface_hub import EvalResult, ModelCardData
+    from huggingface_hub import ModelCardData
 
 __all__ = [
     "DEFAULT_TEMPLATE",
@@ -77,11 +71,6 @@ DEFAULT_TEMPLATE = "prior_card.md.j2"
 PAPER_URL = "https://arxiv.org/abs/2205.10279"
 """The method's paper ("Pre-Train Your Loss", Shwartz-Ziv et al., NeurIPS 2022); the Hub tags a card that links
 an arXiv paper with ``arxiv:<id>`` and lists the model on the paper's page."""
-
-RESULT_ROLES = ("prior", "baseline", "source")
-"""What a recorded result measures: ``prior`` (fine-tuning with this prior; the only role in the model-index),
-``baseline`` (a method without it, for comparison) or ``source`` (the source task, e.g. the prior mean's
-held-out accuracy: not a transfer result)."""
 
 _KIND_DESCRIPTIONS = {
     "swag": "a SWAG Gaussian (Maddox et al. 2019): the SGD trajectory's mean, a diagonal variance and a "
@@ -121,9 +110,6 @@ _SCALE_KEYS = ("recommended_scale_rule", "recommended_scale_measured")
 # weights and their tag even for a random init)
 _WEIGHT_KEYS = ("default_weights", "tag", "hub_id", "base_model", "weights")
 
-_IMAGE_MODEL_TYPES = frozenset(
-    {"vit", "deit", "beit", "swin", "swinv2", "convnext", "convnextv2", "resnet", "regnet", "dinov2", "efficientnet"}
-)
 _PIP_EXTRAS = {"timm": "timm", "transformers": "transformers,peft", "torchvision": "torchvision"}
 
 _BIBTEX = """@inproceedings{shwartzziv2022pretrain,
@@ -150,22 +136,6 @@ def _template_text(template: str) -> str:
         return path.read_text(encoding="utf-8")
 
 
-def _hub_id(value: Any) -> str | None:
-    """``value`` when it is a valid Hub repo id (not written as a local path: ``./``, ``/``, ``~``), else ``None``.
-
-    The file system is not consulted, so a card renders the same bytes wherever it is rendered.
-    """
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if not isinstance(value, str) or not value or value.startswith((".", "/", "~")):
-        return None
-    try:
-        validate_repo_id(value)
-    except HFValidationError:
-        return None
-    return value
-
-
 def _pretrained(backbone: Mapping[str, Any]) -> bool | None:
     """Whether pre-trained weights were loaded: ``True``/``False`` as recorded, ``None`` when not recorded."""
     value = backbone.get("pretrained")
@@ -187,7 +157,7 @@ def _base_model(backbone: Mapping[str, Any]) -> str | None:
     if pretrained is False:
         return None
     for key in ("hub_id", "base_model"):
-        explicit = _hub_id(backbone.get(key))
+        explicit = hub_repo_id(backbone.get(key))
         if explicit:
             return explicit
     name = backbone.get("name")
@@ -195,54 +165,22 @@ def _base_model(backbone: Mapping[str, Any]) -> str | None:
         return None
     library = backbone.get("library")
     if library == "timm":
-        return _hub_id(f"timm/{name}") if "." in name and "/" not in name else None
+        return hub_repo_id(f"timm/{name}") if "." in name and "/" not in name else None
     if library == "transformers":
-        return _hub_id(name)
+        return hub_repo_id(name)
     return None
 
 
 def _source_datasets(source: Mapping[str, Any]) -> list[str]:
     """The Hub ids of the source data the user marked as Hub datasets (``hub_id``, or ``hub_dataset: true``)."""
-    explicit = _hub_id(source.get("hub_id"))
+    explicit = hub_repo_id(source.get("hub_id"))
     if explicit:
         return [explicit]
     if source.get("hub_dataset") is True and not source.get("local"):
-        marked = _hub_id(source.get("dataset"))
+        marked = hub_repo_id(source.get("dataset"))
         if marked:
             return [marked]
     return []
-
-
-def _default_task(config: PriorConfig) -> str:
-    return "text-classification" if _modality(config) == "text" else "image-classification"
-
-
-def _modality(config: PriorConfig) -> str:
-    """``"image"`` or ``"text"``: what the backbone reads (recorded, else guessed from the backbone)."""
-    for where in (config.source, config.backbone):
-        modality = where.get("modality")
-        if modality in ("image", "text"):
-            return str(modality)
-    bb = config.backbone
-    if bb.get("library") in ("timm", "torchvision") or config.source.get("objective") == "simclr":
-        return "image"
-    arch = str(bb.get("architecture") or "")
-    if "ImageClassification" in arch or str(bb.get("model_type") or "") in _IMAGE_MODEL_TYPES:
-        return "image"
-    if bb.get("library") == "transformers" or config.source.get("objective") == "mlm":
-        return "text"
-    return "image"
-
-
-def _number(value: Any) -> float | int | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return value
-
-
-def _fmt_scale(value: Any) -> str:
-    number = _number(value)
-    return f"{number:g}" if number is not None else str(value)
 
 
 # ------------------------------------------------------------------------------------------- λ
@@ -270,7 +208,7 @@ def scale_provenance(config: PriorConfig) -> dict[str, str] | None:
     value = config.recommended_scale
     if value is None:
         return None
-    shown = _fmt_scale(value)
+    shown = format_number(value)
     measured = config.learning.get("recommended_scale_measured")
     if isinstance(measured, str) and measured.strip():
         return {"value": shown, "origin": "measured", "detail": " ".join(measured.split())}
@@ -278,120 +216,6 @@ def scale_provenance(config: PriorConfig) -> dict[str, str] | None:
     if isinstance(rule, str) and re.search(rf"= {re.escape(shown)}(\s|$)", rule):
         return {"value": shown, "origin": "rule", "detail": " ".join(rule.split())}
     return {"value": shown, "origin": "recorded", "detail": ""}
-
-
-# ------------------------------------------------------------------------------------------- results
-def _role(raw: Mapping[str, Any], i: int) -> str:
-    role = raw.get("role")
-    if role is None:  # results written before roles: the CLI's source-task row named itself so
-        return "source" if raw.get("task_name") == "source task" else "prior"
-    if role not in RESULT_ROLES:
-        raise ValueError(f"`results[{i}].role` must be one of {', '.join(RESULT_ROLES)}; received {role!r}")
-    return str(role)
-
-
-def result_rows(config: PriorConfig) -> list[dict[str, Any]]:
-    """``config.results`` normalised for the card: every key of the module docstring's schema present.
-
-    Raises:
-        TypeError: a result is not a dict.
-        ValueError: a result's ``role`` is not one of :data:`RESULT_ROLES`.
-
-    Example:
-        >>> from priorzoo.format.config import PriorConfig, ParameterSpec
-        >>> cfg = PriorConfig(kind="swag", rank=2, parameters=[ParameterSpec("w", (2,))], backbone={"library": "timm"},
-        ...                   results=[{"dataset": "mnist", "metric": "accuracy", "value": 0.9, "method": "SGD"}])
-        >>> row = result_rows(cfg)[0]
-        >>> row["task"], row["dataset_name"], row["metric_name"], row["role"]
-        ('image-classification', 'mnist', 'accuracy (SGD)', 'prior')
-    """
-    rows = []
-    for i, raw in enumerate(config.results):
-        if not isinstance(raw, Mapping):
-            raise TypeError(f"`results[{i}]` must be an object (dict); received {raw!r:.80}")
-        r = dict(raw)
-        dataset = str(r.get("dataset") or r.get("dataset_type") or "unknown")
-        metric = str(r.get("metric") or r.get("metric_type") or "accuracy")
-        n = r.get("num_train_examples", r.get("n_train"))
-        details = [str(r["method"])] if r.get("method") else []
-        details += [f"N={n}"] if n is not None else []
-        details += [f"λ={_fmt_scale(r['scale'])}"] if r.get("scale") is not None else []
-        rows.append(
-            {
-                "role": _role(r, i),
-                "task": str(r.get("task") or r.get("task_type") or _default_task(config)),
-                "task_name": r.get("task_name"),
-                "dataset": dataset,
-                "hub_dataset": _hub_id(dataset) if r.get("hub_dataset") is True else None,
-                "dataset_name": str(r.get("dataset_name") or dataset),
-                "dataset_config": r.get("dataset_config"),
-                "split": r.get("split") or r.get("dataset_split"),
-                "metric": metric,
-                "metric_name": str(r.get("metric_name") or (f"{metric} ({', '.join(details)})" if details else metric)),
-                "value": r.get("value"),
-                "method": str(r.get("method") or ""),
-                "num_train_examples": n,
-                "scale": r.get("scale"),
-                "scale_desc": _fmt_scale(r["scale"]) if r.get("scale") is not None else "",
-                "notes": str(r.get("notes") or ""),
-                "source_name": r.get("source_name"),
-                "source_url": r.get("source_url"),
-            }
-        )
-    return rows
-
-
-def _eval_results(config: PriorConfig) -> list[EvalResult]:
-    """The prior's own numeric downstream results on marked Hub datasets, as ``huggingface_hub.EvalResult``."""
-    from huggingface_hub import EvalResult
-
-    out = []
-    for row in result_rows(config):
-        value = _number(row["value"])
-        if row["role"] != "prior" or value is None or row["hub_dataset"] is None:
-            continue
-        out.append(
-            EvalResult(
-                task_type=row["task"],
-                task_name=str(row["task_name"]) if row["task_name"] else None,
-                dataset_type=row["hub_dataset"],
-                dataset_name=row["dataset_name"],
-                dataset_config=str(row["dataset_config"]) if row["dataset_config"] else None,
-                dataset_split=str(row["split"]) if row["split"] else None,
-                metric_type=row["metric"],
-                metric_value=value,
-                metric_name=row["metric_name"],
-                source_name=str(row["source_name"]) if row["source_url"] and row["source_name"] else None,
-                source_url=str(row["source_url"]) if row["source_url"] else None,
-            )
-        )
-    return out
-
-
-def model_index(config: PriorConfig, *, name: str) -> list[dict[str, Any]]:
-    """The card's ``model-index``: the prior's own numeric results on Hub datasets (``[]`` when none).
-
-    Built by ``huggingface_hub.ModelCardData`` from ``EvalResult`` objects (grouped by task, dataset, config and
-    split as huggingface_hub groups them). A result enters only with ``role: prior`` (fine-tuned with this
-    prior), a numeric value and ``hub_dataset: true`` (its ``dataset`` is the Hub id the model-index's
-    ``dataset.type`` must be); baselines, source-task numbers and results on local data are shown in the
-    body only.
-
-    Example:
-        >>> from priorzoo.format.config import PriorConfig, ParameterSpec
-        >>> cfg = PriorConfig(kind="swag", rank=2, parameters=[ParameterSpec("w", (2,))], results=[
-        ...     {"dataset": "ylecun/mnist", "hub_dataset": True, "metric": "accuracy", "value": 0.9},
-        ...     {"dataset": "ylecun/mnist", "hub_dataset": True, "metric": "accuracy", "value": 0.8,
-        ...      "role": "baseline", "method": "fine-tuning"}])
-        >>> model_index(cfg, name="org/prior")[0]["results"][0]["metrics"]
-        [{'type': 'accuracy', 'value': 0.9, 'name': 'accuracy'}]
-    """
-    from huggingface_hub import ModelCardData
-
-    evals = _eval_results(config)
-    if not evals:
-        return []
-    return ModelCardData(model_name=name, eval_results=evals).to_dict()["model-index"]
 
 
 # ------------------------------------------------------------------------------------------- metadata
@@ -413,7 +237,7 @@ def card_data(config: PriorConfig, *, repo_id: str | None = None) -> ModelCardDa
     library = config.backbone.get("library")
     if library in ("timm", "transformers", "torchvision"):
         tags.append(str(library))
-    evals = _eval_results(config)
+    evals = eval_results(config)
     return ModelCardData(
         library_name="priorzoo",
         # unknown: no `license: other`, which the Hub requires to name (license_name/link)
@@ -482,7 +306,9 @@ def install_lines(library: str | None = None) -> list[str]:
 def _learning_items(learning: Mapping[str, Any]) -> list[tuple[str, str]]:
     keys = [k for k in _LEARNING_ORDER if k in learning]
     keys += sorted(k for k in learning if k not in _LEARNING_ORDER and k not in _SCALE_KEYS)
-    return [(k, _fmt_scale(learning[k]) if _number(learning[k]) is not None else str(learning[k])) for k in keys]
+    return [
+        (k, format_number(learning[k]) if finite_number(learning[k]) is not None else str(learning[k])) for k in keys
+    ]
 
 
 def _backbone_items(backbone: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -576,9 +402,9 @@ def render_card(
     bb_name = model_ref if library == "timm" else bb.get("name") or bb.get("architecture")
     backbone_desc = " ".join(str(x) for x in (library if bb.get("library") else None, bb_name) if x)
     provenance = scale_provenance(config)
-    modality = _modality(config)
+    modality = backbone_modality(config)
     rows = result_rows(config)
-    image_size = _number(config.learning.get("image_size"))
+    image_size = finite_number(config.learning.get("image_size"))
     return env.from_string(source_text).render(
         front_matter=data.to_yaml().strip(),
         title=f"priorzoo {config.kind.value} prior for {backbone_desc or 'an unnamed backbone'}",
@@ -591,10 +417,10 @@ def render_card(
         rank=config.rank,
         num_tensors=len(config.parameters),
         num_parameters=config.num_parameters,
-        scale=_fmt_scale(config.scale),
-        eps=_fmt_scale(config.eps),
+        scale=format_number(config.scale),
+        eps=format_number(config.eps),
         scale_provenance=provenance,
-        usage_scale=provenance["value"] if provenance else _fmt_scale(config.scale),
+        usage_scale=provenance["value"] if provenance else format_number(config.scale),
         exclude_desc=", ".join(f"`{e}`" for e in config.exclude) or "none",
         format_version=config.format_version,
         priorzoo_version=config.priorzoo_version,

@@ -130,7 +130,7 @@ class PriorConfig:
         recommended_scale: the λ to fine-tune with by default (measured, or a rule of thumb: see ``learning``).
         license: SPDX id or Hub license name for the card.
         results: results for the model card (list of dicts: dataset, metric, value, role, ...; see
-            :mod:`priorzoo.format.cards`).
+            :mod:`priorzoo.format.card_results`).
         buffers: optional non-trainable tensors the prior carries to reproduce the source solution (the
             running statistics of batch-norm layers, ``"<layer>.running_mean"`` etc.), as
             :class:`ParameterSpec`; stored as ``<name>.buffer`` tensors. Not part of the density. Default
