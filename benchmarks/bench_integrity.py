@@ -13,7 +13,8 @@ same three methods: ``save``, ``load``, ``load_lazily``):
 - **kill**: a child process saves two ~200 MB priors A and B into one folder in a loop (A one file, B shards);
   the parent kills it with SIGKILL at a random moment and classifies what the folder then reads as: A, B,
   ``MixedPriorError`` (killed between the tensor renames and the ``config.json`` rename: refused, and the old
-  prior lost), mixed, or another error; then one more save must succeed there.
+  prior lost), mixed, or another error; then one more save must succeed there. The length of that window is
+  timed too (``os.replace`` stamped in process), against the length of a save.
 
 Run:  OMP_NUM_THREADS=1 python benchmarks/bench_integrity.py [--readers 4] [--writers 2] [--saves 50] [--kills 30]
 Writes benchmarks/results/integrity.json and benchmarks/results/integrity.md.
@@ -28,6 +29,7 @@ import os
 import platform
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -245,6 +247,43 @@ def kill_test(kills: int, side: int, max_delay: float, seed: int) -> dict[str, A
     }
 
 
+def rename_window(saves: int, side: int) -> dict[str, Any]:
+    """How long a save's folder holds the new tensors under the old ``config.json``: from its first rename to
+    the start of the ``config.json`` rename, against the whole save (``os.replace`` timed in process)."""
+    real = os.replace
+    stamps: list[tuple[float, str]] = []
+
+    def timed(src: Any, dst: Any, **kwargs: Any) -> None:
+        stamps.append((time.perf_counter(), str(dst)))
+        real(src, dst, **kwargs)
+
+    windows, durations = [], []
+    with tempfile.TemporaryDirectory(prefix="priorzoo-window-") as tmp:
+        target = LocalFolder(os.path.join(tmp, "prior"))
+        priors = [make_prior(1.0, side=side), make_prior(2.0, side=side)]
+        target.save(priors[1], sharded=False)
+        os.replace = timed  # type: ignore[assignment]
+        try:
+            for j in range(saves):
+                stamps.clear()
+                start = time.perf_counter()
+                target.save(priors[j % 2], sharded=j % 2 == 1)
+                durations.append(time.perf_counter() - start)
+                config_at = next(t for t, name in stamps if name == "config.json")
+                windows.append(config_at - stamps[0][0])
+        finally:
+            os.replace = real  # type: ignore[assignment]
+    window, duration = statistics.median(windows), statistics.median(durations)
+    return {
+        "saves": saves,
+        "prior_mb": round(len(NAMES) * 6 * side * side * 4 / 1e6, 1),
+        "window_us_median": round(window * 1e6, 1),
+        "window_us_max": round(max(windows) * 1e6, 1),
+        "save_s_median": round(duration, 3),
+        "kill_in_window_probability": window / duration,
+    }
+
+
 def write_results(result: dict[str, Any], command: str) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "integrity.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -276,6 +315,16 @@ def write_results(result: dict[str, Any], command: str) -> None:
         f"ready. What the folder read as afterwards: {k['outcomes']}. Saves into the folder after each refused "
         f"state and the last kill: {k['failed_repairs']} failed."
     )
+    w = result.get("window")
+    if w:
+        lines += [
+            "",
+            f"The window in which a kill leaves the new tensors under the old `config.json` (first rename of a save to "
+            f"the start of its `config.json` rename), over {w['saves']} saves of the {w['prior_mb']} MB prior: median "
+            f"{w['window_us_median']} µs (max {w['window_us_max']} µs) of a {w['save_s_median']} s save, so a kill at "
+            f"a uniformly random moment of a save lands in it with probability ≈ {w['kill_in_window_probability']:.1e} "
+            "(and then leaves a folder readers refuse with `MixedPriorError`, not a mixture).",
+        ]
     lines += [
         "",
         "Reading: **mixed** counts priors whose λ, means and factors come from different saves — the failure this "
@@ -303,6 +352,7 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=1448, help="kill test: tensors side×side (1448: a 201 MB prior)")
     parser.add_argument("--max-delay", type=float, default=4.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--window-saves", type=int, default=10)
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.role == "reader":
@@ -317,6 +367,7 @@ def main() -> None:
     result = {
         "soak": [soak(args.target, args.readers, args.writers, args.saves)],
         "kill": kill_test(args.kills, args.side, args.max_delay, args.seed),
+        "window": rename_window(args.window_saves, args.side),
     }
     command = "OMP_NUM_THREADS=1 python benchmarks/bench_integrity.py " + " ".join(sys.argv[1:])
     write_results(result, command.strip())
