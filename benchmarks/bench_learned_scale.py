@@ -223,7 +223,7 @@ def train_once(
     scale: Any = None,
 ) -> tuple[torch.nn.Module | None, float, dict | None]:
     """One run on ``ds``: (model, final training objective, learned state) — (None, inf, None) if it diverged."""
-    from priorzoo.finetune import fit_fresh, make_optimizer, seeded_loader
+    from priorzoo.finetune.runners import fit_fresh, make_optimizer, seeded_loader
 
     loader = seeded_loader(ds, min(batch, len(ds)), shuffle=True, seed=seed)
     try:
@@ -245,7 +245,8 @@ def train_once(
 
 
 def _evaluate(model: torch.nn.Module | None, ds: Any) -> dict[str, float]:
-    from priorzoo.finetune import evaluate, seeded_loader
+    from priorzoo.finetune import evaluate
+    from priorzoo.finetune.runners import seeded_loader
 
     if model is None:
         return {"accuracy": float("nan"), "nll": float("inf"), "ece": float("nan"), "diverged": True}
@@ -290,7 +291,8 @@ def noval_arm(make_model, train, spec, seed, epochs, prior=None, scale=None) -> 
 @torch.no_grad()
 def bma_metrics(model: torch.nn.Module, sigma: float, test: Any, samples: int, seed: int) -> dict[str, float]:
     """Average of the predictive over S draws of q = N(w̄, σ²I) over the trained tensors."""
-    from priorzoo.finetune import classification_metrics, seeded_loader
+    from priorzoo.finetune import classification_metrics
+    from priorzoo.finetune.runners import seeded_loader
     from priorzoo.finetune.loop import predict_proba
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -407,7 +409,7 @@ def text_pair() -> tuple[dict, Callable, Any]:
     from priorzoo import PriorModel
     from priorzoo.data.bundled import load_tweets, sample_per_class
     from priorzoo.demo import CachedTextDataset, TopEncoder, encode_texts, load_minilm, split_trunk
-    from priorzoo.finetune import seeded_loader
+    from priorzoo.finetune.runners import seeded_loader
 
     spec = TEXT
     tweets = load_tweets()
@@ -473,7 +475,7 @@ def text_pair() -> tuple[dict, Callable, Any]:
 def vision_pair() -> tuple[dict, Callable, Any]:
     from priorzoo import PriorModel
     from priorzoo.data.bundled import load_mnist_5k, sample_per_class
-    from priorzoo.finetune import seeded_loader
+    from priorzoo.finetune.runners import seeded_loader
 
     spec = VISION
     t = time.perf_counter()

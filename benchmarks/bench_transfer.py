@@ -244,7 +244,7 @@ def text_pair(seeds: list[int], record: Any) -> None:
     from priorzoo import PriorModel
     from priorzoo.data.bundled import load_tweets, sample_per_class
     from priorzoo.demo import CachedTextDataset, TopEncoder, encode_texts, load_minilm, split_trunk
-    from priorzoo.finetune import seeded_loader
+    from priorzoo.finetune.runners import seeded_loader
 
     spec = TEXT
     tweets = load_tweets()

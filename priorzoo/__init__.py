@@ -18,11 +18,13 @@ from priorzoo._version import __version__
 from priorzoo.binding import sharded as _sharded  # noqa: F401 (registers the FSDP2 binding with PriorModel.bind)
 from priorzoo.binding.bound import BoundPrior
 from priorzoo.binding.matching import MatchResult
+from priorzoo.binding.options import BindOptions
 from priorzoo.errors import PriorFormatError, PriorMatchError, PriorNotFoundError
 from priorzoo.format.config import PriorConfig, PriorKind
 from priorzoo.prior import PriorModel
 
 __all__ = [
+    "BindOptions",
     "BoundPrior",
     "MatchResult",
     "PriorConfig",

@@ -43,7 +43,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from priorzoo._deprecation import UNSET, renamed_keyword, warn_deprecated
 from priorzoo.binding.matching import Patterns, compile_patterns, pattern_strings, select_parameters
 from priorzoo.enums import Convention
 from priorzoo.errors import PriorFormatError
@@ -56,28 +55,6 @@ OFFICIAL_SUFFIXES = ("_model.pt", "_mean.pt", "_variance.pt", "_covmat.pt")
 
 _BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 _OFFICIAL_DEFAULTS = {"prior_scale": 1e10, "prior_eps": 0.1, "number_of_samples_prior": 5, "scale_low_rank": True}
-
-
-def _input_and_source(value: Any, source: Any, source_task: Any, where: str, name: str) -> tuple[Any, Any]:
-    """``(input, source-task description)`` of an importer call, accepting the names used before 0.2.
-
-    Before 0.2 the input was the keyword ``source=`` and the source task ``source_task=``; now ``source=`` is the
-    source task everywhere (as in :func:`from_pretrain_your_loss` and ``SWAGCollector.to_prior``).
-    """
-    if value is UNSET:
-        if source is None or (isinstance(source, Mapping) and source_task is UNSET and not _has_tensors(source)):
-            raise TypeError(f"{where}() missing its first argument `{name}`")
-        warn_deprecated(
-            f"`{where}(source=<{name}>)` is deprecated and will be removed in priorzoo 0.3: pass the {name} as "
-            "the first argument; `source=` now describes the source task",
-            stacklevel=3,
-        )
-        value, source = source, None
-    return value, renamed_keyword(source, source_task, new="source", old="source_task", where=where, stacklevel=3)
-
-
-def _has_tensors(mapping: Mapping[str, Any]) -> bool:
-    return any(isinstance(v, Tensor) for v in mapping.values())
 
 
 def _load(path: str | os.PathLike, what: str) -> Any:
@@ -263,7 +240,7 @@ def from_pretrain_your_loss(
 
 # ---------------------------------------------------------------------------------------------- swa_gaussian
 def from_swa_gaussian(
-    checkpoint: str | os.PathLike | Mapping[str, Tensor] = UNSET,
+    checkpoint: str | os.PathLike | Mapping[str, Tensor],
     *,
     prefix: str = "base.",
     exclude: Patterns = None,
@@ -275,7 +252,6 @@ def from_swa_gaussian(
     backbone: Mapping[str, Any] | None = None,
     source: Mapping[str, Any] | None = None,
     license: str | None = None,
-    source_task: Any = UNSET,
 ) -> PriorModel:
     r"""Convert a swa_gaussian ``SWAG(...).state_dict()`` (or a checkpoint ``{"state_dict": ...}``).
 
@@ -295,12 +271,11 @@ def from_swa_gaussian(
         swag_scale, var_clamp, max_num_models: see above.
         scale, eps: λ and ε of the prior.
         backbone, source, license: provenance for the config and card (``source``: the source task, e.g.
-            ``{"dataset": "cifar10", "objective": "supervised"}``; ``source_task``: its deprecated name).
+            ``{"dataset": "cifar10", "objective": "supervised"}``).
 
     Example:
         >>> prior = from_swa_gaussian("swag-300.pt", exclude="linear.*")  # doctest: +SKIP
     """
-    checkpoint, source = _input_and_source(checkpoint, source, source_task, "from_swa_gaussian", "checkpoint")
     state: Any = (
         _load(checkpoint, "swa_gaussian SWAG state dict") if not isinstance(checkpoint, Mapping) else checkpoint
     )
@@ -410,7 +385,7 @@ def _last_layer_names(model: nn.Module) -> list[str]:
 
 
 def from_laplace_torch(
-    posterior: Any = UNSET,
+    posterior: Any,
     model: nn.Module | None = None,
     *,
     include: Patterns = None,
@@ -420,7 +395,6 @@ def from_laplace_torch(
     backbone: Mapping[str, Any] | None = None,
     source: Mapping[str, Any] | None = None,
     license: str | None = None,
-    source_task: Any = UNSET,
 ) -> PriorModel:
     r"""Convert a laplace-torch diagonal Laplace posterior N(θ_MAP, P⁻¹) into a prior (kind ``laplace``).
 
@@ -438,8 +412,7 @@ def from_laplace_torch(
         include, exclude: pick the Laplace's parameters among ``model``'s (default: all trainable ones, or
             the last module with parameters for ``DiagLLLaplace``) — they must cover the vector exactly.
         scale, eps: λ and ε of the prior.
-        backbone, source, license: provenance for the config and card (``source``: the source task;
-            ``source_task``: its deprecated name).
+        backbone, source, license: provenance for the config and card (``source``: the source task).
 
     Raises:
         PriorFormatError: not a diagonal Laplace (full/Kron/low-rank precisions are not diagonal), or the
@@ -450,7 +423,6 @@ def from_laplace_torch(
         >>> la.fit(train_loader)  # doctest: +SKIP
         >>> prior = from_laplace_torch(la, model, exclude="fc.*")  # doctest: +SKIP
     """
-    posterior, source = _input_and_source(posterior, source, source_task, "from_laplace_torch", "posterior")
     if model is None:
         raise TypeError("from_laplace_torch() needs `model`, the network the Laplace was fitted on")
     if isinstance(posterior, (str, os.PathLike)):

@@ -78,7 +78,7 @@ class Metric(Choice):
 
 
 class OptimizerKind(Choice):
-    """The optimisers :func:`priorzoo.finetune.make_optimizer` builds."""
+    """The optimisers :func:`priorzoo.finetune.runners.make_optimizer` builds."""
 
     SGD = "sgd"
     ADAMW = "adamw"

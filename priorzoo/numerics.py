@@ -1,4 +1,4 @@
-"""Precision guards for the prior term: IEEE float32 matrix products and no autocast.
+"""Floating-point guards for the prior term: IEEE float32 matrix products and no autocast.
 
 Training stacks often switch TF32 on globally (``torch.backends.cuda.matmul.fp32_precision = "tf32"``,
 ``allow_tf32``, or transformers' ``tf32=True`` through ``torch.set_float32_matmul_precision``). TF32 rounds

@@ -34,6 +34,7 @@ from torch import Tensor
 from priorzoo.binding.batchnorm import copy_into_model_
 from priorzoo.binding.bound import BoundPrior, check_model, registered_binding
 from priorzoo.binding.matching import MatchResult, Patterns, match_parameters
+from priorzoo.binding.options import BindOptions
 from priorzoo.format.checks import check_named_tensors, check_prior_tensors, check_tensor_inputs
 from priorzoo.format.config import ParameterSpec, PriorConfig, PriorKind
 from priorzoo.format.files import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
@@ -311,6 +312,7 @@ class PriorModel:
     def bind(
         self,
         model: torch.nn.Module,
+        options: BindOptions | None = None,
         *,
         include: Patterns = None,
         exclude: Patterns = None,
@@ -319,6 +321,10 @@ class PriorModel:
         dtype: torch.dtype | None = None,
     ) -> BoundPrior:
         """Match the prior onto ``model`` and precompute everything the penalty needs.
+
+        Which parameters: ``options`` (a :class:`~priorzoo.BindOptions`, validated when it was built) or the
+        keywords ``include``, ``exclude``, ``exclude_head``, ``allow_partial``, ``dtype`` (validated here, into
+        one ``BindOptions``), not both.
 
         Frozen matched parameters (``requires_grad=False``) are held at their values and a PEFT model's
         adapted layers enter through their effective weights W₀ + ΔW: then the binding is a
@@ -340,9 +346,18 @@ class PriorModel:
             >>> bound = p.bind(lin)
             >>> bound.penalty().backward()  # gradient Σ⁻¹(w − μ) lands in lin.weight.grad
         """
+        keywords = BindOptions(
+            include=include, exclude=exclude, exclude_head=exclude_head, allow_partial=allow_partial, dtype=dtype
+        )
+        if options is None:
+            options = keywords
+        elif not isinstance(options, BindOptions):
+            raise TypeError(f"`options` must be a priorzoo.BindOptions or None; received {type(options).__name__}")
+        elif keywords != BindOptions():
+            raise TypeError("PriorModel.bind takes `options` or the keywords include/exclude/..., not both")
         check_model(model, where="PriorModel.bind")  # FSDP1 / DeepSpeed ZeRO-3: refused (priorzoo.binding.sharded)
-        result = self.match(model, include=include, exclude=exclude, exclude_head=exclude_head)
-        result.check(allow_partial=allow_partial)
+        result = options.check_match(self, model)
+        dtype = options.dtype
         params = dict(model.named_parameters())
         special = registered_binding([params[m] for m in result.matched.values() if m in params])
         if special is not None:  # FSDP2: ShardedBoundPrior over the local slices

@@ -26,3 +26,30 @@ def test_quick_starts_run_in_order(hub_server, tmp_path, monkeypatch):
         exec(compile(block, f"README.md python block {i}", "exec"), {"__name__": f"readme_{i}"})
     assert (tmp_path / "my-prior" / "prior.safetensors").is_file()
     assert hub_server.commit_count("me/resnet18-my-data-swag") >= 1
+
+
+def _code_map() -> str:
+    text = README.read_text(encoding="utf-8")
+    return text[text.index("## Where things live") : text.index("## Benchmarks")]
+
+
+def test_the_code_map_lists_every_module_once():
+    root = README.parent
+    table = "\n".join(line for line in _code_map().splitlines() if line.startswith("|"))
+    listed = re.findall(r"`(priorzoo/[\w/]+(?:\.py|/))`", table)
+    folders = [p for p in listed if p.endswith("/")]  # an application folder stands for its modules
+    modules = sorted(
+        str(p.relative_to(root))
+        for p in (root / "priorzoo").rglob("*.py")
+        if p.name != "__init__.py" and not any(str(p.relative_to(root)).startswith(f) for f in folders)
+    )
+    files = [p for p in listed if p.endswith(".py")]
+    assert sorted(set(files)) == sorted(files), "a module is listed twice"
+    assert sorted(files) == modules
+
+
+def test_the_code_map_lists_the_finetune_surface():
+    import priorzoo.finetune as ft
+
+    surface = _code_map().split("whose whole surface is", 1)[1].split("Applications", 1)[0]
+    assert sorted(re.findall(r"`(\w+)`", surface)) == sorted(ft.__all__)

@@ -152,7 +152,8 @@ def _mnist_lowdata(prior: Any, backbone: Mapping[str, Any], settings: Mapping[st
 
     from priorzoo.backbones import load_backbone
     from priorzoo.data.bundled import load_mnist_5k, sample_per_class
-    from priorzoo.finetune import evaluate, fit_fresh, make_optimizer, tune_scale
+    from priorzoo.finetune import evaluate, tune_scale
+    from priorzoo.finetune.runners import fit_fresh, make_optimizer
 
     if backbone.get("library") != "timm":
         raise ValueError(

@@ -8,16 +8,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 __all__: list[str] = []
-
-DATA_FORMATS = ("auto", "disk", "imagefolder", "csv", "json", "parquet", "hub")
-"""The ``--data-format`` choices of :func:`priorzoo.cli.learn.load_local_dataset`."""
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def fail(command: str, err: BaseException) -> int:
@@ -96,18 +90,6 @@ def default_device(device: str | None) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def image_tensor(
-    img: Any, size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
-) -> Any:
-    """A PIL image as a normalised ``[3, size, size]`` float tensor (RGB, resized, ``(x − mean) / std``)."""
-    import numpy as np
-    import torch
-
-    arr = np.asarray(img.convert("RGB").resize((size, size)), dtype=np.float32) / 255.0
-    x = torch.from_numpy(arr).permute(2, 0, 1)
-    return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")

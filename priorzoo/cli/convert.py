@@ -136,17 +136,17 @@ def _convert(args: argparse.Namespace) -> Any:
             source=source,
             license=args.license,
         )
-    from priorzoo.cli.learn import build_backbone
+    from priorzoo.backbones import load_backbone
 
     # the model only supplies parameter names and shapes; a transformers model gets a sequence-classification head
-    model, _, _ = build_backbone(
+    model = load_backbone(
         args.model,
         library=args.library,
         pretrained=args.pretrained,
         num_classes=args.num_classes,
         modality="text",
         load_tokenizer=False,
-    )
+    ).model
     return convert.from_laplace_torch(
         args.path,
         model,

@@ -26,7 +26,7 @@ from typing import Any
 from priorzoo.cli._common import check_at_least, fail, quiet_libraries, reading_line
 from priorzoo.data.user import DATA_FORMATS
 
-__all__ = ["add_backbone_arguments", "build_backbone", "load_local_dataset", "register", "run"]
+__all__ = ["add_backbone_arguments", "register", "run"]
 
 _RUN_SETTINGS = "learn_settings.json"
 """Inside ``--checkpoint-dir``: the settings of the run whose state is stored there."""
@@ -132,39 +132,6 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.set_defaults(func=run)
     return p
-
-
-# ---------------------------------------------------------------------------------------------- data, models
-def load_local_dataset(data: str, *, data_format: str = "auto", split: str = "train") -> Any:
-    """:func:`priorzoo.data.user.load_data` (kept under its old name for scripts that import it)."""
-    from priorzoo.data.user import load_data
-
-    return load_data(data, data_format=data_format, split=split)
-
-
-def build_backbone(
-    name: str,
-    *,
-    library: str = "auto",
-    pretrained: bool = True,
-    objective: str = "supervised",
-    num_classes: int = 0,
-    modality: str = "image",
-    load_tokenizer: bool = True,
-) -> tuple[Any, Any, str]:
-    """``(model, tokenizer_or_None, library)`` of :func:`priorzoo.backbones.load_backbone` (old name)."""
-    from priorzoo.backbones import load_backbone
-
-    b = load_backbone(
-        name,
-        library=library,
-        pretrained=pretrained,
-        objective=objective,
-        num_classes=num_classes,
-        modality=modality,
-        load_tokenizer=load_tokenizer,
-    )
-    return b.model, b.tokenizer, b.library
 
 
 # ---------------------------------------------------------------------------------------------- run

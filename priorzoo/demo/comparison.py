@@ -163,17 +163,10 @@ def compare_methods(
         >>> [r.method for r in rows]
         ['fine-tuning', 'L2-SP', 'learned prior', 'learned prior + BMA']
     """
+    from priorzoo import BindOptions
     from priorzoo.batches import default_forward
-    from priorzoo.finetune import (
-        BindOptions,
-        DownstreamSWAG,
-        PriorRegularizer,
-        evaluate,
-        fit_fresh,
-        fit_swag_posterior,
-        grid_search,
-        make_optimizer,
-    )
+    from priorzoo.finetune import DownstreamSWAG, PriorRegularizer, evaluate
+    from priorzoo.finetune.runners import fit_fresh, fit_swag_posterior, grid_search, make_optimizer
     from priorzoo.learn import isotropic_prior
 
     s = settings

@@ -1,16 +1,21 @@
-r"""Fine-tune with a learned prior: transformers callback and Trainer, plain loops, λ selection, BMA, SGLD.
+r"""Fine-tune with a learned prior: the prior term for any loop, transformers integrations, λ selection, BMA, SGLD.
 
 The objective for N training examples is ``mean CE + ρ·penalty/N`` with penalty = ½(w−μ)ᵀΣ⁻¹(w−μ)
-(Shwartz-Ziv et al., "Pre-Train Your Loss", NeurIPS 2022); every entry point below gives the same update:
+(Shwartz-Ziv et al., "Pre-Train Your Loss", NeurIPS 2022); every entry point below gives the same update, from
+one validated :class:`PriorTerm` (N, ρ, λ and the bind options, checked once where they enter):
 
-- any loop: ``loss = criterion(out, y) + prior.penalty(model) / N``, or :class:`PriorRegularizer`;
+- any loop: ``loss = criterion(out, y) + prior.penalty(model) / N``, or :class:`PriorRegularizer`
+  (:func:`fit`, :func:`train_step`, :func:`evaluate` are a small plain loop around it);
 - transformers: :class:`PriorCallback` (adds the analytic gradient before each optimiser step) or
   :class:`PriorTrainer` / :class:`PriorTrainerMixin` (adds the term inside ``compute_loss``);
-- λ selection: :func:`tune_scale`; Bayesian inference: :class:`DownstreamSWAG`, :func:`bma_predict`,
-  :class:`SGLD`; metrics: :func:`classification_metrics`;
-- running methods (:mod:`priorzoo.finetune.runners`): :func:`make_optimizer`, :func:`seeded_loader`,
-  :func:`fit_fresh`, :func:`grid_search`, :func:`fit_swag_posterior`, :func:`run_sgld`, with the bind options
-  as one :class:`BindOptions`.
+- λ: a number, the prior's own (``recommended_scale``), :func:`tune_scale` (search on validation data,
+  :class:`ScaleSearchResult`) or ``scale="learned"`` (:mod:`priorzoo.finetune.learned_scale`);
+- Bayesian inference downstream: :class:`DownstreamSWAG`, :func:`bma_predict`, :class:`SGLD`,
+  :func:`refresh_batchnorm_`; metrics: :func:`classification_metrics`.
+
+The building blocks of the CLI and the demo's runs (optimiser factory, seeded loaders, grid search, SWAG and SGLD
+phases) are in :mod:`priorzoo.finetune.runners`; the λ grid and the validation split in
+:mod:`priorzoo.finetune.scale`.
 
 ``PriorCallback``, ``PriorTrainer`` and ``PriorTrainerMixin`` import transformers on first access only
 (``pip install "priorzoo[transformers]"``); everything else needs only torch.
@@ -29,24 +34,15 @@ Example:
 from __future__ import annotations
 
 import importlib
-import warnings
 from typing import TYPE_CHECKING, Any
 
 from priorzoo.binding.batchnorm import refresh_batchnorm_
 from priorzoo.finetune.bayes import SGLD, DownstreamSWAG, bma_predict
 from priorzoo.finetune.loop import evaluate, fit, train_step
 from priorzoo.finetune.metrics import classification_metrics
-from priorzoo.finetune.options import BindOptions
 from priorzoo.finetune.regularizer import PriorRegularizer
-from priorzoo.finetune.runners import (
-    fit_fresh,
-    fit_swag_posterior,
-    grid_search,
-    make_optimizer,
-    run_sgld,
-    seeded_loader,
-)
-from priorzoo.finetune.scale import ScaleSearchResult, log_grid, split_train_validation, tune_scale
+from priorzoo.finetune.scale import ScaleSearchResult, tune_scale
+from priorzoo.finetune.term import PriorTerm
 
 if TYPE_CHECKING:
     from priorzoo.finetune.callback import PriorCallback
@@ -54,10 +50,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SGLD",
-    "BindOptions",
     "DownstreamSWAG",
     "PriorCallback",
     "PriorRegularizer",
+    "PriorTerm",
     "PriorTrainer",
     "PriorTrainerMixin",
     "ScaleSearchResult",
@@ -65,15 +61,7 @@ __all__ = [
     "classification_metrics",
     "evaluate",
     "fit",
-    "fit_fresh",
-    "fit_swag_posterior",
-    "grid_search",
-    "log_grid",
-    "make_optimizer",
     "refresh_batchnorm_",
-    "run_sgld",
-    "seeded_loader",
-    "split_train_validation",
     "train_step",
     "tune_scale",
 ]
@@ -84,16 +72,6 @@ _LAZY = {
     "PriorTrainerMixin": "priorzoo.finetune.trainer",
 }
 
-# names this package exported before 0.2; they still work (from their modules) with a DeprecationWarning
-_MOVED = {
-    "PredictiveAverager": "priorzoo.finetune.bayes",
-    "accuracy": "priorzoo.finetune.metrics",
-    "average_predictive": "priorzoo.finetune.bayes",
-    "expected_calibration_error": "priorzoo.finetune.metrics",
-    "nll": "priorzoo.finetune.metrics",
-    "predict_proba": "priorzoo.finetune.loop",
-}
-
 
 def __getattr__(name: str) -> Any:
     """Import the transformers integrations on first access (they need ``priorzoo[transformers]``)."""
@@ -101,14 +79,6 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
-    if name in _MOVED:
-        warnings.warn(
-            f"`priorzoo.finetune.{name}` is deprecated and will be removed in priorzoo 0.3; import it from "
-            f"`{_MOVED[name]}`",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(importlib.import_module(_MOVED[name]), name)
     raise AttributeError(f"module 'priorzoo.finetune' has no attribute {name!r}")
 
 

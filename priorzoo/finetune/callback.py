@@ -58,15 +58,16 @@ except ImportError as _err:  # pragma: no cover - exercised only without the ext
         'priorzoo.finetune.PriorCallback needs transformers: pip install "priorzoo[transformers]"'
     ) from _err
 
-from priorzoo._deprecation import UNSET
 from priorzoo.binding.matching import Patterns
+from priorzoo.binding.options import BindOptions
 from priorzoo.binding.sharded import check_parameters
-from priorzoo.finetune.learned_scale import LEARNED, is_learned
-from priorzoo.finetune.options import BindOptions
-from priorzoo.finetune.regularizer import PriorRegularizer, check_num_train_examples, check_prior_weight, check_scale
+from priorzoo.finetune.learned_scale import LEARNED
+from priorzoo.finetune.regularizer import PriorRegularizer
+from priorzoo.finetune.term import PriorTerm
 from priorzoo.prior import PriorModel
+from priorzoo.validation import check_num_train_examples
 
-__all__ = ["PriorCallback", "check_trainer_setup", "learned_options", "learned_scale_entries"]
+__all__ = ["PriorCallback", "check_trainer_setup", "learned_scale_entries"]
 
 
 def check_trainer_setup(args: Any, *, where: str, gradient_hook: bool) -> None:
@@ -132,6 +133,10 @@ def check_trainer_setup(args: Any, *, where: str, gradient_hook: bool) -> None:
         )
 
 
+_FROM_DATASET: Any = object()
+"""``PriorCallback``'s default ``num_train_examples``: ``len(train_dataset)``, read when training begins."""
+
+
 def shards_late(args: Any) -> bool:
     """Whether the Trainer will shard the model when training starts (FSDP in its arguments or accelerate's
     live state), so that the prior is bound to the shards at ``on_train_begin`` rather than at init."""
@@ -169,19 +174,6 @@ def learned_scale_entries(regularizer: PriorRegularizer | None) -> dict[str, flo
     out = {f"prior_scale_{name}": value for name, value in regularizer.scales.items()}
     out["prior_sigma"] = regularizer.sigma
     return out
-
-
-def learned_options(scale: Any, groups: Any, sigma_init: Any, sigma_lr: Any, seed: Any) -> dict[str, Any]:
-    """The learned-scale keywords of :class:`PriorRegularizer` (validated there, when it is built): empty for a
-    fixed scale; ``scale`` itself is checked here (a number > 0, ``"learned"`` or ``None``)."""
-    if not is_learned(scale):
-        if scale is not None:
-            check_scale(scale)
-        return {}
-    from priorzoo.finetune.learned_scale import check_groups
-
-    check_groups(groups)
-    return {"scale": LEARNED, "groups": groups, "sigma_init": sigma_init, "sigma_lr": sigma_lr, "seed": seed}
 
 
 class _PriorTermLog:
@@ -262,10 +254,10 @@ class PriorCallback(TrainerCallback):
     def __init__(
         self,
         prior: PriorModel,
-        num_train_examples: int = UNSET,
+        num_train_examples: int = _FROM_DATASET,
         prior_weight: float = 1.0,
         *,
-        scale: float | None = None,
+        scale: float | str | None = None,
         include: Patterns = None,
         exclude: Patterns = None,
         exclude_head: bool = True,
@@ -278,21 +270,23 @@ class PriorCallback(TrainerCallback):
         sigma_lr: float = 0.05,
         seed: int = 0,
     ) -> None:
-        if not isinstance(prior, PriorModel):
-            raise TypeError(f"`prior` must be a priorzoo.PriorModel; received {type(prior).__name__}")
-        self.num_train_examples: int | None = (  # None until training begins when not given
-            None if num_train_examples is UNSET else check_num_train_examples(num_train_examples)
+        if num_train_examples is None:  # not given means len(train_dataset); an explicit None is an error
+            check_num_train_examples(num_train_examples)
+        self.term = PriorTerm(
+            num_train_examples=None if num_train_examples is _FROM_DATASET else num_train_examples,
+            prior_weight=prior_weight,
+            scale=scale,
+            bind=BindOptions(
+                include=include, exclude=exclude, exclude_head=exclude_head, allow_partial=allow_partial, dtype=dtype
+            ),
+            overlap=overlap,
+            groups=groups,
+            sigma_init=sigma_init,
+            sigma_lr=sigma_lr,
+            seed=seed,
         )
-        self.prior_weight = check_prior_weight(prior_weight)
-        self._learned = learned_options(scale, groups, sigma_init, sigma_lr, seed)
-        self.prior = prior.resolve_scale(None if self._learned or scale is None else check_scale(scale))
+        self.prior = self.term.resolve(prior)
         self.log_key = str(log_key)
-        if not isinstance(overlap, bool):
-            raise TypeError(f"`overlap` must be True or False; received {overlap!r}")
-        self.overlap = overlap
-        self._bind_options = BindOptions(
-            include=include, exclude=exclude, exclude_head=exclude_head, allow_partial=allow_partial, dtype=dtype
-        )
         self.regularizer: PriorRegularizer | None = None
         self._applied = 0
         self._log = _PriorTermLog()
@@ -300,21 +294,28 @@ class PriorCallback(TrainerCallback):
     @property
     def scale(self) -> float | str:
         """λ, the prior's covariance scale, or ``"learned"``."""
-        return LEARNED if self._learned else self.prior.scale
+        return LEARNED if self.term.learned else self.prior.scale
+
+    @property
+    def num_train_examples(self) -> int | None:
+        """N (``None`` until training begins when it was not given)."""
+        return self.term.num_train_examples
+
+    @property
+    def prior_weight(self) -> float:
+        """ρ."""
+        return self.term.prior_weight
+
+    @property
+    def overlap(self) -> bool:
+        """Whether the term is computed in a background thread, overlapped with the step."""
+        return self.term.overlap
 
     def _regularizer_for(self, model: torch.nn.Module | None) -> PriorRegularizer:
         if model is None:
             raise RuntimeError("PriorCallback received no model from the Trainer")
         if self.regularizer is None or self.regularizer.model is not model:
-            self.regularizer = PriorRegularizer(
-                self.prior,
-                model,
-                num_train_examples=self.num_train_examples,
-                prior_weight=self.prior_weight,
-                overlap=self.overlap,
-                **self._bind_options.as_kwargs(),
-                **self._learned,
-            )
+            self.regularizer = PriorRegularizer.from_term(self.prior, model, self.term)
         return self.regularizer
 
     # ------------------------------------------------------------------ events
@@ -323,7 +324,7 @@ class PriorCallback(TrainerCallback):
         if model is None:
             return
         if shards_late(args) or self.num_train_examples is None:  # FSDP shards at train(); N read then:
-            self._bind_options.check_match(self.prior, model)  # match now, bind when training begins
+            self.term.bind.check_match(self.prior, model)  # match now, bind when training begins
         else:  # bind now, so that a mismatched prior fails when the Trainer is built
             self._regularizer_for(model)
 
@@ -337,7 +338,7 @@ class PriorCallback(TrainerCallback):
                 raise ValueError(
                     "PriorCallback received no train_dataloader from the Trainer: pass num_train_examples=N"
                 )
-            self.num_train_examples = num_train_examples_of(loader.dataset)
+            self.term = self.term.with_num_train_examples(num_train_examples_of(loader.dataset))
         self._regularizer_for(model)  # model_init may have built a new model; FSDP2 sharded it by now
         self._log.reset()
         self._applied = 0

@@ -92,6 +92,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -101,11 +102,11 @@ import torch
 from torch import Tensor
 
 from priorzoo.binding.bound import BoundPrior
+from priorzoo.binding.options import BindOptions
 from priorzoo.binding.sharded import is_sharded, local_slices
 from priorzoo.finetune._grads import add_into_grads_
 from priorzoo.finetune._grads import local as _local
 from priorzoo.finetune._prefetch import Background
-from priorzoo.finetune.options import BindOptions
 from priorzoo.finetune.scale_groups import GROUPINGS, check_groups, group_of
 from priorzoo.gaussian import LowRankGaussian
 from priorzoo.numerics import ieee_fp32_matmul, no_autocast
@@ -212,7 +213,7 @@ class LearnedScale:
         sigma_init: σ at the start (> 0).
         sigma_lr: learning rate of σ's own Adam on ρ = softplus⁻¹(σ) (> 0; relative change of σ per step).
         seed: seeds the noise ε (the same on every process).
-        bind: which parameters the prior covers (:class:`~priorzoo.finetune.BindOptions`).
+        bind: which parameters the prior covers (:class:`~priorzoo.BindOptions`).
         overlap: on a CPU, compute the prior term at w̄ and the next ε in a background thread during the
             forward and backward (same results; plain, unsharded bindings only).
 
@@ -288,12 +289,10 @@ class LearnedScale:
         for pname in match.matched:  # grouped by the prior's names: the same whatever wraps the model (DDP, ...)
             by_group.setdefault(group_of(pname, self.groups_spec), set()).add(pname)
         covered: set[int] = set()
-        kwargs = opts.as_kwargs()
         for name, members in by_group.items():
-            if len(by_group) > 1:
-                kwargs = {**opts.as_kwargs(), "include": _member_of(members), "allow_partial": True}
+            group = dataclasses.replace(opts, include=_member_of(members), allow_partial=True)
             try:
-                bound = self._shape_prior.bind(self.model, **kwargs)
+                bound = self._shape_prior.bind(self.model, group if len(by_group) > 1 else opts)
             except ValueError as err:  # a group of frozen blocks only: nothing of it is trained
                 if "at least one trained block" in str(err):
                     continue

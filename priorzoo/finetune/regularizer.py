@@ -8,8 +8,8 @@ The objective (Shwartz-Ziv et al., "Pre-Train Your Loss", NeurIPS 2022, eq. 2) f
          + \frac{\rho}{N}\cdot\tfrac12 (w-\mu)^\top \Sigma^{-1} (w-\mu),
     \qquad \Sigma = \lambda\,(\operatorname{diag}(v) + F^\top F) + \varepsilon I,
 
-whose prior part adds ρ·Σ⁻¹(w − μ)/N to the data gradient. The regulariser validates N, ρ and λ once
-(:func:`check_num_train_examples`, :func:`check_prior_weight`, :func:`check_scale`), binds the prior
+whose prior part adds ρ·Σ⁻¹(w − μ)/N to the data gradient. The regulariser validates N, ρ, λ and the bind options
+once, into a :class:`~priorzoo.finetune.PriorTerm` (or takes one: :meth:`PriorRegularizer.from_term`), binds the prior
 (:class:`~priorzoo.BoundPrior`) and gives the term as a differentiable loss (``reg()``) or adds its analytic
 gradient straight into ``.grad`` (:meth:`PriorRegularizer.add_to_grad_`). The plain-loop helpers
 (:func:`~priorzoo.finetune.loop.fit`, :func:`~priorzoo.finetune.loop.train_step`) live in
@@ -35,16 +35,16 @@ from torch import Tensor
 
 from priorzoo.binding.bound import BoundPrior
 from priorzoo.binding.matching import Patterns
+from priorzoo.binding.options import BindOptions
 from priorzoo.binding.sharded import ShardedBoundPrior
 from priorzoo.finetune._grads import add_into_grads_
 from priorzoo.finetune._prefetch import PrecomputedPenalty, Prefetched
-from priorzoo.finetune.learned_scale import LearnedScale, is_learned
-from priorzoo.finetune.options import BindOptions
+from priorzoo.finetune.learned_scale import LearnedScale
+from priorzoo.finetune.term import PriorTerm
 from priorzoo.gaussian import Workspace
 from priorzoo.prior import PriorModel
-from priorzoo.validation import check_num_train_examples, check_prior_weight, check_scale
 
-__all__ = ["PriorRegularizer", "check_num_train_examples", "check_prior_weight", "check_scale"]
+__all__ = ["PriorRegularizer"]
 
 
 # ---------------------------------------------------------------------- validation
@@ -135,45 +135,70 @@ class PriorRegularizer:
         sigma_lr: float = 0.05,
         seed: int = 0,
     ) -> None:
-        if not isinstance(prior, PriorModel):
-            raise TypeError(f"`prior` must be a priorzoo.PriorModel; received {type(prior).__name__}")
-        if not isinstance(overlap, bool):
-            raise TypeError(f"`overlap` must be True or False; received {overlap!r}")
+        term = PriorTerm(
+            num_train_examples=num_train_examples,
+            prior_weight=prior_weight,
+            scale=scale,
+            bind=BindOptions(
+                include=include, exclude=exclude, exclude_head=exclude_head, allow_partial=allow_partial, dtype=dtype
+            ),
+            overlap=overlap,
+            groups=groups,
+            sigma_init=sigma_init,
+            sigma_lr=sigma_lr,
+            seed=seed,
+        )
+        if term.num_train_examples is None:
+            raise ValueError("`num_train_examples` (N, the number of training examples) is required")
+        self._setup(prior, model, term)
+
+    @classmethod
+    def from_term(cls, prior: PriorModel, model: torch.nn.Module, term: PriorTerm) -> PriorRegularizer:
+        """The regulariser of an already validated :class:`~priorzoo.finetune.PriorTerm` (what ``PriorCallback`` and
+        ``PriorTrainer`` build once from their keywords); its N must be known.
+
+        Example:
+            >>> import torch
+            >>> from priorzoo import PriorModel
+            >>> from priorzoo.finetune import PriorTerm
+            >>> prior = PriorModel.from_tensors({"weight": torch.zeros(1, 2)}, variance=1.0)
+            >>> PriorRegularizer.from_term(prior, torch.nn.Linear(2, 1, bias=False), PriorTerm(4)).coefficient
+            0.25
+        """
+        if not isinstance(term, PriorTerm):
+            raise TypeError(f"`term` must be a priorzoo.finetune.PriorTerm; received {type(term).__name__}")
+        if term.num_train_examples is None:
+            raise ValueError("the term's `num_train_examples` (N) is not known yet: give it before binding")
+        out = cls.__new__(cls)
+        out._setup(prior, model, term)
+        return out
+
+    def _setup(self, prior: PriorModel, model: torch.nn.Module, term: PriorTerm) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module; received {type(model).__name__}")
-        self.num_train_examples = check_num_train_examples(num_train_examples)
-        self.prior_weight = check_prior_weight(prior_weight)
-        learned = is_learned(scale)
-        if learned and self.prior_weight != 1.0:
-            raise ValueError(
-                f"`prior_weight` must be 1 with scale='learned' (the data-emphasized ELBO weights the KL by 1/D); "
-                f"received {prior_weight!r}"
-            )
-        prior = prior.resolve_scale(None if learned or scale is None else check_scale(scale))
+        prior = term.resolve(prior)
         _check_prior_device(prior)
+        self.term = term
+        self.num_train_examples: int = term.num_train_examples  # type: ignore[assignment]
+        self.prior_weight = term.prior_weight
         self.prior = prior
         self.model = model
-        self._bind_options = BindOptions(
-            include=include, exclude=exclude, exclude_head=exclude_head, allow_partial=allow_partial, dtype=dtype
-        )
+        self._bind_options = term.bind
         self.learned: LearnedScale | None = None
-        if learned:
+        if term.learned:
             self._check_model()
             self.learned = LearnedScale(
                 prior,
                 model,
                 num_train_examples=self.num_train_examples,
-                groups=groups,
-                sigma_init=sigma_init,
-                sigma_lr=sigma_lr,
-                seed=seed,
                 bind=self._bind_options,
-                overlap=overlap,
+                overlap=term.overlap,
+                **term.learned_options(),
             )
             self._bound = self.learned.groups[0].bound
         else:
             self._bound = self._bind()
-        self.overlap = overlap
+        self.overlap = term.overlap
         self._pending: Prefetched | None = None
         self._warned_stale = False
         self._workspace: Workspace | None = None
@@ -188,7 +213,7 @@ class PriorRegularizer:
 
     def _bind(self) -> BoundPrior:
         self._check_model()
-        return self.prior.bind(self.model, **self._bind_options.as_kwargs())
+        return self.prior.bind(self.model, self._bind_options)
 
     # ------------------------------------------------------------------ state
     @property

@@ -32,10 +32,10 @@ from typing import Any
 
 import torch
 
+from priorzoo.binding.options import BindOptions
 from priorzoo.enums import Metric, OptimizerKind
 from priorzoo.finetune.bayes import SGLD, DownstreamSWAG, PredictiveAverager
 from priorzoo.finetune.loop import FitResult, fit
-from priorzoo.finetune.options import BindOptions
 from priorzoo.finetune.regularizer import PriorRegularizer
 from priorzoo.prior import PriorModel
 from priorzoo.validation import check_num_train_examples, check_positive_int
@@ -48,6 +48,7 @@ __all__ = [
     "fit_swag_posterior",
     "grid_search",
     "make_optimizer",
+    "ranking_key",
     "run_sgld",
     "seeded_loader",
 ]
@@ -121,7 +122,7 @@ def fit_fresh(
         prior: the prior at the λ of this run; ``None`` trains without a prior term.
         num_train_examples: N (required with a prior).
         prior_weight: ρ.
-        bind: which parameters the prior covers (:class:`~priorzoo.finetune.BindOptions`).
+        bind: which parameters the prior covers (:class:`~priorzoo.BindOptions`).
         seed: seeds the global RNG before the model is built.
         scale: λ for the prior (default: the prior's own), or ``"learned"`` (data-emphasized ELBO, no
             validation data needed; see :mod:`priorzoo.finetune.learned_scale`); ``learned_options``:
@@ -195,6 +196,23 @@ class GridSearchResult:
     model: torch.nn.Module | None = None
 
 
+def ranking_key(metrics: Mapping[str, float], metric: str | Metric, tie: float) -> tuple[float, float]:
+    """The one rule that orders the runs of a search (λ, learning rate, σ²), smallest key first: the validation
+    ``metric`` signed so that smaller is better, then ``tie`` (the grid value: ties go to the smaller value, for λ
+    the stronger prior); a missing or non-finite metric ranks last.
+
+    Example:
+        >>> ranking_key({"nll": 0.5}, "nll", 10.0) < ranking_key({"nll": 0.5}, "nll", 100.0)
+        True
+        >>> ranking_key({"accuracy": 0.9}, "accuracy", 1.0) < ranking_key({"accuracy": 0.8}, "accuracy", 1.0)
+        True
+    """
+    m = Metric.check(metric)
+    score = float(metrics.get(str(m), math.nan))
+    key = (-score if m.higher_is_better else score, float(tie))
+    return key if all(math.isfinite(k) for k in key) else (math.inf, math.inf)
+
+
 def grid_search(
     values: Sequence[float],
     run: Callable[[float], tuple[torch.nn.Module, FitResult]],
@@ -209,10 +227,10 @@ def grid_search(
     """Run ``run(value)`` for every value and select the best validation ``metric``.
 
     A run that raises ``FloatingPointError`` (it diverged) is recorded as such and never selected. The
-    selection key is (the metric, signed so that smaller is better; ``tie_break(point)``, default the value
-    itself, so ties go to the smaller value); a non-finite key ranks last; among equal keys the first point
-    wins. With ``keep_model`` the selected run's model is returned (the others are dropped as the search
-    goes: at most two models live at once).
+    selection key is :func:`ranking_key` (the metric, signed so that smaller is better; then ``tie_break(point)``,
+    default the value itself, so ties go to the smaller value); among equal keys the first point wins. With
+    ``keep_model`` the selected run's model is returned (the others are dropped as the search goes: at most two
+    models live at once).
 
     Args:
         values: the grid.
@@ -236,7 +254,7 @@ def grid_search(
         >>> grid_search([1.0, 2.0, 4.0], run).best.value
         2.0
     """
-    higher = Metric.check(metric).higher_is_better
+    Metric.check(metric)
     values = list(values)
     if not values:
         raise ValueError(f"the {what} grid is empty")
@@ -266,10 +284,7 @@ def grid_search(
         points.append(point)
         if on_point is not None:
             on_point(point)
-        score = point.metrics.get(str(Metric.check(metric)), math.nan)
-        key = (-score if higher else score, tie(point))
-        if not all(math.isfinite(k) for k in key):
-            key = (math.inf, math.inf)
+        key = ranking_key(point.metrics, metric, tie(point))
         if best is None or key < best[0]:
             best = (key, point, model if keep_model else None)
         del model

@@ -25,9 +25,9 @@ import torch
 
 from priorzoo.batches import ForwardFn, default_forward
 from priorzoo.binding.matching import Patterns
+from priorzoo.binding.options import BindOptions
 from priorzoo.enums import Metric, OptimizerKind
-from priorzoo.finetune.options import BindOptions
-from priorzoo.finetune.runners import GridPoint, fit_fresh, grid_search
+from priorzoo.finetune.runners import GridPoint, fit_fresh, grid_search, ranking_key
 from priorzoo.finetune.runners import make_optimizer as _make_optimizer
 from priorzoo.prior import PriorModel
 from priorzoo.validation import check_num_train_examples, check_positive_int, check_scale
@@ -123,6 +123,18 @@ class ScaleSearchResult:
             "curve": [asdict(p) for p in self.curve],
             "settings": dict(self.settings),
         }
+
+    def ranked(self) -> list[ScalePoint]:
+        """The points that ran to the end with the selection metric, best first (:func:`~priorzoo.finetune.runners.
+        ranking_key`: the rule that chose :attr:`best_scale`).
+
+        Example:
+            >>> pts = [ScalePoint(s, {"nll": v}, 1, 1, False, 0.0) for s, v in [(1.0, 0.7), (10.0, 0.5), (1e2, 0.5)]]
+            >>> [p.scale for p in ScaleSearchResult(best_scale=10.0, metric="nll", curve=pts).ranked()]
+            [10.0, 100.0, 1.0]
+        """
+        points = [p for p in self.curve if not p.diverged and self.metric in p.metrics]
+        return sorted(points, key=lambda p: ranking_key(p.metrics, self.metric, p.scale))
 
     def table(self) -> str:
         """A plain-text table of the curve (λ, validation metrics, steps), best row marked with ``*``."""

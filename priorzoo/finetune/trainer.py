@@ -45,21 +45,20 @@ except ImportError as _err:  # pragma: no cover - exercised only without the ext
         'priorzoo.finetune.PriorTrainer needs transformers: pip install "priorzoo[transformers]"'
     ) from _err
 
-from priorzoo._deprecation import UNSET, renamed_keyword
 from priorzoo.binding.matching import Patterns
+from priorzoo.binding.options import BindOptions
 from priorzoo.binding.sharded import check_parameters
 from priorzoo.finetune.callback import (
     PriorCallback,
     _PriorTermLog,
     _unscale_if_needed,
     check_trainer_setup,
-    learned_options,
     learned_scale_entries,
     num_train_examples_of,
     shards_late,
 )
-from priorzoo.finetune.options import BindOptions
-from priorzoo.finetune.regularizer import PriorRegularizer, check_num_train_examples, check_prior_weight, check_scale
+from priorzoo.finetune.regularizer import PriorRegularizer
+from priorzoo.finetune.term import PriorTerm
 from priorzoo.prior import PriorModel
 
 __all__ = ["PriorTrainer", "PriorTrainerMixin"]
@@ -75,7 +74,7 @@ class PriorTrainerMixin:
         prior: the :class:`~priorzoo.PriorModel`.
         num_train_examples: N > 0; default ``len(train_dataset)``.
         prior_weight: ρ > 0 (default 1).
-        scale: if given, λ > 0 replaces the prior's covariance scale (``prior_scale``: its deprecated name);
+        scale: if given, λ > 0 replaces the prior's covariance scale;
             default: :meth:`PriorModel.resolve_scale` (the ``recommended_scale`` of a learned prior).
             ``"learned"``: learn λ_g per group on the training data (data-emphasized ELBO,
             :mod:`priorzoo.finetune.learned_scale`). The data term then runs at the sample w̄ + σε and the KL
@@ -113,31 +112,40 @@ class PriorTrainerMixin:
         prior: PriorModel,
         num_train_examples: int | None = None,
         prior_weight: float = 1.0,
-        scale: float | None = None,
+        scale: float | str | None = None,
         prior_include: Patterns = None,
         prior_exclude: Patterns = None,
         prior_exclude_head: bool = True,
         prior_allow_partial: bool = False,
         prior_dtype: torch.dtype | None = None,
         prior_overlap: bool = True,
-        prior_scale: Any = UNSET,
         prior_groups: Any = "default",
         prior_sigma_init: float = 1e-3,
         prior_sigma_lr: float = 0.05,
         prior_seed: int = 0,
         **kwargs: Any,
     ) -> None:
-        scale = renamed_keyword(scale, prior_scale, new="scale", old="prior_scale", where=type(self).__name__)
-        if not isinstance(prior, PriorModel):
-            raise TypeError(f"`prior` must be a priorzoo.PriorModel; received {type(prior).__name__}")
-        # validate before the (slow) Trainer construction
-        if num_train_examples is not None:
-            num_train_examples = check_num_train_examples(num_train_examples)
-        prior_weight = check_prior_weight(prior_weight)
+        # validate before the (slow) Trainer construction; errors name the keywords as this class spells them
         if not isinstance(prior_overlap, bool):
             raise TypeError(f"`prior_overlap` must be True or False; received {prior_overlap!r}")
-        self._prior_learned = learned_options(scale, prior_groups, prior_sigma_init, prior_sigma_lr, prior_seed)
-        prior = prior.resolve_scale(None if self._prior_learned or scale is None else check_scale(scale))
+        term = PriorTerm(
+            num_train_examples=num_train_examples,  # None: len(train_dataset), read below
+            prior_weight=prior_weight,
+            scale=scale,
+            bind=BindOptions(
+                include=prior_include,
+                exclude=prior_exclude,
+                exclude_head=prior_exclude_head,
+                allow_partial=prior_allow_partial,
+                dtype=prior_dtype,
+            ),
+            overlap=prior_overlap,
+            groups=prior_groups,
+            sigma_init=prior_sigma_init,
+            sigma_lr=prior_sigma_lr,
+            seed=prior_seed,
+        )
+        prior = term.resolve(prior)
         super().__init__(*args, **kwargs)
         trainer: Any = self
         check_trainer_setup(trainer.args, where=type(self).__name__, gradient_hook=False)
@@ -146,23 +154,16 @@ class PriorTrainerMixin:
                 f"{type(self).__name__} already adds the prior term; remove the PriorCallback from `callbacks` "
                 "(with both, the prior would enter twice)"
             )
-        if num_train_examples is None:
-            num_train_examples = num_train_examples_of(trainer.train_dataset)
+        if term.num_train_examples is None:
+            term = term.with_num_train_examples(num_train_examples_of(trainer.train_dataset))
         self.prior = prior
-        self.prior_weight = prior_weight
-        self.num_train_examples = num_train_examples
-        self._prior_bind_options = BindOptions(
-            include=prior_include,
-            exclude=prior_exclude,
-            exclude_head=prior_exclude_head,
-            allow_partial=prior_allow_partial,
-            dtype=prior_dtype,
-        )
-        self._prior_overlap = prior_overlap
+        self.prior_term = term
+        self.prior_weight = term.prior_weight
+        self.num_train_examples = term.num_train_examples
         self.prior_regularizer: PriorRegularizer | None = None
         if trainer.model is not None:
             if shards_late(trainer.args):  # FSDP shards at train(): match now, bind the shards then
-                self._prior_bind_options.check_match(prior, trainer.model)
+                term.bind.check_match(prior, trainer.model)
             else:
                 self._prior_regularizer_for(trainer.model)
         self._prior_log = _PriorTermLog()
@@ -171,15 +172,7 @@ class PriorTrainerMixin:
 
     def _prior_regularizer_for(self, model: torch.nn.Module) -> PriorRegularizer:
         if self.prior_regularizer is None or self.prior_regularizer.model is not model:
-            self.prior_regularizer = PriorRegularizer(
-                self.prior,
-                model,
-                num_train_examples=self.num_train_examples,
-                prior_weight=self.prior_weight,
-                overlap=self._prior_overlap,
-                **self._prior_bind_options.as_kwargs(),
-                **self._prior_learned,
-            )
+            self.prior_regularizer = PriorRegularizer.from_term(self.prior, model, self.prior_term)
         return self.prior_regularizer
 
     def _prior_loss_multiplier(self, num_items_in_batch: Any) -> int:
@@ -205,7 +198,7 @@ class PriorTrainerMixin:
         """The Trainer's loss, plus ρ·penalty/N (times G, see the module docstring) on the last micro-batch."""
         trainer: Any = self
         training = model.training and torch.is_grad_enabled()
-        if self._prior_learned:  # the KL's gradient enters at on_pre_optimizer_step (_PriorStepCheck)
+        if self.prior_term.learned:  # the KL's gradient enters at on_pre_optimizer_step (_PriorStepCheck)
             return super().compute_loss(  # type: ignore[misc]
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
@@ -249,12 +242,12 @@ class _PriorStepCheck(TrainerCallback):
         self.trainer._prior_log.reset()  # a second train() must not average in the first run's terms
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if self.trainer._prior_learned:  # the sample w̄ + σε for this step's forward and backward passes
+        if self.trainer.prior_term.learned:  # the sample w̄ + σε for this step's forward and backward passes
             trainer: Any = self.trainer
             self.trainer._prior_regularizer_for(trainer.model).perturb_()
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        if not self.trainer._prior_learned:
+        if not self.trainer.prior_term.learned:
             return
         trainer: Any = self.trainer
         _unscale_if_needed(optimizer)

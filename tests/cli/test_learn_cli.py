@@ -212,7 +212,7 @@ def test_learn_transformers_mlm_on_a_csv(tiny_bert, tmp_path) -> None:
 def test_load_local_dataset_formats(tmp_path) -> None:
     import datasets
 
-    from priorzoo.cli.learn import load_local_dataset
+    from priorzoo.data.user import load_data as load_local_dataset
 
     ds = datasets.Dataset.from_dict({"text": ["a", "b", "c"], "label": [0, 1, 0]})
     ds.to_parquet(str(tmp_path / "d.parquet"))

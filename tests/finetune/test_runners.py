@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from priorzoo import PriorModel
-from priorzoo.finetune import (
-    BindOptions,
+from priorzoo import BindOptions, PriorModel
+from priorzoo.finetune.loop import FitResult
+from priorzoo.finetune.runners import (
     fit_fresh,
     fit_swag_posterior,
     grid_search,
@@ -18,7 +18,6 @@ from priorzoo.finetune import (
     run_sgld,
     seeded_loader,
 )
-from priorzoo.finetune.loop import FitResult
 
 
 def _data(n: int = 32, seed: int = 0):

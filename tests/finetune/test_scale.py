@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from priorzoo import PriorModel
-from priorzoo.finetune import ScaleSearchResult, log_grid, split_train_validation, tune_scale
+from priorzoo.finetune import ScaleSearchResult, tune_scale
+from priorzoo.finetune.scale import log_grid, split_train_validation
 
 
 def _teacher_problem(n_train: int = 12, n_val: int = 400, d: int = 30):

@@ -1,11 +1,12 @@
-"""Which parameters a prior binds to, as one object: :class:`BindOptions`.
+"""Which parameters a prior binds to, as one validated object: :class:`BindOptions`.
 
 The options of :meth:`priorzoo.PriorModel.bind` (``include``, ``exclude``, ``exclude_head``, ``allow_partial``,
-``dtype``) travel together through the fine-tuning layer (:func:`~priorzoo.finetune.tune_scale`,
-:func:`~priorzoo.finetune.fit_fresh`, the demo's comparison) instead of being forwarded one keyword at a time.
+``dtype``) are checked once, where they enter (``PriorModel.bind``'s keywords, ``PriorRegularizer``,
+``PriorCallback``, ``PriorTrainer``, :class:`~priorzoo.finetune.PriorTerm`), and travel as this one object down to
+``PriorModel.bind(model, options)`` instead of being forwarded one keyword at a time.
 
 Example:
-    >>> from priorzoo.finetune import BindOptions
+    >>> from priorzoo import BindOptions
     >>> BindOptions(exclude=["classifier.*"]).as_kwargs()["exclude"]
     ['classifier.*']
 """
@@ -37,7 +38,7 @@ class BindOptions:
         >>> from priorzoo import PriorModel
         >>> lin = torch.nn.Linear(2, 2)
         >>> prior = PriorModel.from_tensors({"weight": torch.zeros(2, 2)}, variance=1.0)
-        >>> len(prior.bind(lin, **BindOptions(allow_partial=True).as_kwargs()).parameters)
+        >>> len(prior.bind(lin, BindOptions(allow_partial=True)).parameters)
         1
     """
 
@@ -77,7 +78,11 @@ class BindOptions:
             >>> sorted(BindOptions().match_kwargs())
             ['exclude', 'exclude_head', 'include']
         """
-        return {"include": self.include, "exclude": self.exclude, "exclude_head": self.exclude_head}
+        return {
+            "include": self.include,
+            "exclude": self.exclude,
+            "exclude_head": self.exclude_head,
+        }
 
     def check_match(self, prior: Any, model: Any) -> Any:
         """Match ``prior`` onto ``model`` with these options and check the result (``allow_partial``), without
