@@ -12,6 +12,9 @@ with ``huggingface_hub.ModelCardData`` and ``EvalResult`` (:func:`card_data`):
   ``source.hub_dataset: true`` when ``source.dataset`` is itself the Hub id): a local name is no Hub page;
 - ``model-index`` only for the prior's *own* downstream results (``role: prior``, the default) on a marked Hub
   dataset: baselines (``role: baseline``) and source-task numbers (``role: source``) stay in the body.
+- ``priorzoo``: the backbone as recorded (``library``, ``architecture``, and ``name`` unless it is a local
+  folder's), which the Hub's list API returns with the card, so ``priorzoo list --backbone`` finds a prior by
+  architecture even when it claims no ``base_model`` (see :mod:`priorzoo.hub_list`).
 
 The body says what the prior is (with a link to the paper, arXiv 2205.10279), where its recommended λ comes
 from (:func:`scale_provenance`: measured on a named task, or the rule of thumb, or not said), how it was
@@ -247,7 +250,19 @@ def card_data(config: PriorConfig, *, repo_id: str | None = None) -> ModelCardDa
         datasets=_source_datasets(config.source) or None,
         model_name=(repo_id or f"priorzoo-{config.kind.value}-prior") if evals else None,
         eval_results=evals or None,
+        priorzoo=_backbone_record(config.backbone) or None,
     )
+
+
+def _backbone_record(backbone: Mapping[str, Any]) -> dict[str, str]:
+    """The card's ``priorzoo`` mapping: what the backbone is (library, architecture, name), for the Hub's list
+    API; a local folder's name is left out (it names nothing a reader can fetch), and so is a timm pretrained
+    tag of weights that were not loaded."""
+    keys = ("library", "architecture") if backbone.get("local") else ("library", "architecture", "name")
+    out = {k: str(backbone[k]) for k in keys if isinstance(backbone.get(k), str) and backbone[k]}
+    if "name" in out and backbone.get("library") == "timm" and _pretrained(backbone) is not True:
+        out["name"] = out["name"].split(".", 1)[0]  # a pretrained tag names weights that were not loaded
+    return out
 
 
 def card_metadata(config: PriorConfig, *, repo_id: str | None = None) -> dict[str, Any]:

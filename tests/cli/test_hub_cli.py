@@ -230,6 +230,8 @@ def test_list_by_backbone(
     assert main(["list", "--backbone", "convnext", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [(r["id"], r["architecture"]) for r in rows] == [("zoo/hand-swag", ["ConvNeXt"])]
+    assert main(["list", "--backbone", "tinynet", "--json"]) == 0  # the architecture a generated card records
+    assert [r["id"] for r in json.loads(capsys.readouterr().out)] == ["zoo/tiny-swag"]
     assert main(["list", "--backbone", "vit_base_patch16_224"]) == 0
     out = capsys.readouterr().out
     assert "no priors found" in out and "backbone 'vit_base_patch16_224'" in out
