@@ -142,7 +142,7 @@ def save_model(model: Any, tokenizer: Any, library: str, folder: Path, result: d
     (folder / RESULT_NAME).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
 
 
-LR_GRIDS = {"sgd": (1e-3, 3e-3, 1e-2), "adamw": (1e-5, 3e-5, 1e-4)}
+LR_GRIDS = {"sgd": (1e-3, 1e-2, 1e-1), "adamw": (1e-5, 1e-4, 1e-3)}
 """``--lr auto``: the learning rates tried per optimiser (see benchmarks/bench_cli_defaults.py)."""
 
 

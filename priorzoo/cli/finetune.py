@@ -199,7 +199,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "--lr-grid",
         type=_grid,
         default=None,
-        help="learning rates tried by --lr auto (default: sgd 1e-3,3e-3,1e-2; adamw 1e-5,3e-5,1e-4)",
+        help="learning rates tried by --lr auto (default: sgd 1e-3,1e-2,1e-1; adamw 1e-5,1e-4,1e-3)",
     )
     t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     t.add_argument("--weight-decay", type=float, default=0.0, help="decoupled decay toward 0, on top of the prior")

@@ -154,8 +154,9 @@ def test_init_from_prior_is_the_default_and_can_be_turned_off(bert_folder, bert_
         assert setup.init == init
         w = setup.model.bert.encoder.layer[0].attention.self.query.weight.detach()
         assert torch.equal(w, mu) is (init == "prior_mean")
-        # λ = 1 raised for SGD stability: lr·ρ/(N·λ·v_min) = 0.01 / (8 · 1 · 1e-3) = 1.25 > 1 → λ = 10
-        assert prior.scale == 1.0 and setup.scale == 10.0
+        # λ = 1 raised for SGD stability at the largest rate of --lr auto: lr·ρ/(N·λ·v_min) = 0.1 / (8 · 1 · 1e-3)
+        # = 12.5 > 1 → λ = 100
+        assert prior.scale == 1.0 and setup.scale == 100.0
 
 
 def test_integer_labels_are_names_and_splits_share_their_ids(bert_folder, tmp_path):
