@@ -25,7 +25,8 @@ over a window, not the gap between two bytes: a byte every 5 s on a 2 KB ``confi
 progress report and starts no new request; a request it is blocked in ends with huggingface_hub's own
 timeouts (or, for a dripping server, when the server closes).
 
-- ``PRIORZOO_HUB_STALL_WINDOW`` :math:`W` (default 30 s);
+- ``PRIORZOO_HUB_STALL_WINDOW`` :math:`W` (default 30 s), never shorter than the user's ``HF_HUB_ETAG_TIMEOUT``
+  and ``HF_HUB_DOWNLOAD_TIMEOUT``: a wait that huggingface_hub allows for one read is never cut short;
 - ``PRIORZOO_HUB_MIN_RATE`` :math:`r_{\min}` in bytes per second (default 51200: 50 KiB/s);
 - ``PRIORZOO_HUB_DEADLINE`` (default none): an overall limit on one priorzoo Hub operation.
 
@@ -38,6 +39,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -176,6 +178,14 @@ def _progress_bar_class(progress: Progress) -> type:
     return _Watched
 
 
+def _no_shorter_than_hf_timeouts(limits: HubLimits) -> HubLimits:
+    """``limits`` with a window at least the user's ``HF_HUB_ETAG_TIMEOUT`` / ``HF_HUB_DOWNLOAD_TIMEOUT``."""
+    from huggingface_hub import constants
+
+    longest = max(float(constants.HF_HUB_ETAG_TIMEOUT), float(constants.HF_HUB_DOWNLOAD_TIMEOUT))
+    return limits if limits.window >= longest else dataclasses.replace(limits, window=longest)
+
+
 def run_bounded(fn: Callable[[Progress], T], limits: HubLimits | None = None, *, what: str, poll: float = 0.25) -> T:
     """Run ``fn(progress)`` in a worker thread and return its result, giving up by the rule of the module.
 
@@ -186,7 +196,7 @@ def run_bounded(fn: Callable[[Progress], T], limits: HubLimits | None = None, *,
         HubTimeoutError: the worker stalled (its average rate over more than the window fell below the
             floor) or the deadline passed; the message names the step, the limits, and how to change them.
     """
-    limits = limits or limits_from_env()
+    limits = _no_shorter_than_hf_timeouts(limits or limits_from_env())
     progress = Progress()
     box: dict[str, Any] = {}
 

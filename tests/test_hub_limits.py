@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -146,11 +147,20 @@ class RawServer:
             c.close()
 
 
+def short_limits(monkeypatch: pytest.MonkeyPatch, user_timeout: int = 1) -> None:
+    """A 1 s stall window, and the user's HF timeouts at ``user_timeout`` s (the window is never shorter)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("PRIORZOO_HUB_STALL_WINDOW", "1")
+    for name in ("HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT"):  # as read from the user's environment
+        monkeypatch.setattr(constants, name, user_timeout)
+
+
 @pytest.fixture(params=[None, 0.2], ids=["never-answers", "drips"])
 def raw_hub(request, tmp_path_factory, monkeypatch) -> Iterator[RawServer]:
     server = RawServer(request.param)
     patch_hf_env(monkeypatch, server.url, tmp_path_factory.mktemp("hf_home"))
-    monkeypatch.setenv("PRIORZOO_HUB_STALL_WINDOW", "1")
+    short_limits(monkeypatch)
     yield server
     server.close()
 
@@ -174,10 +184,27 @@ def test_a_file_dripping_one_byte_at_a_time_is_given_up(hub_server: HubServer, m
     monkeypatch.setenv("HF_TOKEN", hub_server.token)
     upload_prior(small().save_pretrained(tmp_path / "p"), "org/p")
     hub_server.drip = 0.2  # config.json alone would take minutes
-    monkeypatch.setenv("PRIORZOO_HUB_STALL_WINDOW", "1")
+    short_limits(monkeypatch)
     monkeypatch.setenv("PRIORZOO_HUB_MIN_RATE", "1000")
     with pytest.raises(PriorNotFoundError, match=r"stalled while downloading .* under 1000 bytes/s over the last"):
         download_prior("org/p")
+
+
+@pytest.mark.parametrize("user_timeout", [1, 5])
+def test_the_window_is_never_shorter_than_the_users_hf_timeouts(
+    hub_server: HubServer, monkeypatch, tmp_path, user_timeout: int
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", hub_server.token)
+    upload_prior(small().save_pretrained(tmp_path / "p"), "org/p")
+    # the repo's revision info comes after 2.5 s; huggingface_hub sends that request without a timeout
+    slow = "/api/models/org/p/revision/"
+    hub_server.on_request = lambda method, path: time.sleep(2.5) if path.startswith(slow) else None
+    short_limits(monkeypatch, user_timeout)
+    if user_timeout == 1:
+        with pytest.raises(PriorNotFoundError, match="stall window 1 s"):
+            download_prior("org/p")
+    else:  # the user allows 5 s per read: a 2.5 s wait is theirs to allow, the 1 s window does not cut it
+        assert (download_prior("org/p") / "config.json").is_file()
 
 
 def test_a_hanging_hub_falls_back_to_the_cache(hub_server: HubServer, monkeypatch, tmp_path) -> None:
@@ -187,7 +214,7 @@ def test_a_hanging_hub_falls_back_to_the_cache(hub_server: HubServer, monkeypatc
     silent = RawServer(None)
     try:
         patch_hf_env(monkeypatch, silent.url, cached.parents[3])  # same HF_HOME, a Hub that hangs
-        monkeypatch.setenv("PRIORZOO_HUB_STALL_WINDOW", "1")
+        short_limits(monkeypatch)
         assert download_prior("org/p") == cached
         assert PriorModel.from_pretrained("org/p").scale == 2.0
     finally:
