@@ -270,3 +270,31 @@ def test_close_joins_threads_and_frees_the_port() -> None:
     assert not any(t.name == "hub-server" for t in threading.enumerate())
     with socket.socket() as sock, pytest.raises(ConnectionRefusedError):
         sock.connect(("127.0.0.1", port))
+
+
+def test_a_server_side_push_between_a_clients_requests(api: HfApi, hub_server: HubServer, repo: str) -> None:
+    first = api.model_info(repo).sha
+    seen: list[tuple[str, str]] = []
+
+    def hook(method: str, path: str) -> None:
+        seen.append((method, path))
+        if method == "GET" and "/resolve/" in path and len(seen) == 2:
+            hub_server.push(repo, {"config.json": b'{"rank": 3}'}, delete=("sub/prior.safetensors",))
+
+    hub_server.on_request = hook
+    # hf_hub_download alone: HEAD `main` names the first commit, the push lands, GET `main` serves the second's file
+    path = Path(hf_hub_download(repo, "config.json"))
+    assert seen == [("HEAD", f"/{repo}/resolve/main/config.json"), ("GET", f"/{repo}/resolve/main/config.json")]
+    assert path.parent.name == first and path.read_bytes() == b'{"rank": 3}'
+    second = api.model_info(repo).sha
+    assert second != first and hub_server.files(repo) == {
+        ".gitattributes": hub_server.files(repo, first)[".gitattributes"],
+        "README.md": CARD.encode(),
+        "config.json": b'{"rank": 3}',
+    }
+    assert hub_server.files(repo, first)["config.json"] == b'{"rank": 2}'  # a commit is immutable
+
+
+def test_dripping_bodies(api: HfApi, hub_server: HubServer, repo: str) -> None:
+    hub_server.drip = 0.01
+    assert Path(hf_hub_download(repo, "config.json")).read_bytes() == b'{"rank": 2}'  # slowly, but whole
