@@ -83,15 +83,6 @@ def check_at_least(args: argparse.Namespace, minimums: Iterable[tuple[str, int]]
             raise ValueError(f"`--{flag.replace('_', '-')}` must be ≥ {least}; received {getattr(args, flag)}")
 
 
-def default_device(device: str | None) -> str:
-    """``--device`` as given, else ``cuda`` when available, else ``cpu``."""
-    if device:
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 

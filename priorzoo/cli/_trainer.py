@@ -331,8 +331,8 @@ def train_run(
     trainer.model_accepts_loss_kwargs = False
     trainer.remove_callback(PrinterCallback)  # the epoch lines above replace the Trainer's raw log dicts
     resume = get_last_checkpoint(str(folder)) if args.resume and folder.is_dir() else None
-    if resume is not None:
-        log(f"{label}resuming from {resume}")
+    if resume is not None and is_main_process():
+        print(f"{label}resuming from {resume}", flush=True)  # under --quiet too: it says what the run is
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     epoch_log.finish()

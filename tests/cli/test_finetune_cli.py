@@ -492,3 +492,17 @@ def test_trainable_layers_keep_the_frozen_batch_norm_statistics_through_a_traine
         k for k in start if k.endswith("running_mean")
     ][-1:]
     assert any(not torch.equal(saved[k], start[k]) for k in trained)  # the trained block's statistics moved
+
+
+def test_resume_continues_from_the_last_checkpoint(bert_folder, tmp_path, capsys):
+    train = _text_csv(tmp_path / "train.csv", 8, 0)
+    common = (str(bert_folder), "--no-prior", "--data", str(train), "--lr", "0.05", "--keep-checkpoints")
+    first = _finetune(tmp_path / "run", *common, "--epochs", "2")
+    assert [e["step"] for e in first["training"]["map"]["history"]] == [2, 4]
+    assert (tmp_path / "run" / "checkpoints" / "map" / "checkpoint-4").is_dir()  # kept by --keep-checkpoints
+    capsys.readouterr()
+    code = main(_args(*common, "--epochs", "3", "--resume", "--allow-failure", "--output-dir", str(tmp_path / "run")))
+    assert code == 0
+    assert "resuming from " in capsys.readouterr().out  # (--quiet keeps it: it says what the run is)
+    second = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [e["step"] for e in second["training"]["map"]["history"]] == [6]  # only the third epoch was trained
