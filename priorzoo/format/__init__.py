@@ -2,6 +2,8 @@
 
 Owns the config schema (:mod:`~priorzoo.format.config`), the folder's file layout and format constants
 (:mod:`~priorzoo.format.files`), save and load of the safetensors files (:mod:`~priorzoo.format.serialization`),
+the commit of a save into a folder (:mod:`~priorzoo.format.commit`: lock, temporary names, ``config.json`` last),
+safetensors files read and written through one open file (:mod:`~priorzoo.format.tensorfile`),
 the checks a loaded prior's tensors pass (:mod:`~priorzoo.format.checks`), the model card
 (:mod:`~priorzoo.format.cards`) and how published provenance names local files
 (:mod:`~priorzoo.format.provenance`: by name and sha256, never by path).
