@@ -292,8 +292,8 @@ def noval_arm(make_model, train, spec, seed, epochs, prior=None, scale=None) -> 
 def bma_metrics(model: torch.nn.Module, sigma: float, test: Any, samples: int, seed: int) -> dict[str, float]:
     """Average of the predictive over S draws of q = N(w̄, σ²I) over the trained tensors."""
     from priorzoo.finetune import classification_metrics
-    from priorzoo.finetune.runners import seeded_loader
     from priorzoo.finetune.loop import predict_proba
+    from priorzoo.finetune.runners import seeded_loader
 
     params = [p for p in model.parameters() if p.requires_grad]
     mean = [p.detach().clone() for p in params]

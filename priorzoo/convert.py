@@ -114,7 +114,7 @@ def from_pretrain_your_loss(
     *,
     num_factors: int | None = 5,
     convention: str = "official",
-    scale: float = 1.0,
+    scale: float | None = None,
     eps: float = 0.0,
     backbone: Mapping[str, Any] | None = None,
     source: Mapping[str, Any] | None = None,
@@ -247,7 +247,7 @@ def from_swa_gaussian(
     swag_scale: float = 0.5,
     var_clamp: float = 1e-30,
     max_num_models: int | None = None,
-    scale: float = 1.0,
+    scale: float | None = None,
     eps: float = 0.0,
     backbone: Mapping[str, Any] | None = None,
     source: Mapping[str, Any] | None = None,
@@ -269,7 +269,7 @@ def from_swa_gaussian(
         prefix: prefix of the wrapped model in the keys (``"base."`` in swa_gaussian), stripped from names.
         exclude: parameters to leave out of the prior (exact marginal), e.g. the head ``"fc.*"``.
         swag_scale, var_clamp, max_num_models: see above.
-        scale, eps: λ and ε of the prior.
+        scale, eps: λ (default: not chosen, see :meth:`~priorzoo.PriorModel.resolve_scale`) and ε of the prior.
         backbone, source, license: provenance for the config and card (``source``: the source task, e.g.
             ``{"dataset": "cifar10", "objective": "supervised"}``).
 
@@ -390,7 +390,7 @@ def from_laplace_torch(
     *,
     include: Patterns = None,
     exclude: Patterns = None,
-    scale: float = 1.0,
+    scale: float | None = None,
     eps: float = 0.0,
     backbone: Mapping[str, Any] | None = None,
     source: Mapping[str, Any] | None = None,
@@ -411,7 +411,7 @@ def from_laplace_torch(
         model: the network the Laplace was fitted on (gives the names and shapes of the flat vectors).
         include, exclude: pick the Laplace's parameters among ``model``'s (default: all trainable ones, or
             the last module with parameters for ``DiagLLLaplace``) — they must cover the vector exactly.
-        scale, eps: λ and ε of the prior.
+        scale, eps: λ (default: not chosen, see :meth:`~priorzoo.PriorModel.resolve_scale`) and ε of the prior.
         backbone, source, license: provenance for the config and card (``source``: the source task).
 
     Raises:

@@ -86,7 +86,6 @@ class PriorModel:
         self.cov_factor = dict(cov_factor) if cov_factor is not None and config.rank > 0 else None
         self.buffers: dict[str, Tensor] = dict(buffers or {})
         self._bindings: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._scale_chosen = False  # set by with_scale(): resolve_scale() then keeps λ as it is
         if validate:
             self._validate()
 
@@ -98,7 +97,7 @@ class PriorModel:
         variance: Mapping[str, Tensor] | float,
         cov_factor: Mapping[str, Tensor] | None = None,
         *,
-        scale: float = 1.0,
+        scale: float | None = None,
         eps: float = 0.0,
         kind: PriorKind | str | None = None,
         backbone: Mapping[str, Any] | None = None,
@@ -117,7 +116,8 @@ class PriorModel:
             mean: ``name -> μ`` (the order is the prior's parameter order).
             variance: ``name -> v ≥ 0`` of the same shapes, or one float σ² (isotropic prior).
             cov_factor: ``name -> [K, *shape]`` rows of F, or ``None``.
-            scale, eps: λ > 0 and ε ≥ 0 of ``Σ = λ(diag(v) + FᵀF) + εI``.
+            scale, eps: λ > 0 and ε ≥ 0 of ``Σ = λ(diag(v) + FᵀF) + εI`` (``scale=None``: λ not chosen, see
+                :meth:`resolve_scale`; the density uses 1).
             kind: defaults to ``swag`` with a factor, ``isotropic`` for a float variance, else ``diagonal``.
             backbone, source, learning, exclude, recommended_scale, license, results: see
                 :class:`~priorzoo.format.config.PriorConfig`.
@@ -175,8 +175,8 @@ class PriorModel:
 
     @property
     def scale(self) -> float:
-        """λ, the covariance scale."""
-        return self.config.scale
+        """λ, the covariance scale (1 when it was not chosen: ``config.scale is None``)."""
+        return self.config.scale if self.config.scale is not None else 1.0
 
     @property
     def eps(self) -> float:
@@ -216,14 +216,13 @@ class PriorModel:
         if scale is None:
             scale = self.config.recommended_scale if self.config.recommended_scale is not None else self.scale
         cfg = dataclasses.replace(self.config, scale=scale, eps=self.eps if eps is None else eps)
-        out = PriorModel(cfg, self.mean, self.variance, self.cov_factor, buffers=self.buffers, validate=False)
-        out._scale_chosen = True
-        return out
+        return PriorModel(cfg, self.mean, self.variance, self.cov_factor, buffers=self.buffers, validate=False)
 
     def resolve_scale(self, scale: float | None = None) -> PriorModel:
         """The prior fine-tuning should use: λ = ``scale`` when given; otherwise this prior as it is if its
-        λ was chosen (``with_scale(...)``, or a non-default λ in the file) or it has no
-        ``recommended_scale``; else the prior at its ``recommended_scale``.
+        λ was chosen (``config.scale`` is set: ``with_scale(...)``, ``scale=`` when it was built, or a ``scale``
+        in its ``config.json``, 1 included) or it has no ``recommended_scale``; else the prior at its
+        ``recommended_scale``. ``None`` means not chosen; no value of λ does.
 
         This is the default of ``PriorRegularizer``/``PriorCallback``/``PriorTrainer`` (``scale=None``): a
         freshly learned prior fine-tunes at the λ its learner recommends, not at λ = 1, whose precision is
@@ -234,11 +233,13 @@ class PriorModel:
             >>> p = PriorModel.from_tensors({"w": torch.zeros(2)}, variance=1.0, recommended_scale=1e4)
             >>> p.resolve_scale().scale, p.resolve_scale(5.0).scale, p.with_scale(1.0).resolve_scale().scale
             (10000.0, 5.0, 1.0)
+            >>> chosen = PriorModel.from_tensors({"w": torch.zeros(2)}, 1.0, scale=1.0, recommended_scale=1e4)
+            >>> chosen.resolve_scale().scale  # λ = 1 chosen is kept: only `None` means not chosen
+            1.0
         """
         if scale is not None:
             return self.with_scale(scale)
-        chosen = self._scale_chosen or self.scale != 1.0
-        if chosen or self.config.recommended_scale is None:
+        if self.config.scale is not None or self.config.recommended_scale is None:
             return self
         return self.with_scale(self.config.recommended_scale)
 

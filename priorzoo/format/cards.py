@@ -417,6 +417,7 @@ def render_card(
     bb_name = model_ref if library == "timm" else bb.get("name") or bb.get("architecture")
     backbone_desc = " ".join(str(x) for x in (library if bb.get("library") else None, bb_name) if x)
     provenance = scale_provenance(config)
+    lam = config.scale if config.scale is not None else 1.0  # not chosen: the density uses 1
     modality = backbone_modality(config)
     rows = result_rows(config)
     image_size = finite_number(config.learning.get("image_size"))
@@ -432,10 +433,10 @@ def render_card(
         rank=config.rank,
         num_tensors=len(config.parameters),
         num_parameters=config.num_parameters,
-        scale=format_number(config.scale),
+        scale=format_number(lam),
         eps=format_number(config.eps),
         scale_provenance=provenance,
-        usage_scale=provenance["value"] if provenance else format_number(config.scale),
+        usage_scale=provenance["value"] if provenance else format_number(lam),
         exclude_desc=", ".join(f"`{e}`" for e in config.exclude) or "none",
         format_version=config.format_version,
         priorzoo_version=config.priorzoo_version,

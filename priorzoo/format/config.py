@@ -111,7 +111,9 @@ class PriorConfig:
         kind: one of :class:`PriorKind` (``swag``, ``diagonal``, ``isotropic``, ``laplace``).
         rank: K, the number of rows of the low-rank covariance factor (0 for diagonal priors).
         parameters: ordered :class:`ParameterSpec` list; the density is over their concatenation.
-        scale: λ, multiplies the learned covariance (``Σ = λ(diag(v) + FᵀF) + eps·I``). Must be > 0.
+        scale: λ, multiplies the learned covariance (``Σ = λ(diag(v) + FᵀF) + eps·I``); > 0, or ``None``: not
+            chosen (absent from ``config.json``): the density uses λ = 1 and fine-tuning the ``recommended_scale``
+            (:meth:`priorzoo.PriorModel.resolve_scale`).
         eps: isotropic jitter added to Σ after scaling; ≥ 0.
         backbone: provenance of the weights: ``library`` (``timm``/``transformers``/``torchvision``/``torch``),
             ``name`` (model name or Hub id), ``revision``, ``architecture``, ``pretrained`` (whether pre-trained
@@ -150,7 +152,7 @@ class PriorConfig:
     kind: PriorKind | str
     rank: int
     parameters: list[ParameterSpec]
-    scale: float = 1.0
+    scale: float | None = None
     eps: float = 0.0
     backbone: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
@@ -187,10 +189,12 @@ class PriorConfig:
             )
         for key in ("scale", "eps"):
             value = getattr(self, key)
+            if value is None and key == "scale":
+                continue  # λ not chosen: the density uses 1, fine-tuning the recommended_scale
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise PriorFormatError(f"`{key}` must be a finite number; received {value!r}")
             setattr(self, key, float(value))
-        if self.scale <= 0:
+        if self.scale is not None and self.scale <= 0:
             raise PriorFormatError(f"`scale` (λ) must be > 0; received {self.scale!r}")
         if self.eps < 0:
             raise PriorFormatError(f"`eps` must be ≥ 0; received {self.eps!r}")
@@ -283,6 +287,8 @@ class PriorConfig:
                 value = self.kind.value
             elif f.name == "save_id" and value is None:
                 continue  # written only by a save
+            elif f.name == "scale" and value is None:
+                continue  # λ not chosen: absent from the file (a reader's default λ is 1)
             elif f.name in ("parameters", "buffers"):
                 if f.name == "buffers" and not value:
                     continue  # written only when present: a prior without buffers reads in older releases

@@ -70,7 +70,7 @@ def isotropic_prior(
     exclude: Patterns = None,
     exclude_head: bool = True,
     head: Patterns = None,
-    scale: float = 1.0,
+    scale: float | None = None,
     backbone: Mapping[str, Any] | None = None,
     source: Mapping[str, Any] | None = None,
     license: str | None = None,
@@ -89,7 +89,7 @@ def isotropic_prior(
         exclude_head: drop the task head (``head``, else :func:`priorzoo.binding.matching.head_parameter_names`;
             a warning names an output layer the selection would still include).
         head: the head's parameters explicitly (glob pattern(s) or a predicate; ``[]``: none).
-        scale: λ.
+        scale: λ (default: not chosen, see :meth:`~priorzoo.PriorModel.resolve_scale`).
         backbone, source, license: provenance for ``config.json`` and the card (backbone detected by
             default).
 
@@ -231,7 +231,7 @@ def fisher_prior(
     head: Patterns = None,
     per_example: bool = True,
     max_batches: int | None = None,
-    scale: float = 1.0,
+    scale: float | None = None,
     backbone: Mapping[str, Any] | None = None,
     source: Mapping[str, Any] | None = None,
     license: str | None = None,
@@ -245,7 +245,7 @@ def fisher_prior(
         prior_precision: δ > 0, the precision added to N·F̂ (the source training's weight decay × N, or
             any floor); weights the data never moved get variance 1/δ.
         per_example, max_batches: see :func:`empirical_fisher`.
-        scale: λ of the prior.
+        scale: λ of the prior (default: not chosen, see :meth:`~priorzoo.PriorModel.resolve_scale`).
 
     Example:
         >>> import torch

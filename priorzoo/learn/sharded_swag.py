@@ -204,7 +204,7 @@ class ShardedSWAGCollector(SWAGCollector):
         card: bool = True,
         rank: int | None = None,
         min_var: float | None = None,
-        scale: float = 1.0,
+        scale: float | None = None,
         eps: float = 0.0,
         backbone: Mapping[str, Any] | None = None,
         source: Mapping[str, Any] | None = None,

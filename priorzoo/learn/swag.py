@@ -404,7 +404,7 @@ class SWAGCollector:
         *,
         rank: int | None = None,
         min_var: float | None = None,
-        scale: float = 1.0,
+        scale: float | None = None,
         eps: float = 0.0,
         backbone: Mapping[str, Any] | None = None,
         source: Mapping[str, Any] | None = None,
@@ -427,6 +427,8 @@ class SWAGCollector:
                 K = 0; 1 is invalid: one deviation has no K−1 normaliser). Default: all stored.
             min_var: override the collector's variance floor.
             scale, eps: λ and ε of the prior (``Σ = λ(diag(v) + FᵀF) + εI``); the paper tunes λ downstream.
+                Default: λ not chosen, so fine-tuning uses the ``recommended_scale``
+                (:meth:`~priorzoo.PriorModel.resolve_scale`).
             backbone: provenance (default: detected from the model: timm / transformers / torch).
             source: the source task, e.g. ``{"dataset": "cifar10", "objective": "simclr"}``.
             learning: extra notes on how it was learned (merged over the collector's own record).

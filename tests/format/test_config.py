@@ -90,3 +90,17 @@ def test_one_string_is_one_pattern_when_a_learner_records_exclude():
                 p.add_(torch.randn_like(p) * 0.1)
         collector.collect()
     assert collector.to_prior(exclude="1.*").config.exclude == ["1.*"]
+
+
+def test_a_chosen_scale_of_one_is_kept_and_only_none_means_not_chosen(tmp_path):
+    recommended = {"variance": 1.0, "recommended_scale": 1e4}
+    unchosen = PriorModel.from_tensors({"w": torch.zeros(2)}, **recommended)
+    assert unchosen.config.scale is None and unchosen.scale == 1.0  # the density uses λ = 1
+    assert "scale" not in unchosen.config.to_dict()  # absent from config.json
+    assert unchosen.resolve_scale().scale == 1e4  # fine-tuning takes the recommended λ
+    chosen = PriorModel.from_tensors({"w": torch.zeros(2)}, scale=1.0, **recommended)
+    assert chosen.resolve_scale().scale == 1.0  # λ = 1 chosen is a choice, not "no choice"
+    reloaded = PriorModel.from_pretrained(unchosen.with_scale(1.0).save_pretrained(tmp_path / "chosen"))
+    assert reloaded.config.scale == 1.0 and reloaded.resolve_scale().scale == 1.0
+    fresh = PriorModel.from_pretrained(unchosen.save_pretrained(tmp_path / "fresh"))
+    assert fresh.config.scale is None and fresh.resolve_scale().scale == 1e4
