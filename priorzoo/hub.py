@@ -72,7 +72,7 @@ from priorzoo.format.files import (
     prior_files,
     read_shard_index,
 )
-from priorzoo.hub_limits import HubLimits, HubTimeoutError, Progress, run_bounded
+from priorzoo.hub_limits import HubLimits, HubTimeoutError, Progress, limits_from_env, run_bounded
 
 __all__ = ["LIBRARY_NAME", "download_prior", "fetch_prior", "hub_api", "refuse_offline", "upload_prior"]
 
@@ -389,6 +389,7 @@ def fetch_prior(
             f"('org/name'). {err}"
         ) from None
     offline = _offline(local_files_only)
+    limits = limits or limits_from_env()  # a malformed PRIORZOO_HUB_* value is an error online and offline
     kwargs: dict[str, Any] = dict(token=token, cache_dir=cache_dir, limits=limits)
     folder, commit = _download(name, sub, revision=revision, offline=offline, force=force_download, **kwargs)
     try:

@@ -478,7 +478,11 @@ class _Handler(BaseHTTPRequestHandler):
             pass
         elif self.hub.drip is not None and "/resolve/" in self.path:
             for i in range(len(body)):
-                if self.hub._closing.wait(self.hub.drip):
+                delay = self.hub.drip
+                if delay is None:  # dripping was switched off: the rest at once
+                    self.wfile.write(body[i:])
+                    break
+                if self.hub._closing.wait(delay):
                     break
                 self.wfile.write(body[i : i + 1])
                 self.wfile.flush()

@@ -147,6 +147,14 @@ class RawServer:
             c.close()
 
 
+def join_abandoned(timeout: float = 30.0) -> None:
+    """Wait for the workers priorzoo gave up on (they end at their next progress report, or when their request
+    fails), so that none of them touches huggingface_hub's shared client during a later test."""
+    for thread in threading.enumerate():
+        if thread.name.startswith("priorzoo-hub:"):
+            thread.join(timeout)
+
+
 def short_limits(monkeypatch: pytest.MonkeyPatch, user_timeout: int = 1) -> None:
     """A 1 s stall window, and the user's HF timeouts at ``user_timeout`` s (the window is never shorter)."""
     from huggingface_hub import constants
@@ -163,6 +171,7 @@ def raw_hub(request, tmp_path_factory, monkeypatch) -> Iterator[RawServer]:
     short_limits(monkeypatch)
     yield server
     server.close()
+    join_abandoned()
 
 
 def one_line_error(capsys: pytest.CaptureFixture[str], command: str) -> str:
@@ -188,6 +197,8 @@ def test_a_file_dripping_one_byte_at_a_time_is_given_up(hub_server: HubServer, m
     monkeypatch.setenv("PRIORZOO_HUB_MIN_RATE", "1000")
     with pytest.raises(PriorNotFoundError, match=r"stalled while downloading .* under 1000 bytes/s over the last"):
         download_prior("org/p")
+    hub_server.drip = None
+    join_abandoned()
 
 
 @pytest.mark.parametrize("user_timeout", [1, 5])
@@ -203,6 +214,7 @@ def test_the_window_is_never_shorter_than_the_users_hf_timeouts(
     if user_timeout == 1:
         with pytest.raises(PriorNotFoundError, match="stall window 1 s"):
             download_prior("org/p")
+        join_abandoned()
     else:  # the user allows 5 s per read: a 2.5 s wait is theirs to allow, the 1 s window does not cut it
         assert (download_prior("org/p") / "config.json").is_file()
 
@@ -219,9 +231,10 @@ def test_a_hanging_hub_falls_back_to_the_cache(hub_server: HubServer, monkeypatc
         assert PriorModel.from_pretrained("org/p").scale == 2.0
     finally:
         silent.close()
+        join_abandoned()
 
 
-def test_hub_limits_are_validated(monkeypatch) -> None:
+def test_hub_limits_are_validated(hub_server: HubServer, monkeypatch) -> None:
     monkeypatch.setenv("PRIORZOO_HUB_MIN_RATE", "soon")
     with pytest.raises(ValueError, match=r"`PRIORZOO_HUB_MIN_RATE` must be a number > 0; received 'soon'"):
         download_prior("org/p")
