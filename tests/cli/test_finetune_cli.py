@@ -192,16 +192,8 @@ def test_integer_labels_are_names_and_splits_share_their_ids(bert_folder, tmp_pa
 
 def test_timm_image_folder_l2sp_bma(tmp_path):
     timm = pytest.importorskip("timm")
-    from PIL import Image
 
-    g = torch.Generator().manual_seed(0)
-    for split, n in (("train", 4), ("test", 2)):
-        for cls, base in (("cat", 40), ("dog", 200)):
-            d = tmp_path / split / cls
-            d.mkdir(parents=True)
-            for i in range(n):
-                arr = (base + 30 * torch.rand(16, 16, 3, generator=g)).clamp(0, 255).to(torch.uint8).numpy()
-                Image.fromarray(arr).save(d / f"{i}.png")
+    _image_folders(tmp_path)
     out = tmp_path / "run"
     metrics = _finetune(
         out,
@@ -382,16 +374,7 @@ def test_tune_scale_returns_the_model_it_scored(bert_folder, bert_prior_folder, 
 @pytest.mark.slow
 def test_torchvision_resnet18_learn_then_finetune_end_to_end(tmp_path, capsys):
     pytest.importorskip("torchvision")
-    from PIL import Image
-
-    g = torch.Generator().manual_seed(0)
-    for split, n in (("train", 6), ("test", 2)):
-        for cls, base in (("cat", 40), ("dog", 200)):
-            d = tmp_path / split / cls
-            d.mkdir(parents=True)
-            for i in range(n):
-                arr = (base + 30 * torch.rand(32, 32, 3, generator=g)).clamp(0, 255).to(torch.uint8).numpy()
-                Image.fromarray(arr).save(d / f"{i}.png")
+    _image_folders(tmp_path, (("train", 6), ("test", 2)), size=32)
     tv = ["resnet18", "--library", "torchvision", "--no-pretrained", "--image-size", "32"]
     learn = ["learn", *tv, "--data", str(tmp_path / "train"), "--epochs", "3", "--batch-size", "4"]
     assert main([*learn, "--rank", "2", "--output", str(tmp_path / "prior"), "--no-progress"]) == 0
@@ -420,7 +403,8 @@ def test_torchvision_resnet18_learn_then_finetune_end_to_end(tmp_path, capsys):
     fresh.load_state_dict(load_file(str(out / "model" / "model.safetensors")))
 
 
-def _image_folders(root: Path, sizes=(("train", 4), ("test", 2))) -> Path:
+def _image_folders(root: Path, sizes=(("train", 4), ("test", 2)), size: int = 16) -> Path:
+    """``root/<split>/{cat,dog}/<i>.png``: dark and bright noisy ``size``² images (a learnable 2-class task)."""
     from PIL import Image
 
     g = torch.Generator().manual_seed(0)
@@ -429,7 +413,7 @@ def _image_folders(root: Path, sizes=(("train", 4), ("test", 2))) -> Path:
             d = root / split / cls
             d.mkdir(parents=True)
             for i in range(n):
-                arr = (base + 30 * torch.rand(16, 16, 3, generator=g)).clamp(0, 255).to(torch.uint8).numpy()
+                arr = (base + 30 * torch.rand(size, size, 3, generator=g)).clamp(0, 255).to(torch.uint8).numpy()
                 Image.fromarray(arr).save(d / f"{i}.png")
     return root
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 
 import pytest
-import torch
 
 from priorzoo.cli import build_parser, main
 
@@ -91,15 +90,9 @@ def test_a_local_image_run_prints_what_it_reads_and_the_result_lines_under_quiet
 
 def test_warnings_print_as_one_line(tmp_path, capsys):
     pytest.importorskip("timm")
-    from PIL import Image
+    from test_learn_cli import random_images
 
-    g = torch.Generator().manual_seed(0)
-    for cls in ("a", "b"):
-        (tmp_path / "d" / cls).mkdir(parents=True)
-        for i in range(3):
-            Image.fromarray((torch.rand(8, 8, 3, generator=g) * 255).to(torch.uint8).numpy()).save(
-                tmp_path / "d" / cls / f"{i}.png"
-            )
+    random_images(tmp_path / "d", 3, 0, size=8)
     argv = ["learn", "test_resnet", "--no-pretrained", "--data", str(tmp_path / "d"), "--epochs", "2",
             "--rank", "5", "--image-size", "16", "--batch-size", "3", "--output-dir", str(tmp_path / "p"),
             "--no-progress"]  # fmt: skip

@@ -15,18 +15,22 @@ from priorzoo.cli import main
 pytest.importorskip("datasets")
 
 
+def random_images(root, per_class: int, seed: int, size: int = 24):
+    """An imagefolder dataset at ``root``: classes cat and dog × ``per_class`` random ``size``² PNGs."""
+    image = pytest.importorskip("PIL.Image")
+    gen = torch.Generator().manual_seed(seed)
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = (torch.rand(size, size, 3, generator=gen) * 255).to(torch.uint8).numpy()
+            image.fromarray(pixels).save(root / cls / f"{i}.png")
+    return root
+
+
 @pytest.fixture
 def image_folder(tmp_path):
     """An imagefolder dataset: 2 classes × 4 random 24×24 PNGs."""
-    image = pytest.importorskip("PIL.Image")
-    gen = torch.Generator().manual_seed(0)
-    root = tmp_path / "images"
-    for cls in ("cat", "dog"):
-        (root / cls).mkdir(parents=True)
-        for i in range(4):
-            pixels = (torch.rand(24, 24, 3, generator=gen) * 255).to(torch.uint8).numpy()
-            image.fromarray(pixels).save(root / cls / f"{i}.png")
-    return root
+    return random_images(tmp_path / "images", 4, 0)
 
 
 @pytest.fixture
@@ -340,16 +344,9 @@ def test_reusing_a_checkpoint_dir_with_other_settings_is_refused(image_folder, t
 
 def test_learn_warns_when_the_prior_mean_is_at_chance_on_held_out_source_data(tmp_path, capsys) -> None:
     timm = pytest.importorskip("timm")
-    image = pytest.importorskip("PIL.Image")
     from safetensors.torch import save_file
 
-    gen = torch.Generator().manual_seed(2)
-    data = tmp_path / "images"
-    for cls in ("cat", "dog"):
-        (data / cls).mkdir(parents=True)
-        for i in range(6):
-            pixels = (torch.rand(24, 24, 3, generator=gen) * 255).to(torch.uint8).numpy()
-            image.fromarray(pixels).save(data / cls / f"{i}.png")
+    data = random_images(tmp_path / "images", 6, 2)
     net = timm.create_model("test_resnet", pretrained=False, num_classes=2)
     torch.nn.init.zeros_(net.fc.weight)
     torch.nn.init.zeros_(net.fc.bias)  # every logit equal: the prediction is always class 0, never trained (lr 0)
