@@ -25,9 +25,9 @@ class or one example.
 **One input pipeline.** :func:`image_input` reads the input size and normalisation from the backbone's own
 configuration (timm's ``pretrained_cfg``, a transformers folder's ``preprocessor_config.json``; ImageNet's for
 torchvision), and :func:`make_collate` turns rows into the batches every trainer of priorzoo takes: a dict
-with ``pixel_values`` (images) or the tokenizer's tensors (text), plus ``labels``. ``priorzoo learn``,
-``priorzoo finetune`` and the demo all build their batches here, so a prior is learned and used on the same
-inputs.
+with ``pixel_values`` (images) or the tokenizer's tensors (text, :func:`tokenize`), plus ``labels``.
+``priorzoo learn`` and ``priorzoo finetune`` build their batches here and the demo tokenizes here, so a prior is
+learned and used on the same inputs.
 
 Example:
     >>> import datasets
@@ -62,6 +62,7 @@ __all__ = [
     "label_name",
     "load_data",
     "make_collate",
+    "tokenize",
 ]
 
 DATA_FORMATS = ("auto", "disk", "imagefolder", "csv", "json", "parquet", "hub")
@@ -495,6 +496,33 @@ def image_input(model: Any, *, name: str | None = None, size: int | None = None)
     return ImageInput(size or 224)
 
 
+def tokenize(
+    tokenizer: Any,
+    texts: Sequence[str],
+    pairs: Sequence[str] | None = None,
+    *,
+    max_length: int,
+    padding: bool | str = True,
+) -> Any:
+    """The tokenizer call of every priorzoo text pipeline (:func:`make_collate`, the demo's encoder): texts (and
+    optional pairs) truncated to ``max_length`` tokens, padded (``True``: to the longest in the batch;
+    ``"max_length"``: to ``max_length``), as PyTorch tensors.
+
+    Example:
+        >>> from transformers import BertTokenizerFast  # doctest: +SKIP
+        >>> tokenize(tokenizer, ["a b c"], max_length=2)["input_ids"].shape  # doctest: +SKIP
+        torch.Size([1, 2])
+    """
+    return tokenizer(
+        list(texts),
+        list(pairs) if pairs is not None else None,
+        padding=padding,
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+    )
+
+
 def make_collate(
     cols: Columns,
     *,
@@ -543,8 +571,7 @@ def make_collate(
     def collate_text(rows: list[dict[str, Any]]) -> dict[str, Any]:
         texts = [str(r[cols.text]) for r in rows]
         pairs = [str(r[cols.text_pair]) for r in rows] if cols.text_pair else None
-        enc = tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        out = dict(enc)
+        out = dict(tokenize(tokenizer, texts, pairs, max_length=max_length))
         if with_labels:
             out["labels"] = torch.tensor([cols.label_id(r[cols.label]) for r in rows], dtype=torch.long)
         return out

@@ -179,7 +179,9 @@ def encode_texts(
         >>> tuple(hidden.shape)  # doctest: +SKIP
         (1, 8, 384)
     """
-    enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
+    from priorzoo.data.user import tokenize
+
+    enc = tokenize(tokenizer, texts, max_length=max_length, padding="max_length")  # the one text pipeline
     ids, mask = enc["input_ids"], enc["attention_mask"]
     n = ids.shape[0]
     hidden = torch.zeros(n, max_length, trunk.config.hidden_size)
