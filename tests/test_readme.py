@@ -14,8 +14,8 @@ def python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
 
 
-def test_readme_has_the_four_quick_starts():
-    assert len(python_blocks()) == 4
+def test_readme_has_the_five_quick_starts():
+    assert len(python_blocks()) == 5
 
 
 @pytest.mark.slow
