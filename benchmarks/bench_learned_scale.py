@@ -642,11 +642,16 @@ def write_report() -> None:
     fig.savefig(RESULTS / "learned_scale.png", dpi=120)
 
 
+def _num_classes(pair: str) -> int:
+    return 3 if pair == "text" else 5
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pair", choices=("text", "vision"))
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--max-seeds", type=int, default=None, help="cap the seeds per size (a shorter run)")
+    parser.add_argument("--resume", action="store_true", help="keep the configurations the results file has")
     args = parser.parse_args(argv)
     if args.report or args.pair is None:
         write_report()
@@ -655,10 +660,10 @@ def main(argv: list[str] | None = None) -> int:
     info, make, spec = text_pair() if args.pair == "text" else vision_pair()
     print(f"[{args.pair}] source + prior in {info['source_seconds']:.0f} s", flush=True)
     seeds = {si: (k if args.max_seeds is None else min(k, args.max_seeds)) for si, k in spec["seeds"].items()}
-    # seed-major order: an interrupted run has every size with fewer seeds, not some sizes with none
-    plan = [
-        (seed, si) for seed in range(max(seeds.values())) for si in range(len(spec["per_class"])) if seed < seeds[si]
-    ]
+    # seed 0 at every size first, then the other seeds size by size, smallest first: an interrupted run has every
+    # size, and the most seeds where the seed-to-seed spread is largest
+    sizes = range(len(spec["per_class"]))
+    plan = [(0, si) for si in sizes] + [(seed, si) for si in sizes for seed in range(1, seeds[si])]
     out = {
         "command": "OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/bench_learned_scale.py "
         + " ".join(sys.argv[1:] if argv is None else argv),
@@ -676,7 +681,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     path = RESULTS / f"learned_scale_{args.pair}.json"
     RESULTS.mkdir(exist_ok=True)
+    if args.resume and path.exists():  # keep the finished (size, seed) configurations of an earlier run
+        out["runs"] = json.loads(path.read_text())["runs"]
+    done = {(r["seed"], r["n"]) for r in out["runs"]}
     for seed, si in plan:
+        if (seed, spec["per_class"][si] * _num_classes(args.pair)) in done:
+            continue
         fresh, prior, checkpoint, train, test = make(seed, si)
         print(f"[{args.pair}] n = {len(train)}, seed {seed}", flush=True)
         out["runs"].append(run_config(fresh, prior, checkpoint, train, test, spec, seed, si))
