@@ -595,6 +595,40 @@ def write_report() -> None:
                 c = s[arm]
                 cells.append(f"{c['acc']:.3f} ± {c['acc_sd']:.3f} ({c['nll']:.2f}; {c['seconds']:.0f} s)")
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "Paired differences in test accuracy (percentage points, mean ± SD over seeds) and compute ratios:",
+            "",
+            "| n | L2-SP learned − grid | LP learned − grid | LP+BMA − LP grid | L2-SP learned − FT no-val "
+            "| LP learned − FT no-val | FT grid − FT no-val | learned/grid seconds (L2-SP, LP) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for n in summary:
+            rows = [r for r in d["runs"] if r["n"] == n]
+
+            def diff(a: str, b: str, rows=rows) -> str:
+                vals = [
+                    100 * (r["arms"][a]["metrics"]["accuracy"] - r["arms"][b]["metrics"]["accuracy"])
+                    for r in rows
+                    if a in r["arms"] and b in r["arms"]
+                ]
+                vals = [v for v in vals if math.isfinite(v)]
+                if not vals:
+                    return "–"
+                sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+                return f"{statistics.fmean(vals):+.1f} ± {sd:.1f}"
+
+            def ratio(a: str, b: str, rows=rows) -> float:
+                return statistics.fmean(r["arms"][a]["seconds"] for r in rows) / statistics.fmean(
+                    r["arms"][b]["seconds"] for r in rows
+                )
+
+            lines.append(
+                f"| {n} | {diff('L2-SP (learned)', 'L2-SP (grid)')} | {diff('LP (learned)', 'LP (grid)')} | "
+                f"{diff('LP (learned) + BMA', 'LP (grid)')} | {diff('L2-SP (learned)', 'FT (no-val lr)')} | "
+                f"{diff('LP (learned)', 'FT (no-val lr)')} | {diff('FT (grid)', 'FT (no-val lr)')} | "
+                f"{ratio('L2-SP (learned)', 'L2-SP (grid)'):.2f}, {ratio('LP (learned)', 'LP (grid)'):.2f} |"
+            )
         lines.append("")
         for r in d["runs"]:
             lp = r["arms"].get("LP (learned)", {}).get("learned")

@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--priors", default="swag_k20,l2sp", help="which priors, comma-separated")
     args = parser.parse_args()
     torch.manual_seed(0)
 
@@ -94,6 +95,8 @@ def main() -> None:
         "priors": {},
     }
     for kind, (build, scale) in priors.items():
+        if kind not in args.priors.split(","):
+            continue
         models = {arm: copy.deepcopy(template) for arm in ARMS}
         prior = build(models["fixed"])
         regs = {

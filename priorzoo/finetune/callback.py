@@ -225,7 +225,8 @@ class PriorCallback(TrainerCallback):
             learn λ_g per group on the training data (data-emphasized ELBO,
             :mod:`priorzoo.finetune.learned_scale`): the callback puts the sample w̄ + σε into the weights at
             ``on_step_begin`` and, at ``on_pre_optimizer_step``, restores w̄ and adds the KL's gradient; the
-            logs gain ``prior_scale_<group>`` and ``prior_sigma``.
+            logs gain ``prior_scale_<group>`` and ``prior_sigma``. σ's data gradient Σ ε·∇NLL is read from the
+            gradients the optimiser is about to use (after ``max_grad_norm`` clipping, when it is on).
         groups, sigma_init, sigma_lr, seed: the learned-scale options (see
             :class:`~priorzoo.finetune.PriorRegularizer`).
         include, exclude, exclude_head, allow_partial, dtype: forwarded to :meth:`~priorzoo.PriorModel.bind`.
