@@ -41,7 +41,7 @@ from torch import nn
 
 from priorzoo.binding.batchnorm import freeze_batchnorm_, is_frozen_batchnorm
 from priorzoo.binding.matching import Patterns, compile_patterns, head_parameter_names
-from priorzoo.format.provenance import file_record, names_local_file, public_name
+from priorzoo.format.local_paths import file_record, names_local_file, public_name
 
 __all__ = [
     "LIBRARIES",
@@ -72,7 +72,7 @@ class Backbone:
         pretrained: whether pre-trained weights were loaded (from the Hub/cache, a folder or a checkpoint).
         weights: where they came from (a Hub id, a folder, a file), ``None`` for a random init.
         skipped: checkpoint tensors not loaded (the old head of another shape).
-        checkpoint: the ``checkpoint=`` file's :func:`priorzoo.format.provenance.file_record` (its name and
+        checkpoint: the ``checkpoint=`` file's :func:`priorzoo.format.local_paths.file_record` (its name and
             sha256, never its path), when one was loaded.
     """
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from priorzoo.data.user import Columns
-from priorzoo.format.provenance import strip_local_paths
+from priorzoo.format.local_paths import strip_local_paths
 
 __all__ = [
     "LR_GRIDS",

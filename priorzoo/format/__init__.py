@@ -6,7 +6,7 @@ the commit of a save into a folder (:mod:`~priorzoo.format.commit`: lock, tempor
 safetensors files read and written through one open file (:mod:`~priorzoo.format.tensorfile`),
 the checks a loaded prior's tensors pass (:mod:`~priorzoo.format.checks`), the model card
 (:mod:`~priorzoo.format.cards`) and how published provenance names local files
-(:mod:`~priorzoo.format.provenance`: by name and sha256, never by path).
+(:mod:`~priorzoo.format.local_paths`: by name and sha256, never by path).
 
 May import: the bottom modules (``priorzoo.errors``, ``enums``, ``_version``, ``validation``, ``gaussian``,
 ``numerics``) and its own modules; never the Hub code, the binding, learning, fine-tuning or applications.

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from priorzoo.errors import PriorFormatError
-from priorzoo.format.provenance import is_local_path, strip_local_paths
+from priorzoo.format.local_paths import is_local_path, strip_local_paths
 
 __all__ = ["FORMAT_VERSION", "REQUIRED_KEYS", "ParameterSpec", "PriorConfig", "PriorKind"]
 
@@ -126,7 +126,7 @@ class PriorConfig:
             ``recommended_scale`` comes from: ``recommended_scale_rule`` (a learner's rule of thumb) or
             ``recommended_scale_measured`` (see :meth:`record_measured_scale`). In ``backbone``, ``source``,
             ``learning`` and ``results`` a local path is kept as its last component only
-            (:func:`priorzoo.format.provenance.strip_local_paths`): these are published with the prior.
+            (:func:`priorzoo.format.local_paths.strip_local_paths`): these are published with the prior.
         exclude: glob patterns of parameters deliberately left out of the prior (e.g. the head ``fc.*``).
             They are excluded again when the prior is matched onto a model.
         recommended_scale: the λ to fine-tune with by default (measured, or a rule of thumb: see ``learning``).
@@ -231,7 +231,7 @@ class PriorConfig:
         for key in ("backbone", "source", "learning"):
             if not isinstance(getattr(self, key), Mapping):
                 raise PriorFormatError(f"`{key}` must be a JSON object; received {getattr(self, key)!r}")
-            # published provenance records no local path (priorzoo.format.provenance): a path becomes its last component
+            # published provenance records no local path (format.local_paths): a path becomes its last component
             value = dict(getattr(self, key))
             if key == "backbone" and isinstance(value.get("name"), str) and is_local_path(value["name"]):
                 value.setdefault("local", True)  # its folder name is no Hub id (the card's base_model)

@@ -1,6 +1,6 @@
 """What a learned prior records about where it came from: the parameters it covers (and the ones it leaves out,
 the head among them) and the backbone they belong to, for ``config.json`` and the model card (a local folder by
-its name only: :mod:`priorzoo.format.provenance`).
+its name only: :mod:`priorzoo.format.local_paths`).
 
 Example:
     >>> import torch
@@ -26,7 +26,7 @@ from priorzoo.binding.matching import (
     select_parameters,
     warn_if_output_layer,
 )
-from priorzoo.format.provenance import names_local_file, public_name
+from priorzoo.format.local_paths import names_local_file, public_name
 
 __all__ = ["describe_backbone", "recorded_exclude", "select_prior_parameters"]
 

@@ -1,4 +1,4 @@
-"""priorzoo.format.provenance: published provenance names local files by name (and sha256), never by path."""
+"""priorzoo.format.local_paths: published provenance names local files by name (and sha256), never by path."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from priorzoo import PriorModel
-from priorzoo.format.provenance import file_record, public_name, strip_local_paths
+from priorzoo.format.local_paths import file_record, public_name, strip_local_paths
 
 
 def _local(tmp_path) -> list[str]:
