@@ -146,7 +146,7 @@ class Background:
                         )
                     )
                 self._result = out
-                owner._next_noise = owner._draw_noise(self._params, self._key)
+                owner._prefetch_noise(self._params, self._key)
         except BaseException as err:  # re-raised in the caller's thread by result()
             self._error = err
 

@@ -62,6 +62,7 @@ from priorzoo.binding.matching import Patterns
 from priorzoo.binding.options import BindOptions
 from priorzoo.binding.sharded import check_parameters
 from priorzoo.finetune.learned_scale import LEARNED
+from priorzoo.finetune.learned_scale_checkpoint import resume_learned_state, save_to_checkpoint
 from priorzoo.finetune.regularizer import PriorRegularizer
 from priorzoo.finetune.term import PriorTerm
 from priorzoo.prior import PriorModel
@@ -225,8 +226,9 @@ class PriorCallback(TrainerCallback):
             learn λ_g per group on the training data (data-emphasized ELBO,
             :mod:`priorzoo.finetune.learned_scale`): the callback puts the sample w̄ + σε into the weights at
             ``on_step_begin`` and, at ``on_pre_optimizer_step``, restores w̄ and adds the KL's gradient; the
-            logs gain ``prior_scale_<group>`` and ``prior_sigma``. σ's data gradient Σ ε·∇NLL is read from the
-            gradients the optimiser is about to use (after ``max_grad_norm`` clipping, when it is on).
+            logs gain ``prior_scale_<group>`` and ``prior_sigma``. Checkpoints carry σ's state and a resumed
+            run continues it (:mod:`priorzoo.finetune.learned_scale_checkpoint`). σ's data gradient Σ ε·∇NLL is
+            read from the gradients the optimiser is about to use (after ``max_grad_norm`` clipping, when it is on).
         groups, sigma_init, sigma_lr, seed: the learned-scale options (see
             :class:`~priorzoo.finetune.PriorRegularizer`).
         include, exclude, exclude_head, allow_partial, dtype: forwarded to :meth:`~priorzoo.PriorModel.bind`.
@@ -340,7 +342,8 @@ class PriorCallback(TrainerCallback):
                     "PriorCallback received no train_dataloader from the Trainer: pass num_train_examples=N"
                 )
             self.term = self.term.with_num_train_examples(num_train_examples_of(loader.dataset))
-        self._regularizer_for(model)  # model_init may have built a new model; FSDP2 sharded it by now
+        reg = self._regularizer_for(model)  # model_init may have built a new model; FSDP2 sharded it by now
+        resume_learned_state(reg.learned, args, state)  # a resumed run continues σ, its Adam and the noise
         self._log.reset()
         self._applied = 0
 
@@ -356,6 +359,10 @@ class PriorCallback(TrainerCallback):
         # the next step's weights are final from here: start its term now, so that it also overlaps with
         # the scheduler, logging, evaluation and the loading of the next batches
         self._regularizer_for(model).prefetch()
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.regularizer is not None:  # a learned scale's σ, Adam state and noise stream, for --resume
+            save_to_checkpoint(self.regularizer.learned, args, state)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.regularizer is not None:  # the term started after the last step is not needed

@@ -94,7 +94,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,7 +113,16 @@ from priorzoo.numerics import ieee_fp32_matmul, no_autocast
 from priorzoo.prior import PriorModel
 from priorzoo.validation import check_float, check_num_train_examples
 
-__all__ = ["GROUPINGS", "LEARNED", "LearnedScale", "check_groups", "group_of", "is_learned", "trace_inverse"]
+__all__ = [
+    "GROUPINGS",
+    "LEARNED",
+    "LearnedScale",
+    "check_groups",
+    "check_state",
+    "group_of",
+    "is_learned",
+    "trace_inverse",
+]
 
 LEARNED = "learned"
 """The value of ``scale=`` that asks for the learned scales."""
@@ -273,6 +282,7 @@ class LearnedScale:
         self._pending: Background | None = None
         self._bufs: dict[str, list[Tensor]] = {}
         self._step = 0
+        self._state_before_next: Tensor | None = None  # the generator's state before it drew _next_noise
         self.overlap = (
             bool(overlap)
             and self.device.type == "cpu"
@@ -381,6 +391,12 @@ class LearnedScale:
             else:
                 buf.normal_(generator=self._generator)
         return noise
+
+    def _prefetch_noise(self, params: Sequence[torch.nn.Parameter], key: str) -> None:
+        """Draw the next step's ε ahead of time (background thread), remembering the generator's state before the
+        draw: :meth:`state_dict` saves that state, so that a restored object draws the same ε itself."""
+        self._state_before_next = self._generator.get_state()
+        self._next_noise = self._draw_noise(params, key)
 
     @torch.no_grad()
     def perturb_(self) -> None:
@@ -515,6 +531,138 @@ class LearnedScale:
             "kappa": self.kappa,
             "groups": {g.name: g.numel for g in self.groups},
         }
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the next step depends on besides the model's weights, for a checkpoint.
+
+        ``rho`` (ρ, σ = softplus(ρ)), ``sigma_optimizer`` (its Adam's ``state_dict``), ``generator`` (the noise
+        generator's state before the next ε is drawn), ``step`` (steps taken), ``scales`` (the last solved λ_g,
+        or ``None``), ``last_kl`` (KL/D of the last step, or ``None``) and ``groups`` (name → D_g, checked on
+        load). A restored object continues exactly as this one would (same σ updates, same ε stream), with or
+        without ``overlap``.
+
+        Raises:
+            RuntimeError: the weights hold a sample w̄ + σε (between :meth:`perturb_` and :meth:`add_to_grad_`).
+
+        Example:
+            >>> import torch
+            >>> from priorzoo import PriorModel
+            >>> lin = torch.nn.Linear(2, 2)
+            >>> prior = PriorModel.from_tensors({"weight": torch.zeros(2, 2)}, variance=1.0, exclude=["bias"])
+            >>> a = LearnedScale(prior, lin, num_train_examples=4, sigma_init=0.1)
+            >>> b = LearnedScale(prior, lin, num_train_examples=4, sigma_init=0.5)
+            >>> b.load_state_dict(a.state_dict())
+            >>> b.sigma == a.sigma
+            True
+        """
+        if self.perturbed:
+            raise RuntimeError("the weights hold a sample w̄ + σε: call add_to_grad_() or restore_() first")
+        generator = self._state_before_next if self._next_noise is not None else self._generator.get_state()
+        return {
+            "rho": self.rho.detach().clone(),
+            "sigma_optimizer": self.sigma_optimizer.state_dict(),
+            "generator": generator.clone(),
+            "step": self._step,
+            "scales": None if self._scales is None else {k: float(v) for k, v in self._scales.items()},
+            "last_kl": None if self.last_kl is None else float(self.last_kl),
+            "groups": {g.name: g.numel for g in self.groups},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (validated first: nothing changes if it is refused). σ's learning rate stays
+        this object's ``sigma_lr``; a pre-drawn ε is discarded and drawn again from the restored generator.
+
+        Raises:
+            ValueError: a missing entry, groups (names or sizes) other than this model's, a ρ or Adam state that
+                is not a finite scalar, a step < 0, a λ_g not finite and > 0, a generator state this device's
+                generator refuses.
+            RuntimeError: the weights hold a sample w̄ + σε.
+        """
+        if self.perturbed:
+            raise RuntimeError("the weights hold a sample w̄ + σε: call add_to_grad_() or restore_() first")
+        checked = check_state(state, self.group_names, {g.name: g.numel for g in self.groups})
+        backup = self._generator.get_state()
+        try:
+            self._generator.set_state(checked["generator"])
+        except (RuntimeError, TypeError) as err:
+            self._generator.set_state(backup)
+            raise ValueError(f"`generator`: not a state of this {self.device.type} generator ({err})") from None
+        with torch.no_grad():
+            self.rho.copy_(checked["rho"])
+        self.sigma_optimizer.load_state_dict(checked["sigma_optimizer"])
+        for group in self.sigma_optimizer.param_groups:
+            group["lr"] = self.sigma_lr
+        self._next_noise = self._state_before_next = None
+        self._step = checked["step"]
+        scales = checked["scales"]
+        self._scales = (
+            None
+            if scales is None
+            else {k: torch.tensor(v, dtype=torch.float64, device=self.device) for k, v in scales.items()}
+        )
+        kl = checked["last_kl"]
+        self.last_kl = None if kl is None else torch.tensor(kl, dtype=torch.float64, device=self.device)
+
+
+_STATE_KEYS = ("generator", "groups", "last_kl", "rho", "scales", "sigma_optimizer", "step")
+
+
+def _finite_scalar(value: Any, what: str) -> Tensor:
+    t = torch.as_tensor(value)
+    if t.dim() != 0 or (not t.dtype.is_floating_point and t.dtype != torch.int64):
+        raise ValueError(f"`{what}` must be a scalar number; received shape {tuple(t.shape)}, dtype {t.dtype}")
+    if not bool(torch.isfinite(t)):
+        raise ValueError(f"`{what}` must be finite; received {float(t)}")
+    return t
+
+
+def check_state(state: Mapping[str, Any], names: Sequence[str], groups: Mapping[str, int]) -> dict[str, Any]:
+    """Validate a :meth:`LearnedScale.state_dict` for a model whose groups are ``groups`` (name → D_g, in order);
+    return it with ρ as a float64 scalar tensor. See :meth:`LearnedScale.load_state_dict` for what is refused.
+
+    Example:
+        >>> check_state({}, ["backbone"], {"backbone": 4})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: learned-scale state: missing entries ['generator', 'groups', ..., 'step']
+    """
+    missing = [k for k in _STATE_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"learned-scale state: missing entries {missing}")
+    received = dict(state["groups"])
+    if list(received) != list(names) or received != dict(groups):
+        raise ValueError(
+            f"`groups`: the state was saved for groups {received}; this model's groups are {dict(groups)} "
+            "(name -> number of trained weights)"
+        )
+    rho = _finite_scalar(state["rho"], "rho").to(torch.float64)
+    opt = state["sigma_optimizer"]
+    if not isinstance(opt, Mapping) or "state" not in opt or "param_groups" not in opt:
+        raise ValueError("`sigma_optimizer` must be an Adam state_dict (with `state` and `param_groups`)")
+    for index, entries in dict(opt["state"]).items():
+        if index != 0:
+            raise ValueError(f"`sigma_optimizer`: state for parameter {index!r}; σ's Adam has one parameter, 0")
+        for key, value in dict(entries).items():
+            _finite_scalar(value, f"sigma_optimizer.{key}")
+    step = state["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"`step` must be an integer >= 0; received {step!r}")
+    generator = state["generator"]
+    if not isinstance(generator, Tensor) or generator.dtype != torch.uint8 or generator.dim() != 1:
+        raise ValueError("`generator` must be a 1-d uint8 tensor (torch.Generator.get_state())")
+    scales = state["scales"]
+    if scales is not None:
+        scales = {k: float(v) for k, v in dict(scales).items()}
+        if list(scales) != list(names):
+            raise ValueError(f"`scales`: received groups {list(scales)}; expected {list(names)}")
+        bad = {k: v for k, v in scales.items() if not (math.isfinite(v) and v > 0)}
+        if bad:
+            raise ValueError(f"`scales`: every λ_g must be finite and > 0; received {bad}")
+    kl = state["last_kl"]
+    if kl is not None:
+        kl = float(_finite_scalar(kl, "last_kl"))
+    return {**state, "rho": rho, "step": step, "scales": scales, "last_kl": kl, "generator": generator.cpu()}
 
 
 def _member_of(members: set[str]) -> Callable[[str], bool]:

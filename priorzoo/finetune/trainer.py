@@ -57,6 +57,7 @@ from priorzoo.finetune.callback import (
     num_train_examples_of,
     shards_late,
 )
+from priorzoo.finetune.learned_scale_checkpoint import resume_learned_state, save_to_checkpoint
 from priorzoo.finetune.regularizer import PriorRegularizer
 from priorzoo.finetune.term import PriorTerm
 from priorzoo.prior import PriorModel
@@ -80,7 +81,8 @@ class PriorTrainerMixin:
             :mod:`priorzoo.finetune.learned_scale`). The data term then runs at the sample w̄ + σε and the KL
             at w̄, so the KL's gradient is added after the backward, at ``on_pre_optimizer_step`` (as
             ``PriorCallback`` does: it is not clipped by ``max_grad_norm``), not inside ``compute_loss``; the
-            logs gain ``prior_term`` (KL/D), ``prior_scale_<group>`` and ``prior_sigma``.
+            logs gain ``prior_term`` (KL/D), ``prior_scale_<group>`` and ``prior_sigma``. Checkpoints carry σ's
+            state and a resumed run continues it (:mod:`priorzoo.finetune.learned_scale_checkpoint`).
         prior_groups, prior_sigma_init, prior_sigma_lr, prior_seed: the learned-scale options ``groups``,
             ``sigma_init``, ``sigma_lr``, ``seed`` of :class:`~priorzoo.finetune.PriorRegularizer`.
         prior_include, prior_exclude, prior_exclude_head, prior_allow_partial, prior_dtype: forwarded to
@@ -168,7 +170,13 @@ class PriorTrainerMixin:
                 self._prior_regularizer_for(trainer.model)
         self._prior_log = _PriorTermLog()
         self._prior_added_this_step = 0
+        self._prior_resume_from: Any = None
         trainer.add_callback(_PriorStepCheck(self))
+
+    def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's ``train``; the checkpoint it resumes from also restores a learned scale's state."""
+        self._prior_resume_from = resume_from_checkpoint
+        return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
 
     def _prior_regularizer_for(self, model: torch.nn.Module) -> PriorRegularizer:
         if self.prior_regularizer is None or self.prior_regularizer.model is not model:
@@ -240,6 +248,14 @@ class _PriorStepCheck(TrainerCallback):
             check_parameters(model, where=type(self.trainer).__name__)  # FSDP1 / ZeRO-3, from the parameters
         self.trainer._prior_added_this_step = 0
         self.trainer._prior_log.reset()  # a second train() must not average in the first run's terms
+        if self.trainer.prior_term.learned:  # a resumed run continues σ, its Adam and the noise stream
+            trainer: Any = self.trainer
+            reg = self.trainer._prior_regularizer_for(trainer.model)
+            resume_learned_state(reg.learned, args, state, explicit=self.trainer._prior_resume_from)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.trainer.prior_regularizer is not None:
+            save_to_checkpoint(self.trainer.prior_regularizer.learned, args, state)
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.trainer.prior_term.learned:  # the sample w̄ + σε for this step's forward and backward passes
