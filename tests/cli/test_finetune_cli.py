@@ -490,3 +490,23 @@ def test_resume_continues_from_the_last_checkpoint(bert_folder, tmp_path, capsys
     assert "resuming from " in capsys.readouterr().out  # (--quiet keeps it: it says what the run is)
     second = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert [e["step"] for e in second["training"]["map"]["history"]] == [6]  # only the third epoch was trained
+
+
+def test_resume_with_a_learned_scale_restores_sigma(bert_folder, bert_prior_folder, tmp_path, capsys):
+    """`--scale learned --resume`: each checkpoint holds σ's state (learned_scale.safetensors), and the resumed run
+    reads it (a checkpoint without it is refused rather than σ silently restarted)."""
+    from priorzoo.finetune.learned_scale_checkpoint import STATE_FILE
+
+    train = _text_csv(tmp_path / "train.csv", 8, 0)
+    common = (str(bert_folder), "--prior", str(bert_prior_folder), "--scale", "learned", "--data", str(train))
+    common += ("--lr", "0.05", "--keep-checkpoints", "--allow-failure")
+    first = _finetune(tmp_path / "run", *common, "--epochs", "2")
+    saved = tmp_path / "run" / "checkpoints" / "map" / "checkpoint-4" / STATE_FILE
+    assert saved.is_file() and first["prior"]["learned_scale"]["sigma"] != pytest.approx(1e-3)
+    assert main(_args(*common, "--epochs", "3", "--resume", "--output-dir", str(tmp_path / "run"))) == 0
+    saved = saved.parents[1] / "checkpoint-6" / STATE_FILE
+    assert saved.is_file()
+    saved.unlink()
+    capsys.readouterr()
+    assert main(_args(*common, "--epochs", "4", "--resume", "--output-dir", str(tmp_path / "run"))) != 0
+    assert "learned_scale.safetensors` does not exist" in capsys.readouterr().err
