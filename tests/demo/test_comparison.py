@@ -173,7 +173,7 @@ def test_bench_transfer_runs_the_control_from_the_shared_starts(source, monkeypa
     bt = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bt)
     model, prior, parts = source
-    checkpoint = bt._source_checkpoint(model, prior)
+    checkpoint = bt.source_checkpoint(model, prior)
     assert "features.1.running_mean" in checkpoint and not any(k.startswith("classifier") for k in checkpoint)
     assert torch.equal(checkpoint["features.0.weight"], model.features[0].weight)
 
