@@ -156,23 +156,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_output(output: str) -> None:
-    """Refuse an ``--output-dir`` that cannot hold a prior before any training starts."""
-    path = Path(output)
+    """Refuse an ``--output-dir`` that cannot hold a prior before any training starts: the save's own
+    :func:`~priorzoo.format.serialization.check_target` (a model folder, a non-empty folder without a prior),
+    after the two refusals worded for the command line."""
+    from priorzoo.format.serialization import check_target
+
     if not output:
         raise ValueError("`--output-dir` is empty; name the folder to write the prior into")
+    path = Path(output)
     if path.exists() and not path.is_dir():
         raise ValueError(f"`--output-dir` {output!r} exists and is a file, not a folder: name a new or prior folder")
-    config = path / "config.json"
-    if config.is_file():
-        try:
-            data = json.loads(config.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            data = None
-        if not isinstance(data, dict) or "format_version" not in data or "parameters" not in data:
-            raise ValueError(
-                f"`--output-dir` {output!r} holds a config.json that is not a priorzoo prior's (a model folder?); "
-                "writing the prior there would replace it: name another folder"
-            )
+    check_target(path, "--output-dir")
 
 
 def _fingerprint(ds: Any) -> str:

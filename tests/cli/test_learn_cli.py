@@ -301,6 +301,12 @@ def test_learn_checks_the_output_before_training(image_folder, tmp_path, capsys)
     assert main([*base, "--output", str(model_dir), "--epochs", "1000"]) == 2
     assert "is not a priorzoo prior's" in capsys.readouterr().err
     assert (model_dir / "config.json").read_text() == '{"model_type": "bert"}'
+    notes = tmp_path / "notes"  # a folder of other files: refused before training, not at the save after it
+    notes.mkdir()
+    (notes / "README.md").write_text("my notes")
+    assert main([*base, "--output", str(notes), "--epochs", "1000"]) == 2
+    assert "non-empty folder that holds no prior" in capsys.readouterr().err
+    assert [p.name for p in notes.iterdir()] == ["README.md"]
 
 
 def test_reusing_a_checkpoint_dir_with_other_settings_is_refused(image_folder, tmp_path, capsys) -> None:
