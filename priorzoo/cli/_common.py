@@ -7,8 +7,9 @@ Nothing here is public API. Heavy imports (torch, numpy, huggingface_hub) happen
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 __all__: list[str] = []
@@ -81,6 +82,50 @@ def check_at_least(args: argparse.Namespace, minimums: Iterable[tuple[str, int]]
     for flag, least in minimums:
         if getattr(args, flag) < least:
             raise ValueError(f"`--{flag.replace('_', '-')}` must be ≥ {least}; received {getattr(args, flag)}")
+
+
+OVERWRITE_REMEDY = "Name a new or empty folder, or pass `--overwrite` if the folder is yours to write into"
+"""The way out of a refused prior folder for the commands that write a prior where the user says (``learn``,
+``convert``, ``pull``): their ``--overwrite`` (see :func:`add_overwrite_argument`)."""
+
+
+def add_overwrite_argument(parser: argparse.ArgumentParser, option: str) -> None:
+    """``--overwrite``: write the prior into ``option``'s folder even when it holds other files (the library's
+    ``overwrite=True``); the refusal it lifts names it (:data:`OVERWRITE_REMEDY`)."""
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"write into {option} even when it is a non-empty folder without a prior or a model folder (its "
+        "README.md and prior-named files are replaced, nothing else is removed)",
+    )
+
+
+SUBFOLDER_REMEDY = "Choose another `--output-dir`, or move that folder out of it"
+"""The way out for the commands that write a prior into a fixed sub-folder of their results folder (``finetune``'s
+``posterior/``, ``demo``'s ``prior/``): they have no ``--overwrite``, since the sub-folder is theirs to fill."""
+
+
+@contextlib.contextmanager
+def saving_into(option: str, remedy: str = OVERWRITE_REMEDY) -> Iterator[None]:
+    """Word a save's refusal of its target folder for the command line: the save's own
+    :class:`~priorzoo.errors.PriorTargetError`, naming the command's ``option`` and ``remedy`` (its own flag,
+    never a Python keyword argument).
+
+    Example:
+        >>> from priorzoo.errors import PriorTargetError
+        >>> with saving_into("--local-dir"):
+        ...     raise PriorTargetError.refusing("save_directory", "notes", "is a non-empty folder that holds no prior")
+        Traceback (most recent call last):
+        ...
+        priorzoo.errors.PriorTargetError: `--local-dir` 'notes' is a non-empty folder that holds no prior. Name a new \
+or empty folder, or pass `--overwrite` if the folder is yours to write into
+    """
+    from priorzoo.errors import PriorTargetError
+
+    try:
+        yield
+    except PriorTargetError as err:
+        raise err.reworded(what=option, remedy=remedy) from None
 
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")

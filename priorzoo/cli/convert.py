@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from priorzoo.cli._common import fail
+from priorzoo.cli._common import add_overwrite_argument, fail, saving_into
 
 __all__ = ["register"]
 
@@ -36,8 +36,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="source_format", metavar="SOURCE", required=True)
 
     def common(q: argparse.ArgumentParser) -> None:
-        q.add_argument("output", nargs="?", default=None, help="folder to write the prior into (or --output-dir)")
+        q.add_argument(
+            "output", nargs="?", default=None, metavar="OUTPUT", help="folder to write the prior into (or --output-dir)"
+        )
         q.add_argument("--output-dir", default=None, help="folder to write the prior into")
+        add_overwrite_argument(q, "OUTPUT")
         q.add_argument("--scale", type=float, default=1.0, help="λ stored in the prior")
         q.add_argument("--eps", type=float, default=0.0, help="ε stored in the prior")
         q.add_argument("--license", default=None, help="license of the prior, for its model card")
@@ -99,11 +102,13 @@ def run(args: argparse.Namespace) -> int:
     if (args.output is None) == (args.output_dir is None):
         return fail("convert", ValueError("give the output folder once: as OUTPUT or as `--output-dir`"))
     output = args.output if args.output is not None else args.output_dir
+    option = "OUTPUT" if args.output is not None else "--output-dir"
     try:
-        # before converting: never after minutes of work
-        check_target(output, "OUT" if args.output is not None else "--output-dir")
-        prior = _convert(args)
-        folder = prior.save_pretrained(output)
+        with saving_into(option):
+            # before converting: never after minutes of work
+            check_target(output, option, overwrite=args.overwrite)
+            prior = _convert(args)
+            folder = prior.save_pretrained(output, overwrite=args.overwrite)
     except (ValueError, ImportError, OSError, PriorFormatError) as err:
         return fail("convert", err)
     print(f"wrote {prior!r} to {folder}")

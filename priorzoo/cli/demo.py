@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 __all__ = ["register"]
@@ -129,10 +130,14 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo never downloads anything
     try:
         config = build_config(args)
+        from priorzoo.cli._common import SUBFOLDER_REMEDY, saving_into
         from priorzoo.demo import run_demo
+        from priorzoo.format.commit import check_target
 
-        result = run_demo(config)
-    except (ImportError, ValueError, FileNotFoundError) as err:
+        with saving_into("--output-dir/prior", SUBFOLDER_REMEDY):
+            check_target(Path(config.output_dir) / "prior", "--output-dir/prior")  # before minutes of work
+            result = run_demo(config)
+    except (ImportError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
         print(f"priorzoo demo: error: {err}", file=sys.stderr)
         return 2
     print()

@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from priorzoo.cli._common import check_at_least, fail
+from priorzoo.cli._common import SUBFOLDER_REMEDY, check_at_least, fail, saving_into
 from priorzoo.cli._finetune_steps import LR_GRIDS, Setup, describe_start, lr_candidates, prepare
 from priorzoo.cli._finetune_steps import json_default as _json_default
 from priorzoo.cli._finetune_steps import log as _log
@@ -370,6 +370,17 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
         raise
 
 
+_POSTERIOR_OPTION = "--output-dir/posterior"
+
+
+def _check_posterior_target(out_dir: Path) -> None:
+    """Refuse a ``posterior/`` in ``--output-dir`` that the downstream posterior (bma) must not be saved into."""
+    from priorzoo.format.commit import check_target
+
+    with saving_into(_POSTERIOR_OPTION, SUBFOLDER_REMEDY):
+        check_target(out_dir / "posterior", _POSTERIOR_OPTION)
+
+
 def _finetune(args: argparse.Namespace, progress: dict[str, Any]) -> dict[str, Any]:
     import torch
 
@@ -387,6 +398,8 @@ def _finetune(args: argparse.Namespace, progress: dict[str, Any]) -> dict[str, A
 
     start_time = time.perf_counter()
     out_dir = Path(args.output_dir)
+    if args.method == "bma":  # the posterior's folder, refused before training rather than at the save after it
+        _check_posterior_target(out_dir)
     setup = prepare(args)
     library, prior, cols = setup.library, setup.prior, setup.columns
     model = trainer_model(setup.model, library)
@@ -519,7 +532,8 @@ def _finetune(args: argparse.Namespace, progress: dict[str, Any]) -> dict[str, A
         out_dir.mkdir(parents=True, exist_ok=True)
         _save_model(inner_model(model), setup.tokenizer, library, out_dir / "model", result)
         if posterior is not None:
-            posterior.save_pretrained(out_dir / "posterior")
+            with saving_into(_POSTERIOR_OPTION, SUBFOLDER_REMEDY):
+                posterior.save_pretrained(out_dir / "posterior")
         text = json.dumps(result, indent=2, default=_json_default) + "\n"
         (out_dir / "metrics.json").write_text(text, encoding="utf-8")
         for name, m in metrics.items():

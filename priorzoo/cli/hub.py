@@ -36,7 +36,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from priorzoo.cli._common import add_download_arguments, download_kwargs, fail, hub_errors
+from priorzoo.cli._common import (
+    add_download_arguments,
+    add_overwrite_argument,
+    download_kwargs,
+    fail,
+    hub_errors,
+    saving_into,
+)
 
 __all__ = ["register"]
 
@@ -87,6 +94,7 @@ def register(subparsers: Any) -> list[argparse.ArgumentParser]:
         help="also copy the prior's files into FOLDER (a new or empty folder, or one holding a prior, which is "
         "replaced as a whole)",
     )
+    add_overwrite_argument(pull, "--local-dir")
     pull.add_argument("--force-download", action="store_true", help="download every file again even when cached")
     pull.set_defaults(func=run_pull)
 
@@ -216,7 +224,7 @@ def run_push(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- pull
-def _copy_prior(src: Path, to: str) -> Path:
+def _copy_prior(src: Path, to: str, overwrite: bool) -> Path:
     """Copy a prior's files into ``to`` through priorzoo's save path: the target checks (new, empty, or holding
     a prior; any other entry, a hidden side folder included, is refused), the writers' lock, temporary files and
     ``config.json`` renamed last (see :mod:`priorzoo.format.commit`). The files are copied byte for byte, so
@@ -233,7 +241,8 @@ def _copy_prior(src: Path, to: str) -> Path:
             with os.fdopen(open_checked(path, roots=roots), "rb") as fin, os.fdopen(staging.create(name), "wb") as fout:
                 shutil.copyfileobj(fin, fout, 1 << 20)
 
-    return replace_prior_files(to, write, what="--local-dir")
+    with saving_into("--local-dir"):
+        return replace_prior_files(to, write, what="--local-dir", overwrite=overwrite)
 
 
 def run_pull(args: argparse.Namespace) -> int:
@@ -245,14 +254,18 @@ def run_pull(args: argparse.Namespace) -> int:
         0
     """
     try:
+        from priorzoo.format.commit import check_target
         from priorzoo.hub import fetch_prior
         from priorzoo.prior import PriorModel
 
         def read(folder: Path) -> tuple[Path, PriorModel]:
             return folder, PriorModel.from_pretrained(folder)  # reads and validates every tensor
 
+        if args.local_dir is not None:  # before downloading
+            with saving_into("--local-dir"):
+                check_target(args.local_dir, "--local-dir", overwrite=args.overwrite)
         folder, prior = fetch_prior(args.repo_id, read, force_download=args.force_download, **download_kwargs(args))
-        target = _copy_prior(folder, args.local_dir) if args.local_dir is not None else None
+        target = _copy_prior(folder, args.local_dir, args.overwrite) if args.local_dir is not None else None
     except hub_errors(OSError) as err:
         return fail("pull", err)
     snapshot = folder  # in the cache: …/snapshots/<commit>/<subfolder>

@@ -23,7 +23,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from priorzoo.cli._common import check_at_least, fail, quiet_libraries, reading_line
+from priorzoo.cli._common import (
+    add_overwrite_argument,
+    check_at_least,
+    fail,
+    quiet_libraries,
+    reading_line,
+    saving_into,
+)
 from priorzoo.data.user import DATA_FORMATS
 
 __all__ = ["add_backbone_arguments", "register", "run"]
@@ -90,6 +97,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         required=True,
         help="folder to write the prior into (--output is an alias)",
     )
+    add_overwrite_argument(p, "--output-dir")
     p.add_argument(
         "--validation-fraction",
         type=float,
@@ -155,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         return fail("learn", err)
 
 
-def _check_output(output: str) -> None:
+def _check_output(output: str, overwrite: bool = False) -> None:
     """Refuse an ``--output-dir`` that cannot hold a prior before any training starts: the save's own
     :func:`~priorzoo.format.serialization.check_target` (a model folder, a non-empty folder without a prior),
     after the two refusals worded for the command line."""
@@ -166,7 +174,8 @@ def _check_output(output: str) -> None:
     path = Path(output)
     if path.exists() and not path.is_dir():
         raise ValueError(f"`--output-dir` {output!r} exists and is a file, not a folder: name a new or prior folder")
-    check_target(path, "--output-dir")
+    with saving_into("--output-dir"):
+        check_target(path, "--output-dir", overwrite=overwrite)
 
 
 def _fingerprint(ds: Any) -> str:
@@ -228,7 +237,7 @@ def _run(args: argparse.Namespace) -> int:
             validate_repo_id(args.hub_dataset)
         except HFValidationError as err:
             raise ValueError(f"`--hub-dataset` {args.hub_dataset!r} is not a Hub dataset id ({err})") from None
-    _check_output(args.output_dir)
+    _check_output(args.output_dir, args.overwrite)
     quiet_libraries()
     torch.manual_seed(args.seed)
     print(reading_line(args.data), flush=True)
@@ -381,7 +390,8 @@ def _run(args: argparse.Namespace) -> int:
             }
         )
         print(f"source accuracy of the prior mean on {len(val_ds)} held-out examples: {accuracy:.4f}")
-    folder = prior.save_pretrained(args.output_dir)
+    with saving_into("--output-dir"):
+        folder = prior.save_pretrained(args.output_dir, overwrite=args.overwrite)
     print(f"wrote {prior!r} to {folder} ({collector.num_collected} snapshots)")
     return 0
 

@@ -44,7 +44,7 @@ from typing import Any
 
 from torch import Tensor
 
-from priorzoo.errors import PriorFormatError
+from priorzoo.errors import PriorFormatError, PriorTargetError
 from priorzoo.format.config import REQUIRED_KEYS
 from priorzoo.format.files import (
     CARD_NAME,
@@ -105,16 +105,18 @@ def _was_prior(path: Path, what: str, overwrite: bool) -> bool:
     if holds or overwrite:
         return bool(holds)
     if holds is False:
-        raise FileExistsError(
-            f"`{what}` {str(path)!r} holds a {CONFIG_NAME} that is not a priorzoo prior's (a prior's has "
-            f"{list(REQUIRED_KEYS)}), e.g. a model folder: refusing to replace its files. Write the prior into a new "
-            f"or empty folder, or pass `overwrite=True` if the folder is yours to overwrite"
+        raise PriorTargetError.refusing(
+            what,
+            str(path),
+            f"holds a {CONFIG_NAME} that is not a priorzoo prior's (a prior's has {list(REQUIRED_KEYS)}), e.g. a "
+            "model folder: refusing to replace its files",
         )
     shown = ", ".join(repr(n) for n in entries[:5]) + (f", … ({len(entries)} entries)" if len(entries) > 5 else "")
-    raise FileExistsError(
-        f"`{what}` {str(path)!r} is a non-empty folder that holds no prior (no {CONFIG_NAME}; it has {shown}): "
-        f"refusing to write a prior into it, which would replace its {CARD_NAME} and tensor-named files. Write the "
-        "prior into a new or empty folder, or pass `overwrite=True` if the folder is yours to write into"
+    raise PriorTargetError.refusing(
+        what,
+        str(path),
+        f"is a non-empty folder that holds no prior (no {CONFIG_NAME}; it has {shown}): refusing to write a prior "
+        f"into it, which would replace its {CARD_NAME} and tensor-named files",
     )
 
 
@@ -123,8 +125,9 @@ def check_target(target: str | os.PathLike, what: str, *, overwrite: bool = Fals
 
     Refused: an empty path (it would mean the current folder), a path that is a file, a folder whose
     ``config.json`` is not a priorzoo prior's (a model folder), and a non-empty folder without a prior (a
-    project root, a folder of other files) — the last two unless ``overwrite=True``. A new or empty folder, or
-    one holding a prior (replaced as a whole), is accepted.
+    project root, a folder of other files) — the last two unless ``overwrite=True``, with a
+    :class:`~priorzoo.errors.PriorTargetError` (a ``FileExistsError``) whose remedy an application may reword.
+    A new or empty folder, or one holding a prior (replaced as a whole), is accepted.
 
     Example:
         >>> check_target("", "save_directory")
