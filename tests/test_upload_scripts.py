@@ -30,6 +30,43 @@ def build_zoo():
         sys.path.remove(str(UPLOAD_SCRIPTS))
 
 
+@pytest.fixture(scope="module")
+def recipes():
+    sys.path.insert(0, str(UPLOAD_SCRIPTS))
+    try:
+        import zoo_recipes
+
+        yield zoo_recipes
+    finally:
+        sys.path.remove(str(UPLOAD_SCRIPTS))
+
+
+def test_recipes_normalise_images_as_priorzoo_learn_does(recipes) -> None:
+    """The zoo's evaluation feeds the backbone what `priorzoo learn` fed it while learning the prior: the
+    backbone's own normalisation (timm's `test_resnet`: mean = std = 0.5), never ImageNet's by default."""
+    import datasets
+
+    from priorzoo.backbones import load_backbone
+    from priorzoo.data.user import Columns, image_input, make_collate
+
+    images = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    images[0] = 0.0  # a black image: (0 − 0.5) / 0.5 = −1 exactly
+    image = recipes.backbone_input({"library": "timm", "name": "test_resnet"}, 32)
+    assert (image.size, image.mean, image.std) == (32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    ours = recipes.image_tensors(images, image)
+    assert torch.all(ours[0] == -1.0)
+
+    # the CLI's pipeline on the folder prepare_data writes (8-bit grayscale images), as `priorzoo learn` reads it
+    pixels = (images[:, 0] * 255).round().to(torch.uint8).numpy()
+    from PIL import Image
+
+    ds = datasets.Dataset.from_dict({"image": [Image.fromarray(p) for p in pixels], "label": [0, 1, 0, 1]})
+    ds = ds.cast_column("image", datasets.Image())
+    model = load_backbone("test_resnet", library="timm", pretrained=False, num_classes=2).model
+    cli = make_collate(Columns(ds), image=image_input(model, name="test_resnet", size=32))([ds[i] for i in range(4)])
+    torch.testing.assert_close(ours, cli["pixel_values"], rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------------- manifest
 def test_manifest_has_the_requested_entries(build_zoo) -> None:
     entries = {e.name: e for e in build_zoo.load_manifest()}

