@@ -6,7 +6,7 @@ the learned prior (λ selected on validation) and the learned prior + BMA, and p
 Writes ``<output>/prior/``, ``<output>/results.json`` and ``<output>/results.md``.
 
 Example:
-    $ HF_HUB_OFFLINE=1 priorzoo demo
+    $ priorzoo demo
     $ priorzoo demo --quick --output-dir /tmp/demo
     $ priorzoo demo --data my_reviews.csv --text-column review --label-column stars --train-per-class 16
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -127,7 +126,8 @@ def build_config(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo with the parsed flags; print the setup and the table; return the exit code."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo never downloads anything
+    # No HF_HUB_OFFLINE here: the demo reads only local files (the bundled MiniLM folder, the packaged data, the
+    # prior folder it writes, read with local_files_only), and setting it would leak into a Python caller's process.
     try:
         config = build_config(args)
         from priorzoo.cli._common import SUBFOLDER_REMEDY, saving_into

@@ -233,7 +233,7 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
         progress.phase("saving + reloading the prior", 1)
         prior_dir = out / "prior"
         prior.save_pretrained(prior_dir)
-        prior = PriorModel.from_pretrained(prior_dir)
+        prior = PriorModel.from_pretrained(prior_dir, local_files_only=True)  # never the Hub
         progress.update()
         timings["save_reload"] = time.perf_counter() - t
 

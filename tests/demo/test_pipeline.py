@@ -55,10 +55,7 @@ def _tiny_config(output_dir: str):
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory: pytest.TempPathFactory):
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from priorzoo.demo import run_demo
+    from priorzoo.demo import run_demo  # no HF_HUB_OFFLINE: the demo reads local files only
 
     out = tmp_path_factory.mktemp("demo")
     return run_demo(_tiny_config(str(out))), out
@@ -205,6 +202,23 @@ def test_cli_builds_the_embedded_default_and_quick_configs() -> None:
     assert quick.target_data == "x.csv" and quick.train_per_class == 7
     assert quick.trainable_layers == DemoConfig.quick().trainable_layers
     assert isinstance(args, argparse.Namespace) and args.func.__module__ == "priorzoo.cli.demo"
+
+
+def test_the_demo_command_leaves_the_offline_setting_alone(tmp_path, monkeypatch, capsys) -> None:
+    """`priorzoo demo` called from Python (`priorzoo.cli.main`) must not switch the caller's process offline:
+    `HF_HUB_OFFLINE` would then refuse the caller's later Hub downloads."""
+    import os
+
+    from priorzoo.cli import main
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    (tmp_path / "prior").mkdir()
+    (tmp_path / "prior" / "notes.txt").write_text("mine")  # refused before the run
+    assert main(["demo", "--quick", "--output-dir", str(tmp_path)]) == 2
+    assert "holds no prior" in capsys.readouterr().err
+    assert main(["demo", "--quick", "--data", str(tmp_path / "missing.csv"), "-o", str(tmp_path / "o")]) == 2
+    assert "missing.csv" in capsys.readouterr().err
+    assert "HF_HUB_OFFLINE" not in os.environ
 
 
 @pytest.mark.slow
