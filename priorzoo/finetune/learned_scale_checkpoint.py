@@ -14,6 +14,16 @@ The checkpoint read is, in order: the folder given to ``PriorTrainer.train(resum
 non-finite value is refused with the reason: resuming with σ silently reset is the failure this module exists
 to prevent.
 
+**Distributed runs (DDP, FSDP2).** The state is the same on every process, bit for bit: under DDP every process
+draws the same ε from one identically seeded generator and σ's gradient Σ ε·∂NLL/∂w is read from the all-reduced
+gradients; under FSDP2 every process draws the same global ε and perturbs its slice, and the group sums (r_gᵀS_g⁻¹r_g,
+‖w_head‖², Σ ε·∂NLL/∂w) are all-reduced, so ρ, σ's Adam state, the generator and λ_g agree. So one file per checkpoint
+is right: it is written by the processes the Trainer lets write its own checkpoint files (``args.should_save``:
+world rank 0, or each node's local rank 0 with ``save_on_each_node``), atomically (a temporary file moved in with
+``os.replace``, so that two nodes writing the same content to a shared folder never leave a partial file), and read
+by every process at resume. (transformers 5.25's ``save_pretrained`` writes the model's weights on world rank 0
+only, so with ``save_on_each_node`` and no shared storage the Trainer's own resume fails on the other nodes.)
+
 Example:
     >>> import tempfile, torch
     >>> from priorzoo import PriorModel
@@ -50,11 +60,12 @@ _OPT = "sigma_optimizer."
 
 
 def save_learned_state(learned: LearnedScale, folder: str | os.PathLike, *, global_step: int | None = None) -> Path:
-    """Write :meth:`LearnedScale.state_dict` to ``folder/STATE_FILE`` (created if needed); return the path.
+    """Write :meth:`LearnedScale.state_dict` to ``folder/STATE_FILE`` (created if needed), atomically; return the
+    path.
 
     ``global_step`` (the Trainer's) is recorded and checked by :func:`load_learned_state`.
     """
-    from safetensors.torch import save_file
+    from priorzoo.learn.checkpoint import atomic_save_file
 
     state = learned.state_dict()
     opt = state["sigma_optimizer"]["state"].get(0, {})
@@ -71,10 +82,7 @@ def save_learned_state(learned: LearnedScale, folder: str | os.PathLike, *, glob
         "last_kl": json.dumps(state["last_kl"]),
         "global_step": json.dumps(global_step),
     }
-    path = Path(folder) / STATE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=meta)
-    return path
+    return atomic_save_file(tensors, Path(folder) / STATE_FILE, meta)
 
 
 def load_learned_state(learned: LearnedScale, folder: str | os.PathLike, *, global_step: int | None = None) -> None:
@@ -145,10 +153,36 @@ def resume_learned_state(learned: LearnedScale | None, args: Any, state: Any, *,
     load_learned_state(learned, folder, global_step=state.global_step)
 
 
+def _writes_checkpoints(args: Any, state: Any) -> bool:
+    """Whether this process writes the Trainer's checkpoint files: ``TrainingArguments.should_save`` (world rank 0,
+    or each node's local rank 0 with ``save_on_each_node``), else ``state.is_world_process_zero``."""
+    should = getattr(args, "should_save", None)
+    if isinstance(should, bool):
+        return should
+    return bool(getattr(state, "is_world_process_zero", True))
+
+
 def save_to_checkpoint(learned: LearnedScale | None, args: Any, state: Any) -> None:
-    """At ``on_save``: write the learned scale's state into ``<output_dir>/checkpoint-<global_step>/`` (the process
-    of world rank 0 only: the state is the same on every process)."""
-    if learned is None or not getattr(state, "is_world_process_zero", True):
+    """At ``on_save``: write the learned scale's state into ``<output_dir>/checkpoint-<global_step>/`` on the
+    processes that write the Trainer's checkpoint files (``args.should_save``; without it, world rank 0): the state
+    is the same on every process.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from types import SimpleNamespace
+        >>> from priorzoo import PriorModel
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> prior = PriorModel.from_tensors({"weight": torch.zeros(2, 2)}, variance=1.0, exclude=["bias"])
+        >>> learned = LearnedScale(prior, lin, num_train_examples=4)
+        >>> out, state = tempfile.mkdtemp(), SimpleNamespace(global_step=2, is_world_process_zero=False)
+        >>> save_to_checkpoint(learned, SimpleNamespace(output_dir=out, should_save=False), state)
+        >>> (Path(out) / "checkpoint-2").exists()
+        False
+        >>> save_to_checkpoint(learned, SimpleNamespace(output_dir=out, should_save=True), state)  # another node
+        >>> [p.name for p in (Path(out) / "checkpoint-2").iterdir()]
+        ['learned_scale.safetensors']
+    """
+    if learned is None or not _writes_checkpoints(args, state):
         return
     folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
     save_learned_state(learned, folder, global_step=state.global_step)

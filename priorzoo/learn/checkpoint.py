@@ -23,16 +23,30 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_save_safetensors", "flatten_tree", "load_safetensors_with_meta", "unflatten_tree"]
+__all__ = [
+    "atomic_save_file",
+    "atomic_save_safetensors",
+    "flatten_tree",
+    "load_safetensors_with_meta",
+    "unflatten_tree",
+]
 
 
-def atomic_save_safetensors(
-    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, meta: Mapping[str, Any]
-) -> Path:
-    """Write ``tensors`` plus a JSON document (under header key ``priorzoo``) to ``path`` atomically.
+def atomic_save_file(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str]) -> Path:
+    """safetensors' ``save_file(tensors, path, metadata)``, atomically; returns ``path``.
 
-    The file is written next to its destination and moved in with ``os.replace``: an interrupted save
-    leaves the previous checkpoint intact.
+    The file is written to a fresh temporary name next to its destination and moved in with ``os.replace``: an
+    interrupted save leaves the previous file intact, and a reader (or another process writing the same content to
+    the same path) never sees a partial file.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from pathlib import Path
+        >>> from safetensors import safe_open
+        >>> path = atomic_save_file({"x": torch.ones(2)}, Path(tempfile.mkdtemp()) / "a.safetensors", {"k": "v"})
+        >>> with safe_open(str(path), framework="pt") as f:
+        ...     f.metadata()["k"], f.get_tensor("x").tolist()
+        ('v', [1.0, 1.0])
     """
     from safetensors.torch import save_file
 
@@ -42,12 +56,22 @@ def atomic_save_safetensors(
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(clean, tmp, metadata={"format": "pt", "priorzoo": json.dumps(meta, sort_keys=True)})
+        save_file(clean, tmp, metadata=dict(metadata))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def atomic_save_safetensors(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, meta: Mapping[str, Any]
+) -> Path:
+    """Write ``tensors`` plus a JSON document (under header key ``priorzoo``) to ``path`` atomically.
+
+    Written by :func:`atomic_save_file`: an interrupted save leaves the previous checkpoint intact.
+    """
+    return atomic_save_file(tensors, path, {"format": "pt", "priorzoo": json.dumps(meta, sort_keys=True)})
 
 
 def load_safetensors_with_meta(path: str | os.PathLike, *, what: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

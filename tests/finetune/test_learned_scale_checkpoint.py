@@ -183,3 +183,43 @@ def test_trainer_resume_with_a_tampered_state_is_refused(tmp_path):
     trainer, _, _ = _trainer("mixin", tmp_path)
     with pytest.raises(ValueError, match=r"checkpoint-2.*`rho` must be finite"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+
+
+# ---------------------------------------------------------------------- who writes, and how
+@pytest.mark.parametrize(
+    ("should_save", "world_zero", "written"),
+    [
+        (True, True, True),  # world rank 0
+        (False, False, False),  # any other process
+        (True, False, True),  # local rank 0 of another node with save_on_each_node: its own checkpoint needs it
+    ],
+)
+def test_the_state_is_written_where_the_trainer_writes_its_checkpoint(should_save, world_zero, written, tmp_path):
+    from types import SimpleNamespace
+
+    from priorzoo.finetune.learned_scale_checkpoint import save_to_checkpoint
+
+    learned = _reg(_net(), False).learned
+    args = SimpleNamespace(output_dir=str(tmp_path), should_save=should_save)
+    save_to_checkpoint(learned, args, SimpleNamespace(global_step=2, is_world_process_zero=world_zero))
+    assert (tmp_path / "checkpoint-2" / STATE_FILE).is_file() == written
+
+
+def test_an_interrupted_save_leaves_the_previous_state(tmp_path, monkeypatch):
+    """Two nodes writing one shared checkpoint folder, or a save killed half way, never leave a partial file."""
+    import safetensors.torch
+
+    learned = _saved(tmp_path)  # a good state, saved at step 2
+    before = (tmp_path / STATE_FILE).read_bytes()
+
+    def interrupted(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    with pytest.raises(OSError, match="no space"):
+        save_learned_state(learned, tmp_path, global_step=4)
+    assert (tmp_path / STATE_FILE).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [STATE_FILE]  # no temporary file left behind
+    load_learned_state(learned, tmp_path, global_step=2)
