@@ -163,10 +163,12 @@ def run(args: argparse.Namespace) -> int:
         return fail("learn", err)
 
 
-def _check_output(output: str, overwrite: bool = False) -> None:
+def _check_output(output: str, overwrite: bool = False, checkpoint_dir: str | None = None) -> None:
     """Refuse an ``--output-dir`` that cannot hold a prior before any training starts: the save's own
     :func:`~priorzoo.format.serialization.check_target` (a model folder, a non-empty folder without a prior),
-    after the two refusals worded for the command line."""
+    after the refusals worded for the command line — among them a ``--checkpoint-dir`` that is the output folder
+    or inside it (its checkpoints and ``learn_settings.json``, which records local paths, would sit in the
+    prior's folder, and the save would refuse that folder after training)."""
     from priorzoo.format.serialization import check_target
 
     if not output:
@@ -174,6 +176,12 @@ def _check_output(output: str, overwrite: bool = False) -> None:
     path = Path(output)
     if path.exists() and not path.is_dir():
         raise ValueError(f"`--output-dir` {output!r} exists and is a file, not a folder: name a new or prior folder")
+    if checkpoint_dir and Path(checkpoint_dir).resolve().is_relative_to(path.resolve()):
+        raise ValueError(
+            f"`--checkpoint-dir` {checkpoint_dir!r} is `--output-dir` {output!r} or inside it: the prior's folder "
+            "must hold the prior only (checkpoints and the run's local settings are no part of it). Give the "
+            "checkpoints a folder of their own"
+        )
     with saving_into("--output-dir"):
         check_target(path, "--output-dir", overwrite=overwrite)
 
@@ -237,7 +245,7 @@ def _run(args: argparse.Namespace) -> int:
             validate_repo_id(args.hub_dataset)
         except HFValidationError as err:
             raise ValueError(f"`--hub-dataset` {args.hub_dataset!r} is not a Hub dataset id ({err})") from None
-    _check_output(args.output_dir, args.overwrite)
+    _check_output(args.output_dir, args.overwrite, args.checkpoint_dir)
     quiet_libraries()
     torch.manual_seed(args.seed)
     print(reading_line(args.data), flush=True)

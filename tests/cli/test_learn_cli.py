@@ -307,6 +307,10 @@ def test_learn_checks_the_output_before_training(image_folder, tmp_path, capsys)
     assert main([*base, "--output", str(notes), "--epochs", "1000"]) == 2
     assert "non-empty folder that holds no prior" in capsys.readouterr().err
     assert [p.name for p in notes.iterdir()] == ["README.md"]
+    for checkpoints in (tmp_path / "fresh", tmp_path / "fresh" / "ckpt"):  # the prior's folder holds the prior only
+        assert main([*base, "--output", str(tmp_path / "fresh"), "--checkpoint-dir", str(checkpoints)]) == 2
+        assert "is `--output-dir`" in capsys.readouterr().err
+    assert not (tmp_path / "fresh").exists()
 
 
 def test_reusing_a_checkpoint_dir_with_other_settings_is_refused(image_folder, tmp_path, capsys) -> None:
