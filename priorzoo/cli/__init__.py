@@ -26,7 +26,7 @@ from collections.abc import Sequence
 __all__ = ["main"]
 
 # subcommand module names, in the order `--help` lists them
-_SUBCOMMANDS = ("demo", "learn", "finetune", "convert", "inspect", "hub")
+_SUBCOMMANDS = ("demo", "learn", "finetune", "record_scale", "convert", "inspect", "hub")
 
 
 def build_parser() -> argparse.ArgumentParser:

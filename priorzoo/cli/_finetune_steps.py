@@ -197,6 +197,7 @@ def prepare(args: argparse.Namespace) -> Setup:
     from priorzoo.backbones import freeze_, init_head_, load_backbone
     from priorzoo.data.user import image_input, make_collate
     from priorzoo.finetune.scale import split_train_validation
+    from priorzoo.format.content_id import content_id
     from priorzoo.learn import isotropic_prior
 
     torch.manual_seed(args.seed)
@@ -239,7 +240,8 @@ def prepare(args: argparse.Namespace) -> Setup:
     init = "backbone"
     if args.prior is not None:
         prior = PriorModel.from_pretrained(args.prior, revision=args.revision)
-        prior_info = {"source": args.prior, "revision": args.revision}
+        # content_id: which prior this run used, for `priorzoo record-scale` (the save id is not kept by loading)
+        prior_info = {"source": args.prior, "revision": args.revision, "content_id": content_id(prior)}
         if args.init_from_prior:
             prior.init_model_(model, allow_partial=args.allow_partial)
             init = "prior_mean"

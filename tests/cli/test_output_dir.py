@@ -18,6 +18,7 @@ from priorzoo.cli import build_parser, main
         ["finetune", "bert", "--no-prior", "--data", "d.csv", "--output-dir", "out"],
         ["learn", "resnet18", "--data", "d", "--output-dir", "out"],
         ["learn", "resnet18", "--data", "d", "--output", "out"],
+        ["record-scale", "./prior", "--run", "runs/learned", "--output-dir", "out"],
     ],
 )
 def test_output_folder_flags(argv: list[str]) -> None:
