@@ -53,3 +53,18 @@ def test_the_code_map_lists_the_finetune_surface():
 
     surface = _code_map().split("whose whole surface is", 1)[1].split("Applications", 1)[0]
     assert sorted(re.findall(r"`(\w+)`", surface)) == sorted(ft.__all__)
+
+
+def test_the_complete_cli_commands_in_the_text_parse_as_written():
+    """Every inline `priorzoo … --output-dir …` command of the README (a whole command, not an excerpt) is accepted
+    by the parser as written."""
+    import shlex
+
+    from priorzoo.cli import build_parser
+
+    text = README.read_text(encoding="utf-8")
+    commands = [c for c in re.findall(r"`(priorzoo [^`]+)`", text) if "--output-dir" in c and "…" not in c]
+    assert any(c.startswith("priorzoo record-scale ") for c in commands)
+    for command in commands:
+        args = build_parser().parse_args(shlex.split(command)[1:])
+        assert args.output_dir and callable(args.func), command

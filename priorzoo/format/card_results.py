@@ -15,7 +15,9 @@ Results live in ``config.results``, one dict per number::
      "num_train_examples": 100,        # downstream training-set size N
      "scale": 1e4,                     # λ used
      "metric_name": None,              # default: "<metric> (<method>, N=<n>, λ=<scale>)"
-     "notes": "", "source_name": None, "source_url": None}
+     "notes": "", "source_name": None, "source_url": None,
+     "learned_scale": {...}}           # a λ learned by the run: λ_g, σ, κ, D per group (kept, not shown; see
+                                       # priorzoo.finetune.learned_scale_card)
 
 Only the prior's own numeric results on Hub datasets enter the ``model-index`` (:func:`model_index`): its
 ``dataset.type`` must be a Hub dataset id, and the Hub's evaluation widget shows every entry as this model's
