@@ -149,7 +149,11 @@ def _accuracy(pred: Any) -> dict[str, float]:
     return {"accuracy": float((np.asarray(logits).argmax(-1) == np.asarray(pred.label_ids)).mean())}
 
 
-def _epoch_callback(num_labels: int, log: Callable[[str], None], label: str) -> Any:
+def _epoch_callback(num_labels: int, log: Callable[[str], None], label: str, *, prior_in_loss: bool = True) -> Any:
+    """The callback that records ``train_loss``, the *data* loss: the Trainer's logged ``loss`` minus the logged
+    ``prior_term`` when the term is part of that loss (a fixed λ: ``PriorTrainer.compute_loss`` adds it), the logged
+    ``loss`` itself when it is not (``prior_in_loss=False``: a learned scale, whose KL/D enters the gradient at the
+    optimiser step and is only logged)."""
     from transformers import TrainerCallback
 
     class EpochLog(TrainerCallback):
@@ -164,7 +168,7 @@ def _epoch_callback(num_labels: int, log: Callable[[str], None], label: str) -> 
             if not logs:
                 return
             if "loss" in logs:
-                data = float(logs["loss"]) - float(logs.get("prior_term", 0.0))
+                data = float(logs["loss"]) - (float(logs.get("prior_term", 0.0)) if prior_in_loss else 0.0)
                 entry = {"step": state.global_step, "epoch": round(float(state.epoch or 0), 4), "train_loss": data}
                 if "prior_term" in logs:
                     entry["prior_term"] = float(logs["prior_term"])
@@ -298,7 +302,9 @@ def train_run(
         save_only_model=False,
         **optim_kwargs,
     )
-    epoch_log = _epoch_callback(num_labels, log if is_main_process() else lambda _m: None, label)
+    epoch_log = _epoch_callback(
+        num_labels, log if is_main_process() else lambda _m: None, label, prior_in_loss=scale != "learned"
+    )
     cbs: list[Any] = [epoch_log, *callbacks]
     if has_eval and patience is not None:
         cbs.append(EarlyStoppingCallback(early_stopping_patience=patience))
