@@ -132,3 +132,22 @@ def test_record_scale_refusals(learned_run, prior_folder, tmp_path, capsys):
     # no metrics.json
     assert main(["record-scale", prior, "--run", str(tmp_path / "none"), "--output-dir", str(tmp_path / "n")]) == 2
     assert "no metrics.json" in capsys.readouterr().err
+
+
+def test_record_scale_reads_a_hub_prior_and_leaves_the_cache_alone(
+    learned_run, prior_folder, hub_server, monkeypatch, tmp_path, capsys
+):
+    """PRIOR as a Hub repo id (the local Hub-protocol server): read through the cache, recorded into --output-dir
+    only; the card's snippets name the repo."""
+    import os
+
+    monkeypatch.setenv("HF_TOKEN", hub_server.token)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    repo = "me/resnet-prior"
+    assert main(["push", str(prior_folder), repo]) == 0
+    out = tmp_path / "measured"
+    assert main(["record-scale", repo, "--run", str(learned_run), "--output-dir", str(out)]) == 0, capsys.readouterr()
+    assert f'PriorModel.from_pretrained("{repo}")' in (out / "README.md").read_text()
+    assert PriorModel.from_pretrained(out).config.learning["recommended_scale_measured"].startswith("on train (")
+    cached = list(Path(os.environ["HF_HUB_CACHE"]).rglob("config.json"))
+    assert cached and all("recommended_scale_measured" not in p.read_text() for p in cached)
