@@ -129,9 +129,9 @@ def test_convert_and_pull_refuse_a_model_folder_and_an_empty_path(tmp_path, caps
 
     torch.save({"0.weight_mean": torch.zeros(3), "0.weight_sq_mean": torch.ones(3)}, tmp_path / "swag.pt")
     assert main(["convert", "swa-gaussian", str(tmp_path / "swag.pt"), str(target)]) == 2
-    assert "`OUT` " in one_line_error(capsys, "convert")
+    assert "`OUTPUT` " in one_line_error(capsys, "convert")  # the positional's metavar
     assert main(["convert", "swa-gaussian", str(tmp_path / "swag.pt"), ""]) == 2
-    assert "`OUT` is empty" in one_line_error(capsys, "convert")
+    assert "`OUTPUT` is empty" in one_line_error(capsys, "convert")
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
 
 
