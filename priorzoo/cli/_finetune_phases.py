@@ -62,7 +62,8 @@ def search(
 ) -> tuple[Any, RunResult, dict[str, Any] | None]:
     """Train one run per ``(lr, λ)`` from copies of ``template``'s weights and keep the selected run's model.
 
-    ``select``: ``train_loss`` (``--lr auto``: the lowest final training loss, full schedule, last iterate —
+    ``select``: ``train_loss`` (``--lr auto``: the lowest final training objective — data loss plus the prior
+    term, :attr:`RunResult.final_objective` — full schedule, last iterate —
     or the restored best epoch with validation data), ``val_nll`` (``--tune-scale``: the lowest validation NLL
     of a run's restored best epoch; ties go to the smaller λ) or ``none`` (one run, on ``template`` itself).
     The model returned is the selected run's model, the one that was scored: nothing is retrained. Runs that
@@ -92,14 +93,15 @@ def search(
         point = res.to_dict()
         point["metrics"] = res.best_metrics or {}
         point["final_train_loss"] = res.final_train_loss
+        point["final_objective"] = res.final_objective
         curve.append(point)
         if tuning:
             score = (res.best_metrics or {}).get("nll", math.inf) if res.diverged is None else math.inf
             key = (score if math.isfinite(score) else math.inf, float(scale or 0.0))
         else:
-            key = (res.final_train_loss, 0.0)
+            key = (res.final_objective, 0.0)
         summary = "diverged" if res.diverged else (
-            f"validation nll {score:.4f}" if tuning else f"final training loss {res.final_train_loss:.4f}"
+            f"validation nll {score:.4f}" if tuning else f"final training objective {res.final_objective:.4f}"
         )  # fmt: skip
         log(args, f"{label}{summary}")
         if first is None:
@@ -111,7 +113,7 @@ def search(
     chosen_model, chosen = (best[1], best[2]) if best is not None else first  # type: ignore[misc]
     record = {
         f"best_{'scale' if tuning else 'lr'}": (chosen.scale if tuning else chosen.lr),
-        "metric": "nll" if tuning else "final_train_loss",
+        "metric": "nll" if tuning else "final_objective",
         "curve": curve,
         "settings": {
             "epochs": epochs,

@@ -127,6 +127,21 @@ class RunResult:
             return math.inf
         return float(self.history[-1].get("train_loss", math.inf))
 
+    @property
+    def final_objective(self) -> float:
+        """The training objective of the last epoch: its data loss plus its prior term (``inf`` when the run
+        diverged or logged nothing).
+
+        The prior term is ρ·penalty/N at a fixed λ and KL(q‖p)/D at a learned λ (the data-emphasized ELBO), so
+        this is the quantity the run minimised, the same number :func:`priorzoo.finetune.fit` records as
+        ``train_loss``; without a prior it is the data loss. ``--lr auto`` keeps the run where it is lowest.
+        """
+        loss = self.final_train_loss
+        if not math.isfinite(loss):
+            return math.inf
+        total = loss + float(self.history[-1].get("prior_term", 0.0))
+        return total if math.isfinite(total) else math.inf
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "lr": self.lr,

@@ -14,8 +14,8 @@ early-stopped run per λ and keeps the model of the best run (the model it score
 ``--l2sp learned``) learns one λ per group (backbone, head) on the training data instead, in the same run,
 with the data-emphasized ELBO (:mod:`priorzoo.finetune.learned_scale`): no validation data, and
 metrics.json records the learned λ, σ and the learning rate. ``--lr auto`` (the default) trains the full
-schedule at each learning rate of a short list and keeps the run with the lowest final training loss: it
-needs no validation data.
+schedule at each learning rate of a short list and keeps the run with the lowest final training objective
+(data loss plus the prior term: what the run minimised): it needs no validation data.
 
 Starting point: with ``--prior`` the covered weights (and batch-norm statistics) start at the prior mean μ
 (``--keep-backbone-weights``: the backbone's own); ``--init-from PRIOR`` starts a ``--no-prior`` or ``--l2sp``
@@ -193,7 +193,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "--lr",
         type=_lr,
         default="auto",
-        help="learning rate, or auto: the lowest final training loss over --lr-grid (full schedule each)",
+        help="learning rate, or auto: the lowest final training objective (data loss + prior term) over --lr-grid "
+        "(full schedule each)",
     )
     t.add_argument(
         "--lr-grid",
@@ -441,7 +442,7 @@ def _finetune(args: argparse.Namespace, progress: dict[str, Any]) -> dict[str, A
             model, chosen, lr_search = search(template, args, setup, runs, select="train_loss", what="lr")
             progress["lr_search"] = lr_search
             if chosen.diverged is None:
-                _log(args, f"--lr auto chose lr = {chosen.lr:g} (lowest final training loss)")
+                _log(args, f"--lr auto chose lr = {chosen.lr:g} (lowest final training objective)")
         if args.tune_scale and (chosen is None or chosen.diverged is None):
             lr = chosen.lr if chosen is not None else lrs[0]
             grid = args.scale_grid or log_grid(1.0, 1e10)

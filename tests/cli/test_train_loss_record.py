@@ -1,6 +1,7 @@
-"""What `priorzoo finetune` records as an epoch's `train_loss` (the number `--lr auto` ranks runs by and the divergence
-check reads): the data loss, for a fixed λ (the Trainer's loss includes the prior term: it is taken out) and for a
-learned scale (the loss does not include KL/D, which is only logged: nothing is taken out)."""
+"""What `priorzoo finetune` records as an epoch's `train_loss` (the number the divergence check reads): the data loss,
+for a fixed λ (the Trainer's loss includes the prior term: it is taken out) and for a learned scale (the loss does
+not include KL/D, which is only logged: nothing is taken out); and what `--lr auto` ranks runs by: the final
+training objective, data loss plus prior term."""
 
 from __future__ import annotations
 
@@ -81,3 +82,37 @@ def test_a_runs_train_loss_is_the_trainers_data_loss(scale, tmp_path):
         assert logged["prior_term"] > 0
         data_loss = logged["loss"] - (logged["prior_term"] if scale != "learned" else 0.0)
         assert entry["train_loss"] == pytest.approx(data_loss, rel=1e-12)
+
+
+def test_the_final_objective_adds_the_prior_term():
+    from priorzoo.cli._trainer import RunResult
+
+    res = RunResult(history=[{"train_loss": 0.9, "prior_term": 0.5}, {"train_loss": 0.3, "prior_term": 0.2}])
+    assert res.final_train_loss == pytest.approx(0.3)
+    assert res.final_objective == pytest.approx(0.5)
+    assert RunResult(history=[{"train_loss": 0.3}]).final_objective == pytest.approx(0.3)  # no prior: the data loss
+    assert RunResult(history=[{"train_loss": 0.3, "prior_term": 0.1}], diverged="nan").final_objective == float("inf")
+    assert RunResult().final_objective == float("inf")
+
+
+def test_lr_auto_keeps_the_lowest_objective_not_the_lowest_data_loss(monkeypatch, tmp_path):
+    """`--lr auto` ranks runs by what they minimised: a run whose data loss is lowest only because it moved far
+    from the prior (a large prior term) is not kept; metrics.json's curve records both numbers."""
+    from priorzoo.cli import _finetune_phases as phases
+    from priorzoo.cli import build_parser
+    from priorzoo.cli._trainer import RunResult
+
+    parts = {0.01: (0.40, 0.05), 0.1: (0.10, 0.50)}  # lr -> (final data loss, final prior term)
+
+    def fake_run(model, args, setup, folder, lr, scale, **kw):
+        loss, term = parts[lr]
+        return RunResult(history=[{"train_loss": loss, "prior_term": term}], lr=lr, scale=scale)
+
+    monkeypatch.setattr(phases, "_run", fake_run)
+    args = build_parser().parse_args(["finetune", "m", "--prior", "p", "--data", "d", "--output-dir", str(tmp_path)])
+    setup = SimpleNamespace(eval_datasets={}, num_train_examples=8)
+    _, chosen, record = phases.search(torch.nn.Linear(2, 2), args, setup, [(0.1, "learned"), (0.01, "learned")],
+                                      select="train_loss", what="lr")  # fmt: skip
+    assert chosen.lr == 0.01 and record["best_lr"] == 0.01 and record["metric"] == "final_objective"
+    assert [p["final_train_loss"] for p in record["curve"]] == [0.10, 0.40]
+    assert [p["final_objective"] for p in record["curve"]] == pytest.approx([0.60, 0.45])
