@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from pathlib import Path
 from typing import Any
 
 __all__ = ["register"]
@@ -132,10 +131,8 @@ def run(args: argparse.Namespace) -> int:
         config = build_config(args)
         from priorzoo.cli._common import SUBFOLDER_REMEDY, saving_into
         from priorzoo.demo import run_demo
-        from priorzoo.format.commit import check_target
 
-        with saving_into("--output-dir/prior", SUBFOLDER_REMEDY):
-            check_target(Path(config.output_dir) / "prior", "--output-dir/prior")  # before minutes of work
+        with saving_into("--output-dir/prior", SUBFOLDER_REMEDY):  # run_demo checks prior/ before any work
             result = run_demo(config)
     except (ImportError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
         print(f"priorzoo demo: error: {err}", file=sys.stderr)

@@ -48,6 +48,35 @@ def _environment() -> dict[str, Any]:
     return env
 
 
+_PRIOR_DIR_REMEDY = (
+    "Choose another `DemoConfig.output_dir` (e.g. `dataclasses.replace(config, output_dir=...)`), or move that "
+    "folder out of it; `run_demo` has no `overwrite`: `prior/` is its own to fill"
+)
+"""The way out of a refused ``<output_dir>/prior`` for a Python caller of :func:`run_demo` (the command line
+rewords it with its ``--output-dir``)."""
+
+
+def _check_prior_dir(out: Path) -> Path:
+    """``out / "prior"``, refused up front (the save's own check) when it holds something other than a prior.
+
+    Example:
+        >>> import tempfile
+        >>> out = Path(tempfile.mkdtemp())
+        >>> _ = (out / "prior").mkdir(), (out / "prior" / "notes.txt").write_text("mine")
+        >>> _check_prior_dir(out)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        priorzoo.errors.PriorTargetError: `DemoConfig.output_dir/prior` '.../prior' is a non-empty folder ...
+    """
+    from priorzoo.errors import PriorTargetError
+    from priorzoo.format.commit import check_target
+
+    try:
+        return check_target(out / "prior", "DemoConfig.output_dir/prior")
+    except PriorTargetError as err:
+        raise err.reworded(remedy=_PRIOR_DIR_REMEDY) from None
+
+
 def load_splits(cfg: DemoConfig) -> dict[str, Any]:
     """Texts and labels of the source set and the class-balanced target train/val/test splits of ``cfg``.
 
@@ -123,6 +152,9 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
     Raises:
         ImportError: a demo dependency is missing (``pip install "priorzoo[demo]"``).
         ValueError: an invalid configuration, or user data too small for the requested splits.
+        FileExistsError: ``<output_dir>/prior`` holds something other than a prior (a
+            :class:`~priorzoo.errors.PriorTargetError`, raised before any work: ``run_demo`` has no ``overwrite``,
+            choose another ``output_dir``).
 
     Example:
         >>> from priorzoo.demo import DemoConfig, run_demo  # doctest: +SKIP
@@ -137,6 +169,7 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     out = Path(cfg.output_dir)
+    prior_dir = _check_prior_dir(out)  # before minutes of work, not at the save
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
 
@@ -231,7 +264,6 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
         # ---- 3. the zoo entry: save, then reload the way a user would
         t = time.perf_counter()
         progress.phase("saving + reloading the prior", 1)
-        prior_dir = out / "prior"
         prior.save_pretrained(prior_dir)
         prior = PriorModel.from_pretrained(prior_dir, local_files_only=True)  # never the Hub
         progress.update()

@@ -221,6 +221,29 @@ def test_the_demo_command_leaves_the_offline_setting_alone(tmp_path, monkeypatch
     assert "HF_HUB_OFFLINE" not in os.environ
 
 
+def test_run_demo_refuses_its_prior_folder_before_any_work(tmp_path, monkeypatch) -> None:
+    """`run_demo` from Python checks `<output_dir>/prior` before the pipeline (not at the save, minutes later),
+    and names what it accepts (another `output_dir`), never `overwrite=True`, which it does not take."""
+    from priorzoo.demo import pipeline
+    from priorzoo.errors import PriorTargetError
+
+    def started(cfg):
+        raise AssertionError("the pipeline started before the prior folder was checked")
+
+    monkeypatch.setattr(pipeline, "load_splits", started)
+    (tmp_path / "prior").mkdir()
+    (tmp_path / "prior" / "notes.txt").write_text("mine")
+    with pytest.raises(PriorTargetError) as caught:
+        pipeline.run_demo(_tiny_config(str(tmp_path)))
+    message = str(caught.value)
+    assert f"`DemoConfig.output_dir/prior` {str(tmp_path / 'prior')!r} is a non-empty folder" in message
+    assert "Choose another `DemoConfig.output_dir`" in message and "overwrite=True" not in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prior"]
+    (tmp_path / "prior" / "notes.txt").unlink()
+    with pytest.raises(AssertionError, match="pipeline started"):  # an empty prior/ (or none) is accepted
+        pipeline.run_demo(_tiny_config(str(tmp_path)))
+
+
 @pytest.mark.slow
 def test_demo_card_says_what_was_measured_and_its_snippets_run(demo_run, tmp_path, monkeypatch) -> None:
     from huggingface_hub import ModelCard
