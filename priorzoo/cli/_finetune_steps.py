@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from priorzoo.data.user import Columns
-from priorzoo.format.local_paths import strip_local_paths
+from priorzoo.format.local_paths import public_name, strip_local_paths
 
 __all__ = [
     "LR_GRIDS",
@@ -117,12 +117,48 @@ def json_default(value: Any) -> Any:
         return repr(value)
 
 
+def _name_base_model(folder: Path, model: Any, name: str) -> None:
+    """Name the base model in PEFT's saved adapter files by the backbone as given (``name``, already through
+    :func:`~priorzoo.format.local_paths.public_name`: a Hub id as is, a local folder by its name only).
+
+    PEFT records the string the backbone was loaded from — a local folder's absolute path — as
+    ``adapter_config.json``'s ``base_model_name_or_path`` and as the card's ``base_model`` and
+    ``base_model:adapter:…`` tag; users upload this folder with PEFT's own ``push_to_hub``. The two files are
+    rewritten after PEFT's save (so its save runs as it always does, with no Hub lookup of a bare folder name).
+    ``PeftModel.from_pretrained(base, folder)`` never reads the field (it takes the base model as given); only
+    ``AutoPeftModel*`` loads the base from it, which a Hub id still allows. Nothing changes when PEFT recorded no
+    name (timm and torchvision backbones) or the name was already public.
+    """
+    recorded = next(iter(model.peft_config.values())).base_model_name_or_path
+    if not recorded or recorded == name:
+        return
+    config_path = folder / "adapter_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if config.get("base_model_name_or_path") == recorded:
+        config["base_model_name_or_path"] = name
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    card_path = folder / "README.md"
+    if card_path.is_file():
+        from huggingface_hub import ModelCard
+
+        card = ModelCard.load(card_path)
+        if card.data.base_model == recorded:
+            card.data.base_model = name
+        if card.data.tags:
+            card.data.tags = [
+                t.replace(f"base_model:adapter:{recorded}", f"base_model:adapter:{name}") for t in card.data.tags
+            ]
+        card.save(card_path)
+
+
 def save_model(model: Any, tokenizer: Any, library: str, folder: Path, result: dict[str, Any]) -> None:
     from priorzoo.binding.peft import is_peft_model
 
     folder.mkdir(parents=True, exist_ok=True)
     if library == "transformers" or is_peft_model(model):  # a LoRA run saves its adapters (PEFT's format)
         model.save_pretrained(folder)
+        if is_peft_model(model):
+            _name_base_model(folder, model, public_name(result["backbone"]["name"]))
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
     elif library == "timm":

@@ -28,7 +28,12 @@ frequent class, ends with ``"status": "diverged"`` / ``"chance"`` in metrics.jso
 inside records the prior and λ) and for ``bma`` the downstream posterior in ``posterior/``.
 
 LoRA (``--lora-r 8 --lora-target query,value``): the backbone is frozen and rank-r adapters are trained
-(with the new head); the prior is evaluated at the adapted layers' effective weights W₀ + ΔW.
+(with the new head); the prior is evaluated at the adapted layers' effective weights W₀ + ΔW. ``model/`` then
+holds PEFT's adapter files, whose ``adapter_config.json`` (``base_model_name_or_path``) and card name the backbone
+as given on the command line: a Hub id as is, a local folder by its name only, never its path. Reload: the
+backbone (``AutoModelForSequenceClassification.from_pretrained(BACKBONE, num_labels=...)``), the prior mean put in
+with ``prior.init_model_(base)`` when the run started there (``priorzoo_finetune.json``'s ``prior.init`` is
+``prior_mean``, the default with ``--prior``), then ``PeftModel.from_pretrained(base, "OUTPUT_DIR/model")``.
 
 Example:
     $ priorzoo finetune ./all-MiniLM-L6-v2 --prior ./minilm-swag-prior --data train.csv --test-data test.csv \\

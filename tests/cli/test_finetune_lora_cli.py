@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from test_finetune_cli import _args, _finetune, _text_csv, bert_folder, bert_prior_folder  # noqa: F401
 
 from priorzoo import PriorModel
@@ -75,3 +78,44 @@ def test_lora_target_that_names_no_module(bert_folder, tmp_path, capsys):  # noq
     assert code != 0
     err = capsys.readouterr().err
     assert "['qkv'] name no module" in err and "query" in err
+
+
+def test_lora_adapters_name_the_backbone_never_its_path(bert_folder, bert_prior_folder, tmp_path, monkeypatch):  # noqa: F811
+    """PEFT records the base model as the path it was loaded from (adapter_config.json's `base_model_name_or_path`,
+    the card's `base_model`), and users upload `model/` with PEFT's own `push_to_hub`: the folder names the backbone
+    as given (a local folder by its name), and the documented reload (the backbone, μ put in when the run started
+    at the prior mean, then `PeftModel.from_pretrained`) gives back the model the run trained."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    import priorzoo.cli.finetune as finetune_cli
+
+    trained = {}
+    save_model = finetune_cli._save_model
+
+    def keep(model, *rest):
+        trained["model"] = model
+        save_model(model, *rest)
+
+    monkeypatch.setattr(finetune_cli, "_save_model", keep)
+    train = _text_csv(tmp_path / "train.csv", 8, 0)
+    out = tmp_path / "run"
+    lora = ("--lora-r", "2", "--lora-target", "query,value")
+    metrics = _finetune(out, str(bert_folder), "--prior", str(bert_prior_folder), "--data", str(train), *lora,
+                        "--epochs", "1", "--lr", "0.05", "--scale", "100")  # fmt: skip
+    folder = out / "model"
+    adapter_config = json.loads((folder / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == bert_folder.name
+    for path in folder.iterdir():  # no file of the folder names a local path
+        assert str(bert_folder.parent).encode() not in path.read_bytes(), path.name
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.base_model == bert_folder.name and f"base_model:adapter:{bert_folder.name}" in card.data.tags
+
+    assert json.loads((folder / "priorzoo_finetune.json").read_text())["prior"]["init"] == "prior_mean"
+    base = AutoModelForSequenceClassification.from_pretrained(bert_folder, num_labels=metrics["num_labels"])
+    PriorModel.from_pretrained(bert_prior_folder).init_model_(base)  # the run's W₀ = μ
+    reloaded = PeftModel.from_pretrained(base, folder).eval()
+    ids = torch.randint(0, base.config.vocab_size, (3, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = trained["model"].eval()(input_ids=ids).logits
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=0, atol=1e-6)
