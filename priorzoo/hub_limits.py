@@ -22,8 +22,19 @@ the average rate over the last :math:`t - t_{\text{last}} > W` seconds is provab
 :math:`r_{\min}`, and the call is given up with :class:`HubTimeoutError`. The rule bounds the average rate
 over a window, not the gap between two bytes: a byte every 5 s on a 2 KB ``config.json`` ends after
 :math:`W` seconds; on a 10 MiB chunk after :math:`W + E/r_{\min}`. An abandoned worker stops at its next
-progress report and starts no new request; a request it is blocked in ends with huggingface_hub's own
-timeouts (or, for a dripping server, when the server closes).
+progress report; until then it runs on in huggingface_hub: a request it is blocked in ends with huggingface_hub's
+own timeouts (or, for a dripping server, when the server closes), and huggingface_hub's own retries (a file's
+metadata, paginated listings) still send requests.
+
+Such a retry that cannot connect makes huggingface_hub close its **shared** HTTP client (``close_session``, on a
+``ConnectError``): a request another thread has in flight on that client then fails (``ReadError: Bad file
+descriptor``, measured with huggingface_hub 2.4). huggingface_hub has no public way to give one call its own client
+or to keep a thread from closing the shared one, so priorzoo protects its own later calls instead: while a worker
+it gave up on is still running, a later bounded call whose client was closed under it (that client is closed, and a
+read/write error of the HTTP client or a "client has been closed" error is in the failure's chain) is run again, up
+to :data:`CLOSED_CLIENT_RETRIES` times (the files it already fetched stay in the cache), still under the same
+limits. Other code's calls in the process (say transformers' ``from_pretrained``) can still fail that way while such
+a worker runs.
 
 - ``PRIORZOO_HUB_STALL_WINDOW`` :math:`W` (default 30 s), never shorter than the user's ``HF_HUB_ETAG_TIMEOUT``
   and ``HF_HUB_DOWNLOAD_TIMEOUT``: a wait that huggingface_hub allows for one read is never cut short;
@@ -39,6 +50,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import threading
@@ -47,7 +59,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-__all__ = ["HubLimits", "HubTimeoutError", "Progress", "limits_from_env", "run_bounded"]
+__all__ = ["CLOSED_CLIENT_RETRIES", "HubLimits", "HubTimeoutError", "Progress", "limits_from_env", "run_bounded"]
 
 T = TypeVar("T")
 
@@ -178,12 +190,65 @@ def _progress_bar_class(progress: Progress) -> type:
     return _Watched
 
 
+def _shared_client() -> Any:
+    """huggingface_hub's shared HTTP client (its public ``get_session``: created by the user's factory if none yet)."""
+    from huggingface_hub import get_session
+
+    return get_session()
+
+
 def _no_shorter_than_hf_timeouts(limits: HubLimits) -> HubLimits:
     """``limits`` with a window at least the user's ``HF_HUB_ETAG_TIMEOUT`` / ``HF_HUB_DOWNLOAD_TIMEOUT``."""
     from huggingface_hub import constants
 
     longest = max(float(constants.HF_HUB_ETAG_TIMEOUT), float(constants.HF_HUB_DOWNLOAD_TIMEOUT))
     return limits if limits.window >= longest else dataclasses.replace(limits, window=longest)
+
+
+CLOSED_CLIENT_RETRIES = 8
+"""How many times a bounded call is run again when huggingface_hub's shared client was closed under it while a
+worker priorzoo gave up on was still running (module docstring)."""
+
+_abandoned: list[threading.Thread] = []  # workers given up on; pruned as they end
+_abandoned_lock = threading.Lock()
+
+
+def _abandoned_running() -> bool:
+    with _abandoned_lock:
+        _abandoned[:] = [t for t in _abandoned if t.is_alive()]
+        return bool(_abandoned)
+
+
+def _closed_client_errors() -> tuple[type[BaseException], ...]:
+    """What a request fails with when its client is closed under it: a read/write/close error of the HTTP client
+    huggingface_hub uses (httpx2 or httpx), or the client's ``RuntimeError`` for a request sent on a closed client."""
+    import importlib
+
+    found: list[type[BaseException]] = [RuntimeError]
+    for module in ("httpx2", "httpx"):
+        for name in ("ReadError", "WriteError", "CloseError"):
+            with contextlib.suppress(ImportError, AttributeError):
+                found.append(getattr(importlib.import_module(module), name))
+    return tuple(found)
+
+
+def _hit_by_a_closed_client(err: BaseException, client: Any) -> bool:
+    """Whether ``err`` can come from huggingface_hub's shared client closed under the call: ``client`` (the shared
+    client when the call started) is closed now, and an error of :func:`_closed_client_errors` is in the chain."""
+    if client is None or not getattr(client, "is_closed", False):
+        return False
+    kinds = _closed_client_errors()
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, kinds):
+            return True
+        todo += [e.__cause__, e.__context__]
+    return False
 
 
 def run_bounded(fn: Callable[[Progress], T], limits: HubLimits | None = None, *, what: str, poll: float = 0.25) -> T:
@@ -201,10 +266,20 @@ def run_bounded(fn: Callable[[Progress], T], limits: HubLimits | None = None, *,
     box: dict[str, Any] = {}
 
     def work() -> None:
-        try:
-            box["value"] = fn(progress)
-        except BaseException as err:  # handed to the caller
-            box["error"] = err
+        for attempt in range(CLOSED_CLIENT_RETRIES + 1):
+            # the shared client, looked at only while a worker given up on runs (it may close it under this call)
+            client = _shared_client() if _abandoned_running() else None
+            try:
+                box["value"] = fn(progress)
+                return
+            except BaseException as err:  # handed to the caller, or run again (module docstring)
+                again = attempt < CLOSED_CLIENT_RETRIES and not progress.cancelled.is_set()
+                if again and _hit_by_a_closed_client(err, client):
+                    with contextlib.suppress(HubTimeoutError):  # the watcher may have given up meanwhile
+                        progress.begin("starting again (huggingface_hub's shared client was closed under the call)")
+                        continue
+                box["error"] = err
+                return
 
     worker = threading.Thread(target=work, name=f"priorzoo-hub: {what}", daemon=True)
     start = time.monotonic()
@@ -218,6 +293,8 @@ def run_bounded(fn: Callable[[Progress], T], limits: HubLimits | None = None, *,
             why = f"not done within the {limits.deadline:g} s deadline (while {progress.step})"
         if why is not None:
             progress.cancelled.set()
+            with _abandoned_lock:
+                _abandoned.append(worker)
             raise HubTimeoutError(
                 f"{what}: {why}; limits: {limits.describe()} (PRIORZOO_HUB_STALL_WINDOW, PRIORZOO_HUB_MIN_RATE, "
                 "PRIORZOO_HUB_DEADLINE)"

@@ -156,7 +156,8 @@ class HubServer:
         outage: set to an HTTP status (e.g. 403 from a proxy) to answer every request with it, without any
             Hub error code, as a broken network path would.
         on_request: ``hook(method, path)`` called for every request before it is handled (outside the server's
-            lock, so the hook may change the repos, e.g. :meth:`push` a commit between a client's requests).
+            lock, so the hook may change the repos, e.g. :meth:`push` a commit between a client's requests); a
+            hook that raises ``ConnectionError`` drops the connection without an answer.
         drip: seconds between two bytes of a file download's body (``GET …/resolve/…``), to play a Hub that
             trickles; ``None`` (default) sends bodies at once. A dripping answer stops when the server closes.
 
@@ -509,9 +510,9 @@ class _Handler(BaseHTTPRequestHandler):
         query = parse_qs(split.query)
         with self.hub._lock:
             self.hub.requests.append((method, split.path))
-        if self.hub.on_request is not None:
-            self.hub.on_request(method, split.path)
         try:
+            if self.hub.on_request is not None:  # a hook raising ConnectionError drops the connection
+                self.hub.on_request(method, split.path)
             if self.hub.outage is not None:
                 raise _HTTPError(self.hub.outage, "the test hub server is simulating an outage")
             self._route(method, segments, query)

@@ -234,6 +234,63 @@ def test_a_hanging_hub_falls_back_to_the_cache(hub_server: HubServer, monkeypatc
         join_abandoned()
 
 
+@pytest.mark.slow  # the worker given up on retries for ~20 s before it ends
+def test_a_worker_given_up_on_that_closes_the_shared_client_does_not_fail_a_later_download(
+    hub_server: HubServer, monkeypatch, tmp_path
+) -> None:
+    """huggingface_hub closes its shared HTTP client when a retry cannot connect (`close_session`). A worker priorzoo
+    gave up on still retries (a file's metadata), and once its Hub refuses connections it closes the client that a
+    later download is reading from: that download failed with `ReadError: Bad file descriptor`. It is now run again."""
+    from huggingface_hub import constants, get_session
+
+    prior = small(4.0).save_pretrained(tmp_path / "p")
+    monkeypatch.setenv("HF_TOKEN", hub_server.token)
+    upload_prior(prior, "org/p")  # the healthy Hub of the later download
+    healthy = hub_server.url
+    with HubServer() as gone:  # the Hub of the download given up on: it hangs on files, then goes away
+        patch_hf_env(monkeypatch, gone.url, tmp_path / "home-gone")
+        monkeypatch.setenv("HF_TOKEN", gone.token)
+        upload_prior(prior, "org/p")
+        release = threading.Event()
+
+        def hang_then_drop(method: str, path: str) -> None:
+            if "/resolve/" in path:
+                release.wait(60)
+                raise ConnectionError("this Hub goes away")  # the connection is dropped: the worker retries
+
+        gone.on_request = hang_then_drop
+        short_limits(monkeypatch)
+        with pytest.raises(PriorNotFoundError, match="stalled while downloading"):
+            download_prior("org/p")  # given up on: its worker retries the files' metadata
+
+        patch_hf_env(monkeypatch, healthy, tmp_path / "home-healthy")
+        monkeypatch.setenv("PRIORZOO_HUB_STALL_WINDOW", "30")
+        for name in ("HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT"):
+            monkeypatch.setattr(constants, name, 10)
+        closed: list[bool] = []
+        first = threading.Lock()
+
+        def close_the_client_under_the_first_file(method: str, path: str) -> None:
+            if method == "GET" and "/resolve/" in path and first.acquire(blocking=False):
+                client = get_session()  # the client this download reads from
+                release.set()  # the gone Hub drops its connections ...
+                threading.Thread(target=gone.close).start()  # ... and refuses new ones: the worker closes the client
+                deadline = time.monotonic() + 30
+                while not client.is_closed and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                closed.append(client.is_closed)
+
+        hub_server.on_request = close_the_client_under_the_first_file
+        try:
+            folder = download_prior("org/p")
+        finally:
+            hub_server.on_request = None
+            release.set()
+            join_abandoned(60)
+    assert closed == [True]  # the client was closed while the download had a file request in flight
+    assert PriorModel.from_pretrained(folder).scale == 4.0
+
+
 def test_hub_limits_are_validated(hub_server: HubServer, monkeypatch) -> None:
     monkeypatch.setenv("PRIORZOO_HUB_MIN_RATE", "soon")
     with pytest.raises(ValueError, match=r"`PRIORZOO_HUB_MIN_RATE` must be a number > 0; received 'soon'"):
