@@ -20,18 +20,28 @@ from typing import Any
 import torch
 
 from priorzoo.cli._finetune_steps import log
-from priorzoo.cli._trainer import RunResult, inner_model, train_run
+from priorzoo.cli._trainer import RunResult, drops_last_single, inner_model, train_run
 
 __all__ = ["chance_reason", "majority_share", "predict_splits", "search", "sgld_phase", "swag_phase"]
 
 
-def _steps_per_epoch(args: argparse.Namespace, n: int) -> int:
+def _steps_per_epoch(args: argparse.Namespace, n: int, model: Any) -> int:
+    """Optimiser steps per epoch, as the Trainer counts them (a last partial accumulation is a step)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    return max(1, math.ceil(n / (args.batch_size * world)) // args.gradient_accumulation_steps)
+    batches = n // args.batch_size if drops_last_single(model, n, args.batch_size) else math.ceil(n / args.batch_size)
+    return max(1, math.ceil(math.ceil(batches / world) / args.gradient_accumulation_steps))
 
 
 def _loader(setup: Any, ds: Any, batch_size: int) -> Any:
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=setup.collate)
+
+
+def _train_loader(setup: Any, model: Any, batch_size: int) -> Any:
+    """The training data in order, for batch-norm statistics (a last batch of one dropped as in training)."""
+    drop = drops_last_single(model, len(setup.train_dataset), batch_size)
+    return torch.utils.data.DataLoader(
+        setup.train_dataset, batch_size=batch_size, shuffle=False, collate_fn=setup.collate, drop_last=drop
+    )
 
 
 def _run(model: Any, args: argparse.Namespace, setup: Any, folder: str, lr: float, scale: float | None, **kw: Any):
@@ -135,7 +145,7 @@ def swag_phase(model: Any, args: argparse.Namespace, setup: Any, lr: float, scal
     from priorzoo.finetune import DownstreamSWAG, bma_predict, refresh_batchnorm_
 
     swag = DownstreamSWAG(inner_model(model), rank=args.swag_rank)
-    steps = args.swag_epochs * _steps_per_epoch(args, setup.num_train_examples)
+    steps = args.swag_epochs * _steps_per_epoch(args, setup.num_train_examples, model)
     every = max(1, steps // (args.swag_rank + 1))
 
     class Collect(TrainerCallback):
@@ -151,7 +161,7 @@ def swag_phase(model: Any, args: argparse.Namespace, setup: Any, lr: float, scal
     if swag.num_collected < 2:
         raise RuntimeError(f"the SWAG phase collected {swag.num_collected} snapshot(s); raise --swag-epochs")
     posterior = swag.posterior()
-    train_loader = _loader(setup, setup.train_dataset, args.batch_size)
+    train_loader = _train_loader(setup, model, args.batch_size)
     predictions: dict[str, Any] = {}
     if setup.eval_datasets:
         loaders = {name: _loader(setup, ds, args.eval_batch_size) for name, ds in setup.eval_datasets.items()}
@@ -189,11 +199,11 @@ def sgld_phase(model: Any, args: argparse.Namespace, setup: Any, lr: float, scal
         generator=torch.Generator(device=device).manual_seed(args.seed),
     )
     constant = torch.optim.lr_scheduler.LambdaLR(sgld, lambda _step: 1.0)
-    per_epoch = _steps_per_epoch(args, n)
+    per_epoch = _steps_per_epoch(args, n, model)
     burn = args.epochs // 2 if args.burn_in_epochs is None else args.burn_in_epochs
     every = max(1, (args.epochs - burn) * per_epoch // args.num_samples)
     loaders = {name: _loader(setup, ds, args.eval_batch_size) for name, ds in setup.eval_datasets.items()}
-    train_loader = _loader(setup, setup.train_dataset, args.batch_size)
+    train_loader = _train_loader(setup, model, args.batch_size)
     averager = PredictiveAverager(loaders, bn_loader=train_loader) if loaders else None
 
     class Sample(TrainerCallback):

@@ -39,6 +39,7 @@ __all__ = [
     "ObjectiveModel",
     "RunResult",
     "WithLoss",
+    "drops_last_single",
     "inner_model",
     "is_main_process",
     "swag_run",
@@ -86,6 +87,30 @@ def trainer_model(model: nn.Module, library: str) -> nn.Module:
 def inner_model(model: nn.Module) -> nn.Module:
     """The backbone inside a :class:`WithLoss` (what is saved and what posteriors are named after)."""
     return model.model if isinstance(model, WithLoss) else model
+
+
+def drops_last_single(model: nn.Module, num_examples: int, batch_size: int) -> bool:
+    """Whether a training loader of ``model`` drops its last batch: it would hold exactly one example and the model
+    has batch-norm layers that train.
+
+    A batch-norm layer in train mode needs more than one value per channel; where the spatial size has shrunk to
+    1×1 (timm's ``test_resnet`` at 32 px, any classifier's pooled features) a batch of one example stops the run
+    with "Expected more than 1 value per channel when training". Only that last batch of one is dropped (its
+    example is trained on in the other epochs: the data order is reshuffled each epoch), only in a single
+    process (under DDP, accelerate completes every process's last batch from the start of the data), and only
+    when a batch-norm layer is not frozen (:func:`~priorzoo.binding.batchnorm.freeze_batchnorm_` keeps those in
+    eval mode). N, the number of training examples in the prior term and κ = D/N, is unchanged.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+        >>> drops_last_single(net, 9, 8), drops_last_single(net, 10, 8), drops_last_single(net[0], 9, 8)
+        (True, False, False)
+    """
+    from priorzoo.binding.batchnorm import is_frozen_batchnorm
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or num_examples <= batch_size or num_examples % batch_size != 1:
+        return False
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not is_frozen_batchnorm(m) for m in model.modules())
 
 
 def is_main_process() -> bool:
@@ -269,6 +294,7 @@ def train_run(
     A non-finite or exploding training loss stops the run and is reported in ``RunResult.diverged``. ``clip``
     overrides ``args.max_grad_norm`` (0: no clipping; SGLD); ``optimizers``: the Trainer's ``(optimizer,
     scheduler)`` instead of ``optimizer``/``schedule``/``warmup``.
+    A last batch of exactly one example is dropped when batch norm would fail on it (:func:`drops_last_single`).
     Checkpoints go to ``folder`` (removed after a finished run unless ``args.keep_checkpoints``); with
     ``args.resume`` an interrupted run restarts from its last checkpoint there.
     """
@@ -288,6 +314,7 @@ def train_run(
     targs = TrainingArguments(
         output_dir=str(folder),
         num_train_epochs=epochs,
+        dataloader_drop_last=drops_last_single(model, len(train_dataset), args.batch_size),
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.eval_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,

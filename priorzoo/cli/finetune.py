@@ -17,6 +17,13 @@ metrics.json records the learned λ, σ and the learning rate. ``--lr auto`` (th
 schedule at each learning rate of a short list and keeps the run with the lowest final training objective
 (data loss plus the prior term: what the run minimised): it needs no validation data.
 
+Batch norm: a batch-norm layer that trains cannot take a batch of one example (one value per channel once the
+features are pooled), so when the training data leave a last batch of exactly one example (N mod
+``--batch-size`` = 1, a single process) and the backbone has batch-norm layers that train, that batch is dropped
+in each epoch (its example is trained on in the others, the order being reshuffled) and in the batch-norm
+refreshes of ``bma`` / ``sgld``; N stays the number of training examples. metrics.json's
+``drop_last_batch_of_one`` says whether this happened.
+
 Starting point: with ``--prior`` the covered weights (and batch-norm statistics) start at the prior mean μ
 (``--keep-backbone-weights``: the backbone's own); ``--init-from PRIOR`` starts a ``--no-prior`` or ``--l2sp``
 run there too — the control arm that separates what the prior term does from what its starting point does.
@@ -398,7 +405,7 @@ def _finetune(args: argparse.Namespace, progress: dict[str, Any]) -> dict[str, A
         sgld_phase,
         swag_phase,
     )
-    from priorzoo.cli._trainer import inner_model, is_main_process, trainer_model
+    from priorzoo.cli._trainer import drops_last_single, inner_model, is_main_process, trainer_model
     from priorzoo.finetune.metrics import classification_metrics
     from priorzoo.finetune.scale import log_grid
 
@@ -430,6 +437,10 @@ def _finetune(args: argparse.Namespace, progress: dict[str, Any]) -> dict[str, A
         f"{args.method}, {what}",
     )
 
+    drop_last = drops_last_single(model, n_train, args.batch_size)
+    if drop_last:
+        _log(args, f"{n_train} examples in batches of {args.batch_size} leave a last batch of one, which batch norm "
+                   "cannot train on: it is dropped in each epoch")  # fmt: skip
     lrs = lr_candidates(args)
     scale = setup.scale
     lr_search = scale_search = None
@@ -513,6 +524,7 @@ def _finetune(args: argparse.Namespace, progress: dict[str, Any]) -> dict[str, A
         "num_labels": cols.num_labels,
         "label_names": cols.names,
         "splits": {"train": n_train, **{k: len(v) for k, v in setup.eval_datasets.items()}},
+        "drop_last_batch_of_one": drop_last,
         "lr_search": lr_search,
         "scale_search": scale_search,
         "lora": (

@@ -510,3 +510,24 @@ def test_resume_with_a_learned_scale_restores_sigma(bert_folder, bert_prior_fold
     capsys.readouterr()
     assert main(_args(*common, "--epochs", "4", "--resume", "--output-dir", str(tmp_path / "run"))) != 0
     assert "learned_scale.safetensors` does not exist" in capsys.readouterr().err
+
+
+def test_a_last_batch_of_one_is_dropped_when_batch_norm_trains(tmp_path):
+    """9 images in batches of 4 leave a last batch of one, on which timm's `test_resnet` (1×1 features at 16 px)
+    cannot train its batch norm: that batch is dropped in training and in bma's batch-norm refreshes, and
+    metrics.json says so; N (κ = D/N) is still 9."""
+    pytest.importorskip("timm")
+    data = _image_folders(tmp_path / "images", (("train", 5), ("test", 2)))
+    (data / "train" / "dog" / "4.png").unlink()
+    metrics = _finetune(
+        tmp_path / "run", "test_resnet", "--library", "timm", "--no-pretrained", "--l2sp", "learned",
+        "--data", str(data / "train"), "--test-data", str(data / "test"), "--image-size", "16", "--method", "bma",
+        "--num-samples", "2", "--swag-rank", "2", "--swag-epochs", "2", "--epochs", "2", "--lr", "0.01",
+    )  # fmt: skip
+    assert metrics["drop_last_batch_of_one"] is True
+    assert [e["step"] for e in metrics["training"]["map"]["history"]] == [2, 4]  # 2 batches of 4 per epoch
+    assert metrics["training"]["swag"]["snapshots"] == 4 and metrics["training"]["swag"]["steps"] == 4
+    learned = metrics["prior"]["learned_scale"]
+    assert metrics["num_train_examples"] == 9
+    assert learned["kappa"] == pytest.approx(sum(learned["groups"].values()) / 9)
+    assert metrics["metrics"]["test"]["num_examples"] == 4
