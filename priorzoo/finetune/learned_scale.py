@@ -444,6 +444,30 @@ class LearnedScale:
         self._noise = self._saved = None
         return dot
 
+    @torch.no_grad()
+    def discard_step_(self) -> None:
+        """Abandon the current step (an exception between :meth:`perturb_` and :meth:`add_to_grad_`): wait for its
+        background work, put w̄ back exactly and keep σ; a no-op between steps.
+
+        Example:
+            >>> import torch
+            >>> from priorzoo import PriorModel
+            >>> lin = torch.nn.Linear(2, 2)
+            >>> w = lin.weight.detach().clone()
+            >>> prior = PriorModel.from_tensors({"weight": torch.zeros(2, 2)}, variance=1.0, exclude=["bias"])
+            >>> learned = LearnedScale(prior, lin, num_train_examples=4)
+            >>> learned.perturb_()
+            >>> learned.discard_step_()
+            >>> learned.perturbed, torch.equal(lin.weight, w)
+            (False, True)
+        """
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.wait()  # it reads the saved copy and draws the next ε: let it finish before anything else
+        if self._noise is not None:
+            torch._foreach_copy_([_local(p) for p in self._noise_params], self._saved)
+            self._noise = self._saved = None
+
     def _solve(self, sigma: Tensor, *, add_grad: bool) -> tuple[Tensor, Tensor]:
         """λ_g ← closed form at the current w̄ and σ; with ``add_grad`` add S_g⁻¹(w̄_g − μ_g)/(λ_g D) into
         ``.grad``. Returns (KL/D, ∂(KL/D)/∂σ), float64."""

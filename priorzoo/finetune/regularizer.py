@@ -327,10 +327,13 @@ class PriorRegularizer:
         return True
 
     def _discard_prefetch(self) -> None:
-        """Wait for a pending prefetch and drop it (e.g. at the end of training)."""
+        """Wait for a pending prefetch and drop it (e.g. at the end of training, or after an exception in a step:
+        a learned scale's sample w̄ + σε is then taken out of the weights, :meth:`LearnedScale.discard_step_`)."""
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.wait()
+        if self.learned is not None:
+            self.learned.discard_step_()
 
     def _workspace_for(self, bound: BoundPrior) -> Workspace:
         if self._workspace is None or self._workspace.owner is not bound.gaussian:

@@ -174,9 +174,18 @@ class PriorTrainerMixin:
         trainer.add_callback(_PriorStepCheck(self))
 
     def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
-        """The Trainer's ``train``; the checkpoint it resumes from also restores a learned scale's state."""
+        """The Trainer's ``train``; the checkpoint it resumes from also restores a learned scale's state.
+
+        An exception inside a step (an interrupt, a failing forward) first waits for the prior term's background
+        thread (left running, it aborts the interpreter at exit) and, with a learned scale, puts w̄ back in place
+        of the step's sample w̄ + σε, so that the model can still be saved or trained on."""
         self._prior_resume_from = resume_from_checkpoint
-        return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
+        except BaseException:
+            if self.prior_regularizer is not None:
+                self.prior_regularizer._discard_prefetch()
+            raise
 
     def _prior_regularizer_for(self, model: torch.nn.Module) -> PriorRegularizer:
         if self.prior_regularizer is None or self.prior_regularizer.model is not model:

@@ -129,3 +129,37 @@ def test_peft_training_with_learned_scale_moves_only_adapters_and_head():
     after = params_of(model)
     moved = {n for n in before if not torch.equal(before[n], after[n])}
     assert moved and all(("lora_" in n) or ("classifier" in n) for n in moved)
+
+
+@pytest.mark.parametrize("scale", ["learned", 1e3])
+def test_an_exception_in_a_step_leaves_the_mean_weights_and_no_thread_running(scale, tmp_path):
+    """A forward that fails in the second step (an interrupt, a batch-norm error): PriorTrainer.train re-raises it
+    after waiting for the prior term's background thread (left running, it aborted the interpreter at exit) and,
+    with a learned scale, after putting w̄ back in place of the sample w̄ + σε."""
+    data = text_examples(2 * N)
+    model = tiny_bert()
+    after_first: list[dict[str, torch.Tensor]] = []
+
+    class Record(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            after_first.append(params_of(model))
+
+    calls = []
+
+    def fail_second(_module, _inputs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("stop")
+
+    model.register_forward_pre_hook(fail_second)
+    args = one_step_args(tmp_path / "out", per_device=N, ga=1, lr=LR, max_steps=2)
+    trainer = PriorTrainer(
+        model=model, args=args, train_dataset=data, prior=bert_prior(model), scale=scale, callbacks=[Record()]
+    )
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    reg = trainer.prior_regularizer
+    assert reg._pending is None
+    if reg.learned is not None:
+        assert not reg.learned.perturbed and reg.learned._pending is None
+    assert len(after_first) == 1 and max_abs_diff(params_of(model), after_first[0]) == 0.0
