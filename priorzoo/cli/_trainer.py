@@ -36,12 +36,15 @@ import torch
 from torch import nn
 
 __all__ = [
+    "RUN_FILE",
     "ObjectiveModel",
     "RunResult",
     "WithLoss",
+    "check_resume",
     "drops_last_single",
     "inner_model",
     "is_main_process",
+    "run_settings",
     "swag_run",
     "train_run",
     "trainer_model",
@@ -111,6 +114,58 @@ def drops_last_single(model: nn.Module, num_examples: int, batch_size: int) -> b
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or num_examples <= batch_size or num_examples % batch_size != 1:
         return False
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not is_frozen_batchnorm(m) for m in model.modules())
+
+
+RUN_FILE = "priorzoo_run.json"
+"""Written into a run's checkpoint folder: the options that define the run, checked by ``--resume``."""
+
+# what a resumed run must share with the run that wrote the checkpoints (--epochs may grow: that is what a resume
+# of a finished run is for), as the command line spells it
+_RUN_OPTIONS = (
+    "backbone", "library", "pretrained", "checkpoint", "prior", "l2sp", "revision", "init_from", "init_from_prior",
+    "prior_weight", "allow_partial", "lora_r", "lora_target", "lora_alpha", "lora_dropout", "batch_size",
+    "gradient_accumulation_steps", "momentum", "weight_decay", "max_grad_norm", "bf16", "seed",
+)  # fmt: skip
+
+
+def run_settings(args: Any, **run: Any) -> dict[str, Any]:
+    """The options that define a Trainer run (``--name: value``), JSON-ready: ``args``'s :data:`_RUN_OPTIONS` and
+    the run's own ``run`` values (λ, lr, schedule, N, ...); a ``--resume`` must match them (:func:`check_resume`).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> run_settings(SimpleNamespace(batch_size=8, l2sp="learned"), lr=0.1, scale="learned")
+        {'--l2sp': 'learned', '--batch-size': 8, '--lr': 0.1, '--scale': 'learned'}
+    """
+    import json
+
+    out = {f"--{k.replace('_', '-')}": getattr(args, k) for k in _RUN_OPTIONS if hasattr(args, k)}
+    out.update({f"--{k.replace('_', '-')}": v for k, v in run.items()})
+    return json.loads(json.dumps(out, default=str))
+
+
+def check_resume(folder: Path, settings: dict[str, Any]) -> None:
+    """Refuse to resume the checkpoints in ``folder`` under other options than the run that wrote them (its
+    :data:`RUN_FILE`): the weights, the optimiser and a learned scale's σ would continue under another objective,
+    learning rate or data, and metrics.json would describe a run that never happened. Checkpoints written before
+    :data:`RUN_FILE` existed are accepted as they are.
+
+    Raises:
+        ValueError: the options that differ, with the checkpoint's value and this run's.
+    """
+    import json
+
+    path = folder / RUN_FILE
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    differ = [k for k in sorted(set(saved) | set(settings)) if saved.get(k) != settings.get(k)]
+    if differ:
+        what = ", ".join(f"`{k}` {saved.get(k)!r} there, {settings.get(k)!r} now" for k in differ)
+        raise ValueError(
+            f"`--resume`: the checkpoints in {folder} were written with other options ({what}); resume with the same "
+            "options (only --epochs may change), or start afresh without --resume or in another --output-dir"
+        )
 
 
 def is_main_process() -> bool:
@@ -296,7 +351,8 @@ def train_run(
     scheduler)`` instead of ``optimizer``/``schedule``/``warmup``.
     A last batch of exactly one example is dropped when batch norm would fail on it (:func:`drops_last_single`).
     Checkpoints go to ``folder`` (removed after a finished run unless ``args.keep_checkpoints``); with
-    ``args.resume`` an interrupted run restarts from its last checkpoint there.
+    ``args.resume`` an interrupted run restarts from its last checkpoint there, if the options that define the run
+    are those it was written with (:func:`check_resume`).
     """
     from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
@@ -378,9 +434,20 @@ def train_run(
     # ignores num_items_in_batch): the Trainer must average micro-batches and processes, not sum them
     trainer.model_accepts_loss_kwargs = False
     trainer.remove_callback(PrinterCallback)  # the epoch lines above replace the Trainer's raw log dicts
+    settings = run_settings(
+        args, lr=lr, scale=scale, optimizer=optimizer if optimizers is None else "custom", schedule=schedule,
+        warmup=warmup, clip=clip, num_train_examples=num_train_examples,
+    )  # fmt: skip
     resume = get_last_checkpoint(str(folder)) if args.resume and folder.is_dir() else None
-    if resume is not None and is_main_process():
-        print(f"{label}resuming from {resume}", flush=True)  # under --quiet too: it says what the run is
+    if resume is not None:
+        check_resume(folder, settings)
+        if is_main_process():
+            print(f"{label}resuming from {resume}", flush=True)  # under --quiet too: it says what the run is
+    if is_main_process():
+        import json
+
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / RUN_FILE).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     epoch_log.finish()

@@ -235,7 +235,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     t.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     t.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes")
     t.add_argument("--report-to", default="none", help="Trainer loggers: none, all, tensorboard, wandb, …")
-    t.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from its last checkpoint (refused under other options than the run that "
+        "wrote it, --epochs aside)",
+    )
     t.add_argument("--keep-checkpoints", action="store_true", help="keep the Trainer checkpoints of finished runs")
     p.add_argument("--output-dir", required=True, help="metrics.json, model/ and (bma) posterior/ go here")
     p.add_argument(

@@ -531,3 +531,24 @@ def test_a_last_batch_of_one_is_dropped_when_batch_norm_trains(tmp_path):
     assert metrics["num_train_examples"] == 9
     assert learned["kappa"] == pytest.approx(sum(learned["groups"].values()) / 9)
     assert metrics["metrics"]["test"]["num_examples"] == 4
+
+
+def test_resume_under_other_options_is_refused(bert_folder, bert_prior_folder, tmp_path, capsys):
+    """`--resume` continues the checkpoints only under the options that wrote them (--epochs may grow): another
+    --scale or --lr would continue the weights, the optimiser and σ under another objective, and metrics.json would
+    describe a run that never happened."""
+    train = _text_csv(tmp_path / "train.csv", 8, 0)
+    out = tmp_path / "run"
+    common = (str(bert_folder), "--prior", str(bert_prior_folder), "--data", str(train), "--keep-checkpoints")
+    _finetune(out, *common, "--scale", "learned", "--lr", "0.05", "--epochs", "1")
+    for changed, message in (
+        (("--scale", "10", "--lr", "0.05"), "`--scale` 'learned' there, 10.0 now"),
+        (("--scale", "learned", "--lr", "0.01"), "`--lr` 0.05 there, 0.01 now"),
+    ):
+        capsys.readouterr()
+        code = main(_args(*common, *changed, "--epochs", "2", "--resume", "--output-dir", str(out)))
+        assert code == 2
+        err = capsys.readouterr().err
+        assert message in err and "resume with the same options" in err and "Traceback" not in err
+    resumed = _finetune(out, *common, "--scale", "learned", "--lr", "0.05", "--epochs", "2", "--resume")
+    assert [e["step"] for e in resumed["training"]["map"]["history"]] == [4]  # the same options: continued
