@@ -181,12 +181,14 @@ class RunResult:
 
     Attributes:
         history: one entry per epoch: global ``step``, ``epoch``, ``train_loss`` (data loss, mean over the epoch),
-            ``prior_term``, and ``val_nll``/``val_accuracy`` when there is validation data.
+            ``prior_term``, ``learned_scale`` (λ per group and σ at the epoch's end) with a learned scale, and
+            ``val_nll``/``val_accuracy`` when there is validation data.
         steps, seconds: optimiser steps taken, wall-clock time.
         best_epoch, best_metrics: the epoch whose checkpoint was restored (validation NLL) and its metrics.
         diverged: why the training loss counts as diverged (``None``: it did not).
         lr, scale: the learning rate and λ of the run (``"learned"``: learned on the training data).
-        learned_scale: with a learned scale, the final λ per group, σ and κ (:meth:`LearnedScale.state`).
+        learned_scale: with a learned scale, λ per group, σ and κ (:meth:`LearnedScale.state`) at the end of the run,
+            or, when a best epoch was restored, at the end of that epoch (``epoch`` says which).
     """
 
     history: list[dict[str, float]] = field(default_factory=list)
@@ -268,6 +270,10 @@ def _epoch_callback(num_labels: int, log: Callable[[str], None], label: str, *, 
                 if "prior_term" in logs:
                     entry["prior_term"] = float(logs["prior_term"])
                 entry["lr"] = float(logs.get("learning_rate", math.nan))
+                if "prior_sigma" in logs:  # a learned scale: λ_g and σ at the end of the epoch (its checkpoint's)
+                    scales = {k.removeprefix("prior_scale_"): float(v) for k, v in logs.items()
+                              if k.startswith("prior_scale_")}  # fmt: skip
+                    entry["learned_scale"] = {"scales": scales, "sigma": float(logs["prior_sigma"])}
                 self.history.append(entry)
                 self._check(entry, control)
                 if args.eval_strategy == "no":
@@ -470,6 +476,8 @@ def train_run(
             best = min(evals, key=lambda e: e["val_nll"])
             result.best_epoch = best["epoch"]
             result.best_metrics = {"nll": best["val_nll"], "accuracy": best.get("val_accuracy", math.nan)}
+            if result.learned_scale is not None and "learned_scale" in best:  # those of the weights restored
+                result.learned_scale = {**result.learned_scale, **best["learned_scale"], "epoch": best["epoch"]}
     if not getattr(args, "keep_checkpoints", False) and is_main_process():
         shutil.rmtree(folder, ignore_errors=True)
     return result

@@ -13,7 +13,9 @@ samples after a burn-in, averaged the same way). ``--tune-scale`` picks λ on va
 early-stopped run per λ and keeps the model of the best run (the model it scored). ``--scale learned`` (and
 ``--l2sp learned``) learns one λ per group (backbone, head) on the training data instead, in the same run,
 with the data-emphasized ELBO (:mod:`priorzoo.finetune.learned_scale`): no validation data, and
-metrics.json records the learned λ, σ and the learning rate. ``--lr auto`` (the default) trains the full
+metrics.json records the learned λ, σ and the learning rate (with ``--validation-data`` too, which then restores
+the epoch of lowest validation NLL: the λ and σ recorded are those of that epoch, ``learned_scale.epoch``; every
+epoch's are in ``training.map.history``). ``--lr auto`` (the default) trains the full
 schedule at each learning rate of a short list and keeps the run with the lowest final training objective
 (data loss plus the prior term: what the run minimised): it needs no validation data.
 

@@ -552,3 +552,23 @@ def test_resume_under_other_options_is_refused(bert_folder, bert_prior_folder, t
         assert message in err and "resume with the same options" in err and "Traceback" not in err
     resumed = _finetune(out, *common, "--scale", "learned", "--lr", "0.05", "--epochs", "2", "--resume")
     assert [e["step"] for e in resumed["training"]["map"]["history"]] == [4]  # the same options: continued
+
+
+def test_learned_scale_with_validation_data_records_the_restored_epochs_scales(
+    bert_folder, bert_prior_folder, tmp_path
+):
+    """`--scale learned --validation-data`: the epoch of lowest validation NLL is restored, and metrics.json's λ and
+    σ are that epoch's (they were the last epoch's, which the saved model never had)."""
+    train = _text_csv(tmp_path / "train.csv", 16, 0)
+    val = _text_csv(tmp_path / "val.csv", 8, 2)
+    metrics = _finetune(
+        tmp_path / "run", str(bert_folder), "--prior", str(bert_prior_folder), "--scale", "learned",
+        "--data", str(train), "--validation-data", str(val), "--epochs", "2", "--lr", "0.01",
+    )  # fmt: skip
+    run = metrics["training"]["map"]
+    assert run["best_epoch"] == 1 and len(run["history"]) == 2  # a restored epoch that is not the last
+    first, last = (e["learned_scale"] for e in run["history"])
+    assert first["sigma"] != last["sigma"]
+    learned = metrics["prior"]["learned_scale"]
+    assert learned["epoch"] == 1 and learned["sigma"] == first["sigma"] and learned["scales"] == first["scales"]
+    assert sorted(learned["scales"]) == ["backbone", "head"] and learned["kappa"] > 0
