@@ -136,10 +136,15 @@ def search(
     return chosen_model, chosen, record
 
 
-def swag_phase(model: Any, args: argparse.Namespace, setup: Any, lr: float, scale: float | None) -> tuple:
+def swag_phase(
+    model: Any, args: argparse.Namespace, setup: Any, lr: float, scale: float | str | None, learned: Any = None
+) -> tuple:
     """``--method bma`` after the MAP run: SWAG over a constant-lr SGD Trainer run, then BMA over
     ``--num-samples`` draws (batch-norm statistics refreshed per draw); the model is left at the SWA mean with
-    its statistics. Returns ``(posterior, {split: (probabilities, labels)}, the phase's history entry)``."""
+    its statistics. With a learned scale (``scale="learned"``) the phase goes on with the data-emphasized ELBO,
+    λ_g re-solved every step as in the MAP run and σ starting where the MAP run left it (``learned``: that run's
+    ``RunResult.learned_scale``), not at its initial value. Returns ``(posterior, {split: (probabilities,
+    labels)}, the phase's history entry)``."""
     from transformers import TrainerCallback
 
     from priorzoo.finetune import DownstreamSWAG, bma_predict, refresh_batchnorm_
@@ -154,7 +159,8 @@ def swag_phase(model: Any, args: argparse.Namespace, setup: Any, lr: float, scal
                 swag.collect()
 
     res = _run(model, args, setup, "swag", args.swag_lr or lr, scale, epochs=args.swag_epochs, optimizer="sgd",
-               schedule="constant", warmup=0.0, callbacks=[Collect()], label="[swag] ")  # fmt: skip
+               schedule="constant", warmup=0.0, callbacks=[Collect()], label="[swag] ",
+               sigma_init=(learned or {}).get("sigma"))  # fmt: skip
     entry = {**res.to_dict(), "snapshots": swag.num_collected, "collect_every": every}
     if res.diverged is not None:
         raise FloatingPointError(f"the SWAG phase diverged: {res.diverged}; lower --swag-lr")

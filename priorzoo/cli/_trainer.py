@@ -346,6 +346,7 @@ def train_run(
     clip: float | None = None,
     log: Callable[[str], None] = print,
     label: str = "",
+    sigma_init: float | None = None,
 ) -> RunResult:
     """Train ``model`` (in place) in one ``Trainer.train()``; return its history.
 
@@ -354,7 +355,8 @@ def train_run(
     improvement). With ``prior`` the loss is ``mean CE + ρ·penalty/N`` (:class:`~priorzoo.finetune.PriorTrainer`).
     A non-finite or exploding training loss stops the run and is reported in ``RunResult.diverged``. ``clip``
     overrides ``args.max_grad_norm`` (0: no clipping; SGLD); ``optimizers``: the Trainer's ``(optimizer,
-    scheduler)`` instead of ``optimizer``/``schedule``/``warmup``.
+    scheduler)`` instead of ``optimizer``/``schedule``/``warmup``. ``sigma_init``: with a learned scale, σ at the start
+    (default :class:`~priorzoo.finetune.PriorTrainer`'s); ``RunResult.learned_scale["sigma_init"]`` records it.
     A last batch of exactly one example is dropped when batch norm would fail on it (:func:`drops_last_single`).
     Checkpoints go to ``folder`` (removed after a finished run unless ``args.keep_checkpoints``); with
     ``args.resume`` an interrupted run restarts from its last checkpoint there, if the options that define the run
@@ -433,6 +435,7 @@ def train_run(
             prior_weight=args.prior_weight,
             scale=scale,
             prior_allow_partial=args.allow_partial,
+            **({} if sigma_init is None else {"prior_sigma_init": sigma_init}),
         )
     else:
         trainer = Trainer(**kwargs)
@@ -454,6 +457,8 @@ def train_run(
 
         folder.mkdir(parents=True, exist_ok=True)
         (folder / RUN_FILE).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+    learned = getattr(getattr(trainer, "prior_regularizer", None), "learned", None)
+    sigma_start = learned.sigma if learned is not None else None
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     epoch_log.finish()
@@ -469,7 +474,7 @@ def train_run(
     if regularizer is not None:
         result.matched = len(regularizer.match.matched)
         if regularizer.learned is not None:
-            result.learned_scale = regularizer.learned.state()
+            result.learned_scale = {**regularizer.learned.state(), "sigma_init": sigma_start}
     if has_eval:
         evals = [e for e in epoch_log.history if "val_nll" in e and math.isfinite(e["val_nll"])]
         if evals:

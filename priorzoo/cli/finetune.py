@@ -15,9 +15,10 @@ early-stopped run per λ and keeps the model of the best run (the model it score
 with the data-emphasized ELBO (:mod:`priorzoo.finetune.learned_scale`): no validation data, and
 metrics.json records the learned λ, σ and the learning rate (with ``--validation-data`` too, which then restores
 the epoch of lowest validation NLL: the λ and σ recorded are those of that epoch, ``learned_scale.epoch``; every
-epoch's are in ``training.map.history``). ``--lr auto`` (the default) trains the full
-schedule at each learning rate of a short list and keeps the run with the lowest final training objective
-(data loss plus the prior term: what the run minimised): it needs no validation data.
+epoch's are in ``training.map.history``). With ``--method bma`` the SWAG phase goes on with the same objective,
+σ continuing from the MAP run (``training.swag.learned_scale`` records its λ and σ at the end). ``--lr auto`` (the
+default) trains the full schedule at each learning rate of a short list and keeps the run with the lowest final
+training objective (data loss plus the prior term: what the run minimised): it needs no validation data.
 
 Batch norm: a batch-norm layer that trains cannot take a batch of one example (one value per channel once the
 features are pooled), so when the training data leave a last batch of exactly one example (N mod
@@ -482,7 +483,9 @@ def _finetune(args: argparse.Namespace, progress: dict[str, Any]) -> dict[str, A
         history["map"] = chosen.to_dict()
         progress["lr"] = chosen.lr
         if args.method == "bma" and chosen.diverged is None:
-            posterior, predictions, history["swag"] = swag_phase(model, args, setup, chosen.lr, scale)
+            posterior, predictions, history["swag"] = swag_phase(
+                model, args, setup, chosen.lr, scale, chosen.learned_scale
+            )
     else:  # sgld
         lr = lrs[0]
         if len(lrs) > 1:

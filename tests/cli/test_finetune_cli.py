@@ -572,3 +572,18 @@ def test_learned_scale_with_validation_data_records_the_restored_epochs_scales(
     learned = metrics["prior"]["learned_scale"]
     assert learned["epoch"] == 1 and learned["sigma"] == first["sigma"] and learned["scales"] == first["scales"]
     assert sorted(learned["scales"]) == ["backbone", "head"] and learned["kappa"] > 0
+
+
+def test_bma_with_a_learned_scale_continues_sigma_into_the_swag_phase(bert_folder, bert_prior_folder, tmp_path):
+    """`--scale learned --method bma`: the SWAG phase goes on with the data-emphasized ELBO from the σ the MAP run
+    learned (it restarted at σ = 1e-3), and records its own λ and σ."""
+    train = _text_csv(tmp_path / "train.csv", 8, 0)
+    metrics = _finetune(
+        tmp_path / "run", str(bert_folder), "--prior", str(bert_prior_folder), "--scale", "learned",
+        "--data", str(train), "--method", "bma", "--num-samples", "2", "--swag-rank", "2", "--swag-epochs", "2",
+        "--epochs", "2", "--lr", "0.05",
+    )  # fmt: skip
+    first, swag = metrics["training"]["map"]["learned_scale"], metrics["training"]["swag"]["learned_scale"]
+    assert first["sigma_init"] == pytest.approx(1e-3) and first["sigma"] != pytest.approx(1e-3)
+    assert swag["sigma_init"] == first["sigma"] and swag["sigma"] != first["sigma"]
+    assert metrics["prior"]["learned_scale"] == first and sorted(swag["scales"]) == ["backbone", "head"]
