@@ -163,3 +163,31 @@ def test_an_exception_in_a_step_leaves_the_mean_weights_and_no_thread_running(sc
     if reg.learned is not None:
         assert not reg.learned.perturbed and reg.learned._pending is None
     assert len(after_first) == 1 and max_abs_diff(params_of(model), after_first[0]) == 0.0
+
+
+def test_accumulated_micro_batches_equal_one_big_batch():
+    """PriorTrainer(scale="learned") with 2 micro-batches of 4 per optimiser step takes the steps of one batch of
+    8: one sample w̄ + σε per step, the KL/D gradient and σ's step once per optimiser step, N (κ = D/N) unchanged
+    (the data term a mean over micro-batches: `loss_is_scaled_for_ga = False`, the documented remedy for BERT)."""
+    import tempfile
+
+    class MeanTrainer(PriorTrainer):
+        loss_is_scaled_for_ga = False
+
+    data = text_examples(4 * N)
+    runs = []
+    for per_device, ga in ((2 * N, 1), (N, 2)):
+        model = tiny_bert()
+        with tempfile.TemporaryDirectory() as out:
+            args = one_step_args(out, per_device=per_device, ga=ga, lr=LR, max_steps=2)
+            trainer = MeanTrainer(
+                model=model, args=args, train_dataset=data, prior=bert_prior(model), scale="learned",
+                prior_sigma_init=1e-2,
+            )  # fmt: skip
+            trainer.train()
+        reg = trainer.prior_regularizer
+        runs.append((params_of(model), reg.scales, reg.sigma, reg.learned.kappa))
+    (big, scales, sigma, kappa), (acc, acc_scales, acc_sigma, acc_kappa) = runs
+    assert max_abs_diff(acc, big) < 1e-6 and acc_kappa == kappa
+    assert acc_scales == pytest.approx(scales, rel=1e-5) and acc_sigma == pytest.approx(sigma, rel=1e-6)
+    assert sigma != pytest.approx(1e-2)
