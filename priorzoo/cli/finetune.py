@@ -278,6 +278,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("give either `--scale λ` (or `learned`) or `--tune-scale`, not both")
     if args.l2sp == "learned" and args.scale is not None:
         raise ValueError("`--l2sp learned` learns the scale already: leave out `--scale`")
+    if learned and args.prior_weight != 1.0:
+        raise ValueError(
+            f"`--prior-weight` must be 1 with a learned scale (the data-emphasized ELBO weights the KL by 1/D); "
+            f"received {args.prior_weight:g}"
+        )
     if learned and args.method == "sgld":
         raise ValueError("a learned scale (`--scale learned` / `--l2sp learned`) is for --method map or bma, not sgld")
     if args.scale_grid is not None and not args.tune_scale:

@@ -271,6 +271,7 @@ def test_sgld_without_prior(bert_folder, tmp_path):
         (["--l2sp", "learned", "--tune-scale"], "not both"),
         (["--l2sp", "learned", "--scale", "10"], "leave out `--scale`"),
         (["--l2sp", "learned", "--method", "sgld"], "not sgld"),
+        (["--l2sp", "learned", "--prior-weight", "2"], "`--prior-weight` must be 1 with a learned scale"),
     ],
 )
 def test_bad_option_combinations(extra, message, tmp_path, capsys):
