@@ -435,6 +435,7 @@ def train_run(
             prior_weight=args.prior_weight,
             scale=scale,
             prior_allow_partial=args.allow_partial,
+            prior_seed=int(args.seed),  # a learned scale's noise ε
             **({} if sigma_init is None else {"prior_sigma_init": sigma_init}),
         )
     else:

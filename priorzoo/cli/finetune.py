@@ -234,7 +234,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     t.add_argument("--swag-lr", type=_positive_float, default=None, help="SGD lr of the SWAG phase (default --lr)")
     t.add_argument("--temperature", type=_positive_float, default=1.0, help="SGLD temperature T")
     t.add_argument("--burn-in-epochs", type=int, default=None, help="SGLD epochs before sampling (default half)")
-    t.add_argument("--seed", type=int, default=0, help="seeds the data order, splits and SGLD noise")
+    t.add_argument(
+        "--seed", type=int, default=0, help="seeds the data order, splits, SGLD noise and a learned scale's noise ε"
+    )
     t.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     t.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes")
     t.add_argument("--report-to", default="none", help="Trainer loggers: none, all, tensorboard, wandb, …")

@@ -588,3 +588,22 @@ def test_bma_with_a_learned_scale_continues_sigma_into_the_swag_phase(bert_folde
     assert first["sigma_init"] == pytest.approx(1e-3) and first["sigma"] != pytest.approx(1e-3)
     assert swag["sigma_init"] == first["sigma"] and swag["sigma"] != first["sigma"]
     assert metrics["prior"]["learned_scale"] == first and sorted(swag["scales"]) == ["backbone", "head"]
+
+
+def test_seed_seeds_the_learned_scales_noise(bert_folder, tmp_path, monkeypatch):
+    """--seed seeds a learned scale's noise ε (PriorTrainer's `prior_seed`) in every run; it was 0 whatever --seed
+    said, so the seeds of a benchmark shared one noise stream."""
+    from priorzoo.finetune import trainer
+
+    seen = []
+    original = trainer.PriorTrainerMixin.__init__
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("prior_seed"))
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.PriorTrainerMixin, "__init__", spy)
+    train = _text_csv(tmp_path / "train.csv", 8, 0)
+    _finetune(tmp_path / "run", str(bert_folder), "--l2sp", "learned", "--data", str(train), "--epochs", "1",
+              "--lr-grid", "0.01,0.05", "--seed", "3")  # fmt: skip
+    assert seen == [3, 3]  # both runs of the --lr auto search
