@@ -122,7 +122,8 @@ RUN_FILE = "priorzoo_run.json"
 # what a resumed run must share with the run that wrote the checkpoints (--epochs may grow: that is what a resume
 # of a finished run is for), as the command line spells it
 _RUN_OPTIONS = (
-    "backbone", "library", "pretrained", "checkpoint", "prior", "l2sp", "revision", "init_from", "init_from_prior",
+    "backbone", "library", "pretrained", "checkpoint", "freeze", "trainable_layers", "image_size", "max_length",
+    "prior", "l2sp", "revision", "init_from", "init_from_prior",
     "prior_weight", "allow_partial", "lora_r", "lora_target", "lora_alpha", "lora_dropout", "batch_size",
     "gradient_accumulation_steps", "momentum", "weight_decay", "max_grad_norm", "bf16", "seed",
 )  # fmt: skip
