@@ -201,3 +201,15 @@ def test_learned_priors_leave_the_plain_head_out_and_warn_about_an_unnamed_outpu
             warnings.simplefilter("error")
             assert build(head="2.*").names == ["0.weight", "0.bias"]  # explicit head
             assert build(head=[]).names == ["0.weight", "0.bias", "2.weight", "2.bias"]  # kept on purpose
+
+
+def test_of_two_prefixes_that_match_the_names_the_one_whose_shapes_fit_wins() -> None:
+    """Prior names `weight`/`bias` fit under `bbbb.` (same shapes) and `aa.` (other shapes): the rewrite is
+    `bbbb.`, whatever the order of the candidates (it was the shorter `aa.`, or the order of a set between prefixes
+    of one length, and the bind then failed with "no prior parameter matches")."""
+    model = torch.nn.Module()
+    model.bbbb = torch.nn.Linear(4, 8)
+    model.aa = torch.nn.Linear(8, 2)
+    result = match_parameters({"weight": (8, 4), "bias": (8,)}, model, exclude_head=False)
+    assert result.model_prefix == "bbbb." and result.matched == {"weight": "bbbb.weight", "bias": "bbbb.bias"}
+    assert not result.shape_mismatch
