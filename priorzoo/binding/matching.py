@@ -4,8 +4,8 @@ A prior learned on a backbone names its parameters as the source model did (``la
 timm ResNet, ``embeddings.word_embeddings.weight`` for a ``BertModel``). The model being fine-tuned may hold
 that backbone under a prefix (``bert.`` in ``BertForSequenceClassification``, ``model.``, DDP's
 ``module.``) and has a new head with another number of classes. :func:`match_parameters` finds the one
-(prior prefix → model prefix) rewrite that matches the most names (ties: the most with the prior's shapes, then
-the shortest rewrite), then sorts every prior parameter into
+(prior prefix → model prefix) rewrite that matches the most names (ties: the shortest rewrite, then the most
+names with the prior's shapes), then sorts every prior parameter into
 *matched*, *excluded* (a pattern, or the model's head), *missing* (no such parameter in the model) or
 *shape mismatch*; model parameters without a prior (the new head) are reported as *no prior*.
 
@@ -264,15 +264,15 @@ def _match_in(
         else:
             candidates.append(name)
 
-    # the (strip, add) prefix rewrite that matches the most candidate names; ties → the most of them with the
-    # prior's shape, then the shortest rewrite, then the first in sorted order (never the order of a set)
+    # the (strip, add) prefix rewrite that matches the most candidate names; ties → the shortest rewrite, then the
+    # most of them with the prior's shapes, then the first in sorted order (never the order of a set)
     best: tuple[str, str, tuple[int, int, int]] = ("", "", (-1, -1, 0))
     for strip in sorted(_prefixes(candidates), key=lambda x: (len(x), x)):
         for add in sorted(_prefixes(model_names), key=lambda x: (len(x), x)):
             targets = [(n, add + n[len(strip) :]) for n in candidates if n.startswith(strip)]
             found = [(n, t) for n, t in targets if t in shapes]
             same = sum(1 for n, t in found if tuple(int(d) for d in prior_shapes[n]) == shapes[t])
-            score = (len(found), same, -(len(strip) + len(add)))
+            score = (len(found), -(len(strip) + len(add)), same)
             if score > best[2]:
                 best = (strip, add, score)
     strip, add, _ = best

@@ -203,13 +203,14 @@ def test_learned_priors_leave_the_plain_head_out_and_warn_about_an_unnamed_outpu
             assert build(head=[]).names == ["0.weight", "0.bias", "2.weight", "2.bias"]  # kept on purpose
 
 
-def test_of_two_prefixes_that_match_the_names_the_one_whose_shapes_fit_wins() -> None:
-    """Prior names `weight`/`bias` fit under `bbbb.` (same shapes) and `aa.` (other shapes): the rewrite is
-    `bbbb.`, whatever the order of the candidates (it was the shorter `aa.`, or the order of a set between prefixes
-    of one length, and the bind then failed with "no prior parameter matches")."""
+@pytest.mark.parametrize("fits", ["body", "head"])
+def test_of_two_prefixes_of_one_length_that_match_the_names_the_one_whose_shapes_fit_wins(fits) -> None:
+    """Prior names `weight`/`bias` fit under `body.` and `head.`, with the prior's shapes under one of them: the
+    rewrite is that one (it followed the order of a set, PYTHONHASHSEED, and the bind then failed half the time)."""
     model = torch.nn.Module()
-    model.bbbb = torch.nn.Linear(4, 8)
-    model.aa = torch.nn.Linear(8, 2)
-    result = match_parameters({"weight": (8, 4), "bias": (8,)}, model, exclude_head=False)
-    assert result.model_prefix == "bbbb." and result.matched == {"weight": "bbbb.weight", "bias": "bbbb.bias"}
+    model.body = torch.nn.Linear(4, 8)
+    model.head = torch.nn.Linear(8, 2)
+    shapes = {"weight": (8, 4), "bias": (8,)} if fits == "body" else {"weight": (2, 8), "bias": (2,)}
+    result = match_parameters(shapes, model, exclude_head=False)
+    assert result.model_prefix == f"{fits}." and result.matched == {"weight": f"{fits}.weight", "bias": f"{fits}.bias"}
     assert not result.shape_mismatch
