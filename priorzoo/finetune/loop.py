@@ -100,7 +100,8 @@ def train_step(
     computed in full precision. ``max_grad_norm`` clips the *total* gradient (data + prior).
     With a ``scale="learned"`` regulariser the forward and backward run at the sample w̄ + σε and the
     KL(q‖p)/D gradient at w̄ is added after the backward (:mod:`priorzoo.finetune.learned_scale`); the returned
-    ``prior_term`` is KL/D.
+    ``prior_term`` is KL/D. An exception inside the step (an interrupt, a failing forward) waits for the prior
+    term's background work and leaves the weights at w̄, not at the sample, before it propagates.
 
     Example:
         >>> import torch
@@ -113,32 +114,39 @@ def train_step(
     model.train()
     device = _device_of(model)
     batch = move_to_device(batch, device, non_blocking=True)
-    if regularizer is not None:
-        regularizer.prefetch()  # computed while the forward runs (CPU); the weights are final until step()
-    ctx = (
-        torch.autocast(device_type=device.type, dtype=autocast_dtype)
-        if autocast_dtype is not None
-        else contextlib.nullcontext()
-    )
-    learned = regularizer is not None and regularizer.learned is not None
-    if learned:  # the data term at the sample w̄ + σε; the KL's gradient at w̄ after the backward
-        regularizer.perturb_()
-    with ctx:
-        logits, labels = forward(model, batch)
-        data_loss = loss_fn(logits.float(), labels)
-    loss = data_loss
-    prior_term = None
-    if regularizer is not None and not learned:
-        prior_term = regularizer()
-        loss = data_loss + prior_term
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if learned:
-        prior_term = regularizer.add_to_grad_()
-        loss = data_loss + prior_term.to(data_loss.dtype)
-    if max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-    optimizer.step()
+    try:
+        if regularizer is not None:
+            regularizer.prefetch()  # computed while the forward runs (CPU); the weights are final until step()
+        ctx = (
+            torch.autocast(device_type=device.type, dtype=autocast_dtype)
+            if autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        learned = regularizer is not None and regularizer.learned is not None
+        if learned:  # the data term at the sample w̄ + σε; the KL's gradient at w̄ after the backward
+            regularizer.perturb_()
+        with ctx:
+            logits, labels = forward(model, batch)
+            data_loss = loss_fn(logits.float(), labels)
+        loss = data_loss
+        prior_term = None
+        if regularizer is not None and not learned:
+            prior_term = regularizer()
+            loss = data_loss + prior_term
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if learned:
+            prior_term = regularizer.add_to_grad_()
+            loss = data_loss + prior_term.to(data_loss.dtype)
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+    except BaseException:
+        # an interrupt or a failing forward/backward: wait for the prior term's background thread (left running,
+        # it aborts the interpreter at exit) and put a learned scale's w̄ back in place of the sample w̄ + σε
+        if regularizer is not None:
+            regularizer._discard_prefetch()
+        raise
     return {
         "loss": float(loss.detach()),
         "data_loss": float(data_loss.detach()),

@@ -280,3 +280,32 @@ def test_overlapped_steps_equal_steps_computed_on_the_spot(kind):
     (w1, s1, sig1), (w2, s2, sig2) = results
     assert all(torch.equal(w1[n], w2[n]) for n in w1)
     assert s1 == s2 and sig1 == sig2
+
+
+@pytest.mark.parametrize("scale", ["learned", 1.0])
+def test_an_exception_in_train_step_leaves_the_mean_weights_and_no_thread_running(scale):
+    """A forward that fails in the second `train_step` (an interrupt, a batch-norm error) propagates after the prior
+    term's background work has finished (left running, it aborted the interpreter at exit) and, with a learned scale,
+    after w̄ is back in place of the sample w̄ + σε."""
+    from priorzoo.finetune import train_step
+
+    net = _net()
+    reg = PriorRegularizer(_prior(net, "lowrank"), net, num_train_examples=8, scale=scale, overlap=True)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(8, 3, generator=g), torch.randint(0, 2, (8,), generator=g))
+    train_step(net, batch, opt, regularizer=reg)
+    after_first = {n: p.detach().clone() for n, p in net.named_parameters()}
+
+    def fail(_module, _inputs):
+        raise KeyboardInterrupt("stop")
+
+    handle = net.register_forward_pre_hook(fail)
+    with pytest.raises(KeyboardInterrupt):
+        train_step(net, batch, opt, regularizer=reg)
+    handle.remove()
+    assert reg._pending is None
+    if reg.learned is not None:
+        assert not reg.learned.perturbed and reg.learned._pending is None
+    assert all(torch.equal(p, after_first[n]) for n, p in net.named_parameters())
+    train_step(net, batch, opt, regularizer=reg)  # and training goes on from there
