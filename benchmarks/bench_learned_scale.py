@@ -349,13 +349,15 @@ def bma_metrics(model: torch.nn.Module, sigma: float, test: Any, samples: int, s
     return classification_metrics(total / samples, labels)
 
 
-def run_config(fresh, prior, checkpoint, train, test, spec, seed, size_index) -> dict[str, Any]:
-    """Every arm on one (size, seed)."""
-    from priorzoo.learn import isotropic_prior
-
-    n = len(train)
+def epochs_for(spec: dict[str, Any], n: int, size_index: int) -> int:
+    """Epochs so that a run on ``n`` examples takes about ``spec["steps"][size_index]`` steps (at least 2)."""
     batch = min(spec["batch_size"], n)
-    epochs = max(2, math.ceil(spec["steps"][size_index] / math.ceil(n / batch)))
+    return max(2, math.ceil(spec["steps"][size_index] / math.ceil(n / batch)))
+
+
+def starts(fresh: Callable[[], torch.nn.Module], prior: Any, checkpoint: dict) -> tuple[Callable, Callable]:
+    """``(at_checkpoint, at_mean)``: a fresh model at the source checkpoint, and at the prior mean μ with the
+    prior's batch-norm statistics."""
 
     def at_checkpoint() -> torch.nn.Module:
         m = fresh()
@@ -367,6 +369,16 @@ def run_config(fresh, prior, checkpoint, train, test, spec, seed, size_index) ->
         prior.init_model_(m)
         return m
 
+    return at_checkpoint, at_mean
+
+
+def run_config(fresh, prior, checkpoint, train, test, spec, seed, size_index) -> dict[str, Any]:
+    """Every arm on one (size, seed)."""
+    from priorzoo.learn import isotropic_prior
+
+    n = len(train)
+    epochs = epochs_for(spec, n, size_index)
+    at_checkpoint, at_mean = starts(fresh, prior, checkpoint)
     avg_var = statistics.fmean(float(v.mean()) for v in prior.variance.values())
     scales = [v / avg_var for v in spec["l2sp_variances"]]
     l2sp_unit = isotropic_prior(at_checkpoint(), 1.0, exclude=[spec.get("head", "classifier.*")])

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_learned_scale import TEXT, _evaluate, text_pair, train_once
+from bench_learned_scale import TEXT, _evaluate, epochs_for, starts, text_pair, train_once
 
 RESULTS = Path(__file__).parent / "results"
 SIZES = {0: 5, 1: 3}  # size index of TEXT["per_class"] -> seeds (n = 15: 5 seeds, n = 60: 3 seeds)
@@ -115,19 +115,8 @@ def run_config(fresh, prior, checkpoint, train, test, seed: int, size_index: int
     from priorzoo.learn import isotropic_prior
 
     n = len(train)
-    batch = min(TEXT["batch_size"], n)
-    epochs = max(2, math.ceil(TEXT["steps"][size_index] / math.ceil(n / batch)))  # as bench_learned_scale
-
-    def at_checkpoint() -> torch.nn.Module:
-        m = fresh()
-        m.load_state_dict(checkpoint, strict=False)
-        return m
-
-    def at_mean() -> torch.nn.Module:
-        m = fresh()
-        prior.init_model_(m)
-        return m
-
+    epochs = epochs_for(TEXT, n, size_index)
+    at_checkpoint, at_mean = starts(fresh, prior, checkpoint)
     l2sp_unit = isotropic_prior(at_checkpoint(), 1.0, exclude=["classifier.*"])
     setups = {"L2-SP (learned)": (at_checkpoint, l2sp_unit), "LP (learned)": (at_mean, prior)}
     out: dict[str, Any] = {"n": n, "seed": seed, "epochs": epochs, "arms": {}}
