@@ -32,16 +32,16 @@ def _steps_per_epoch(args: argparse.Namespace, n: int, model: Any) -> int:
     return max(1, math.ceil(math.ceil(batches / world) / args.gradient_accumulation_steps))
 
 
-def _loader(setup: Any, ds: Any, batch_size: int) -> Any:
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=setup.collate)
+def _loader(setup: Any, ds: Any, batch_size: int, *, drop_last: bool = False) -> Any:
+    return torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, shuffle=False, collate_fn=setup.collate, drop_last=drop_last
+    )
 
 
 def _train_loader(setup: Any, model: Any, batch_size: int) -> Any:
     """The training data in order, for batch-norm statistics (a last batch of one dropped as in training)."""
     drop = drops_last_single(model, len(setup.train_dataset), batch_size)
-    return torch.utils.data.DataLoader(
-        setup.train_dataset, batch_size=batch_size, shuffle=False, collate_fn=setup.collate, drop_last=drop
-    )
+    return _loader(setup, setup.train_dataset, batch_size, drop_last=drop)
 
 
 def _run(model: Any, args: argparse.Namespace, setup: Any, folder: str, lr: float, scale: float | None, **kw: Any):
